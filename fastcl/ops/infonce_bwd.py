@@ -1,0 +1,226 @@
+"""Backward kernels: gradients of the per-row losses with respect to queries and keys.
+
+With P the row softmax, g_i the incoming gradient of loss_i and t_i the target column,
+the gradient of loss_i with respect to logit[i, j] is ``G[i, j] = g_i (P[i, j] - [j ==
+t_i])`` and, since ``logit = s / tau + w``,
+
+    dq_i = 1/tau * sum_j G[i, j] k_j          dk_j = 1/tau * sum_i G[i, j] q_i
+
+Two kernels form them without storing anything N x M: one program per (row block, D
+slab) walks all candidate tiles and accumulates its slab of dq; one program per
+(column block, D slab) walks all query tiles and accumulates its slab of dk. Each
+recomputes its similarity tiles from q and k and its softmax from the saved row
+log-sum-exp. D is split into slabs so that a program's accumulator (rows x slab, fp32)
+fits in registers at any D; the price is recomputing the similarity tile once per slab.
+
+The dq kernel also returns ``sum_j G[i, j] s[i, j]`` per row: the gradient of the loss
+with respect to 1/tau is the sum of it, which is how a learnable temperature gets its
+gradient without another pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import backward_config
+from .infonce_fwd import _check_rows_contiguous
+from .layout import ColumnLayout
+from .tiles import logit_grad_tile, logit_tile, similarity_tile
+from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
+
+
+@triton.jit
+def _infonce_bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    params_ptr,
+    targets_ptr,
+    lse_ptr,
+    grad_rows_ptr,
+    dq_ptr,
+    row_dot_ptr,
+    n_rows,
+    n_cols,
+    dim,
+    stride_q,
+    stride_k,
+    stride_dq,
+    hard_start,
+    n_hard,
+    gauss_start,
+    HAS_TARGETS: tl.constexpr,
+    HARD_WEIGHTED: tl.constexpr,
+    GAUSS_WEIGHTED: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_D_OUT: tl.constexpr,
+):
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slab = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
+    row_in = rows < n_rows
+    slab_in = slab < dim
+    inv_tau = tl.load(params_ptr)
+    log_hard_weight = tl.load(params_ptr + 1)
+    log_gauss_weight = tl.load(params_ptr + 2)
+    # Rows past n_rows get g = 0, so they contribute nothing anywhere.
+    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+    grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
+    if HAS_TARGETS:
+        targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
+    else:
+        targets = rows
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=acc_dtype)
+    row_dot = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    for n0 in range(0, n_cols, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
+                            BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+        logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, n_cols,
+                            hard_start, n_hard, gauss_start, HARD_WEIGHTED, GAUSS_WEIGHTED)
+        dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
+        row_dot += tl.sum(dlogits * s, 1)
+        k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
+                         mask=(cols[:, None] < n_cols) & slab_in[None, :], other=0.0)
+        ds = dlogits * inv_tau
+        if UPCAST:
+            k_slab = k_slab.to(tl.float32)
+        else:
+            ds = ds.to(k_slab.dtype)
+        dq = tl.dot(ds, k_slab, dq, input_precision=PRECISION, out_dtype=acc_dtype)
+
+    tl.store(dq_ptr + rows[:, None] * stride_dq + slab[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=row_in[:, None] & slab_in[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(row_dot_ptr + rows, row_dot, mask=row_in)
+
+
+@triton.jit
+def _infonce_bwd_dk_kernel(
+    q_ptr,
+    k_ptr,
+    params_ptr,
+    targets_ptr,
+    lse_ptr,
+    grad_rows_ptr,
+    dk_ptr,
+    n_rows,
+    n_cols,
+    n_grad_cols,
+    dim,
+    stride_q,
+    stride_k,
+    stride_dk,
+    hard_start,
+    n_hard,
+    gauss_start,
+    HAS_TARGETS: tl.constexpr,
+    HARD_WEIGHTED: tl.constexpr,
+    GAUSS_WEIGHTED: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_D_OUT: tl.constexpr,
+):
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slab = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
+    slab_in = slab < dim
+    inv_tau = tl.load(params_ptr)
+    log_hard_weight = tl.load(params_ptr + 1)
+    log_gauss_weight = tl.load(params_ptr + 2)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D_OUT), dtype=acc_dtype)
+    for m0 in range(0, n_rows, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_in = rows < n_rows
+        lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+        grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
+        if HAS_TARGETS:
+            targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
+        else:
+            targets = rows
+        # Columns past n_grad_cols still belong to the softmax (up to n_cols); they are
+        # simply not stored.
+        s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
+                            BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+        logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, n_cols,
+                            hard_start, n_hard, gauss_start, HARD_WEIGHTED, GAUSS_WEIGHTED)
+        dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
+        q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
+                         mask=row_in[:, None] & slab_in[None, :], other=0.0)
+        ds = dlogits * inv_tau
+        if UPCAST:
+            q_slab = q_slab.to(tl.float32)
+        else:
+            ds = ds.to(q_slab.dtype)
+        dk = tl.dot(tl.trans(ds), q_slab, dk, input_precision=PRECISION, out_dtype=acc_dtype)
+
+    tl.store(dk_ptr + cols[:, None] * stride_dk + slab[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=(cols[:, None] < n_grad_cols) & slab_in[None, :])
+
+
+def infonce_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    params: torch.Tensor,
+    targets: torch.Tensor | None,
+    layout: ColumnLayout,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    need_dq: bool = True,
+    need_dk: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward kernels.
+
+    Returns ``(dq, dk, row_dot)``: dq is N x D (None unless ``need_dq``), dk is
+    ``layout.n_grad_cols`` x D (None unless ``need_dk``), both in the input dtype;
+    row_dot (accumulator dtype, length N, computed with dq) sums to the gradient of the
+    loss with respect to 1/tau.
+    """
+    n_rows, dim = q.shape
+    _check_rows_contiguous(q, k)
+    acc = accumulator_dtype(q.dtype)
+    grad_rows = grad_rows.contiguous()
+    cfg = backward_config(q.dtype, dim)
+    common = dict(
+        HAS_TARGETS=targets is not None,
+        HARD_WEIGHTED=layout.hard_weighted,
+        GAUSS_WEIGHTED=layout.gauss_weighted,
+        ACC_FP64=acc == torch.float64,
+        PRECISION=dot_precision(q.dtype),
+        UPCAST=upcast_for_interpreter(q.dtype),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_D_OUT=cfg.BLOCK_D_OUT,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    targets_arg = targets if targets is not None else lse
+    n_slabs = triton.cdiv(dim, cfg.BLOCK_D_OUT)
+
+    dq = row_dot = None
+    if need_dq:
+        dq = torch.empty_like(q)
+        row_dot = torch.empty(n_rows, dtype=acc, device=q.device)
+        _infonce_bwd_dq_kernel[(triton.cdiv(n_rows, cfg.BLOCK_M), n_slabs)](
+            q, k, params, targets_arg, lse, grad_rows, dq, row_dot,
+            n_rows, layout.n_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
+            layout.hard_start, layout.n_hard, layout.gauss_start, **common,
+        )
+    dk = None
+    if need_dk and layout.n_grad_cols > 0:
+        dk = torch.empty((layout.n_grad_cols, dim), dtype=k.dtype, device=k.device)
+        _infonce_bwd_dk_kernel[(triton.cdiv(layout.n_grad_cols, cfg.BLOCK_N), n_slabs)](
+            q, k, params, targets_arg, lse, grad_rows, dk,
+            n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dk.stride(0),
+            layout.hard_start, layout.n_hard, layout.gauss_start, **common,
+        )
+    return dq, dk, row_dot

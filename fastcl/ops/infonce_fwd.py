@@ -1,0 +1,118 @@
+"""Forward kernel: per-row log-sum-exp and target logit, streaming over candidate tiles.
+
+One program owns BLOCK_M query rows and walks every BLOCK_N-column tile of candidates,
+forming the similarity tile in registers, folding it into an online log-sum-exp
+(running max and rescaled sum, as FlashAttention does) and picking out the target
+column's logit. Nothing of size N x M is ever written: the outputs are two vectors of
+length N in the accumulator dtype, which is all the backward needs besides the inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import forward_config
+from .layout import ColumnLayout
+from .tiles import logit_tile, similarity_tile
+from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
+
+
+@triton.jit
+def _infonce_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    params_ptr,  # [1 / tau, log hard weight, log gaussian weight] in the accumulator dtype
+    targets_ptr,
+    lse_ptr,
+    target_logit_ptr,
+    n_rows,
+    n_cols,
+    dim,
+    stride_q,
+    stride_k,
+    hard_start,
+    n_hard,
+    gauss_start,
+    HAS_TARGETS: tl.constexpr,
+    HARD_WEIGHTED: tl.constexpr,
+    GAUSS_WEIGHTED: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < n_rows
+    inv_tau = tl.load(params_ptr)
+    log_hard_weight = tl.load(params_ptr + 1)
+    log_gauss_weight = tl.load(params_ptr + 2)
+    if HAS_TARGETS:
+        targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
+    else:
+        targets = rows
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
+    row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    target_logit = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    for n0 in range(0, n_cols, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
+                            BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+        logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, n_cols,
+                            hard_start, n_hard, gauss_start, HARD_WEIGHTED, GAUSS_WEIGHTED)
+        # Every tile holds at least one real column, so the new max is finite.
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
+        row_max = new_max
+        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), 1)
+
+    tl.store(lse_ptr + rows, row_max + tl.log(row_sum), mask=row_in)
+    tl.store(target_logit_ptr + rows, target_logit, mask=row_in)
+
+
+def _check_rows_contiguous(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.stride(1) != 1:
+            raise ValueError(f"kernel inputs need unit column stride, got strides {t.stride()}")
+
+
+def infonce_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    params: torch.Tensor,
+    targets: torch.Tensor | None,
+    layout: ColumnLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    q: N x D queries, k: M x D candidates (both contiguous, same dtype and device);
+    params: [1/tau, log hard weight, log gaussian weight] in the accumulator dtype;
+    targets: int64 column per row, or None for ``target_i = i``.
+    Returns ``(lse, target_logit)``, each of length N in the accumulator dtype.
+    """
+    n_rows, dim = q.shape
+    _check_rows_contiguous(q, k)
+    acc = accumulator_dtype(q.dtype)
+    lse = torch.empty(n_rows, dtype=acc, device=q.device)
+    target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
+    cfg = forward_config(q.dtype, dim)
+    grid = (triton.cdiv(n_rows, cfg.BLOCK_M),)
+    _infonce_fwd_kernel[grid](
+        q, k, params, targets if targets is not None else lse, lse, target_logit,
+        n_rows, layout.n_cols, dim, q.stride(0), k.stride(0),
+        layout.hard_start, layout.n_hard, layout.gauss_start,
+        HAS_TARGETS=targets is not None,
+        HARD_WEIGHTED=layout.hard_weighted,
+        GAUSS_WEIGHTED=layout.gauss_weighted,
+        ACC_FP64=acc == torch.float64,
+        PRECISION=dot_precision(q.dtype),
+        UPCAST=upcast_for_interpreter(q.dtype),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return lse, target_logit

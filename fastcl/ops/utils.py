@@ -1,0 +1,38 @@
+"""Small helpers shared by the kernel launchers: dtypes, precision, interpreter mode."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+#: Input dtypes the kernels accept. Integer, bool and complex inputs are rejected earlier.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Row statistics and matrix-product accumulators: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Triton ``input_precision`` for a product of ``dtype`` operands.
+
+    fp32 inputs follow ``torch.get_float32_matmul_precision()``: "highest" keeps full
+    fp32 ("ieee"), "high" and "medium" allow tf32, exactly as cuBLAS does for torch.mm.
+    Every other dtype multiplies exactly in its own precision ("ieee" is a no-op there).
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def upcast_for_interpreter(dtype: torch.dtype) -> bool:
+    """The interpreter's tl.dot is silently wrong on bf16 operands (triton issue 11584):
+    under the interpreter, bf16 tiles are upcast to fp32 before every product."""
+    return interpreting() and dtype == torch.bfloat16
