@@ -1,0 +1,93 @@
+"""Chunked PyTorch forward and backward: the path for CPU tensors without Triton.
+
+Same interface and arithmetic as the Triton kernels (infonce_fwd.py, infonce_bwd.py),
+but a block of rows at a time with ordinary tensor ops: a chunk of C rows holds one
+C x M logit block, and C is chosen so that block stays under a fixed element budget
+whatever N and M are. Peak extra memory is therefore O(budget + (N + M) * D), never
+N x M.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .layout import ColumnLayout
+from .utils import accumulator_dtype
+
+#: Elements of one chunk's logit block (4 M elements = 16 MiB in fp32). The environment
+#: variable FASTCL_CHUNK_ELEMENTS overrides it.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_rows(n_rows: int, n_cols: int) -> int:
+    """Rows per chunk so that a chunk's logit block stays within the element budget."""
+    budget = int(os.environ.get("FASTCL_CHUNK_ELEMENTS", DEFAULT_CHUNK_ELEMENTS))
+    return max(1, min(n_rows, budget // max(n_cols, 1)))
+
+
+def _chunk_logits(q_chunk, k, params, row0, layout: ColumnLayout):
+    """(similarity, logits) of rows [row0, row0 + len(q_chunk)), in the accumulator dtype."""
+    s = q_chunk @ k.T
+    logits = s * params[0]
+    n_chunk = q_chunk.shape[0]
+    if layout.hard_weighted:
+        rows = torch.arange(row0, row0 + n_chunk, device=q_chunk.device)
+        own = rows < layout.n_hard
+        logits[own.nonzero()[:, 0], layout.hard_start + rows[own]] += params[1]
+    if layout.gauss_weighted:
+        logits[:, layout.gauss_start:] += params[2]
+    return s, logits
+
+
+def _chunk_targets(targets, row0, n_chunk, device):
+    if targets is None:
+        return torch.arange(row0, row0 + n_chunk, device=device)
+    return targets[row0:row0 + n_chunk]
+
+
+def chunked_forward(q, k, params, targets, layout: ColumnLayout):
+    """Per-row ``(lse, target_logit)`` in the accumulator dtype; see infonce_forward."""
+    n_rows = q.shape[0]
+    acc = accumulator_dtype(q.dtype)
+    q, k = q.to(acc), k.to(acc)  # no-op for fp32 and fp64; CPU half products are slow
+    lse = torch.empty(n_rows, dtype=acc, device=q.device)
+    target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
+    step = chunk_rows(n_rows, layout.n_cols)
+    for row0 in range(0, n_rows, step):
+        q_chunk = q[row0:row0 + step]
+        _, logits = _chunk_logits(q_chunk, k, params, row0, layout)
+        tgt = _chunk_targets(targets, row0, q_chunk.shape[0], q.device)
+        lse[row0:row0 + step] = torch.logsumexp(logits, dim=1)
+        target_logit[row0:row0 + step] = logits.gather(1, tgt[:, None])[:, 0]
+    return lse, target_logit
+
+
+def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
+                     need_dq: bool = True, need_dk: bool = True):
+    """``(dq, dk, row_dot)`` with the same meaning as infonce_backward."""
+    n_rows, dim = q.shape
+    in_dtype, acc = q.dtype, accumulator_dtype(q.dtype)
+    q, k = q.to(acc), k.to(acc)
+    dq = torch.empty((n_rows, dim), dtype=in_dtype, device=q.device) if need_dq else None
+    row_dot = torch.empty(n_rows, dtype=acc, device=q.device) if need_dq else None
+    want_dk = need_dk and layout.n_grad_cols > 0
+    dk_acc = torch.zeros((layout.n_grad_cols, dim), dtype=acc, device=q.device) if want_dk else None
+    step = chunk_rows(n_rows, layout.n_cols)
+    for row0 in range(0, n_rows, step):
+        q_chunk = q[row0:row0 + step]
+        n_chunk = q_chunk.shape[0]
+        s, logits = _chunk_logits(q_chunk, k, params, row0, layout)
+        tgt = _chunk_targets(targets, row0, n_chunk, q.device)
+        dlogits = torch.exp(logits - lse[row0:row0 + step, None])
+        dlogits[torch.arange(n_chunk, device=q.device), tgt] -= 1.0
+        dlogits *= grad_rows[row0:row0 + step, None].to(acc)
+        ds = dlogits * params[0]
+        if need_dq:
+            dq[row0:row0 + step] = (ds @ k).to(in_dtype)
+            row_dot[row0:row0 + step] = (dlogits * s).sum(dim=1)
+        if want_dk:
+            dk_acc += ds[:, :layout.n_grad_cols].T @ q_chunk
+    dk = dk_acc.to(in_dtype) if want_dk else None
+    return dq, dk, row_dot
