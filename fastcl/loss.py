@@ -1,0 +1,377 @@
+"""The public loss: argument checks, normalization, candidate assembly, dispatch.
+
+Everything heavy happens in :class:`fastcl.ops.infonce.InfoNCEFunction`; this module
+turns the user's arguments into its inputs, and fails early, with a message that names
+the argument, on anything it cannot compute.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops.infonce import InfoNCEFunction
+from .ops.layout import ColumnLayout
+from .ops.utils import SUPPORTED_DTYPES, accumulator_dtype, interpreting
+from .reference import info_nce_reference
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+#: Below this many logits (N x M) the "auto" backend takes the dense reference: one
+#: small matrix product beats any sequence of kernel launches, and 64 K elements is a
+#: quarter of a megabyte.
+TINY_LOGITS = 1 << 16
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_matrix(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows x embedding dim), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction,
+                   backend) -> None:
+    """Checks that need no tensor values: run at construction and at every call."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or not temperature.is_floating_point():
+            raise ValueError("temperature must be a float or a one-element floating-point tensor, got "
+                             f"a {temperature.dtype} tensor of shape {tuple(temperature.shape)}")
+    else:
+        _check_positive("temperature", temperature)
+    _check_positive("hard_negative_weight", hard_negative_weight)
+    _check_positive("gaussian_weight", gaussian_weight)
+    if isinstance(gaussian_negatives, bool) or not isinstance(gaussian_negatives, numbers.Integral) \
+            or gaussian_negatives < 0:
+        raise ValueError(f"gaussian_negatives must be an int >= 0, got {gaussian_negatives!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, temperature,
+                   symmetric, check_finite) -> None:
+    """Shapes, dtypes and devices; then, in one device sync, the values."""
+    _check_matrix("anchors", anchors)
+    n, d = anchors.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"empty batch: anchors has shape {tuple(anchors.shape)}; "
+                         "need at least one row and one column")
+    named = [("anchors", anchors), ("positives", positives)]
+    if hard_negatives is not None:
+        named.append(("hard_negatives", hard_negatives))
+    if extra_negatives is not None:
+        named.append(("extra_negatives", extra_negatives))
+    for name, x in named[1:]:
+        _check_matrix(name, x)
+        if name != "extra_negatives" and x.shape != anchors.shape:
+            raise ValueError(f"{name} must have the shape of anchors {tuple(anchors.shape)} "
+                             f"(row i pairs with anchor i), got {tuple(x.shape)}")
+        if x.shape[1] != d:
+            raise ValueError(f"{name} has embedding dim {x.shape[1]}, anchors have {d}")
+        if x.device != anchors.device:
+            raise ValueError(f"{name} is on {x.device} but anchors are on {anchors.device}")
+        if x.dtype != anchors.dtype:
+            raise TypeError(f"{name} is {x.dtype} but anchors are {anchors.dtype}; "
+                            "cast them to one dtype")
+    if isinstance(temperature, torch.Tensor) and temperature.device != anchors.device:
+        raise ValueError(f"temperature is on {temperature.device} but anchors are on {anchors.device}")
+
+    n_cols = n + (n if hard_negatives is not None else 0)
+    n_cols += extra_negatives.shape[0] if extra_negatives is not None else 0
+    if labels is not None:
+        if symmetric:
+            raise ValueError("labels are not supported with symmetric=True: the column direction "
+                             "pairs positive i with anchor i")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n:
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be a 1-D tensor with one target column per anchor ({n}), "
+                             f"got {shape}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.device != anchors.device:
+            raise ValueError(f"labels are on {labels.device} but anchors are on {anchors.device}")
+
+    if torch.compiler.is_compiling():
+        return  # value checks would need a host sync, which a compiled graph cannot hold
+    # Every value check becomes one boolean on the device; one transfer reads them all.
+    checks: list[tuple[str, torch.Tensor]] = []
+    if check_finite:
+        checks += [(f"{name} contains NaN or infinite values", torch.isfinite(x).all()) for name, x in named]
+    if isinstance(temperature, torch.Tensor):
+        checks.append(("temperature must be a finite number > 0", (temperature.detach() > 0).all()
+                       & torch.isfinite(temperature.detach()).all()))
+    if labels is not None:
+        checks.append((f"labels must lie in [0, {n_cols}): positives, hard and extra negatives",
+                       ((labels >= 0) & (labels < n_cols)).all()))
+    if checks:
+        ok = torch.stack([c for _, c in checks]).tolist()
+        for (message, _), passed in zip(checks, ok):
+            if not passed:
+                raise ValueError(message)
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def draw_gaussian_negatives(count: int, dim: int, dtype: torch.dtype, device: torch.device,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` vectors from N(0, I) (GS-InfoNCE's negatives), always drawn in fp32 and
+    then cast, so the same generator state gives the same vectors in every dtype."""
+    return torch.randn(count, dim, dtype=torch.float32, device=device, generator=generator).to(dtype)
+
+
+def _choose_backend(backend: str, device: torch.device, n_logits: int) -> str:
+    if backend != "auto":
+        return backend
+    if n_logits <= TINY_LOGITS:
+        return "reference"
+    if device.type == "cuda" or interpreting():
+        return "triton"
+    return "torch"
+
+
+def _output_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Like F.cross_entropy under autocast, half-precision inputs give an fp32 loss.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ------------------------------------------------------------------------ the loss
+
+
+def info_nce(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    hard_negatives: torch.Tensor | None = None,
+    extra_negatives: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor = 0.05,
+    hard_negative_weight: float = 1.0,
+    gaussian_negatives: int = 0,
+    gaussian_weight: float = 1.0,
+    generator: torch.Generator | None = None,
+    labels: torch.Tensor | None = None,
+    symmetric: bool = False,
+    reduction: str = "mean",
+    normalize: bool = True,
+    eps: float = 1e-12,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """InfoNCE over in-batch, hard, extra and Gaussian negatives, without an N x M matrix.
+
+    For anchors ``a`` (N x D) and candidates ``c = [positives; hard_negatives;
+    extra_negatives; gaussian]`` (M rows), with every row L2-normalized when
+    ``normalize`` (as ``F.normalize(x, dim=-1, eps=eps)``)::
+
+        logit[i, j] = cos(a_i, c_j) / temperature + w[i, j]
+        loss_i      = logsumexp_j logit[i, j] - logit[i, labels[i]]
+
+    Args:
+        anchors: N x D, receives a gradient.
+        positives: N x D; row i is anchor i's positive. Receives a gradient. Every
+            positive is a negative for every other anchor (in-batch negatives).
+        hard_negatives: optional N x D; row i is anchor i's hard negative, and also a
+            negative for every other anchor (SimCSE's convention). Receives a gradient.
+        extra_negatives: optional Q x D negatives shared by all anchors (a MoCo queue, a
+            precomputed corpus). They always add to the in-batch negatives, never replace
+            them, and receive no gradient (they are detached).
+        temperature: tau, a float or a one-element tensor; a tensor that requires grad
+            (a learnable temperature, e.g. ``1 / logit_scale.exp()``) gets its gradient.
+        hard_negative_weight: SimCSE's alpha, as a weight (not a logit offset): the logit
+            of anchor i against its own hard negative gets ``log(hard_negative_weight)``
+            added, so 1.0 means unweighted. (SimCSE's code adds its ``hard_negative_weight``
+            directly to the logit; pass ``exp`` of that value here.)
+        gaussian_negatives: G, how many vectors from N(0, I) to draw as extra negatives on
+            every call (GS-InfoNCE). No gradient flows to them.
+        gaussian_weight: GS-InfoNCE's lambda, as a weight: ``log(gaussian_weight)`` is
+            added to every Gaussian logit.
+        generator: ``torch.Generator`` (on the inputs' device) for the Gaussian draws, for
+            reproducibility.
+        labels: optional N integer targets, each a candidate column in ``[0, N + N_h + Q)``;
+            the default is ``i`` (positive i). Not allowed with ``symmetric``.
+        symmetric: also score each positive against all anchors (the column direction of
+            the in-batch block) and average the two losses per row, as CLIP does.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-row losses, length N).
+        normalize: L2-normalize every row (cosine similarity); False uses raw dot products.
+        eps: the normalization's lower bound on a norm.
+        backend: ``"auto"`` (default: the dense reference for tiny batches, the Triton
+            kernels on CUDA and under ``TRITON_INTERPRET=1``, the chunked PyTorch path on
+            CPU), or ``"triton"``, ``"torch"``, ``"reference"`` to force one.
+        check_finite: check the inputs for NaN / inf before computing (one device sync
+            per call, shared with the label and temperature checks).
+
+    Returns:
+        The reduced loss (a scalar), or the N per-row losses for ``reduction="none"``; in
+        float32 for float16 / bfloat16 inputs (as cross-entropy under autocast), else in
+        the input dtype.
+
+    Raises:
+        TypeError / ValueError, before any kernel runs, for inputs it cannot compute:
+        wrong ranks or shapes, empty batches, mixed devices or dtypes, integer dtypes,
+        non-finite values, temperature or weights <= 0, labels out of range.
+    """
+    _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend)
+    _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, temperature, symmetric,
+                   check_finite)
+    n, dim = anchors.shape
+    gaussian = None
+    if gaussian_negatives:
+        if generator is not None and generator.device.type != anchors.device.type:
+            raise ValueError(f"generator is on {generator.device} but anchors are on {anchors.device}")
+        gaussian = draw_gaussian_negatives(gaussian_negatives, dim, anchors.dtype, anchors.device, generator)
+
+    n_hard = n if hard_negatives is not None else 0
+    n_extra = extra_negatives.shape[0] if extra_negatives is not None else 0
+    n_cols = n + n_hard + n_extra + gaussian_negatives
+    chosen = _choose_backend(backend, anchors.device, n * n_cols)
+    if chosen == "reference":
+        loss = info_nce_reference(
+            anchors, positives, hard_negatives, extra_negatives, gaussian, temperature=temperature,
+            hard_negative_weight=hard_negative_weight, gaussian_weight=gaussian_weight, labels=labels,
+            symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps)
+        return loss.to(_output_dtype(anchors.dtype))
+
+    def prepare(x):
+        # The kernels read rows with unit column stride. (F.normalize keeps the strides of
+        # a transposed input, so contiguity is asked for after it, not before.)
+        return (F.normalize(x, dim=-1, eps=eps) if normalize else x).contiguous()
+
+    q = prepare(anchors)
+    k_grad = prepare(positives) if hard_negatives is None else torch.cat([prepare(positives), prepare(hard_negatives)])
+    constants = [prepare(x.detach()) for x in (extra_negatives, gaussian) if x is not None]
+    k_const = None if not constants else constants[0] if len(constants) == 1 else torch.cat(constants)
+
+    layout = ColumnLayout(
+        n_cols=n_cols, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard,
+        gauss_start=n + n_hard + n_extra,
+        log_hard_weight=math.log(hard_negative_weight), log_gauss_weight=math.log(gaussian_weight))
+    if isinstance(temperature, torch.Tensor):
+        inv_tau = 1.0 / temperature.reshape(())
+    else:
+        inv_tau = torch.tensor(1.0 / temperature, dtype=accumulator_dtype(anchors.dtype), device=anchors.device)
+    targets = labels.to(torch.int64).contiguous() if labels is not None else None
+
+    per_row = InfoNCEFunction.apply(q, k_grad, k_const, inv_tau, targets, layout, chosen)
+    if symmetric:
+        # Column direction of the in-batch block: positive j against every anchor.
+        per_col = InfoNCEFunction.apply(k_grad[:n], q, None, inv_tau, None, ColumnLayout.plain(n), chosen)
+        per_row = (per_row + per_col) / 2
+    per_row = per_row.to(_output_dtype(anchors.dtype))
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE loss module; see :func:`info_nce` for what every argument means.
+
+    Defaults follow SimCSE (cosine similarity, temperature 0.05, mean reduction)::
+
+        loss_fn = InfoNCELoss(temperature=0.05)
+        loss = loss_fn(anchors, positives)                    # unsupervised SimCSE
+        loss = loss_fn(anchors, positives, hard_negatives=h)  # supervised SimCSE
+        InfoNCELoss(hard_negative_weight=2.0)                 # SimCSE's alpha, as a weight
+        InfoNCELoss(gaussian_negatives=192, gaussian_weight=1.0, seed=0)  # GS-InfoNCE
+        InfoNCELoss(temperature=nn.Parameter(torch.tensor(0.05)))         # learnable tau
+        InfoNCELoss(symmetric=True)                           # CLIP-style, both directions
+
+    sentence-transformers' ``MultipleNegativesRankingLoss(scale=20.0)`` is
+    ``InfoNCELoss(temperature=1 / 20.0)``.
+
+    A temperature given as an ``nn.Parameter`` is registered as this module's parameter,
+    so ``loss_fn.parameters()`` hands it to the optimizer. Gaussian negatives are drawn
+    from ``generator`` if given, else from a generator seeded with ``seed`` (created on
+    the inputs' device at the first call), else from PyTorch's global generator.
+    """
+
+    def __init__(
+        self,
+        temperature: float | torch.Tensor = 0.05,
+        *,
+        hard_negative_weight: float = 1.0,
+        gaussian_negatives: int = 0,
+        gaussian_weight: float = 1.0,
+        symmetric: bool = False,
+        reduction: str = "mean",
+        normalize: bool = True,
+        eps: float = 1e-12,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        backend: str = "auto",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend)
+        if isinstance(temperature, torch.Tensor) and not isinstance(temperature, nn.Parameter):
+            if bool((temperature.detach() <= 0).any()):
+                raise ValueError(f"temperature must be > 0, got {temperature.item()}")
+        self.temperature = temperature
+        self.hard_negative_weight = float(hard_negative_weight)
+        self.gaussian_negatives = int(gaussian_negatives)
+        self.gaussian_weight = float(gaussian_weight)
+        self.symmetric = bool(symmetric)
+        self.reduction = reduction
+        self.normalize = bool(normalize)
+        self.eps = float(eps)
+        self.seed = seed
+        self.generator = generator
+        self.backend = backend
+        self.check_finite = bool(check_finite)
+
+    def _generator_for(self, device: torch.device) -> torch.Generator | None:
+        if self.generator is not None or self.seed is None:
+            return self.generator
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.seed)
+        return self.generator
+
+    def forward(
+        self,
+        anchors: torch.Tensor,
+        positives: torch.Tensor,
+        hard_negatives: torch.Tensor | None = None,
+        extra_negatives: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        generator = self._generator_for(anchors.device) if self.gaussian_negatives else None
+        return info_nce(
+            anchors, positives, hard_negatives, extra_negatives,
+            temperature=self.temperature, hard_negative_weight=self.hard_negative_weight,
+            gaussian_negatives=self.gaussian_negatives, gaussian_weight=self.gaussian_weight,
+            generator=generator, labels=labels, symmetric=self.symmetric, reduction=self.reduction,
+            normalize=self.normalize, eps=self.eps, backend=self.backend, check_finite=self.check_finite)
+
+    def extra_repr(self) -> str:
+        tau = self.temperature if not isinstance(self.temperature, torch.Tensor) else "learnable"
+        parts = [f"temperature={tau}"]
+        if self.hard_negative_weight != 1.0:
+            parts.append(f"hard_negative_weight={self.hard_negative_weight}")
+        if self.gaussian_negatives:
+            parts.append(f"gaussian_negatives={self.gaussian_negatives}, gaussian_weight={self.gaussian_weight}")
+        if self.symmetric:
+            parts.append("symmetric=True")
+        parts.append(f"reduction={self.reduction!r}")
+        if not self.normalize:
+            parts.append("normalize=False")
+        return ", ".join(parts)

@@ -1,0 +1,79 @@
+"""The autograd Function of the fused InfoNCE loss, over interchangeable backends.
+
+A backend is a pair of functions with the signatures of
+:func:`fastcl.ops.infonce_fwd.infonce_forward` and
+:func:`fastcl.ops.infonce_bwd.infonce_backward`:
+
+- ``"triton"``: the Triton kernels (CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1``);
+- ``"torch"``: the chunked PyTorch implementation in :mod:`fastcl.ops.chunked`.
+
+Both keep memory O((N + M) * D) (plus a bounded chunk for ``"torch"``): the forward
+saves the inputs and one log-sum-exp per row, and the backward recomputes the rest.
+Triton is imported only when its backend is used, so a machine without it can still
+use the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import ColumnLayout
+from .utils import accumulator_dtype
+
+
+def _backend(name: str):
+    if name == "triton":
+        from .infonce_bwd import infonce_backward
+        from .infonce_fwd import infonce_forward
+
+        return infonce_forward, infonce_backward
+    if name == "torch":
+        from .chunked import chunked_backward, chunked_forward
+
+        return chunked_forward, chunked_backward
+    raise ValueError(f"unknown kernel backend {name!r}")
+
+
+def kernel_params(inv_tau: torch.Tensor, layout: ColumnLayout, dtype: torch.dtype) -> torch.Tensor:
+    """``[1/tau, log hard weight, log gaussian weight]`` as a tensor the kernels read.
+
+    Passing these through memory rather than as Python floats keeps the learnable
+    temperature on the device (no host sync) and keeps all three in float64 for float64
+    inputs (Triton passes Python floats as fp32 on the GPU).
+    """
+    acc = accumulator_dtype(dtype)
+    weights = torch.tensor([layout.log_hard_weight, layout.log_gauss_weight], dtype=acc)
+    return torch.cat([inv_tau.detach().reshape(1).to(acc), weights.to(inv_tau.device)])
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """Per-row InfoNCE losses ``lse_i - logit[i, target_i]`` of normalized inputs.
+
+    Arguments: ``q`` (N x D queries), ``k_grad`` (columns that get a gradient),
+    ``k_const`` (columns that do not, or None), ``inv_tau`` (0-dim tensor, may require
+    grad), ``targets`` (int64 of length N, or None for the diagonal), ``layout``
+    (:class:`ColumnLayout` of ``[k_grad; k_const]``) and ``backend`` (name).
+    Returns the N per-row losses in the accumulator dtype (fp32, fp64 for fp64 inputs).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k_grad, k_const, inv_tau, targets, layout: ColumnLayout, backend: str):
+        k = k_grad if k_const is None else torch.cat([k_grad, k_const])
+        params = kernel_params(inv_tau, layout, q.dtype)
+        forward_fn, _ = _backend(backend)
+        lse, target_logit = forward_fn(q, k, params, targets, layout)
+        ctx.save_for_backward(q, k, params, targets, lse)
+        ctx.layout, ctx.backend = layout, backend
+        ctx.inv_tau_dtype = inv_tau.dtype
+        return lse - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        q, k, params, targets, lse = ctx.saved_tensors
+        need_q, need_k, _, need_tau = ctx.needs_input_grad[:4]
+        _, backward_fn = _backend(ctx.backend)
+        dq, dk, row_dot = backward_fn(q, k, params, targets, ctx.layout, lse, grad_rows,
+                                      need_dq=need_q or need_tau, need_dk=need_k)
+        d_inv_tau = row_dot.sum().to(ctx.inv_tau_dtype) if need_tau else None
+        return (dq if need_q else None), dk, None, d_inv_tau, None, None, None
