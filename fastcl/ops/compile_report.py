@@ -1,0 +1,161 @@
+"""Compile every kernel for a CUDA architecture without a GPU, and report its resources.
+
+    python -m fastcl.ops.compile_report            # sm_90a (H100), table of every variant
+    python -m fastcl.ops.compile_report --check    # exit 1 on spills or too much shared memory
+
+Triton compiles to a cubin with the ptxas it ships, no driver needed, so this catches
+what the CPU interpreter cannot: kernels that do not compile for the GPU, register
+spills, shared memory over the limit, and products that do not reach the tensor cores
+(it counts the HGMMA / HMMA / DMMA instructions in the machine code). It must run
+without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from .configs import KernelConfig, backward_config, forward_config
+
+#: Shared memory per block on an H100 (227 KB usable of 228 KB).
+H100_SHARED_BYTES = 227 * 1024
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+@dataclass
+class Report:
+    kernel: str
+    variant: str
+    config: KernelConfig
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    tensor_core_ops: int
+
+    def problems(self, shared_limit: int = H100_SHARED_BYTES) -> list[str]:
+        found = []
+        if self.spill_bytes:
+            found.append(f"{self.spill_bytes} bytes of register spills")
+        if self.shared_bytes > shared_limit:
+            found.append(f"{self.shared_bytes} bytes of shared memory (limit {shared_limit})")
+        # Full-precision fp32 ("highest" matmul precision) runs on the FMA units by design.
+        if self.tensor_core_ops == 0 and self.variant != "fp32/ieee":
+            found.append("no tensor-core instructions")
+        return found
+
+
+def _variants():
+    """(dtype, dot precision) pairs the kernels are launched with."""
+    yield torch.bfloat16, "ieee"
+    yield torch.float16, "ieee"
+    yield torch.float32, "tf32"
+    yield torch.float32, "ieee"
+    yield torch.float64, "ieee"
+
+
+def _compile(fn, signature: dict, constexprs: dict, cfg: KernelConfig, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for name in constexprs:
+        signature[name] = "constexpr"
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def _resources(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, spill bytes, tensor-core instruction count) read off the cubin."""
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    spills = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    mma = len(re.findall(r"\b[HD]G?MMA\b|\bHGMMA\.", sass))
+    return registers, spills, mma
+
+
+def kernel_reports(dim: int = 768, arch: int = 90) -> list[Report]:
+    from .infonce_bwd import _infonce_bwd_dk_kernel, _infonce_bwd_dq_kernel
+    from .infonce_fwd import _infonce_fwd_kernel
+
+    reports = []
+    for dtype, precision in _variants():
+        t = _TRITON_TYPES[dtype]
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        flags = dict(HAS_TARGETS=True, HARD_WEIGHTED=True, GAUSS_WEIGHTED=True,
+                     ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False)
+        variant = f"{t}/{precision}"
+
+        cfg = forward_config(dtype, dim)
+        sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64", lse_ptr=f"*{acc}",
+                   target_logit_ptr=f"*{acc}", n_rows="i32", n_cols="i32", dim="i32", stride_q="i32",
+                   stride_k="i32", hard_start="i32", n_hard="i32", gauss_start="i32")
+        blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
+        compiled = _compile(_infonce_fwd_kernel, sig, {**flags, **blocks}, cfg, arch)
+        reports.append(Report("forward", variant, cfg, *_split(compiled)))
+
+        cfg = backward_config(dtype, dim)
+        blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_D_OUT=cfg.BLOCK_D_OUT)
+        sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64", lse_ptr=f"*{acc}",
+                   grad_rows_ptr=f"*{acc}", dq_ptr=f"*{t}", row_dot_ptr=f"*{acc}", n_rows="i32", n_cols="i32",
+                   dim="i32", stride_q="i32", stride_k="i32", stride_dq="i32", hard_start="i32",
+                   n_hard="i32", gauss_start="i32")
+        compiled = _compile(_infonce_bwd_dq_kernel, sig, {**flags, **blocks}, cfg, arch)
+        reports.append(Report("backward dq", variant, cfg, *_split(compiled)))
+
+        sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64", lse_ptr=f"*{acc}",
+                   grad_rows_ptr=f"*{acc}", dk_ptr=f"*{t}", n_rows="i32", n_cols="i32", n_grad_cols="i32",
+                   dim="i32", stride_q="i32", stride_k="i32", stride_dk="i32", hard_start="i32",
+                   n_hard="i32", gauss_start="i32")
+        compiled = _compile(_infonce_bwd_dk_kernel, sig, {**flags, **blocks}, cfg, arch)
+        reports.append(Report("backward dk", variant, cfg, *_split(compiled)))
+    return reports
+
+
+def _split(compiled) -> tuple[int, int, int, int]:
+    registers, spills, mma = _resources(compiled.asm["cubin"])
+    return registers, spills, compiled.metadata.shared, mma
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=768, help="embedding dim the configs are chosen for")
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90 = H100)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if any kernel spills, overflows "
+                        "shared memory or (outside full-precision fp32) misses the tensor cores")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
+    reports = kernel_reports(args.dim, args.arch)
+    print(f"{'kernel':<12} {'variant':<10} {'blocks (M,N,D,Dout) warps stages':<36} {'regs':>5} "
+          f"{'spill':>6} {'smem':>7} {'mma':>5}  problems")
+    failed = False
+    for r in reports:
+        c = r.config
+        blocks = f"{c.BLOCK_M},{c.BLOCK_N},{c.BLOCK_D},{c.BLOCK_D_OUT} w{c.num_warps} s{c.num_stages}"
+        problems = r.problems()
+        failed |= bool(problems)
+        print(f"{r.kernel:<12} {r.variant:<10} {blocks:<36} {r.registers:>5} {r.spill_bytes:>6} "
+              f"{r.shared_bytes:>7} {r.tensor_core_ops:>5}  {'; '.join(problems)}")
+    return 1 if (args.check and failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
