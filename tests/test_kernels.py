@@ -1,0 +1,147 @@
+"""Every fused backend against the float64 reference: every option, combined, at ragged sizes.
+
+Without a GPU the "triton" backend runs the real kernels in Triton's interpreter (small
+blocks, so ragged sizes span several tiles and several D slabs in every direction).
+"""
+
+import pytest
+import torch
+
+from fastcl import InfoNCELoss, info_nce
+from fastcl.ops.configs import KernelConfig, override_config
+
+from .conftest import DEVICE
+from .helpers import Case, relative_error, run_both
+
+BASE = Case()  # N = 37, D = 24: not a multiple of any block size
+CASES = {
+    "plain": BASE,
+    "n1": Case(n=1, d=5),
+    "n1_hard_extra": Case(n=1, d=5, hard=True, n_extra=2),
+    "d33": BASE.but(d=33),
+    "d5": BASE.but(d=5),
+    "hard": BASE.but(hard=True),
+    "hard_weighted": BASE.but(hard=True, hard_weight=2.5),
+    "extra": BASE.but(n_extra=7),
+    "gaussian": BASE.but(gaussian=5),
+    "gaussian_weighted": BASE.but(gaussian=5, gaussian_weight=0.6),
+    "labels": BASE.but(labels=True, hard=True, n_extra=7),
+    "symmetric": BASE.but(symmetric=True),
+    "symmetric_all": BASE.but(symmetric=True, hard=True, hard_weight=3.0, n_extra=7, gaussian=5,
+                              gaussian_weight=2.0),
+    "learnable_tau": BASE.but(learnable_tau=True),
+    "learnable_tau_symmetric": BASE.but(learnable_tau=True, symmetric=True, hard=True, reduction="sum"),
+    "sum": BASE.but(reduction="sum", hard=True),
+    "none": BASE.but(reduction="none", hard=True, n_extra=7),
+    "unnormalized": BASE.but(normalize=False, temperature=5.0),
+    "unnormalized_weighted": BASE.but(normalize=False, temperature=3.0, hard=True, hard_weight=4.0,
+                                      gaussian=3, gaussian_weight=0.3),
+    "everything": BASE.but(hard=True, hard_weight=0.5, n_extra=7, gaussian=5, gaussian_weight=1.5,
+                           labels=True, reduction="none", learnable_tau=True),
+    "everything_symmetric": BASE.but(hard=True, hard_weight=1.7, n_extra=7, gaussian=4, gaussian_weight=0.8,
+                                     symmetric=True, reduction="none", learnable_tau=True),
+    "larger_ragged": Case(n=70, d=40, hard=True, hard_weight=2.0, n_extra=19, gaussian=3, labels=True),
+}
+
+
+def _assert_close(ours, ref, tol, what=""):
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        err = relative_error(ours[name], ref[name])
+        assert err <= tol, f"{what} {name}: relative error {err:.3g} > {tol:g}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_float64_matches_reference(name, backend, device):
+    ours, ref = run_both(CASES[name], backend, device)
+    _assert_close(ours, ref, 1e-10, f"{name}/{backend}")
+
+
+# Tolerances from DESIGN.md section 4 (relative error against the float64 reference).
+DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCE), ids=str)
+@pytest.mark.parametrize("name", ["plain", "everything", "symmetric_all"])
+def test_low_precision_matches_reference(name, dtype, backend, device):
+    ours, ref = run_both(CASES[name], backend, device, dtype=dtype)
+    _assert_close(ours, ref, DTYPE_TOLERANCE[dtype], f"{name}/{backend}/{dtype}")
+    for grad_name in ("anchors", "positives", "hard_negatives"):
+        if grad_name in ours:
+            assert ours[grad_name].dtype == dtype, "gradients keep the input dtype"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        KernelConfig(BLOCK_M=32, BLOCK_N=16, BLOCK_D=16, BLOCK_D_OUT=32, num_warps=1, num_stages=1),
+        KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_D=32, BLOCK_D_OUT=16, num_warps=1, num_stages=1),
+        KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_D_OUT=64, num_warps=1, num_stages=1),
+    ],
+    ids=["tall", "wide", "one_tile"],
+)
+def test_block_shapes_do_not_change_the_result(config, device):
+    with override_config(config):
+        ours, ref = run_both(CASES["everything"].but(d=33), "triton", device)
+    _assert_close(ours, ref, 1e-10)
+
+
+def test_half_precision_loss_is_float32(device):
+    a, p = torch.randn(40, 16, device=device, dtype=torch.bfloat16), torch.randn(40, 16, device=device,
+                                                                                  dtype=torch.bfloat16)
+    for backend in ("triton", "torch", "reference"):
+        assert info_nce(a, p, backend=backend).dtype == torch.float32
+
+
+def test_non_contiguous_inputs(device):
+    base = torch.randn(24, 2 * 37, dtype=torch.float64, device=device)
+    a, p = base.T[:37], base.T[37:]  # transposed views: strides (1, 74)
+    assert not a.is_contiguous()
+    for backend in ("triton", "torch"):
+        for normalize in (True, False):
+            ours = info_nce(a, p, backend=backend, normalize=normalize, temperature=2.0)
+            ref = info_nce(a.contiguous(), p.contiguous(), backend="reference", normalize=normalize, temperature=2.0)
+            assert relative_error(ours, ref) < 1e-12
+
+
+def test_extra_negatives_get_no_gradient(device):
+    a = torch.randn(20, 8, dtype=torch.float64, device=device, requires_grad=True)
+    p = torch.randn(20, 8, dtype=torch.float64, device=device, requires_grad=True)
+    queue = torch.randn(9, 8, dtype=torch.float64, device=device, requires_grad=True)
+    info_nce(a, p, extra_negatives=queue, backend="triton").backward()
+    assert queue.grad is None
+    assert a.grad is not None and a.grad.abs().sum() > 0
+
+
+def test_module_matches_functional_and_registers_learnable_temperature(device):
+    tau = torch.nn.Parameter(torch.tensor(0.1, dtype=torch.float64, device=device))
+    loss_fn = InfoNCELoss(temperature=tau, hard_negative_weight=2.0, backend="triton")
+    assert [p is tau for p in loss_fn.parameters()] == [True]
+    a, p, h = (torch.randn(30, 12, dtype=torch.float64, device=device) for _ in range(3))
+    ours = loss_fn(a, p, hard_negatives=h)
+    ref = info_nce(a, p, h, temperature=tau, hard_negative_weight=2.0, backend="reference")
+    assert relative_error(ours, ref) < 1e-12
+    ours.backward()
+    assert tau.grad is not None and tau.grad.abs() > 0
+
+
+def test_gaussian_negatives_are_reproducible(device):
+    a, p = (torch.randn(30, 12, dtype=torch.float64, device=device) for _ in range(2))
+    first = InfoNCELoss(gaussian_negatives=16, seed=7, backend="torch")
+    second = InfoNCELoss(gaussian_negatives=16, seed=7, backend="torch")
+    draws_first = [first(a, p) for _ in range(3)]
+    draws_second = [second(a, p) for _ in range(3)]
+    assert torch.equal(torch.stack(draws_first), torch.stack(draws_second)), "same seed, same sequence"
+    assert len({x.item() for x in draws_first}) == 3, "each call draws new Gaussian negatives"
+    without = InfoNCELoss(backend="torch")(a, p)
+    assert all(x > without for x in draws_first), "extra negatives only add to the loss"
+
+
+def test_auto_backend_is_correct_at_every_size(device):
+    # Tiny batches take the dense reference; larger ones the fused path.
+    for n in (8, 260):
+        a, p = (torch.randn(n, 16, dtype=torch.float64, device=device) for _ in range(2))
+        ref = info_nce(a, p, backend="reference")
+        assert relative_error(info_nce(a, p), ref) < 1e-12

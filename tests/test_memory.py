@@ -1,0 +1,95 @@
+"""No N x M buffer exists at any point: peak memory is O((N + M) * D).
+
+On CPU the peak is read from the PyTorch profiler's allocator record (every torch
+allocation, with the running total) plus tracemalloc (numpy's allocations, which is
+where the Triton interpreter keeps its tiles). At N = M = 2048 an N x M float32 matrix
+is 16 MiB while each input is 128 KiB, so a bound of 4 MiB on the extra peak leaves no
+room for one, yet plenty for the inputs' normalized copies and their gradients.
+On a GPU the allocator's peak is checked at N = M = 65536, D = 768.
+"""
+
+import json
+import os
+import tempfile
+import tracemalloc
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fastcl import info_nce
+from fastcl.ops.configs import KernelConfig, override_config
+
+N, D = 2048, 16
+NM_BYTES = N * N * 4
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """Peak bytes allocated by torch (profiler record) plus Python and numpy (tracemalloc)
+    during fn. One unmeasured call first, so that lazy imports and caches stay out."""
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        tracemalloc.start()  # inside: the profiler's own start-up is not ours to count
+        try:
+            fn()
+            _, python_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    assert totals, "the profiler recorded no allocations: the measurement is broken"
+    return max(totals) + python_peak
+
+
+def _step(backend, **options):
+    a = torch.randn(N, D, requires_grad=True)
+    p = torch.randn(N, D, requires_grad=True)
+
+    def run():
+        info_nce(a, p, backend=backend, **options).backward()
+
+    return run
+
+
+def test_measurement_sees_a_dense_matrix():
+    # The same measurement on the dense reference must see the N x M logits: otherwise a
+    # pass below would prove nothing.
+    assert _peak_cpu_bytes(_step("reference")) > NM_BYTES
+
+
+@pytest.mark.parametrize("options", [dict(), dict(symmetric=True, gaussian_negatives=64)], ids=["plain", "sym"])
+def test_chunked_path_never_holds_n_by_m(monkeypatch, options):
+    monkeypatch.setenv("FASTCL_CHUNK_ELEMENTS", str(1 << 14))  # 64 KiB logit chunks
+    peak = _peak_cpu_bytes(_step("torch", **options))
+    assert peak < NM_BYTES // 4, f"peak {peak} bytes; N x M would be {NM_BYTES}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter measurement; the GPU test is below")
+def test_triton_path_never_holds_n_by_m():
+    big_tiles = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_D=16, BLOCK_D_OUT=16, num_warps=1, num_stages=1)
+    with override_config(big_tiles):
+        peak = _peak_cpu_bytes(_step("triton", hard_negative_weight=2.0))
+    assert peak < NM_BYTES // 4, f"peak {peak} bytes; N x M would be {NM_BYTES}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("hard", [False, True], ids=["unsup", "sup"])
+def test_gpu_peak_memory_at_65536(hard):
+    n, d = 65536, 768
+    a, p, h = (torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    info_nce(a, p, h if hard else None, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    inputs = (3 if hard else 2) * n * d * 2
+    # Gradients (one per input), normalized copies and the concatenated candidates: a few
+    # times the inputs. The logits alone would be n * (2n) * 2 bytes = 16 GiB.
+    assert extra < 6 * inputs, f"extra peak {extra / 2**30:.2f} GiB for {inputs / 2**30:.2f} GiB of inputs"
