@@ -233,12 +233,7 @@ def info_nce(
     _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, temperature, symmetric,
                    check_finite)
     n, dim = anchors.shape
-    gaussian = None
-    if gaussian_negatives:
-        if generator is not None and generator.device.type != anchors.device.type:
-            raise ValueError(f"generator is on {generator.device} but anchors are on {anchors.device}")
-        gaussian = draw_gaussian_negatives(gaussian_negatives, dim, anchors.dtype, anchors.device, generator)
-
+    gaussian = _gaussian(gaussian_negatives, anchors, generator)
     n_hard = n if hard_negatives is not None else 0
     n_extra = extra_negatives.shape[0] if extra_negatives is not None else 0
     n_cols = n + n_hard + n_extra + gaussian_negatives
@@ -250,37 +245,65 @@ def info_nce(
             symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps)
         return loss.to(_output_dtype(anchors.dtype))
 
-    def prepare(x):
-        # The kernels read rows with unit column stride. (F.normalize keeps the strides of
-        # a transposed input, so contiguity is asked for after it, not before.)
-        return (F.normalize(x, dim=-1, eps=eps) if normalize else x).contiguous()
-
-    q = prepare(anchors)
-    k_grad = prepare(positives) if hard_negatives is None else torch.cat([prepare(positives), prepare(hard_negatives)])
-    constants = [prepare(x.detach()) for x in (extra_negatives, gaussian) if x is not None]
-    k_const = None if not constants else constants[0] if len(constants) == 1 else torch.cat(constants)
-
+    q = unit_rows(anchors, normalize, eps)
+    k_grad = unit_rows(positives if hard_negatives is None else torch.cat([positives, hard_negatives]),
+                       normalize, eps)
     layout = ColumnLayout(
-        n_cols=n_cols, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard,
-        gauss_start=n + n_hard + n_extra,
+        n_cols=n_cols, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard, gauss_start=n + n_hard + n_extra,
         log_hard_weight=math.log(hard_negative_weight), log_gauss_weight=math.log(gaussian_weight))
-    if isinstance(temperature, torch.Tensor):
-        inv_tau = 1.0 / temperature.reshape(())
-    else:
-        inv_tau = torch.tensor(1.0 / temperature, dtype=accumulator_dtype(anchors.dtype), device=anchors.device)
+    inv_tau = inverse_temperature(temperature, anchors)
     targets = labels.to(torch.int64).contiguous() if labels is not None else None
 
-    per_row = InfoNCEFunction.apply(q, k_grad, k_const, inv_tau, targets, layout, chosen)
+    per_row = InfoNCEFunction.apply(q, k_grad, constant_rows(extra_negatives, gaussian, normalize, eps),
+                                    inv_tau, targets, layout, chosen)
     if symmetric:
         # Column direction of the in-batch block: positive j against every anchor.
         per_col = InfoNCEFunction.apply(k_grad[:n], q, None, inv_tau, None, ColumnLayout.plain(n), chosen)
         per_row = (per_row + per_col) / 2
-    per_row = per_row.to(_output_dtype(anchors.dtype))
+    return reduce_rows(per_row, reduction, anchors.dtype)
+
+
+# Building blocks shared with fastcl.distributed.
+
+
+def unit_rows(x: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
+    """Rows L2-normalized (or not), contiguous. The kernels read rows with unit column
+    stride; F.normalize keeps the strides of a transposed input, so contiguity is asked
+    for after it."""
+    return (F.normalize(x, dim=-1, eps=eps) if normalize else x).contiguous()
+
+
+def constant_rows(extra: torch.Tensor | None, gaussian: torch.Tensor | None, normalize: bool,
+                  eps: float) -> torch.Tensor | None:
+    """The candidates that get no gradient, ``[extra; gaussian]``, detached, or None."""
+    parts = [unit_rows(x.detach(), normalize, eps) for x in (extra, gaussian) if x is not None]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def inverse_temperature(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """1 / tau as a 0-dim tensor on ``like``'s device (differentiable if tau is)."""
+    if isinstance(temperature, torch.Tensor):
+        return 1.0 / temperature.reshape(())
+    return torch.tensor(1.0 / temperature, dtype=accumulator_dtype(like.dtype), device=like.device)
+
+
+def reduce_rows(per_row: torch.Tensor, reduction: str, input_dtype: torch.dtype) -> torch.Tensor:
+    per_row = per_row.to(_output_dtype(input_dtype))
     if reduction == "mean":
         return per_row.mean()
     if reduction == "sum":
         return per_row.sum()
     return per_row
+
+
+def _gaussian(count: int, anchors: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+    if not count:
+        return None
+    if generator is not None and generator.device.type != anchors.device.type:
+        raise ValueError(f"generator is on {generator.device} but anchors are on {anchors.device}")
+    return draw_gaussian_negatives(count, anchors.shape[1], anchors.dtype, anchors.device, generator)
 
 
 class InfoNCELoss(nn.Module):
