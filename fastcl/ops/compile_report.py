@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .configs import KernelConfig, backward_config, forward_config
+from .configs import KernelConfig, kernel_config
 
 #: Shared memory per block on an H100 (227 KB usable of 228 KB).
 H100_SHARED_BYTES = 227 * 1024
@@ -91,45 +91,48 @@ def _resources(cubin: bytes) -> tuple[int, int, int]:
     return registers, spills, mma
 
 
-def kernel_reports(dim: int = 768, arch: int = 90) -> list[Report]:
+def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, cfg: KernelConfig,
+                arch: int = 90) -> Report:
+    """Compile one kernel ("forward", "backward_dq", "backward_dk") for one dtype and dot
+    precision, with every option off ("plain") or on ("all"), at ``cfg``."""
     from .infonce_bwd import _infonce_bwd_dk_kernel, _infonce_bwd_dq_kernel
     from .infonce_fwd import _infonce_fwd_kernel
 
-    reports = []
-    for dtype, precision in _variants():
-        t = _TRITON_TYPES[dtype]
-        acc = "fp64" if dtype == torch.float64 else "fp32"
-        # "plain": the hot path (no option switched on); "all": every option at once.
-        for features in ("plain", "all"):
-            on = features == "all"
-            flags = dict(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on, GROUPED=on,
-                         ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False)
-            variant = f"{t}/{precision}/{features}"
-            common = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64",
-                          row_groups_ptr="*i64", key_groups_ptr="*i64")
-            segments = dict(hard_start="i32", n_hard="i32", gauss_start="i32", self_start="i32", n_self="i32")
+    t = _TRITON_TYPES[dtype]
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    on = features == "all"
+    flags = dict(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on, GROUPED=on,
+                 ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False)
+    sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64",
+               row_groups_ptr="*i64", key_groups_ptr="*i64", lse_ptr=f"*{acc}")
+    segments = dict(hard_start="i32", n_hard="i32", gauss_start="i32", self_start="i32", n_self="i32")
+    sizes = dict(n_rows="i32", n_cols="i32", n_grad_cols="i32", dim="i32", stride_q="i32", stride_k="i32")
+    blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
+    if kernel == "forward":
+        fn = _infonce_fwd_kernel
+        sig.update(target_logit_ptr=f"*{acc}", **sizes, **segments)
+    elif kernel == "backward_dq":
+        fn = _infonce_bwd_dq_kernel
+        sig.update(grad_rows_ptr=f"*{acc}", dq_ptr=f"*{t}", row_dot_ptr=f"*{acc}", **sizes, stride_dq="i32",
+                   **segments)
+        blocks["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT
+    elif kernel == "backward_dk":
+        fn = _infonce_bwd_dk_kernel
+        sig.update(grad_rows_ptr=f"*{acc}", dk_ptr=f"*{t}", **sizes, stride_dk="i32", **segments)
+        blocks["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    compiled = _compile(fn, sig, {**flags, **blocks}, cfg, arch)
+    return Report(kernel, f"{t}/{precision}/{features}", cfg, *_split(compiled))
 
-            cfg = forward_config(dtype, dim)
-            sig = dict(**common, lse_ptr=f"*{acc}", target_logit_ptr=f"*{acc}", n_rows="i32", n_cols="i32",
-                       n_grad_cols="i32", dim="i32", stride_q="i32", stride_k="i32", **segments)
-            blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
-            compiled = _compile(_infonce_fwd_kernel, sig, {**flags, **blocks}, cfg, arch)
-            reports.append(Report("forward", variant, cfg, *_split(compiled)))
 
-            cfg = backward_config(dtype, dim)
-            blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_D_OUT=cfg.BLOCK_D_OUT)
-            sig = dict(**common, lse_ptr=f"*{acc}", grad_rows_ptr=f"*{acc}", dq_ptr=f"*{t}", row_dot_ptr=f"*{acc}",
-                       n_rows="i32", n_cols="i32", n_grad_cols="i32", dim="i32", stride_q="i32", stride_k="i32",
-                       stride_dq="i32", **segments)
-            compiled = _compile(_infonce_bwd_dq_kernel, sig, {**flags, **blocks}, cfg, arch)
-            reports.append(Report("backward dq", variant, cfg, *_split(compiled)))
-
-            sig = dict(**common, lse_ptr=f"*{acc}", grad_rows_ptr=f"*{acc}", dk_ptr=f"*{t}", n_rows="i32",
-                       n_cols="i32", n_grad_cols="i32", dim="i32", stride_q="i32", stride_k="i32", stride_dk="i32",
-                       **segments)
-            compiled = _compile(_infonce_bwd_dk_kernel, sig, {**flags, **blocks}, cfg, arch)
-            reports.append(Report("backward dk", variant, cfg, *_split(compiled)))
-    return reports
+def kernel_reports(dim: int = 768, arch: int = 90) -> list[Report]:
+    """Every kernel at its default configuration, for every dtype/precision, with every
+    option off and on."""
+    return [compile_one(kernel, dtype, precision, features, kernel_config(kernel, dtype, dim), arch)
+            for dtype, precision in _variants()
+            for features in ("plain", "all")
+            for kernel in ("forward", "backward_dq", "backward_dk")]
 
 
 def _split(compiled) -> tuple[int, int, int, int]:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import backward_config
+from .configs import kernel_config
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
 from .tiles import groups_overlap, load_groups, logit_grad_tile, logit_tile, similarity_tile
@@ -201,6 +201,11 @@ def _infonce_bwd_dk_kernel(
              mask=(cols[:, None] < n_grad_cols) & slab_in[None, :])
 
 
+def _launch_options(cfg) -> dict:
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_D_OUT=cfg.BLOCK_D_OUT,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def infonce_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -225,8 +230,7 @@ def infonce_backward(
     _check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
-    cfg = backward_config(q.dtype, dim)
-    common = dict(
+    flags = dict(
         HAS_TARGETS=targets is not None,
         HARD_WEIGHTED=layout.hard_weighted,
         GAUSS_WEIGHTED=layout.gauss_weighted,
@@ -235,29 +239,30 @@ def infonce_backward(
         ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_for_interpreter(q.dtype),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_D_OUT=cfg.BLOCK_D_OUT,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     targets_arg = targets if targets is not None else lse
     row_groups, key_groups = groups if groups is not None else (lse, lse)
     segments = (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self)
-    n_slabs = triton.cdiv(dim, cfg.BLOCK_D_OUT)
 
     dq = row_dot = None
     if need_dq:
         dq = torch.empty_like(q)
         row_dot = torch.empty(n_rows, dtype=acc, device=q.device)
-        _infonce_bwd_dq_kernel[(triton.cdiv(n_rows, cfg.BLOCK_M), n_slabs)](
+        cfg = kernel_config("backward_dq", q.dtype, dim, q.device)
+        grid = (triton.cdiv(n_rows, cfg.BLOCK_M), triton.cdiv(dim, cfg.BLOCK_D_OUT))
+        _infonce_bwd_dq_kernel[grid](
             q, k, params, targets_arg, row_groups, key_groups, lse, grad_rows, dq, row_dot,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
-            *segments, **common,
+            *segments, **flags, **_launch_options(cfg),
         )
     dk = None
     if need_dk and layout.n_grad_cols > 0:
         dk = torch.empty((layout.n_grad_cols, dim), dtype=k.dtype, device=k.device)
-        _infonce_bwd_dk_kernel[(triton.cdiv(layout.n_grad_cols, cfg.BLOCK_N), n_slabs)](
+        cfg = kernel_config("backward_dk", q.dtype, dim, q.device)
+        grid = (triton.cdiv(layout.n_grad_cols, cfg.BLOCK_N), triton.cdiv(dim, cfg.BLOCK_D_OUT))
+        _infonce_bwd_dk_kernel[grid](
             q, k, params, targets_arg, row_groups, key_groups, lse, grad_rows, dk,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dk.stride(0),
-            *segments, **common,
+            *segments, **flags, **_launch_options(cfg),
         )
     return dq, dk, row_dot

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import forward_config
+from .configs import kernel_config
 from .layout import ColumnLayout
 from .tiles import groups_overlap, load_groups, logit_tile, similarity_tile
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
@@ -121,7 +121,7 @@ def infonce_forward(
     acc = accumulator_dtype(q.dtype)
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
-    cfg = forward_config(q.dtype, dim)
+    cfg = kernel_config("forward", q.dtype, dim, q.device)
     row_groups, key_groups = groups if groups is not None else (lse, lse)
     grid = (triton.cdiv(n_rows, cfg.BLOCK_M),)
     _infonce_fwd_kernel[grid](
