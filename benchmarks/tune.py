@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastcl.ops.configs import KernelConfig, override_config  # noqa: E402
+from fastcl.ops.configs import KERNELS, KernelConfig, override_config  # noqa: E402
 
 FAMILIES = {"half": torch.bfloat16, "fp32": torch.float32}
 
@@ -40,7 +40,7 @@ FAMILIES = {"half": torch.bfloat16, "fp32": torch.float32}
 def candidate_grid(kernel: str, family: str, dim: int):
     """The configurations worth trying for one kernel (before the static filter)."""
     d_steps = (64, 128) if family == "half" else (32, 64)
-    if kernel == "forward":
+    if kernel in ("forward", "backward_ds"):
         for bm, bn, bd, warps, stages in itertools.product((64, 128), (64, 128, 256), d_steps, (4, 8), (2, 3, 4)):
             yield KernelConfig(bm, bn, bd, 64, warps, stages)
     else:
@@ -65,7 +65,7 @@ def _static_check(args):
 
 def run_static(args) -> None:
     jobs = [(kernel, family, dim, args.arch, cfg)
-            for kernel in ("forward", "backward_dq", "backward_dk")
+            for kernel in args.kernels
             for family in args.families for dim in args.dims
             for cfg in candidate_grid(kernel, family, dim)]
     print(f"compiling {len(jobs)} candidates for sm_{args.arch} with {args.jobs} processes")
@@ -111,11 +111,16 @@ def _problem(kernel: str, dtype: torch.dtype, n: int, dim: int, seed: int = 0):
 
 def _runner(kernel: str, problem):
     from fastcl.ops.infonce_bwd import infonce_backward
+    from fastcl.ops.infonce_bwd_workspace import infonce_backward_workspace
     from fastcl.ops.infonce_fwd import infonce_forward
 
     q, k, params, layout, lse, grad_rows = problem
     if kernel == "forward":
         return lambda: infonce_forward(q, k, params, None, layout)[0]
+    if kernel == "backward_ds":  # timed with the two products it feeds: the whole workspace backward
+        return lambda: infonce_backward_workspace(q, k, params, None, layout, lse, grad_rows)[0]
+    # The slab kernels are timed through infonce_backward with the slab strategy forced.
+    os.environ["FASTCL_BACKWARD"] = "slab"
     if kernel == "backward_dq":
         return lambda: infonce_backward(q, k, params, None, layout, lse, grad_rows, need_dq=True, need_dk=False)[0]
     return lambda: infonce_backward(q, k, params, None, layout, lse, grad_rows, need_dq=False, need_dk=True)[1]
@@ -141,7 +146,7 @@ def run_measure(args) -> None:
         candidates = json.load(f)["candidates"]
     jobs = [(kernel, family, dim, c["config"]) for kernel, by_family in candidates.items()
             for family, by_dim in by_family.items() for dim, cs in by_dim.items() for c in cs
-            if family in args.families and int(dim) in args.dims]
+            if family in args.families and int(dim) in args.dims and kernel in args.kernels]
     print(f"warming {len(jobs)} candidates in {args.jobs} processes", flush=True)
     ctx = torch.multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
@@ -196,6 +201,7 @@ def main(argv=None) -> None:
     for p in (static, measure):
         p.add_argument("--dims", type=int, nargs="+", default=[768])
         p.add_argument("--families", nargs="+", default=["half", "fp32"], choices=list(FAMILIES))
+        p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
         p.add_argument("--jobs", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

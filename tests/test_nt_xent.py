@@ -23,10 +23,13 @@ def test_reference_matches_simclr_formula():
     torch.testing.assert_close(nt_xent_reference(z1, z2, temperature=tau), torch.stack(losses).mean())
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton-slab", "triton-workspace", "torch"])
 @pytest.mark.parametrize("n, d, reduction, learnable", [(1, 5, "mean", False), (19, 24, "none", False),
                                                         (19, 33, "sum", True), (40, 7, "mean", True)])
-def test_fused_matches_reference(backend, n, d, reduction, learnable, device):
+def test_fused_matches_reference(backend, n, d, reduction, learnable, device, monkeypatch):
+    if backend.startswith("triton-"):
+        monkeypatch.setenv("FASTCL_BACKWARD", backend.split("-")[1])
+        backend = "triton"
     z1 = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
     z2 = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
     tau = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True) if learnable else 0.3

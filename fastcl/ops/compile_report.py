@@ -93,9 +93,10 @@ def _resources(cubin: bytes) -> tuple[int, int, int]:
 
 def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, cfg: KernelConfig,
                 arch: int = 90) -> Report:
-    """Compile one kernel ("forward", "backward_dq", "backward_dk") for one dtype and dot
+    """Compile one kernel (a name of configs.KERNELS) for one dtype and dot
     precision, with every option off ("plain") or on ("all"), at ``cfg``."""
     from .infonce_bwd import _infonce_bwd_dk_kernel, _infonce_bwd_dq_kernel
+    from .infonce_bwd_workspace import _infonce_dlogits_kernel
     from .infonce_fwd import _infonce_fwd_kernel
 
     t = _TRITON_TYPES[dtype]
@@ -120,6 +121,10 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
         fn = _infonce_bwd_dk_kernel
         sig.update(grad_rows_ptr=f"*{acc}", dk_ptr=f"*{t}", **sizes, stride_dk="i32", **segments)
         blocks["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT
+    elif kernel == "backward_ds":
+        fn = _infonce_dlogits_kernel
+        sig.update(grad_rows_ptr=f"*{acc}", ds_ptr=f"*{t}", row_dot_ptr=f"*{acc}", row0="i32",
+                   n_chunk_rows="i32", **sizes, stride_ds="i32", **segments)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
     compiled = _compile(fn, sig, {**flags, **blocks}, cfg, arch)
@@ -132,7 +137,7 @@ def kernel_reports(dim: int = 768, arch: int = 90) -> list[Report]:
     return [compile_one(kernel, dtype, precision, features, kernel_config(kernel, dtype, dim), arch)
             for dtype, precision in _variants()
             for features in ("plain", "all")
-            for kernel in ("forward", "backward_dq", "backward_dk")]
+            for kernel in ("forward", "backward_dq", "backward_dk", "backward_ds")]
 
 
 def _split(compiled) -> tuple[int, int, int, int]:

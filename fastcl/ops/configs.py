@@ -28,7 +28,7 @@ import torch
 from .utils import interpreting
 
 #: The kernels that take a configuration.
-KERNELS = ("forward", "backward_dq", "backward_dk")
+KERNELS = ("forward", "backward_dq", "backward_dk", "backward_ds")
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 
@@ -134,5 +134,33 @@ def kernel_config(kernel: str, dtype: torch.dtype, dim: int, device: torch.devic
         return _INTERPRETER
     config = _tuned(kernel, dtype, dim, device)
     if config is None:
-        config = _DEFAULTS[("forward" if kernel == "forward" else "backward", dtype_family(dtype))]
-    return config if kernel == "forward" else _fit_d_out(config, dim)
+        # The workspace kernel (backward_ds) is shaped like the forward: a product with
+        # an epilogue, no slab.
+        family = "forward" if kernel in ("forward", "backward_ds") else "backward"
+        config = _DEFAULTS[(family, dtype_family(dtype))]
+    return config if kernel in ("forward", "backward_ds") else _fit_d_out(config, dim)
+
+
+#: Backward strategies of the Triton backend: "slab" (infonce_bwd.py: two kernels, the
+#: similarity recomputed once per D slab) and "workspace" (infonce_bwd_workspace.py: logit
+#: gradients of a chunk of rows in a capped buffer, then two matrix products).
+BACKWARD_STRATEGIES = ("slab", "workspace")
+
+
+def backward_strategy(dtype: torch.dtype, dim: int, device: torch.device | None = None, grouped: bool = False) -> str:
+    """Which backward the Triton backend runs: ``FASTCL_BACKWARD`` if set; else "slab"
+    with groups (its kernels skip tiles without a common group, where the workspace's
+    matrix products would run over every column) or when one slab spans D (nothing is
+    recomputed), and "workspace" when D needs several slabs. The default is a first
+    choice by operation count, not yet timed on a GPU."""
+    import os
+
+    chosen = os.environ.get("FASTCL_BACKWARD", "")
+    if chosen:
+        if chosen not in BACKWARD_STRATEGIES:
+            raise ValueError(f"FASTCL_BACKWARD must be one of {BACKWARD_STRATEGIES}, got {chosen!r}")
+        return chosen
+    if grouped:
+        return "slab"
+    slab = kernel_config("backward_dq", dtype, dim, device).BLOCK_D_OUT
+    return "slab" if dim <= slab else "workspace"

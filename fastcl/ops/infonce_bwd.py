@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import kernel_config
+from .configs import backward_strategy, kernel_config
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
 from .tiles import groups_overlap, load_groups, logit_grad_tile, logit_tile, similarity_tile
@@ -221,12 +221,17 @@ def infonce_backward(
     """Launch the backward kernels.
 
     Arguments as for :func:`infonce_forward`, plus the forward's ``lse`` and the
-    incoming per-row gradient ``grad_rows``. Returns ``(dq, dk, row_dot)``: dq is N x D
+    incoming per-row gradient ``grad_rows``. Runs the slab kernels below or, when
+    :func:`~fastcl.ops.configs.backward_strategy` says so, the workspace backward. Returns ``(dq, dk, row_dot)``: dq is N x D
     (None unless ``need_dq``), dk is ``layout.n_grad_cols`` x D (None unless
     ``need_dk``), both in the input dtype; row_dot (accumulator dtype, length N, computed
     with dq) sums to the gradient of the loss with respect to 1/tau.
     """
     n_rows, dim = q.shape
+    if backward_strategy(q.dtype, dim, q.device, grouped=groups is not None) == "workspace":
+        from .infonce_bwd_workspace import infonce_backward_workspace
+
+        return infonce_backward_workspace(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups)
     _check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
