@@ -60,7 +60,9 @@ def chunked_forward(q, k, params, targets, layout: ColumnLayout):
         _, logits = _chunk_logits(q_chunk, k, params, row0, layout)
         tgt = _chunk_targets(targets, row0, q_chunk.shape[0], q.device)
         lse[row0:row0 + step] = torch.logsumexp(logits, dim=1)
-        target_logit[row0:row0 + step] = logits.gather(1, tgt[:, None])[:, 0]
+        # A target of -1 matches no column (as in the Triton kernels): its logit is 0.
+        picked = logits.gather(1, tgt.clamp_min(0)[:, None])[:, 0]
+        target_logit[row0:row0 + step] = torch.where(tgt >= 0, picked, torch.zeros_like(picked))
     return lse, target_logit
 
 
@@ -81,7 +83,8 @@ def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows
         s, logits = _chunk_logits(q_chunk, k, params, row0, layout)
         tgt = _chunk_targets(targets, row0, n_chunk, q.device)
         dlogits = torch.exp(logits - lse[row0:row0 + step, None])
-        dlogits[torch.arange(n_chunk, device=q.device), tgt] -= 1.0
+        has_target = (tgt >= 0).nonzero()[:, 0]  # -1 matches no column (never index -1!)
+        dlogits[has_target, tgt[has_target]] -= 1.0
         dlogits *= grad_rows[row0:row0 + step, None].to(acc)
         ds = dlogits * params[0]
         if need_dq:
