@@ -33,6 +33,7 @@ after every case, so an interrupted run keeps what it measured), ``<run id>.md``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -56,7 +57,7 @@ for path in (str(REPO), str(HERE)):  # fastcl is run from the checkout, not inst
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32", "fp64": "float64", "float64": "float64"}
 
-CUDA_DEFAULTS = dict(sizes=[4096, 16384, 65536], dims=[768], dtype="bf16", repeats=30, warmup=5, case_budget_s=4.0)
+CUDA_DEFAULTS = dict(sizes=[4096, 16384, 65536], dims=[768], dtype="bf16", repeats=30, warmup=5, case_budget_s=3.0)
 CPU_DEFAULTS = dict(sizes=[256, 1024, 2048], dims=[128], dtype="fp32", repeats=10, warmup=2, case_budget_s=2.0)
 
 SCHEMA = "fastcl-bench/1"
@@ -106,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="untimed calls before timing, at most (bounded to about a second). "
                          "Default CUDA 5, CPU 2")
     ap.add_argument("--case-budget-s", type=float, default=None,
-                    help="seconds of timed calls per case (default CUDA 4, CPU 2)")
+                    help="seconds of timed calls per case (default CUDA 3, CPU 2)")
     ap.add_argument("--max-call-s", type=float, default=30.0,
                     help="skip a case whose one call is predicted (from a smaller N) to take longer")
     ap.add_argument("--time-budget-s", type=float, default=None,
@@ -122,6 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ref-max-flops", type=float, default=None,
                     help="largest 8*N*M*D for which a float64 reference is computed (default CUDA 1e15, "
                          "CPU 2e11); above it the agreement is recorded as unchecked")
+    ap.add_argument("--ref-dense-max-gib", type=float, default=None,
+                    help="the reference is the dense loss in float64 while its N x M matrices (4 of "
+                         "them) fit in this many GiB, else fastcl's chunked path in float64 (default "
+                         "CUDA: a third of free memory, CPU 2)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--threads", type=int, default=None,
@@ -265,19 +270,23 @@ class Device:
             times.append((time.perf_counter() - t0) * 1e3)
         return times
 
-    def extra_peak_bytes(self, call, inputs) -> tuple[int, str]:
-        """Peak memory of one call above what was allocated before it."""
+    def extra_peak_bytes(self, call, inputs) -> tuple[int, str, float | None]:
+        """Peak memory of one call above what was allocated before it, and on CUDA the
+        call's milliseconds (a warm call: the first one came before)."""
         if self.cuda:
             torch = self.torch
             self.cleanup()
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
+            t0 = time.perf_counter()
             out = call(inputs)
             self.sync()
+            ms = (time.perf_counter() - t0) * 1e3
             peak = torch.cuda.max_memory_allocated(self.device) - base
             del out
-            return peak, "torch.cuda.max_memory_allocated - allocated before the call (gradients count)"
-        return _cpu_peak_bytes(lambda: call(inputs)), "PyTorch profiler allocator record (CPU)"
+            return peak, "torch.cuda.max_memory_allocated - allocated before the call (gradients count)", ms
+        # the profiler slows the call: its time is no estimate
+        return _cpu_peak_bytes(lambda: call(inputs)), "PyTorch profiler allocator record (CPU)", None
 
 
 def _cpu_peak_bytes(fn) -> int:
@@ -285,9 +294,15 @@ def _cpu_peak_bytes(fn) -> int:
     record counts from its start, so tensors allocated before it are the baseline)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler logs a line to stderr at start and at stop
+        prof.start()
+    try:
         out = fn()
         del out
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
@@ -298,6 +313,19 @@ def _cpu_peak_bytes(fn) -> int:
     if not totals:
         raise RuntimeError("the profiler recorded no CPU allocations")
     return max(0, max(totals))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # ------------------------------------------------------------------------ the inputs
@@ -388,8 +416,6 @@ class Reference:
     def _compute(self):
         import torch
 
-        from implementations import dense_loss
-
         spec = self.spec
         work = _flops(spec)
         if work > self.run.args.ref_max_flops:
@@ -400,31 +426,58 @@ class Reference:
         x64 = tuple(t.detach().to(torch.float64).requires_grad_() for t in self.inputs)
         # Dense in fp64 holds a few N x M matrices; fall back to fastcl's chunked path.
         dense_bytes = 4 * spec.n * spec.m * 8
-        budget = (torch.cuda.mem_get_info(spec.device)[0] // 3) if dev.cuda else 2 * 2**30
+        if self.run.args.ref_dense_max_gib is not None:
+            budget = int(self.run.args.ref_dense_max_gib * 2**30)
+        else:
+            budget = (torch.cuda.mem_get_info(spec.device)[0] // 3) if dev.cuda else 2 * 2**30
         t0 = time.perf_counter()
+        saved_chunk = os.environ.get("FASTCL_CHUNK_ELEMENTS")
+        if dev.cuda:  # larger chunks than fastcl's default: fewer, larger fp64 products
+            os.environ["FASTCL_CHUNK_ELEMENTS"] = str(min(1 << 27, max(1 << 22, budget // 32)))
         try:
+            result = None
             if dense_bytes <= budget:
-                self.name = "dense PyTorch in float64"
-                loss = dense_loss(x64[0], x64[1], x64[2] if spec.hard else None,
-                                  temperature=spec.temperature, symmetric=spec.symmetric)
-            else:
-                import fastcl
-
-                self.name = "fastcl backend='torch' (chunked PyTorch) in float64"
-                loss = fastcl.info_nce(x64[0], x64[1], x64[2] if spec.hard else None,
-                                       temperature=spec.temperature, symmetric=spec.symmetric,
-                                       backend="torch")
-            grads = torch.autograd.grad(loss, x64)
-            self.loss = float(loss)
-            self.grads = [g.detach().cpu() for g in grads]
+                try:
+                    result = self._run(x64, "dense")
+                except Exception as exc:
+                    if not _is_oom(exc):
+                        raise
+                if result is None:  # out of memory: free it, then the chunked path
+                    dev.cleanup()
+            if result is None:
+                result = self._run(x64, "chunked")
+            self.name, self.loss, self.grads = result
             dev.sync()
         except Exception as exc:  # an OOM here must not end the run
             self.skip_reason = f"reference failed: {_first_line(exc)}"
             self.loss = self.grads = None
         finally:
+            if saved_chunk is None:
+                os.environ.pop("FASTCL_CHUNK_ELEMENTS", None)
+            else:
+                os.environ["FASTCL_CHUNK_ELEMENTS"] = saved_chunk
             del x64
             dev.cleanup()
         self.seconds = time.perf_counter() - t0
+
+    def _run(self, x64, how: str):
+        import torch
+
+        spec = self.spec
+        h = x64[2] if spec.hard else None
+        if how == "dense":
+            from implementations import dense_loss
+
+            name = "dense PyTorch in float64"
+            loss = dense_loss(x64[0], x64[1], h, temperature=spec.temperature, symmetric=spec.symmetric)
+        else:
+            import fastcl
+
+            name = "fastcl backend='torch' (chunked PyTorch) in float64"
+            loss = fastcl.info_nce(x64[0], x64[1], h, temperature=spec.temperature, symmetric=spec.symmetric,
+                                   backend="torch")
+        grads = torch.autograd.grad(loss, x64)
+        return name, float(loss.detach()), [g.detach().cpu() for g in grads]
 
 
 def _flops(spec) -> float:
@@ -457,7 +510,7 @@ class Run:
                      f"d{dims}"]
             parts += ["hard"] if args.hard else []
             parts += ["sym"] if args.symmetric else []
-            parts += [args.tag] if args.tag else []
+            parts += [args.tag] if args.tag and args.tag not in parts else []
             self.run_id = "-".join(parts)
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -490,6 +543,7 @@ class Run:
                 "time_budget_s": args.time_budget_s, "max_input_sets": args.max_input_sets,
                 "fp32_matmul_precision": args.fp32_precision, "compile_mode": args.compile_mode,
                 "check": not args.no_check, "ref_max_flops": args.ref_max_flops,
+                "ref_dense_max_gib": args.ref_dense_max_gib,
                 "memory": not args.no_memory, "seed": args.seed,
                 "tolerances": tolerances(args.dtype, self.tf32),
             },
@@ -579,6 +633,11 @@ class Run:
                      f"tau={a.temperature}{' symmetric' if a.symmetric else ''} "
                      f"fp32 matmul precision={a.fp32_precision}")
         lines.append(f"implementations: {', '.join(a.impls)}")
+        load = env.get("load_avg_start")
+        if not self.dev.cuda and load and load[0] >= (os.cpu_count() or 1) and self.torch.get_num_threads() > 1:
+            lines.append(f"WARNING: load average {load[0]} on {os.cpu_count()} cores with "
+                         f"{self.torch.get_num_threads()} torch threads: oversubscribed thread pools can "
+                         "slow CPU ops by 100x here; consider --threads 1")
         return "\n".join(lines)
 
     def _run_shape(self, cases, n, m, d, index, total):
@@ -690,11 +749,12 @@ class Run:
                 case.agreement = self._agreement(loss, grads, reference)
             del loss, grads
             # 2. extra peak memory of one call
+            warm_ms = None
             if not args.no_memory:
-                case.peak_extra_bytes, case.peak_method = dev.extra_peak_bytes(call, sets[0])
+                case.peak_extra_bytes, case.peak_method, warm_ms = dev.extra_peak_bytes(call, sets[0])
                 case.peak_extra_gib = case.peak_extra_bytes / 2**30
             # 3. warm-up (bounded to about a second), then the timed calls
-            estimate_ms = self._warmup(call, sets, case)
+            estimate_ms = self._warmup(call, sets, case, warm_ms)
             repeats = int(min(args.repeats, max(args.min_repeats, args.case_budget_s * 1e3 / max(estimate_ms, 1e-3))))
             times = dev.time_calls(call, sets, repeats)
             case.time_ms = summarize_times(times)
@@ -725,16 +785,16 @@ class Run:
             del loss_fn, call
             dev.cleanup()
 
-    def _warmup(self, call, sets, case) -> float:
-        """Untimed calls (at most --warmup, about a second in all); returns the estimated
-        milliseconds of one call."""
-        times = []
+    def _warmup(self, call, sets, case, warm_ms: float | None) -> float:
+        """Untimed calls (at most --warmup, about a second in all, counting a warm call
+        already made); returns the estimated milliseconds of one call."""
+        times = [warm_ms] if warm_ms is not None else []
         budget_ms = 1000.0
-        for i in range(max(1, self.args.warmup)):
-            times.extend(self.dev.time_calls(call, [sets[(i + 1) % len(sets)]], 1))
-            if sum(times) > budget_ms:
-                break
-        case.extra["warmup_calls"] = len(times)
+        count = 0
+        while count < self.args.warmup and sum(times) <= budget_ms or not times:
+            times.extend(self.dev.time_calls(call, [sets[(count + 1) % len(sets)]], 1))
+            count += 1
+        case.extra["warmup_calls"] = count
         return min(times)
 
     def _agreement(self, loss, grads, reference) -> dict:

@@ -170,7 +170,7 @@ def plots(data, out: Path) -> list[Path]:
     subtitle = f"{where}, {cfg['dtype']}, D={dims}{', hard negatives' if cfg['hard'] else ''}"
     paths = []
     for kind, ylabel, value in (
-            ("time", "forward + backward, median ms", lambda r: r["time_ms"]["median"]),
+            ("time", "forward + backward, median ms (bars: p10 to p90)", lambda r: r["time_ms"]["median"]),
             ("memory", "extra peak memory, GiB", lambda r: r["peak_extra_gib"])):
         fig, ax = plt.subplots(figsize=(7, 5))
         drawn = 0
@@ -181,8 +181,8 @@ def plots(data, out: Path) -> list[Path]:
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             line, = ax.plot(xs, ys, marker="o", label=label)
             if kind == "time":
-                lo = [y - p[2]["time_ms"]["min"] for y, p in zip(ys, pts)]
-                hi = [p[2]["time_ms"]["max"] - y for y, p in zip(ys, pts)]
+                lo = [max(y - p[2]["time_ms"]["p10"], 0) for y, p in zip(ys, pts)]
+                hi = [max(p[2]["time_ms"]["p90"] - y, 0) for y, p in zip(ys, pts)]
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor=line.get_color(), capsize=3)
             bad = [(x, y) for x, y, r in pts if r["status"] == "disagrees"]
             if bad:

@@ -131,11 +131,26 @@ def test_outputs_say_cpu(bench_run):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_hard_negatives_shape(tmp_path):
-    proc = _run_bench(tmp_path, "--hard", "--sizes", "40", "--no-plots", "--no-memory")
+def test_hard_negatives_shape_and_chunked_reference(tmp_path):
+    # M = 2N, and a reference too large for the dense path (forced with a 0 GiB budget)
+    proc = _run_bench(tmp_path, "--hard", "--sizes", "40", "--no-plots", "--no-memory",
+                      "--ref-dense-max-gib", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "test-run.json").read_text())
     r = _result(data, "fastcl", 40)
     assert r["m"] == 80 and r["status"] == "ok"
+    assert r["agreement"]["reference"].startswith("fastcl backend='torch'")
     assert set(r["agreement"]["grad_rel_err"]) == {"anchors", "positives", "hard_negatives"}
+    assert _result(data, "dense", 40)["agreement"]["max_grad_rel_err"] < 1e-4
     assert _result(data, "planted-error", 40)["status"] == "disagrees"
+
+
+def test_reference_limit_leaves_cases_unchecked(tmp_path):
+    proc = _run_bench(tmp_path, "--sizes", "40", "--impls", "dense", "--no-plots", "--no-memory",
+                      "--ref-max-flops", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "test-run.json").read_text())
+    r = _result(data, "dense", 40)
+    assert r["status"] == "unchecked" and "ref-max-flops" in r["reason"]
+    assert r["time_ms"]["median"] > 0
+    assert _result(data, "planted-error", 40)["status"] == "unchecked"
