@@ -13,9 +13,10 @@
 # tables) and gpu_bench.log.
 #
 # Stages, in priority order (name some as arguments to run only those):
-#   main   bf16, D=768, N=M=256..65536: every implementation (issue 2's first bench, and
-#          issue 3's 65536 and small-batch targets)
+#   main   bf16, D=768, N=M=4096,16384,65536: every implementation (issue 2's first
+#          bench; issue 3's 65536 and >= 16384 targets)
 #   hard   bf16, D=768, supervised shape (one shared hard negative per anchor, M=2N)
+#   small  bf16, D=768, N=M=256,1024: fastcl against the dense and compiled losses
 #   fp32   fp32 inputs at tf32 precision (torch.set_float32_matmul_precision("high"))
 #   large  bf16, D=768, N=65536..1048576: fastcl, memeff and cut-cross-entropy (inf-cl
 #          left out: 12.9 s a call at 262144 in DESIGN.md, a third of the stage)
@@ -37,7 +38,7 @@ DEST=${OUT:-$RUN_DIR}
 mkdir -p "$RUN_DIR" "$DEST"
 LOG=$DEST/gpu_bench.log
 STAGES=("$@")
-((${#STAGES[@]})) || STAGES=(main hard fp32 large dims)
+((${#STAGES[@]})) || STAGES=(main hard small fp32 large dims)
 
 log() { echo "[gpu_bench $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
@@ -74,12 +75,13 @@ EOF
 # --- the stages: name, budget in seconds, bench.py options
 stage_budget() {
     case $1 in
-        main) echo 180 ;; hard) echo 80 ;; fp32) echo 70 ;; large) echo 130 ;; dims) echo 70 ;; *) echo 0 ;;
+        main) echo 160 ;; hard) echo 80 ;; small) echo 50 ;; fp32) echo 70 ;; large) echo 120 ;; dims) echo 60 ;; *) echo 0 ;;
     esac
 }
 stage_args() {
     case $1 in
-        main)  echo "--sizes 256,1024,4096,16384,65536 --dim 768 --dtype bf16" ;;
+        main)  echo "--sizes 4096,16384,65536 --dim 768 --dtype bf16" ;;
+        small) echo "--sizes 256,1024 --dim 768 --dtype bf16 --impls fastcl,fastcl-triton,dense,compiled" ;;
         hard)  echo "--hard --sizes 4096,16384,65536 --dim 768 --dtype bf16 --impls fastcl,dense,compiled,memeff,inf-cl,cce" ;;
         fp32)  echo "--sizes 4096,16384,65536 --dim 768 --dtype fp32 --fp32-precision high --impls fastcl,dense,compiled,memeff,inf-cl,cce" ;;
         large) echo "--sizes 65536,262144,1048576 --dim 768 --dtype bf16 --impls fastcl,memeff,cce --min-repeats 3 --max-call-s 15" ;;
@@ -91,7 +93,7 @@ DRY=${GPU_BENCH_DRY:-0}  # 1: run every stage's options on the CPU at tiny sizes
 for stage in "${STAGES[@]}"; do
     budget=$(stage_budget "$stage")
     if [[ $budget == 0 ]]; then
-        log "unknown stage '$stage' (main hard fp32 large dims)"; continue
+        log "unknown stage '$stage' (main hard small fp32 large dims)"; continue
     fi
     left=$(( TOTAL - ($(date +%s) - START) ))
     if (( left < 45 )); then
