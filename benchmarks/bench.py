@@ -5,23 +5,38 @@
     python benchmarks/bench.py --sizes 4096,16384,65536 --dim 768 --dtype bf16
     python benchmarks/bench.py --hard --sizes 16384   # supervised shape: M = 2N
     python benchmarks/bench.py --impls fastcl,dense --dim 128,384,768 --sizes 16384
+    python benchmarks/bench.py --loss nt_xent         # SimCLR's NT-Xent on two views
+    python benchmarks/bench.py --loss groups --group-size 128   # token-level, per sequence
 
-Every implementation computes the same one-directional InfoNCE (cosine similarity,
-temperature tau, mean over rows; see implementations.py) forward and backward, from the
-raw embeddings to their gradients, on identical inputs. For each size and
-implementation, in this order:
+Every implementation computes the same loss (``--loss``; see implementations.py) forward
+and backward, from the raw embeddings to their gradients, on identical inputs:
+
+- ``infonce`` (default): one-directional InfoNCE, N anchors against M = N candidates
+  (2N with ``--hard``), cosine similarity, temperature tau, mean over rows;
+- ``nt_xent``: two views z1, z2 (N x D each); all 2N rows are anchors against the other
+  2N - 1 rows, target the other view (tau 0.1 by default, as SimCLR);
+- ``groups``: N tokens in N / G sequences of G tokens (sorted by sequence); a token's
+  candidates are the positives of its own sequence (TaCL's token-level InfoNCE).
+
+For each size and implementation, in this order:
 
 1. agreement: one call's loss and input gradients against a float64 reference (the
-   dense loss where N x M fits, else fastcl's chunked PyTorch backend; relative L2
-   error, tolerance by dtype); one that disagrees is flagged in every output;
+   dense loss where its matrices fit: N x M, 2N x 2N, or for groups the per-sequence
+   B x G x G; else fastcl's chunked PyTorch backend; relative L2 error, tolerance by
+   dtype); one that disagrees is flagged in every output;
 2. extra peak memory of one call: on CUDA ``max_memory_allocated`` minus what was
    allocated before it (inputs resident; the gradients it returns count); on CPU the
    PyTorch profiler's allocator record;
 3. warm-up, then timing of forward + backward: CUDA events around each call (CPU:
    ``time.perf_counter``), several input sets in rotation when one set would sit in
    cache, the median and spread of many calls;
-4. TFLOP/s against 8*N*M*D (the forward product plus a backward that recomputes it and
-   forms both gradients; the dense and compiled losses really do 6*N*M*D).
+4. TFLOP/s against the counted work: 8*N*M*D for InfoNCE (the forward product plus a
+   backward that recomputes it and forms both gradients; the dense and compiled losses
+   really do 6*N*M*D); the same fused work over the 2N x 2N matrix, 8*(2N)^2*D, for
+   NT-Xent (self column included); and for groups only the useful work within the
+   sequences, 8*N*G*D (the Triton kernels do that up to the rounding of sequences to
+   tiles; the chunked path and the masked dense loss do the whole N x N, reported as
+   their real work).
 
 A configuration an implementation cannot run (not installed, unsupported dtype or D,
 out of memory, a failing kernel) is recorded with its reason, and the run goes on.
@@ -59,6 +74,16 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float1
 
 CUDA_DEFAULTS = dict(sizes=[4096, 16384, 65536], dims=[768], dtype="bf16", repeats=30, warmup=5, case_budget_s=3.0)
 CPU_DEFAULTS = dict(sizes=[256, 1024, 2048], dims=[128], dtype="fp32", repeats=10, warmup=2, case_budget_s=2.0)
+# Per loss, over the above. CPU: small sizes that run in seconds (NT-Xent's matrix is
+# 2N x 2N; the grouped loss's CPU paths other than the per-sequence one do all N x N).
+LOSS_DEFAULTS = {
+    "infonce": dict(temperature=0.05),
+    "nt_xent": dict(temperature=0.1),
+    "groups": dict(temperature=0.05),
+}
+LOSS_DEFAULTS_CPU = {"nt_xent": dict(sizes=[128, 512, 1024]), "groups": dict(sizes=[256, 1024, 4096])}
+GROUP_SIZE_DEFAULT = {"cuda": 128, "cpu": 32}
+LOSS_TAGS = {"infonce": None, "nt_xent": "ntxent", "groups": "groups"}
 
 SCHEMA = "fastcl-bench/1"
 
@@ -84,9 +109,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--loss", choices=["infonce", "nt_xent", "groups"], default="infonce",
+                    help="the loss benchmarked: one-directional InfoNCE (default), NT-Xent (SimCLR: N pairs, "
+                         "2N rows), or token-level groups (N tokens in sequences of --group-size)")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="G, tokens per sequence for --loss groups (every size a multiple of it). "
+                         f"Default CUDA {GROUP_SIZE_DEFAULT['cuda']}, CPU {GROUP_SIZE_DEFAULT['cpu']}")
     ap.add_argument("--sizes", type=_int_list, default=None,
-                    help="N, the anchors per batch (comma list). M = N, or 2N with --hard. "
-                         f"Default CUDA {CUDA_DEFAULTS['sizes']}, CPU {CPU_DEFAULTS['sizes']}")
+                    help="N, the anchors per batch (comma list). M = N, or 2N with --hard; NT-Xent: N "
+                         "pairs (2N rows); groups: N tokens. "
+                         f"Default CUDA {CUDA_DEFAULTS['sizes']}, CPU {CPU_DEFAULTS['sizes']} (NT-Xent "
+                         f"{LOSS_DEFAULTS_CPU['nt_xent']['sizes']}, groups {LOSS_DEFAULTS_CPU['groups']['sizes']})")
     ap.add_argument("--dim", "--dims", dest="dims", type=_int_list, default=None,
                     help="embedding dim D (a comma list sweeps it). Default CUDA 768, CPU 128")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
@@ -95,10 +128,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="supervised shape: one hard negative per anchor, shared by all (M = 2N)")
     ap.add_argument("--symmetric", action="store_true",
                     help="average with the column direction of the in-batch block (CLIP)")
-    ap.add_argument("--temperature", type=float, default=0.05)
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="tau (default 0.05; NT-Xent 0.1)")
     ap.add_argument("--impls", type=_str_list, default=None,
                     help="comma list of implementations (default: all for the device); see --list")
-    ap.add_argument("--list", action="store_true", help="list the implementations and exit")
+    ap.add_argument("--list", action="store_true", help="list the implementations (of --loss) and exit")
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed calls per case, at most (fewer when --case-budget-s runs out, never "
                          "fewer than --min-repeats). Default CUDA 30, CPU 10")
@@ -143,7 +177,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _apply_defaults(args, device) -> None:
-    defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    defaults = dict(CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)
+    defaults.update(LOSS_DEFAULTS[args.loss])
+    if device.type != "cuda":
+        defaults.update(LOSS_DEFAULTS_CPU.get(args.loss, {}))
+    if args.loss == "groups":
+        defaults["group_size"] = GROUP_SIZE_DEFAULT["cuda" if device.type == "cuda" else "cpu"]
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -152,6 +191,22 @@ def _apply_defaults(args, device) -> None:
     if args.ref_max_flops is None:
         args.ref_max_flops = 1e15 if device.type == "cuda" else 2e11
     args.dtype = DTYPES[args.dtype]
+
+
+def check_loss_options(args) -> str | None:
+    """The options that do not go with --loss (an error message), after the defaults."""
+    if args.loss != "infonce" and (args.hard or args.symmetric):
+        return f"--hard and --symmetric are InfoNCE options, not for --loss {args.loss}"
+    if args.loss != "groups":
+        if args.group_size is not None:
+            return "--group-size goes with --loss groups"
+        return None
+    if args.group_size < 2:
+        return f"--group-size must be at least 2 (a token needs a negative), got {args.group_size}"
+    bad = [n for n in args.sizes if n % args.group_size]
+    if bad:
+        return f"--loss groups: every size must be a multiple of --group-size {args.group_size}; {bad} are not"
+    return None
 
 
 # ---------------------------------------------------------------------- measurement
@@ -331,11 +386,15 @@ def _quiet_stderr():
 # ------------------------------------------------------------------------ the inputs
 
 
-def make_inputs(n, d, dtype, device, hard: bool, seed: int):
+def make_inputs(n, d, dtype, device, hard: bool, seed: int, group_size: int | None = None):
     """Anchors a, positives p = a + 2 noise (cosine ~0.45), hard negatives h = a + 2.5
     noise (~0.37), rows of norm ~1 (randn / sqrt(D)): a loss between 0.3 and 3 over the
     sizes here, not the degenerate near-uniform softmax of independent random rows.
-    Drawn in fp32 on the device, then cast; every tensor is a leaf that requires grad."""
+    NT-Xent takes (a, p) as its two views. With ``group_size`` (tokens), a vector shared
+    by the G tokens of each sequence is added to their anchors and positives, so a
+    token's in-sequence negatives are closer to it (cosine ~0.3) than random rows, as
+    contextual token embeddings are. Drawn in fp32 on the device, then cast; every tensor
+    is a leaf that requires grad."""
     import torch
 
     gen = torch.Generator(device=device)
@@ -347,6 +406,10 @@ def make_inputs(n, d, dtype, device, hard: bool, seed: int):
 
     a = randn()
     p = a + 2.0 * randn()
+    if group_size:
+        shared = torch.randn(n // group_size, d, device=device, dtype=torch.float32, generator=gen) * scale
+        shared = shared.repeat_interleave(group_size, dim=0)
+        a, p = a + shared, p + shared
     tensors = [a, p] + ([a + 2.5 * randn()] if hard else [])
     return tuple(t.to(dtype).requires_grad_() for t in tensors)
 
@@ -376,6 +439,8 @@ class Case:
     dtype: str
     hard: bool
     symmetric: bool
+    loss: str = "infonce"
+    group_size: int | None = None
     status: str = "pending"  # ok | disagrees | unchecked | unsupported | unavailable | oom | error | skipped
     reason: str | None = None
     backend: str | None = None
@@ -386,7 +451,8 @@ class Case:
     peak_extra_gib: float | None = None
     peak_method: str | None = None
     flops: float | None = None
-    tflops_8nmd: float | None = None
+    tflops: float | None = None  # the counted work (flops) / median time
+    tflops_8nmd: float | None = None  # the same, InfoNCE only (its counted work is 8NMD)
     tflops_real: float | None = None
     input_sets: int | None = None
     extra: dict = field(default_factory=dict)
@@ -417,19 +483,19 @@ class Reference:
         import torch
 
         spec = self.spec
-        work = _flops(spec)
-        if work > self.run.args.ref_max_flops:
-            self.skip_reason = (f"no reference: 8NMD = {work:.2e} is over --ref-max-flops "
-                                f"{self.run.args.ref_max_flops:.1e}")
-            return
         dev = self.run.dev
-        x64 = tuple(t.detach().to(torch.float64).requires_grad_() for t in self.inputs)
-        # Dense in fp64 holds a few N x M matrices; fall back to fastcl's chunked path.
-        dense_bytes = 4 * spec.n * spec.m * 8
+        # Dense in fp64 holds a few of its logit matrices; fall back to fastcl's chunked path.
+        dense_bytes = 4 * _dense_logits(spec) * 8
         if self.run.args.ref_dense_max_gib is not None:
             budget = int(self.run.args.ref_dense_max_gib * 2**30)
         else:
             budget = (torch.cuda.mem_get_info(spec.device)[0] // 3) if dev.cuda else 2 * 2**30
+        work = _reference_flops(spec, dense=dense_bytes <= budget)
+        if work > self.run.args.ref_max_flops:
+            self.skip_reason = (f"no reference: its work {work:.2e} FLOPs is over --ref-max-flops "
+                                f"{self.run.args.ref_max_flops:.1e}")
+            return
+        x64 = tuple(t.detach().to(torch.float64).requires_grad_() for t in self.inputs)
         t0 = time.perf_counter()
         saved_chunk = os.environ.get("FASTCL_CHUNK_ELEMENTS")
         if dev.cuda:  # larger chunks than fastcl's default: fewer, larger fp64 products
@@ -463,28 +529,131 @@ class Reference:
     def _run(self, x64, how: str):
         import torch
 
+        import implementations as impls
+
         spec = self.spec
         h = x64[2] if spec.hard else None
+        tau = spec.temperature
         if how == "dense":
-            from implementations import dense_loss
-
-            name = "dense PyTorch in float64"
-            loss = dense_loss(x64[0], x64[1], h, temperature=spec.temperature, symmetric=spec.symmetric)
+            if spec.loss == "nt_xent":
+                name = "dense PyTorch NT-Xent in float64"
+                loss = impls.dense_nt_xent(x64[0], x64[1], temperature=tau)
+            elif spec.loss == "groups":
+                name = "dense PyTorch per sequence (torch.bmm) in float64"
+                loss = impls.dense_grouped(x64[0], x64[1], group_size=spec.group_size, temperature=tau)
+            else:
+                name = "dense PyTorch in float64"
+                loss = impls.dense_loss(x64[0], x64[1], h, temperature=tau, symmetric=spec.symmetric)
         else:
             import fastcl
 
             name = "fastcl backend='torch' (chunked PyTorch) in float64"
-            loss = fastcl.info_nce(x64[0], x64[1], h, temperature=spec.temperature, symmetric=spec.symmetric,
-                                   backend="torch")
+            if spec.loss == "nt_xent":
+                loss = fastcl.nt_xent(x64[0], x64[1], temperature=tau, backend="torch")
+            elif spec.loss == "groups":
+                loss = fastcl.info_nce(x64[0], x64[1], temperature=tau, groups=impls.sequence_ids(spec),
+                                       backend="torch")
+            else:
+                loss = fastcl.info_nce(x64[0], x64[1], h, temperature=tau, symmetric=spec.symmetric,
+                                       backend="torch")
         grads = torch.autograd.grad(loss, x64)
         return name, float(loss.detach()), [g.detach().cpu() for g in grads]
 
 
 def _flops(spec) -> float:
+    """The counted work of one forward + backward (see the module docstring)."""
+    if spec.loss == "nt_xent":
+        return 8.0 * (2 * spec.n) ** 2 * spec.d
+    if spec.loss == "groups":
+        return 8.0 * spec.n * spec.group_size * spec.d
     flops = 8.0 * spec.n * spec.m * spec.d
     if spec.symmetric:
         flops += 8.0 * spec.n * spec.n * spec.d
     return flops
+
+
+FLOP_COUNTS = {
+    "infonce": "8NMD: the forward product plus a backward that recomputes it and forms both gradients",
+    "nt_xent": "8(2N)^2 D: the same fused work over the 2N x 2N matrix of z = [z1; z2] (self column included)",
+    "groups": "8NGD: the useful work only, within the sequences (N tokens x G candidates each)",
+}
+FLOP_LABELS = {"infonce": "8NMD", "nt_xent": "8(2N)^2D", "groups": "8NGD"}
+
+
+def _dense_logits(spec) -> int:
+    """Elements of one logit matrix of the dense form (the reference's memory unit)."""
+    if spec.loss == "nt_xent":
+        return (2 * spec.n) ** 2
+    if spec.loss == "groups":
+        return spec.n * spec.group_size
+    return spec.n * spec.m
+
+
+def _notes(loss: str) -> list[str]:
+    work = {
+        "infonce": "tflops_8nmd (and tflops): 8*N*M*D / median time (forward product + a backward that "
+                   "recomputes it and forms both gradients); the dense and compiled losses do 6*N*M*D of "
+                   "real work (tflops_real)",
+        "nt_xent": "tflops: 8*(2N)^2*D / median time, the fused work over the 2N x 2N matrix of z = [z1; z2] "
+                   "(self column included); the dense and compiled losses do 6*(2N)^2*D of real work "
+                   "(tflops_real)",
+        "groups": "tflops: 8*N*G*D / median time, the useful work within the sequences only; tflops_real: "
+                  "the work really done where known: 6*N*G*D for the per-sequence dense and compiled "
+                  "losses, 6*N^2*D for the masked dense loss, 8*N^2*D for fastcl's chunked path (it "
+                  "computes every logit and masks); the Triton kernels skip the tiles that share no "
+                  "sequence, so theirs is 8*N*G*D up to the rounding of sequences to tiles",
+    }[loss]
+    return [
+        "time: forward + backward (gradients of every input) of one call, from the raw "
+        "embeddings (normalization included)",
+        work,
+        "peak_extra: memory above what was allocated before the call, with the inputs "
+        "resident; the returned gradients count",
+        "agreement: relative L2 error of the loss and of each input's gradient against a "
+        "float64 reference on the same inputs",
+    ]
+
+
+def _fastcl_backend(impl: str, spec) -> str | None:
+    """The backend a fastcl implementation runs at this size (None for the others)."""
+    if not impl.startswith("fastcl"):
+        return None
+    from implementations import resolved_fastcl_backend
+
+    backend = {"fastcl": "auto"}.get(impl, impl.removeprefix("fastcl-"))
+    try:
+        return resolved_fastcl_backend(backend, spec)
+    except Exception:
+        return None
+
+
+def _triton_backward(spec) -> str | None:
+    """Which backward fastcl's Triton backend runs here ("slab" or "workspace"), as its
+    configs choose it (FASTCL_BACKWARD overrides); None if this build does not say."""
+    try:
+        from fastcl.ops.configs import backward_strategy
+
+        return backward_strategy(spec.dtype, spec.d, spec.device, grouped=spec.loss == "groups")
+    except Exception:
+        return None
+
+
+def _cost(case) -> float:
+    """What one call's time grows with, to predict a larger size from a smaller one:
+    N*M (NT-Xent: 2N x 2N); for groups N*G where only the sequences are computed (the
+    per-sequence dense losses, the Triton kernels), N^2 where the whole matrix is."""
+    if case.loss == "groups":
+        linear = case.impl in ("dense", "compiled", "planted-error") or case.backend == "triton"
+        return float(case.n) * (case.group_size if linear else case.n)
+    return float(case.n) * case.m
+
+
+def _reference_flops(spec, dense: bool) -> float:
+    """Work of the float64 reference: the grouped loss's fallback (fastcl's chunked path)
+    computes the whole N x N matrix."""
+    if spec.loss == "groups" and not dense:
+        return 8.0 * spec.n * spec.n * spec.d
+    return _flops(spec)
 
 
 class Run:
@@ -508,6 +677,8 @@ class Run:
         else:
             parts = [self.started.strftime("%Y%m%d-%H%M%S"), self.environment["device_tag"], dtype_short,
                      f"d{dims}"]
+            parts += [LOSS_TAGS[args.loss]] if LOSS_TAGS[args.loss] else []
+            parts += [f"g{args.group_size}"] if args.loss == "groups" else []
             parts += ["hard"] if args.hard else []
             parts += ["sym"] if args.symmetric else []
             parts += [args.tag] if args.tag and args.tag not in parts else []
@@ -521,9 +692,10 @@ class Run:
         return time.perf_counter() - self.t_start
 
     def to_json(self) -> dict:
-        from implementations import IMPLS
+        from implementations import registry
 
         args = self.args
+        impls = registry(args.loss)
         return {
             "schema": SCHEMA,
             "run_id": self.run_id,
@@ -536,6 +708,7 @@ class Run:
             "command": " ".join(shlex.quote(a) for a in args.argv),
             "environment": self.environment,
             "config": {
+                "loss": args.loss, "group_size": args.group_size, "flop_count": FLOP_COUNTS[args.loss],
                 "sizes": args.sizes, "dims": args.dims, "dtype": args.dtype, "hard": args.hard,
                 "symmetric": args.symmetric, "temperature": args.temperature, "impls": args.impls,
                 "repeats": args.repeats, "min_repeats": args.min_repeats, "warmup": args.warmup,
@@ -547,21 +720,12 @@ class Run:
                 "memory": not args.no_memory, "seed": args.seed,
                 "tolerances": tolerances(args.dtype, self.tf32),
             },
-            "implementations": {name: {"description": IMPLS[name].description,
-                                       "version": IMPLS[name].version(),
-                                       "real_work_per_nmd": IMPLS[name].real_work}
+            "implementations": {name: {"description": impls[name].description,
+                                       "version": impls[name].version(),
+                                       "real_work_per_nmd": impls[name].real_work,
+                                       "real_work": impls[name].real_work_formula}
                                 for name in args.impls},
-            "notes": [
-                "time: forward + backward (gradients of every input) of one call, from the raw "
-                "embeddings (normalization included)",
-                "tflops_8nmd: 8*N*M*D / median time (forward product + a backward that recomputes it "
-                "and forms both gradients); the dense and compiled losses do 6*N*M*D of real work "
-                "(tflops_real)",
-                "peak_extra: memory above what was allocated before the call, with the inputs "
-                "resident; the returned gradients count",
-                "agreement: relative L2 error of the loss and of each input's gradient against a "
-                "float64 reference on the same inputs",
-            ],
+            "notes": _notes(args.loss),
             "results": [_case_json(c) for c in self.cases],
         }
 
@@ -608,8 +772,9 @@ class Run:
         self.log(self._banner())
         try:
             for n, d in shapes:
-                m = 2 * n if args.hard else n
-                cases = [Case(name, n, m, d, args.dtype, args.hard, args.symmetric) for name in args.impls]
+                m = 2 * n if args.hard or args.loss == "nt_xent" else n  # NT-Xent: 2N columns
+                cases = [Case(name, n, m, d, args.dtype, args.hard, args.symmetric, loss=args.loss,
+                              group_size=args.group_size) for name in args.impls]
                 self.cases.extend(cases)
                 self._run_shape(cases, n, m, d, index, total)
                 index += len(cases)
@@ -629,7 +794,9 @@ class Run:
             lines.append("CPU RUN: no CUDA device; CPU timings say nothing about GPU performance")
         lines.append(f"device: {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
                      f"python {env['python']}")
-        lines.append(f"sizes N={a.sizes} (M={'2N' if a.hard else 'N'}) D={a.dims} {a.dtype} "
+        shape = {"infonce": f"(M={'2N' if a.hard else 'N'})", "nt_xent": "(NT-Xent: N pairs, 2N rows)",
+                 "groups": f"(token-level groups: N tokens in sequences of G={a.group_size})"}[a.loss]
+        lines.append(f"sizes N={a.sizes} {shape} D={a.dims} {a.dtype} "
                      f"tau={a.temperature}{' symmetric' if a.symmetric else ''} "
                      f"fp32 matmul precision={a.fp32_precision}")
         lines.append(f"implementations: {', '.join(a.impls)}")
@@ -647,13 +814,14 @@ class Run:
         args = self.args
         spec = Spec(n=n, m=m, d=d, dtype=getattr(torch, args.dtype), device=self.device,
                     temperature=args.temperature, hard=args.hard, symmetric=args.symmetric,
-                    compile_mode=args.compile_mode)
+                    compile_mode=args.compile_mode, loss=args.loss, group_size=args.group_size)
         flops = _flops(spec)
         inputs_sets = None
         reference = None
         try:
             for i, case in enumerate(cases):
                 case.flops = flops
+                case.backend = _fastcl_backend(case.impl, spec)
                 label = f"[{index + i + 1:>3}/{total}] N={n} M={m} D={d} {case.impl}"
                 skip = self._skip_reason(case, spec)
                 if skip:
@@ -676,17 +844,17 @@ class Run:
             self.dev.cleanup()
 
     def _skip_reason(self, case, spec):
-        from implementations import IMPLS
+        from implementations import registry
 
         if self.fatal:
             return "skipped", f"an earlier CUDA error left the device unusable ({self.fatal})"
         args = self.args
         if args.time_budget_s is not None and self.elapsed() > args.time_budget_s:
             return "skipped", f"time budget of {args.time_budget_s:.0f} s used up"
-        ok, why = IMPLS[case.impl].available()
+        ok, why = registry(args.loss)[case.impl].available()
         if not ok:
             return "unavailable", why
-        # Predict from the largest smaller size this implementation ran at (time ~ N*M).
+        # Predict from the largest smaller size this implementation ran at (time ~ its cost).
         previous = [c for c in self.cases if c.impl == case.impl and c.d == case.d and c.n < case.n]
         if previous:
             last = max(previous, key=lambda c: c.n)
@@ -695,7 +863,7 @@ class Run:
             if last.status in ("unsupported", "unavailable"):
                 return last.status, last.reason
             if last.status in TIMED_STATUSES and last.time_ms:
-                predicted = last.time_ms["median"] * (case.n * case.m) / (last.n * last.m) / 1e3
+                predicted = last.time_ms["median"] * _cost(case) / _cost(last) / 1e3
                 case.extra["predicted_call_s"] = round(predicted, 3)
                 if predicted > args.max_call_s:
                     return "skipped", (f"predicted {predicted:.1f} s per call from N={last.n}, over "
@@ -714,7 +882,8 @@ class Run:
         per_set = (3 if spec.hard else 2) * spec.n * spec.d * torch.empty((), dtype=spec.dtype).element_size()
         count = max(1, min(args.max_input_sets, math.ceil(4 * self.dev.cache_bytes() / per_set)))
         try:
-            return [make_inputs(spec.n, spec.d, spec.dtype, spec.device, spec.hard, args.seed * 1000 + k)
+            return [make_inputs(spec.n, spec.d, spec.dtype, spec.device, spec.hard, args.seed * 1000 + k,
+                                group_size=spec.group_size)
                     for k in range(count)]
         except Exception as exc:
             if _is_oom(exc):
@@ -722,18 +891,14 @@ class Run:
             raise
 
     def _run_case(self, case, spec, sets, reference):
-        from implementations import IMPLS, Unsupported, resolved_fastcl_backend
+        from implementations import Unsupported, registry
 
-        impl = IMPLS[case.impl]
         args = self.args
+        impl = registry(args.loss)[case.impl]
         dev = self.dev
         case.input_sets = len(sets)
-        if case.impl.startswith("fastcl"):
-            backend = {"fastcl": "auto"}.get(case.impl, case.impl.removeprefix("fastcl-"))
-            try:
-                case.backend = resolved_fastcl_backend(backend, spec)
-            except Exception:
-                case.backend = None
+        if case.backend == "triton":
+            case.extra["triton_backward"] = _triton_backward(spec)
         loss_fn = call = None
         try:
             loss_fn = impl.make(spec)
@@ -759,9 +924,14 @@ class Run:
             times = dev.time_calls(call, sets, repeats)
             case.time_ms = summarize_times(times)
             seconds = case.time_ms["median"] / 1e3
-            case.tflops_8nmd = case.flops / seconds / 1e12 if seconds > 0 else None
-            if impl.real_work:
-                case.tflops_real = case.tflops_8nmd * impl.real_work / 8 if case.tflops_8nmd else None
+            case.tflops = case.flops / seconds / 1e12 if seconds > 0 else None
+            if args.loss == "infonce":
+                case.tflops_8nmd = case.tflops
+            real = impl.real_flops(spec) if impl.real_flops else None
+            if real is not None:
+                case.tflops_real = real / seconds / 1e12 if seconds > 0 else None
+            elif impl.real_work:
+                case.tflops_real = case.tflops * impl.real_work / 8 if case.tflops else None
             agreement = case.agreement or {}
             if not agreement.get("checked"):
                 case.status, case.reason = "unchecked", agreement.get("reason")
@@ -802,7 +972,7 @@ class Run:
         if ref.loss is None:
             return {"checked": False, "reason": ref.skip_reason}
         tol = tolerances(self.args.dtype, self.tf32)
-        names = ["anchors", "positives", "hard_negatives"]
+        names = ["z1", "z2"] if self.args.loss == "nt_xent" else ["anchors", "positives", "hard_negatives"]
         value = float(loss.detach())
         loss_err = abs(value - ref.loss) / max(abs(ref.loss), 1e-30) if math.isfinite(value) else math.inf
         grad_err = {names[k]: relative_error(g, r) for k, (g, r) in enumerate(zip(grads, ref.grads))}
@@ -829,8 +999,8 @@ def _one_line(c: Case) -> str:
              f"{', ' + str(c.input_sets) + ' input sets' if c.input_sets and c.input_sets > 1 else ''})"]
     if c.peak_extra_gib is not None:
         parts.append(f"extra {c.peak_extra_gib:.4f} GiB")
-    if c.tflops_8nmd is not None:
-        parts.append(f"{c.tflops_8nmd:.2f} TFLOP/s(8NMD)")
+    if c.tflops is not None:
+        parts.append(f"{c.tflops:.2f} TFLOP/s({FLOP_LABELS[c.loss]})")
     a = c.agreement or {}
     if a.get("checked"):
         parts.append(f"err loss {a['loss_rel_err']:.1e} grad {a['max_grad_rel_err']:.1e}")
@@ -925,21 +1095,26 @@ def main(argv: list[str] | None = None) -> int:
         # The Triton kernels run on CPU only in the interpreter, which must be switched on
         # before anything imports triton. Note it also makes fastcl's "auto" pick them.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from implementations import IMPLS, default_impls
+    from implementations import default_impls, registry
 
+    impls = registry(args.loss)
     if args.list:
-        for name, impl in IMPLS.items():
+        for name, impl in impls.items():
             if not impl.hidden:
                 ok, why = impl.available()
                 print(f"{name:14s} {impl.description}{'' if ok else '  [' + why + ']'}")
         return 0
     _apply_defaults(args, device)
+    problem = check_loss_options(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.impls is None:
-        args.impls = default_impls(device)
-    unknown = [n for n in args.impls if n not in IMPLS]
+        args.impls = default_impls(device, args.loss)
+    unknown = [n for n in args.impls if n not in impls]
     if unknown:
-        print(f"error: unknown implementation(s) {unknown}; known: {[n for n in IMPLS if not IMPLS[n].hidden]}",
-              file=sys.stderr)
+        print(f"error: unknown implementation(s) {unknown} for --loss {args.loss}; known: "
+              f"{[n for n in impls if not impls[n].hidden]}", file=sys.stderr)
         return 2
     if args.plant_error and "planted-error" not in args.impls:
         args.impls.append("planted-error")

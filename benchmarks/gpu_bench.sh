@@ -21,10 +21,17 @@
 #   large  bf16, D=768, N=65536..1048576: fastcl, memeff and cut-cross-entropy (inf-cl
 #          left out: 12.9 s a call at 262144 in DESIGN.md, a third of the stage)
 #   dims   bf16, N=16384, D=128..2048
+#   ntxent bf16, D=768, NT-Xent on N=4096,16384,65536 pairs (2N rows): fastcl against the
+#          dense NT-Xent, its compiled form and memeff (q-q negatives); issue 6
+#   groups bf16, D=768, token-level groups: N=4096,16384,65536 tokens in sequences of
+#          G=128: fastcl against the per-sequence dense loss (torch.bmm), the masked
+#          N x N one and the compiled per-sequence one; issue 6
 # Each stage has a time budget (bench.py starts no case after it) and a hard stop
 # (SIGINT: bench.py saves what it measured); the whole script stays under
 # GPU_BENCH_TOTAL_S (default 530 s). A stage that no longer fits is skipped and logged;
-# run it in a second call: bash benchmarks/gpu_bench.sh dims
+# run it in a second call: bash benchmarks/gpu_bench.sh dims. The issue-3 stages fill
+# most of one call, so ntxent and groups (last, so as not to displace them) usually
+# need their own: bash benchmarks/gpu_bench.sh ntxent groups  (about 5 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -38,7 +45,7 @@ DEST=${OUT:-$RUN_DIR}
 mkdir -p "$RUN_DIR" "$DEST"
 LOG=$DEST/gpu_bench.log
 STAGES=("$@")
-((${#STAGES[@]})) || STAGES=(main hard small fp32 large dims)
+((${#STAGES[@]})) || STAGES=(main hard small fp32 large dims ntxent groups)
 
 log() { echo "[gpu_bench $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
@@ -75,7 +82,8 @@ EOF
 # --- the stages: name, budget in seconds, bench.py options
 stage_budget() {
     case $1 in
-        main) echo 160 ;; hard) echo 80 ;; small) echo 50 ;; fp32) echo 70 ;; large) echo 120 ;; dims) echo 60 ;; *) echo 0 ;;
+        main) echo 160 ;; hard) echo 80 ;; small) echo 50 ;; fp32) echo 70 ;; large) echo 120 ;; dims) echo 60 ;;
+        ntxent) echo 110 ;; groups) echo 110 ;; *) echo 0 ;;
     esac
 }
 stage_args() {
@@ -86,6 +94,10 @@ stage_args() {
         fp32)  echo "--sizes 4096,16384,65536 --dim 768 --dtype fp32 --fp32-precision high --impls fastcl,dense,compiled,memeff,inf-cl,cce" ;;
         large) echo "--sizes 65536,262144,1048576 --dim 768 --dtype bf16 --impls fastcl,memeff,cce --min-repeats 3 --max-call-s 15" ;;
         dims)  echo "--sizes 16384 --dim 128,256,384,1024,2048 --dtype bf16 --impls fastcl,dense,memeff,inf-cl,cce" ;;
+        # fastcl-triton left out: on CUDA "auto" is the Triton kernels at these sizes (the
+        # JSON's backend field says so), and each size's cases share the stage's budget.
+        ntxent) echo "--loss nt_xent --sizes 4096,16384,65536 --dim 768 --dtype bf16 --impls fastcl,dense,compiled,memeff,inf-cl,cce" ;;
+        groups) echo "--loss groups --group-size 128 --sizes 4096,16384,65536 --dim 768 --dtype bf16 --impls fastcl,dense,dense-masked,compiled,memeff,inf-cl,cce" ;;
     esac
 }
 
@@ -93,7 +105,7 @@ DRY=${GPU_BENCH_DRY:-0}  # 1: run every stage's options on the CPU at tiny sizes
 for stage in "${STAGES[@]}"; do
     budget=$(stage_budget "$stage")
     if [[ $budget == 0 ]]; then
-        log "unknown stage '$stage' (main hard small fp32 large dims)"; continue
+        log "unknown stage '$stage' (main hard small fp32 large dims ntxent groups)"; continue
     fi
     left=$(( TOTAL - ($(date +%s) - START) ))
     if (( left < 45 )); then
@@ -107,6 +119,7 @@ for stage in "${STAGES[@]}"; do
         args+=(--device cpu --sizes 32,64 --dim 32 --repeats 2 --min-repeats 2 --warmup 1 --no-plots)
         [[ $stage == dims ]] && args+=(--dim 16,32)
         [[ $stage == fp32 ]] && args+=(--fp32-precision highest)
+        [[ $stage == groups ]] && args+=(--group-size 8)
     fi
     log "stage $stage: budget ${budget}s: bench.py ${args[*]}"
     # The budget stops new cases; SIGINT 45 s later stops the one in flight (bench.py saves

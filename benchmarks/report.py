@@ -16,6 +16,17 @@ TIMED = ("ok", "disagrees", "unchecked")
 MARK = {"ok": "", "disagrees": " ✗", "unchecked": " ?"}
 SHORT = {"unsupported": "unsupported", "unavailable": "not installed", "oom": "out of memory",
          "error": "error", "skipped": "skipped", "pending": "not run"}
+TITLES = {"infonce": "InfoNCE", "nt_xent": "NT-Xent", "groups": "Token-level InfoNCE"}
+
+
+def _loss(data) -> str:
+    """The benchmarked loss (runs before --loss existed were all InfoNCE)."""
+    return data["config"].get("loss") or "infonce"
+
+
+def _rate(r):
+    """The counted work per second (older runs recorded only tflops_8nmd)."""
+    return r.get("tflops") if r.get("tflops") is not None else r.get("tflops_8nmd")
 
 
 def _impls(data) -> list[str]:
@@ -60,7 +71,7 @@ def _cell_time(r) -> str:
 def _cell_rate(r) -> str:
     if r is None or r["status"] not in TIMED:
         return ""
-    rate = r.get("tflops_8nmd")
+    rate = _rate(r)
     a = r.get("agreement") or {}
     err = f"{a['max_grad_rel_err']:.0e}" if a.get("checked") else "unchecked"
     text = f"{rate:.3g}" if rate is not None else "-"
@@ -73,10 +84,14 @@ def _table(data, cell) -> list[str]:
     impls = _impls(data)
     look = _lookup(data)
     dims = sorted({d for _, _, d in _shapes(data)})
-    lead = ["N", "M"] + (["D"] if len(dims) > 1 else [])
+    loss = _loss(data)
+    size_cols = {"infonce": ["N", "M"], "nt_xent": ["N", "rows 2N"], "groups": ["N tokens", "sequences"]}[loss]
+    lead = size_cols + (["D"] if len(dims) > 1 else [])
+    group_size = data["config"].get("group_size")
     lines = ["| " + " | ".join(lead + impls) + " |", "|" + "---|" * (len(lead) + len(impls))]
     for n, m, d in _shapes(data):
-        row = [str(n), str(m)] + ([str(d)] if len(dims) > 1 else [])
+        second = str(n // group_size) if loss == "groups" else str(m)
+        row = [str(n), second] + ([str(d)] if len(dims) > 1 else [])
         row += [cell(look.get((name, n, d))) for name in impls]
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -86,7 +101,19 @@ def markdown(data) -> str:
     env, cfg = data["environment"], data["config"]
     cpu = env["device_type"] != "cuda"
     dims = ", ".join(str(d) for d in cfg["dims"])
+    loss = _loss(data)
     title = f"# Benchmark {data['run_id']}" + (" (CPU run)" if cpu else "")
+    shape = {
+        "infonce": "InfoNCE",
+        "nt_xent": "NT-Xent (SimCLR): N pairs z1, z2, all 2N rows anchors against the other 2N - 1",
+        "groups": f"token-level InfoNCE: N tokens in sequences of G = {cfg.get('group_size')}, negatives "
+                  "within the sequence",
+    }[loss]
+    rate_title = {
+        "infonce": "TFLOP/s against 8NMD (real work, dense and compiled: 6NMD)",
+        "nt_xent": "TFLOP/s against 8(2N)²D (real work, dense and compiled: 6(2N)²D)",
+        "groups": "TFLOP/s against the useful work 8NGD (real work where known, in parentheses)",
+    }[loss]
     lines = [title, ""]
     if cpu:
         lines += ["**CPU run**: no GPU was used; these numbers say nothing about GPU performance.", ""]
@@ -98,8 +125,9 @@ def markdown(data) -> str:
         f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}; fastcl at "
         f"{(env.get('git_commit') or 'unknown')[:12]}{' (dirty)' if env.get('git_dirty') else ''}",
         f"- command: `{data['command']}`",
-        f"- shape: D = {dims}, {cfg['dtype']}, M = {'2N (hard negatives)' if cfg['hard'] else 'N'}, "
-        f"tau = {cfg['temperature']}{', symmetric' if cfg['symmetric'] else ''}, fp32 matmul precision "
+        (f"- shape: D = {dims}, {cfg['dtype']}, M = {'2N (hard negatives)' if cfg['hard'] else 'N'}, "
+         if loss == "infonce" else f"- shape: {shape}; D = {dims}, {cfg['dtype']}, ")
+        + f"tau = {cfg['temperature']}{', symmetric' if cfg['symmetric'] else ''}, fp32 matmul precision "
         f"'{cfg['fp32_matmul_precision']}'",
         f"- tolerance (relative L2 vs float64): loss {cfg['tolerances']['loss']:.0e}, "
         f"gradients {cfg['tolerances']['grad']:.0e}",
@@ -108,7 +136,7 @@ def markdown(data) -> str:
         "",
         *_table(data, _cell_time),
         "",
-        "## TFLOP/s against 8NMD (real work, dense and compiled: 6NMD) / worst gradient error",
+        f"## {rate_title} / worst gradient error",
         "",
         *_table(data, _cell_rate),
         "",
@@ -153,7 +181,11 @@ def plots(data, out: Path) -> list[Path]:
         return []
     cfg, env = data["config"], data["environment"]
     by_n = len(cfg["sizes"]) > 1 or len(cfg["dims"]) == 1
-    xkey, xlabel = ("n", "N (anchors; M = 2N)" if cfg["hard"] else "N = M") if by_n else ("d", "D")
+    loss = _loss(data)
+    n_label = {"infonce": "N (anchors; M = 2N)" if cfg["hard"] else "N = M",
+               "nt_xent": "N (pairs; 2N rows)",
+               "groups": f"N (tokens, in sequences of G = {cfg.get('group_size')})"}[loss]
+    xkey, xlabel = ("n", n_label) if by_n else ("d", "D")
     series = {}
     for r in data["results"]:
         if r["status"] not in TIMED:
@@ -167,7 +199,8 @@ def plots(data, out: Path) -> list[Path]:
         return []
     where = "CPU" if env["device_type"] != "cuda" else env["gpu_name"]
     dims = ",".join(str(d) for d in cfg["dims"])
-    subtitle = f"{where}, {cfg['dtype']}, D={dims}{', hard negatives' if cfg['hard'] else ''}"
+    subtitle = (f"{where}, {cfg['dtype']}, D={dims}{', hard negatives' if cfg['hard'] else ''}"
+                + (f", G={cfg.get('group_size')}" if loss == "groups" else ""))
     paths = []
     for kind, ylabel, value in (
             ("time", "forward + backward, median ms (bars: p10 to p90)", lambda r: r["time_ms"]["median"]),
@@ -195,7 +228,7 @@ def plots(data, out: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"InfoNCE {kind}: {subtitle}" + (" (CPU RUN)" if env["device_type"] != "cuda" else ""),
+        ax.set_title(f"{TITLES[loss]} {kind}: {subtitle}" + (" (CPU RUN)" if env["device_type"] != "cuda" else ""),
                      fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

@@ -154,3 +154,143 @@ def test_reference_limit_leaves_cases_unchecked(tmp_path):
     assert r["status"] == "unchecked" and "ref-max-flops" in r["reason"]
     assert r["time_ms"]["median"] > 0
     assert _result(data, "planted-error", 40)["status"] == "unchecked"
+
+
+# ------------------------------------------------------------ --loss nt_xent and groups
+#
+# The same harness on the two other losses: NT-Xent (N pairs, 2N rows, each against the
+# other 2N - 1) and token-level groups (N tokens in sequences of G, negatives within the
+# sequence). Each mode's planted error must be flagged on its one wrong gradient.
+
+NT_SIZES = (24, 48)
+GROUP_SIZES, G = (32, 128), 8
+
+
+@pytest.fixture(scope="module")
+def nt_xent_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-nt-xent")
+    proc = _run_bench(out, "--loss", "nt_xent", "--sizes", ",".join(map(str, NT_SIZES)),
+                      "--impls", "fastcl,fastcl-torch,dense,memeff,inf-cl,cce")
+    assert proc.returncode == 0, f"bench.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out, proc, json.loads((out / "test-run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def groups_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-groups")
+    proc = _run_bench(out, "--loss", "groups", "--group-size", str(G), "--sizes", ",".join(map(str, GROUP_SIZES)),
+                      "--impls", "fastcl,fastcl-torch,dense,dense-masked,memeff,cce")
+    assert proc.returncode == 0, f"bench.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out, proc, json.loads((out / "test-run.json").read_text())
+
+
+def _assert_agrees_and_timed(r, grad_names):
+    assert r["status"] == "ok", (r["impl"], r["n"], r["reason"])
+    a = r["agreement"]
+    assert a["checked"] and a["ok"]
+    assert a["loss_rel_err"] < 1e-5 and set(a["grad_rel_err"]) == set(grad_names)
+    assert max(a["grad_rel_err"].values()) < 1e-4
+    t = r["time_ms"]
+    assert 2 <= t["runs"] <= 3 and 0 < t["min"] <= t["median"] <= t["max"]
+    assert r["peak_extra_bytes"] > 0
+
+
+def test_nt_xent_json_and_agreement(nt_xent_run):
+    out, proc, data = nt_xent_run
+    cfg = data["config"]
+    assert data["complete"] and cfg["loss"] == "nt_xent" and cfg["group_size"] is None
+    assert cfg["temperature"] == 0.1  # SimCLR's default, not InfoNCE's 0.05
+    assert "2N" in cfg["flop_count"]
+    for n in NT_SIZES:
+        for impl in ("fastcl", "fastcl-torch", "dense"):
+            r = _result(data, impl, n)
+            _assert_agrees_and_timed(r, {"z1", "z2"})
+            assert r["loss"] == "nt_xent" and r["m"] == 2 * n
+            assert r["agreement"]["reference"] == "dense PyTorch NT-Xent in float64"
+            assert r["flops"] == 8 * (2 * n) ** 2 * 32
+            assert r["tflops"] == pytest.approx(r["flops"] / (r["time_ms"]["median"] * 1e-3) / 1e12)
+            assert r["tflops_8nmd"] is None  # an InfoNCE-only field
+        dense = _result(data, "dense", n)
+        assert dense["tflops_real"] == pytest.approx(dense["tflops"] * 6 / 8)
+        # every implementation is checked against the same reference loss
+        assert len({_result(data, i, n)["agreement"]["reference_loss"] for i in ("fastcl", "dense")}) == 1
+        bad = _result(data, "planted-error", n)
+        assert bad["status"] == "disagrees"
+        assert bad["agreement"]["grad_rel_err"]["z2"] == pytest.approx(0.1, rel=1e-3)
+        assert bad["agreement"]["grad_rel_err"]["z1"] < 1e-4 and bad["agreement"]["loss_rel_err"] < 1e-5
+        assert "dz2" in bad["reason"] and "dz1" not in bad["reason"]
+        for peer in ("inf-cl", "cce"):  # no self-exclusion: unsupported whatever is installed
+            r = _result(data, peer, n)
+            assert r["status"] == "unsupported" and "own column" in r["reason"] and r["time_ms"] is None
+        # memeff has NT-Xent (q-q negatives), but only on CUDA
+        assert _result(data, "memeff", n)["status"] in ("unavailable", "unsupported")
+    assert _result(data, "fastcl-torch", NT_SIZES[-1])["backend"] == "torch"
+    md = (out / "test-run.md").read_text()
+    assert "NT-Xent" in md and "| N | rows 2N |" in md and f"| {NT_SIZES[-1]} | {2 * NT_SIZES[-1]} |" in md
+    assert "TFLOP/s(8(2N)^2D)" in proc.stdout
+
+
+def test_groups_json_and_agreement(groups_run):
+    out, proc, data = groups_run
+    cfg = data["config"]
+    assert data["complete"] and cfg["loss"] == "groups" and cfg["group_size"] == G
+    assert cfg["temperature"] == 0.05 and "8NGD" in cfg["flop_count"]
+    for n in GROUP_SIZES:
+        for impl in ("fastcl", "fastcl-torch", "dense", "dense-masked"):
+            r = _result(data, impl, n)
+            _assert_agrees_and_timed(r, {"anchors", "positives"})
+            assert r["group_size"] == G and r["m"] == n
+            assert r["agreement"]["reference"] == "dense PyTorch per sequence (torch.bmm) in float64"
+            assert r["flops"] == 8 * n * G * 32  # the useful work only
+        seconds = {i: _result(data, i, n)["time_ms"]["median"] * 1e-3 for i in ("dense", "dense-masked", "fastcl-torch")}
+        # real work: per sequence 6NGD, masked 6N^2 D, fastcl's chunked path the whole 8N^2 D
+        assert _result(data, "dense", n)["tflops_real"] == pytest.approx(6 * n * G * 32 / seconds["dense"] / 1e12)
+        assert _result(data, "dense-masked", n)["tflops_real"] == pytest.approx(
+            6 * n * n * 32 / seconds["dense-masked"] / 1e12)
+        assert _result(data, "fastcl-torch", n)["tflops_real"] == pytest.approx(
+            8 * n * n * 32 / seconds["fastcl-torch"] / 1e12)
+        bad = _result(data, "planted-error", n)
+        assert bad["status"] == "disagrees"
+        assert bad["agreement"]["grad_rel_err"]["positives"] == pytest.approx(0.1, rel=1e-3)
+        assert bad["agreement"]["grad_rel_err"]["anchors"] < 1e-4
+        for peer in ("memeff", "cce"):
+            r = _result(data, peer, n)
+            assert r["status"] == "unsupported" and "group" in r["reason"]
+    # the per-sequence loss holds B x G x G logits, the masked one several N x N
+    n = GROUP_SIZES[-1]
+    masked, batched = (_result(data, i, n)["peak_extra_bytes"] for i in ("dense-masked", "dense"))
+    assert masked - batched > 2 * n * n * 4, (masked, batched)
+    md = (out / "test-run.md").read_text()
+    assert f"G = {G}" in md and "| N tokens | sequences |" in md and f"| {n} | {n // G} |" in md
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "groups"])
+def test_new_losses_with_the_chunked_reference(tmp_path, loss):
+    # a reference too large for the dense form (forced with a 0 GiB budget): fastcl's
+    # chunked path in float64, which the dense implementation must agree with
+    extra = ["--group-size", "4"] if loss == "groups" else []
+    proc = _run_bench(tmp_path, "--loss", loss, *extra, "--sizes", "24", "--impls", "dense", "--no-plots",
+                      "--no-memory", "--ref-dense-max-gib", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "test-run.json").read_text())
+    r = _result(data, "dense", 24)
+    assert r["status"] == "ok" and r["agreement"]["reference"].startswith("fastcl backend='torch'")
+    assert r["agreement"]["max_grad_rel_err"] < 1e-4
+    assert _result(data, "planted-error", 24)["status"] == "disagrees"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--loss", "groups", "--group-size", "5", "--sizes", "24"], "multiple of --group-size"),
+    (["--loss", "nt_xent", "--hard"], "InfoNCE options"),
+    (["--group-size", "4"], "goes with --loss groups"),
+    (["--loss", "nt_xent", "--impls", "dense-masked"], "unknown implementation"),
+])
+def test_bad_loss_options_are_refused(tmp_path, capsys, monkeypatch, extra, message):
+    # in-process: main() refuses these before it runs or writes anything
+    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--out", str(tmp_path / "out"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
