@@ -527,7 +527,8 @@ NT_XENT_IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
          real_flops=lambda s: 6.0 * _twice(s.n) ** 2 * s.d, real_work_formula="6 (2N)^2 D"),
     Impl("memeff", "memeff MemoryEfficientQwen3Loss(use_qq_negatives=True, margin=4, stable=False), mean of "
          "(z1, z2) and (z2, z1)", _make_memeff_nt_xent, package="memeff", dist_name="memeff"),
-    Impl("inf-cl", "inf_cl.cal_inf_loss: cannot compute NT-Xent", _cannot("inf-cl's cal_inf_loss " + _NO_SELF_EXCLUSION),
+    Impl("inf-cl", "inf_cl.cal_inf_loss: cannot compute NT-Xent",
+         _cannot("inf-cl's cal_inf_loss " + _NO_SELF_EXCLUSION),
          dist_name="inf-cl"),
     Impl("cce", "cut-cross-entropy linear_cross_entropy: cannot compute NT-Xent",
          _cannot("cut-cross-entropy's linear_cross_entropy " + _NO_SELF_EXCLUSION), dist_name="cut-cross-entropy"),

@@ -242,7 +242,8 @@ def test_groups_json_and_agreement(groups_run):
             assert r["group_size"] == G and r["m"] == n
             assert r["agreement"]["reference"] == "dense PyTorch per sequence (torch.bmm) in float64"
             assert r["flops"] == 8 * n * G * 32  # the useful work only
-        seconds = {i: _result(data, i, n)["time_ms"]["median"] * 1e-3 for i in ("dense", "dense-masked", "fastcl-torch")}
+        seconds = {i: _result(data, i, n)["time_ms"]["median"] * 1e-3
+                   for i in ("dense", "dense-masked", "fastcl-torch")}
         # real work: per sequence 6NGD, masked 6N^2 D, fastcl's chunked path the whole 8N^2 D
         assert _result(data, "dense", n)["tflops_real"] == pytest.approx(6 * n * G * 32 / seconds["dense"] / 1e12)
         assert _result(data, "dense-masked", n)["tflops_real"] == pytest.approx(
