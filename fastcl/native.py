@@ -23,8 +23,8 @@ Loading happens once, when fastcl is imported:
    names the running torch and the current sources;
 2. else a just-in-time build with ``torch.utils.cpp_extension.load`` (g++ and ninja),
    cached per torch version and source digest under ``$FASTCL_BUILD_DIR`` (default
-   ``~/.cache/fastcl``): compiled once (about 15 s on 2 cores), loaded in milliseconds
-   afterwards. An extension built against another torch is never loaded: the record or
+   ``~/.cache/fastcl``): compiled once (15-40 s on 2 cores), loaded in milliseconds
+   afterwards; ``FASTCL_NATIVE=jit`` takes this path even when a setup.py build exists. An extension built against another torch is never loaded: the record or
    the cache key differs, and a fresh build is made for the running torch;
 3. else the pure-Python path (chunked PyTorch on CPU, Triton on CUDA), with one
    RuntimeWarning that says why. ``FASTCL_NATIVE=0`` skips 1 and 2 without a warning.
@@ -170,9 +170,13 @@ def _short(error: BaseException) -> str:
 
 
 def _load() -> NativeStatus:
-    if os.environ.get("FASTCL_NATIVE", "1") == "0":
+    mode = os.environ.get("FASTCL_NATIVE", "1")
+    if mode == "0":
         return NativeStatus(False, "", None, "disabled by FASTCL_NATIVE=0")
-    prebuilt, why_not = _prebuilt_library()
+    if mode == "jit":
+        prebuilt, why_not = None, "FASTCL_NATIVE=jit skips setup.py builds"
+    else:
+        prebuilt, why_not = _prebuilt_library()
     if prebuilt is not None:
         try:
             torch.ops.load_library(prebuilt)
