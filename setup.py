@@ -25,7 +25,8 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 SOURCE_DIR = ROOT / "csrc"
 # Must match fastcl/native.py (EXTRA_CFLAGS, source_digest); tests/test_native.py checks.
-EXTRA_CFLAGS = ["-O3"]
+EXTRA_CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for is serial without it
+EXTRA_LDFLAGS = ["-fopenmp"]
 BUILD_RECORD = "_C.build.json"
 
 
@@ -33,7 +34,7 @@ def source_digest(source_dir: Path = SOURCE_DIR) -> str | None:
     files = sorted(p for p in source_dir.glob("*") if p.suffix in (".cpp", ".h"))
     if not files:
         return None
-    digest = hashlib.sha256(" ".join(EXTRA_CFLAGS).encode())
+    digest = hashlib.sha256(" ".join(EXTRA_CFLAGS + EXTRA_LDFLAGS).encode())
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
@@ -68,6 +69,7 @@ def _extension_options() -> dict:
         "fastcl._C",
         sources=[str(p.relative_to(ROOT)) for p in sorted(SOURCE_DIR.glob("*.cpp"))],
         extra_compile_args=EXTRA_CFLAGS,
+        extra_link_args=EXTRA_LDFLAGS,
         optional=True,  # a compile error is reported, and the install goes on without it
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildWithRecord}}

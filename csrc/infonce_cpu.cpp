@@ -26,6 +26,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -35,8 +36,36 @@
 #include <mutex>
 #include <vector>
 
+// MKL's per-thread thread count, exported by libtorch_cpu when torch is built with MKL.
+// This is the C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the
+// lower-case symbol is the Fortran one, which takes a pointer). Weak, so the extension
+// still loads into a torch without MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace fastcl {
 namespace {
+
+// The block products run inside ATen's thread pool, one per pool thread: MKL must not
+// start threads of its own there. torch turns MKL's dynamic adjustment off, so MKL
+// would otherwise run every product with all cores from each pool thread, and the
+// oversubscribed spin-waits cost up to 40x on a loaded 2-core machine (measured).
+// Other BLAS libraries in torch builds run single-threaded inside an OpenMP region.
+// Each pool thread also takes on the caller's thread-local state (below autograd, grad
+// mode, ...), which OpenMP threads do not inherit.
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      MKL_Set_Num_Threads_Local(previous_);
+    }
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_;
+};
 
 int64_t env_positive_int(const char* name, int64_t fallback) {
   const char* value = std::getenv(name);
@@ -127,7 +156,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
   const acc_t log_gauss_weight = params[2];
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, tiling.n_chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const SequentialBlas sequential_blas;
     const at::Tensor buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     std::vector<acc_t> run_max(tiling.rows);
     std::vector<acc_t> run_sum(tiling.rows);
@@ -192,7 +224,10 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   const acc_t log_gauss_weight = params[2];
   const std::unique_ptr<std::mutex[]> tile_locks(new std::mutex[tiling.n_tiles]);
 
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, tiling.n_chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const SequentialBlas sequential_blas;
     const at::Tensor sim_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     const at::Tensor grad_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     std::vector<acc_t> chunk_row_dot(tiling.rows);
@@ -331,8 +366,9 @@ std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout) {
   const at::Tensor tgt = check_inputs("fastcl::infonce_fwd", q, k, params, targets, layout);
   const at::ScalarType acc = accumulator_type(q.scalar_type());
-  const at::Tensor qa = q.to(acc).contiguous();
-  const at::Tensor ka = k.to(acc).contiguous();
+  // Detached: the kernel's own products are not part of any autograd graph.
+  const at::Tensor qa = q.detach().to(acc).contiguous();
+  const at::Tensor ka = k.detach().to(acc).contiguous();
   const at::Tensor pa = params.contiguous();
   at::Tensor lse = at::empty({q.size(0)}, q.options().dtype(acc));
   at::Tensor target_logit = at::empty({q.size(0)}, q.options().dtype(acc));
@@ -365,8 +401,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
               ", got ", grad_rows.scalar_type(), " of shape ", grad_rows.sizes());
   const bool want_dk = need_dk && layout.n_grad_cols > 0;
   const at::TensorOptions acc_options = q.options().dtype(acc);
-  const at::Tensor qa = q.to(acc).contiguous();
-  const at::Tensor ka = k.to(acc).contiguous();
+  // Detached: the kernel's own products are not part of any autograd graph.
+  const at::Tensor qa = q.detach().to(acc).contiguous();
+  const at::Tensor ka = k.detach().to(acc).contiguous();
   const at::Tensor pa = params.contiguous();
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor g = grad_rows.to(acc).contiguous();

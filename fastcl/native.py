@@ -66,7 +66,10 @@ SCHEMAS = {
 PACKAGE_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = PACKAGE_DIR.parent / "csrc"
 #: Compiler flags of both builds (setup.py keeps its own copy; a test checks they agree).
-EXTRA_CFLAGS = ["-O3"]
+#: -fopenmp matters: at::parallel_for is a header template that runs its body serially
+#: unless the extension itself is compiled with OpenMP (torch's own build uses it).
+EXTRA_CFLAGS = ["-O3", "-fopenmp"]
+EXTRA_LDFLAGS = ["-fopenmp"]
 JIT_NAME = "fastcl_native"
 BUILD_RECORD = "_C.build.json"
 
@@ -80,7 +83,7 @@ def source_digest(source_dir: Path = SOURCE_DIR) -> str | None:
     files = source_files(source_dir)
     if not files:
         return None
-    digest = hashlib.sha256(" ".join(EXTRA_CFLAGS).encode())
+    digest = hashlib.sha256(" ".join(EXTRA_CFLAGS + EXTRA_LDFLAGS).encode())
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
@@ -157,7 +160,7 @@ def build(verbose: bool = False) -> Path:
           "(once per torch version; under a minute)...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     cpp_extension.load(name=JIT_NAME, sources=[str(p) for p in source_files() if p.suffix == ".cpp"],
-                       extra_cflags=EXTRA_CFLAGS, build_directory=str(directory), is_python_module=False,
+                       extra_cflags=EXTRA_CFLAGS, extra_ldflags=EXTRA_LDFLAGS, build_directory=str(directory), is_python_module=False,
                        verbose=verbose)
     print(f"fastcl: native extension built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return library

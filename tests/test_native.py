@@ -52,6 +52,7 @@ def test_setup_py_and_loader_agree_on_sources_and_flags():
     setup_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup_module)  # setup() itself only runs as __main__
     assert setup_module.EXTRA_CFLAGS == native.EXTRA_CFLAGS
+    assert setup_module.EXTRA_LDFLAGS == native.EXTRA_LDFLAGS
     assert setup_module.BUILD_RECORD == native.BUILD_RECORD
     assert setup_module.source_digest() == native.source_digest() is not None
 
