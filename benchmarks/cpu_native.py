@@ -152,7 +152,11 @@ def run(args) -> dict:
 def summarize(results: dict, args) -> dict:
     summary = {}
     for label in ("", " --no-normalize"):
-        dense, ours = results.get("dense" + label), results.get("native" + label)
+        dense = results.get("dense" + label)
+        # The native row, or with --tiles the first tiling's.
+        ours = results.get("native" + label) or next(
+            (r for key, r in results.items() if key.startswith("native@") and key.endswith(label)
+             and (label or not key.endswith("--no-normalize"))), None)
         if dense is None or ours is None:
             continue
         summary["normalize" if not label else "no-normalize"] = {
@@ -171,6 +175,8 @@ def write(results: dict, summary: dict, args) -> None:
         "torch": torch.__version__, "python": platform.python_version(),
         "native": f"{native.status().source} {native.status().path}" if native.available() else None,
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        # Other processes share these cores: the 1-minute load average before and after.
+        "load_average": [round(args.load_before, 2), round(os.getloadavg()[0], 2)],
         "config": {"n": args.n, "m": args.m, "d": args.d, "dtype": args.dtype, "tau": TAU,
                    "repeats": args.repeats, "warmup": args.warmup},
     }
@@ -182,7 +188,9 @@ def write(results: dict, summary: dict, args) -> None:
         "",
         f"{meta['date']}; {meta['cpu']}, {meta['cores']} cores ({meta['torch_threads']} torch threads); "
         f"torch {meta['torch']}; N = {args.n}, M = {args.m}, D = {args.d}, {args.dtype}; "
-        f"median of {args.repeats} runs (no-normalize rows: {max(1, args.repeats // 2)}).",
+        f"median of {args.repeats} runs (no-normalize rows: {max(1, args.repeats // 2)}); "
+        f"1-minute load average {meta['load_average'][0]} before, {meta['load_average'][1]} after "
+        "(other processes on the same cores).",
         "",
         f"Command: `{meta['command']}`",
         "",
@@ -219,6 +227,7 @@ def main(argv=None) -> int:
     if not native.available():
         print(f"the native extension is unavailable: {native.status().reason}", file=sys.stderr)
         return 1
+    args.load_before = os.getloadavg()[0]
     results = run(args)
     write(results, summarize(results, args), args)
     return 0

@@ -1,7 +1,7 @@
 // Native CPU forward and backward of the fused InfoNCE loss.
 //
-// Work is split into chunks of query rows (one chunk is one task of ATen's thread pool)
-// and, within a chunk, tiles of key columns. Per (chunk, tile) the similarity block
+// Work is split into chunks of query rows, which the threads of ATen's pool take one at
+// a time, and, within a chunk, tiles of key columns. Per (chunk, tile) the similarity block
 // S = q_chunk @ k_tile^T comes from one BLAS product (at::mm_out into a per-thread
 // buffer, so single-threaded MKL inside the pool), and the softmax is fused on that
 // block while it is in cache:
@@ -14,10 +14,8 @@
 // So the forward costs 2NMD FLOPs and the backward 6NMD (S recomputed once, no second
 // pass for dk), and memory is O((N + M) * D) for inputs and gradients plus two
 // rows x cols blocks per thread. dq rows belong to one chunk, so one thread; dk tiles
-// are shared by all chunks, so each tile's accumulation holds that tile's mutex, and
-// chunks start their walk over tiles at staggered offsets so that threads rarely wait.
-// The order in which chunks add into a dk tile depends on scheduling, so fp32 dk can
-// differ between runs in the last bits (fp64 too, far below any tolerance).
+// are shared by all chunks, which add into each tile in chunk order (TileTurns), so
+// the result does not depend on scheduling.
 //
 // fp32 and fp64 compute in their own precision; bf16 and fp16 inputs are copied to
 // fp32 first ((N + M) * D extra) and the gradients are cast back at the end.
@@ -29,10 +27,11 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <limits>
-#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -100,6 +99,13 @@ Tiling make_tiling(int64_t n_rows, int64_t n_cols) {
   return {rows, cols, (n_rows + rows - 1) / rows, (n_cols + cols - 1) / cols};
 }
 
+// One worker per pool thread (at most one per chunk). Workers take chunks from a shared
+// counter rather than a fixed split, so a thread that the OS preempts (a busy machine)
+// holds up only the chunk it is on, not a whole half of the rows.
+int64_t pool_workers(const Tiling& tiling) {
+  return std::max<int64_t>(1, std::min<int64_t>(tiling.n_chunks, at::get_num_threads()));
+}
+
 at::ScalarType accumulator_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -157,13 +163,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   const at::ThreadLocalState caller_state;
-  at::parallel_for(0, tiling.n_chunks, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, pool_workers(tiling), 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
     const SequentialBlas sequential_blas;
     const at::Tensor buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     std::vector<acc_t> run_max(tiling.rows);
     std::vector<acc_t> run_sum(tiling.rows);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
+    for (int64_t chunk = next_chunk++; chunk < tiling.n_chunks; chunk = next_chunk++) {
       const int64_t r0 = chunk * tiling.rows;
       const int64_t nr = std::min(tiling.rows, n_rows - r0);
       const at::Tensor q_chunk = q.narrow(0, r0, nr);
@@ -210,6 +217,45 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
   });
 }
 
+// Hands out, per dk tile, turns to the row chunks in chunk order 0, 1, 2, ...: a chunk
+// adds its block into a dk tile only after every lower chunk has. So dk is summed in the
+// order a single thread would use, whatever the scheduling: the backward is
+// deterministic (gradcheck checks this). All chunks walk the tiles in the same order,
+// so chunks in flight together form a pipeline, the later one a block behind, and
+// rarely wait. A worker that fails releases everyone (no deadlock on an exception).
+class TileTurns {
+ public:
+  explicit TileTurns(int64_t n_tiles) : next_chunk_(n_tiles, 0) {}
+
+  void wait_for(int64_t tile, int64_t chunk) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return next_chunk_[tile] == chunk || aborted_; });
+    TORCH_CHECK(!aborted_, "fastcl::infonce_bwd: another worker failed");
+  }
+
+  void done(int64_t tile) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      ++next_chunk_[tile];
+    }
+    changed_.notify_all();
+  }
+
+  void abort() {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      aborted_ = true;
+    }
+    changed_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<int64_t> next_chunk_;
+  bool aborted_ = false;
+};
+
 template <typename acc_t>
 void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
                      const int64_t* targets, const ColumnLayout& layout, const acc_t* lse,
@@ -222,89 +268,94 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   const acc_t inv_tau = params[0];
   const acc_t log_hard_weight = params[1];
   const acc_t log_gauss_weight = params[2];
-  const std::unique_ptr<std::mutex[]> tile_locks(new std::mutex[tiling.n_tiles]);
+  TileTurns turns(tiling.n_tiles);
 
   const at::ThreadLocalState caller_state;
-  at::parallel_for(0, tiling.n_chunks, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, pool_workers(tiling), 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
     const SequentialBlas sequential_blas;
     const at::Tensor sim_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     const at::Tensor grad_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     std::vector<acc_t> chunk_row_dot(tiling.rows);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t r0 = chunk * tiling.rows;
-      const int64_t nr = std::min(tiling.rows, n_rows - r0);
-      const at::Tensor q_chunk = q.narrow(0, r0, nr);
-      at::Tensor dq_chunk;
-      if (need_dq) {
-        dq_chunk = dq.narrow(0, r0, nr);
-        dq_chunk.zero_();
-      }
-      std::fill(chunk_row_dot.begin(), chunk_row_dot.end(), acc_t(0));
-      const int64_t first_tile = chunk * tiling.n_tiles / tiling.n_chunks;
-      for (int64_t step = 0; step < tiling.n_tiles; ++step) {
-        const int64_t tile = (first_tile + step) % tiling.n_tiles;
-        const int64_t c0 = tile * tiling.cols;
-        const int64_t nc = std::min(tiling.cols, n_cols - c0);
-        const bool tile_dk = need_dk && c0 < layout.n_grad_cols;
-        if (!need_dq && !tile_dk) {
-          continue;  // columns past n_grad_cols only feed dq
+    try {
+      for (int64_t chunk = next_chunk++; chunk < tiling.n_chunks; chunk = next_chunk++) {
+        const int64_t r0 = chunk * tiling.rows;
+        const int64_t nr = std::min(tiling.rows, n_rows - r0);
+        const at::Tensor q_chunk = q.narrow(0, r0, nr);
+        at::Tensor dq_chunk;
+        if (need_dq) {
+          dq_chunk = dq.narrow(0, r0, nr);
+          dq_chunk.zero_();
         }
-        const at::Tensor k_tile = k.narrow(0, c0, nc);
-        at::Tensor sim = block_view(sim_buffer, nr, nc);
-        at::Tensor grad = block_view(grad_buffer, nr, nc);
-        at::mm_out(sim, q_chunk, k_tile.t());
-        const acc_t* s = sim.data_ptr<acc_t>();
-        acc_t* x = grad.data_ptr<acc_t>();
-        to_logits(x, s, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout);
-        for (int64_t i = 0; i < nr; ++i) {
-          acc_t* row = x + i * nc;
-          const acc_t row_lse = lse[r0 + i];
-          for (int64_t j = 0; j < nc; ++j) {
-            row[j] -= row_lse;
+        std::fill(chunk_row_dot.begin(), chunk_row_dot.end(), acc_t(0));
+        for (int64_t tile = 0; tile < tiling.n_tiles; ++tile) {
+          const int64_t c0 = tile * tiling.cols;
+          const int64_t nc = std::min(tiling.cols, n_cols - c0);
+          const bool tile_dk = need_dk && c0 < layout.n_grad_cols;
+          if (!need_dq && !tile_dk) {
+            continue;  // columns past n_grad_cols only feed dq
           }
-        }
-        grad.exp_();  // the softmax P of the block
-        for (int64_t i = 0; i < nr; ++i) {
-          acc_t* row = x + i * nc;
-          const int64_t t = target_of(targets, r0 + i);
-          if (t >= c0 && t < c0 + nc) {
-            row[t - c0] -= acc_t(1);
+          const at::Tensor k_tile = k.narrow(0, c0, nc);
+          at::Tensor sim = block_view(sim_buffer, nr, nc);
+          at::Tensor grad = block_view(grad_buffer, nr, nc);
+          at::mm_out(sim, q_chunk, k_tile.t());
+          const acc_t* s = sim.data_ptr<acc_t>();
+          acc_t* x = grad.data_ptr<acc_t>();
+          to_logits(x, s, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout);
+          for (int64_t i = 0; i < nr; ++i) {
+            acc_t* row = x + i * nc;
+            const acc_t row_lse = lse[r0 + i];
+            for (int64_t j = 0; j < nc; ++j) {
+              row[j] -= row_lse;
+            }
           }
-          const acc_t g = grad_rows[r0 + i];
-          for (int64_t j = 0; j < nc; ++j) {
-            row[j] *= g;  // G = g_i (P - onehot): the gradient of the loss w.r.t. the logits
+          grad.exp_();  // the softmax P of the block
+          for (int64_t i = 0; i < nr; ++i) {
+            acc_t* row = x + i * nc;
+            const int64_t t = target_of(targets, r0 + i);
+            if (t >= c0 && t < c0 + nc) {
+              row[t - c0] -= acc_t(1);
+            }
+            const acc_t g = grad_rows[r0 + i];
+            for (int64_t j = 0; j < nc; ++j) {
+              row[j] *= g;  // G = g_i (P - onehot): the gradient of the loss w.r.t. the logits
+            }
+            if (need_dq) {
+              // sum_j G s: summed over rows, the gradient with respect to 1 / tau.
+              const acc_t* s_row = s + i * nc;
+              acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+              int64_t j = 0;
+              for (; j + 4 <= nc; j += 4) {
+                dot0 += row[j] * s_row[j];
+                dot1 += row[j + 1] * s_row[j + 1];
+                dot2 += row[j + 2] * s_row[j + 2];
+                dot3 += row[j + 3] * s_row[j + 3];
+              }
+              for (; j < nc; ++j) {
+                dot0 += row[j] * s_row[j];
+              }
+              chunk_row_dot[i] += (dot0 + dot1) + (dot2 + dot3);
+            }
           }
           if (need_dq) {
-            // sum_j G s: summed over rows, the gradient with respect to 1 / tau.
-            const acc_t* s_row = s + i * nc;
-            acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
-            int64_t j = 0;
-            for (; j + 4 <= nc; j += 4) {
-              dot0 += row[j] * s_row[j];
-              dot1 += row[j + 1] * s_row[j + 1];
-              dot2 += row[j + 2] * s_row[j + 2];
-              dot3 += row[j + 3] * s_row[j + 3];
-            }
-            for (; j < nc; ++j) {
-              dot0 += row[j] * s_row[j];
-            }
-            chunk_row_dot[i] += (dot0 + dot1) + (dot2 + dot3);
+            dq_chunk.addmm_(grad, k_tile, /*beta=*/1, /*alpha=*/inv_tau);
+          }
+          if (tile_dk) {
+            const int64_t n_grad = std::min(nc, layout.n_grad_cols - c0);
+            at::Tensor dk_tile = dk.narrow(0, c0, n_grad);
+            turns.wait_for(tile, chunk);
+            dk_tile.addmm_(grad.narrow(1, 0, n_grad).t(), q_chunk, /*beta=*/1, /*alpha=*/inv_tau);
+            turns.done(tile);
           }
         }
         if (need_dq) {
-          dq_chunk.addmm_(grad, k_tile, /*beta=*/1, /*alpha=*/inv_tau);
-        }
-        if (tile_dk) {
-          const int64_t n_grad = std::min(nc, layout.n_grad_cols - c0);
-          at::Tensor dk_tile = dk.narrow(0, c0, n_grad);
-          const std::lock_guard<std::mutex> guard(tile_locks[tile]);
-          dk_tile.addmm_(grad.narrow(1, 0, n_grad).t(), q_chunk, /*beta=*/1, /*alpha=*/inv_tau);
+          std::copy(chunk_row_dot.begin(), chunk_row_dot.begin() + nr, row_dot + r0);
         }
       }
-      if (need_dq) {
-        std::copy(chunk_row_dot.begin(), chunk_row_dot.begin() + nr, row_dot + r0);
-      }
+    } catch (...) {
+      turns.abort();
+      throw;
     }
   });
 }

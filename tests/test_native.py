@@ -120,6 +120,31 @@ def test_low_precision_matches_reference(name, dtype):
             assert ours[grad_name].dtype == dtype, "gradients keep the input dtype"
 
 
+@needs_native
+def test_backward_is_deterministic_across_runs_and_thread_counts(monkeypatch):
+    # 16 row chunks x 8 column tiles: dk tiles receive many chunks' blocks, in chunk order
+    # whatever the scheduling, so repeated runs, and 1 or 2 threads, agree bit for bit.
+    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "64")
+    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "128")
+    a, p, h = (torch.randn(1000, 64) for _ in range(3))
+
+    def grads():
+        leaves = [x.clone().requires_grad_() for x in (a, p, h)]
+        info_nce(*leaves, hard_negative_weight=2.0, backend="native").backward()
+        return [x.grad for x in leaves]
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = grads(), grads()
+        torch.set_num_threads(1)
+        single = grads()
+    finally:
+        torch.set_num_threads(previous)
+    for x, y, z in zip(first, second, single):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
 # ------------------------------------------------------------------- gradcheck
 
 GRAD_N, GRAD_D = 17, 3
