@@ -341,6 +341,9 @@ def _gaussian_negatives_op(like: torch.Tensor, count: int, generator_slot: int) 
     backward (which would draw different numbers). Two draws with identical arguments
     in one compiled graph could still be merged by common-subexpression elimination;
     a loss makes one draw per call, from its own anchors."""
+    if generator_slot != -1 and generator_slot not in _GENERATORS:
+        raise RuntimeError("this graph was traced in another process: the generator of its Gaussian negatives "
+                           "does not exist here. Trace (or export) it again in this process.")
     generator = None if generator_slot == -1 else _GENERATORS[generator_slot]
     if isinstance(generator, InfoNCELoss):
         generator = generator._generator_for(like.device)
@@ -373,7 +376,9 @@ class InfoNCELoss(nn.Module):
     A temperature given as an ``nn.Parameter`` is registered as this module's parameter,
     so ``loss_fn.parameters()`` hands it to the optimizer. Gaussian negatives are drawn
     from ``generator`` if given, else from a generator seeded with ``seed`` (created on
-    the inputs' device at the first call), else from PyTorch's global generator.
+    the inputs' device at the first call), else from PyTorch's global generator. Under
+    torch.compile / torch.export they are drawn by an opaque operator from that same
+    generator, so a compiled step draws exactly what the eager step would.
     """
 
     def __init__(
