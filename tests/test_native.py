@@ -316,6 +316,9 @@ print("AUTO", _choose_backend("auto", torch.device("cpu"), 1 << 20))
 a, p = torch.randn(300, 16, dtype=torch.float64), torch.randn(300, 16, dtype=torch.float64)
 ref = info_nce(a, p, backend="reference")
 print("ERR", abs(info_nce(a, p).item() - ref.item()))
+# Without the extension the schemas come from Python: the operators exist either way.
+print("SCHEMAS", all(str(getattr(torch.ops.fastcl, name).default._schema)
+                     == str(torch._C.parse_schema("fastcl::" + schema)) for name, schema in native.SCHEMAS.items()))
 if not s.available:
     try:
         info_nce(a, p, backend="native")
@@ -344,6 +347,7 @@ def test_failed_build_falls_back_with_exactly_one_warning(tmp_path):
     assert lines["AUTO"] == "torch"
     assert float(lines["ERR"]) < 1e-12
     assert lines["NATIVE_REFUSED"] == "True"
+    assert lines["SCHEMAS"] == "True"
 
 
 @needs_native
@@ -353,7 +357,7 @@ def test_just_in_time_build_then_cache(tmp_path):
     lines, stderr = _probe(tmp_path, FASTCL_NATIVE="jit")
     assert lines["STATUS"].startswith("True jit build"), stderr[-3000:]
     assert "the native CPU extension is unavailable" not in stderr
-    assert lines["AUTO"] == "native" and float(lines["ERR"]) < 1e-12
+    assert lines["AUTO"] == "native" and float(lines["ERR"]) < 1e-12 and lines["SCHEMAS"] == "True"
     lines, _ = _probe(tmp_path, FASTCL_NATIVE="jit")
     assert lines["STATUS"].startswith("True jit cache")
 
