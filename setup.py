@@ -58,7 +58,15 @@ def _extension_options() -> dict:
         fastcl never loads it into another torch (it rebuilds just in time instead)."""
 
         def run(self):
-            super().run()
+            try:
+                super().run()
+            except Exception as error:  # noqa: BLE001 - no compiler, a compile error, ...
+                # setuptools' optional=True covers only some failures (a missing compiler
+                # fails earlier, in torch's compiler check): never fail the install.
+                print(f"fastcl: WARNING: could not compile the native extension ({type(error).__name__}: "
+                      f"{error}); installing without it. fastcl will try again just in time on import "
+                      "and otherwise use its pure-Python path, with a warning.", file=sys.stderr)
+                return
             for ext in self.extensions:
                 library = Path(self.get_ext_fullpath(ext.name))
                 if library.exists():
