@@ -7,6 +7,7 @@ the argument, on anything it cannot compute.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
@@ -332,8 +333,12 @@ def _generator_slot(source) -> int:
     return id(source)
 
 
-@torch.library.custom_op("fastcl::gaussian_negatives", mutates_args=(),
-                         tags=(torch.Tag.nondeterministic_seeded,))
+# torch.library.custom_op takes tags from torch 2.5 on.
+_SEEDED = ({"tags": (torch.Tag.nondeterministic_seeded,)}
+           if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+
+
+@torch.library.custom_op("fastcl::gaussian_negatives", mutates_args=(), **_SEEDED)
 def _gaussian_negatives_op(like: torch.Tensor, count: int, generator_slot: int) -> torch.Tensor:
     """``count`` x D draws on ``like``'s device and dtype from the generator in the slot.
 
