@@ -24,8 +24,9 @@ Loading happens once, when fastcl is imported:
 2. else a just-in-time build with ``torch.utils.cpp_extension.load`` (g++ and ninja),
    cached per torch version and source digest under ``$FASTCL_BUILD_DIR`` (default
    ``~/.cache/fastcl``): compiled once (15-40 s on 2 cores), loaded in milliseconds
-   afterwards; ``FASTCL_NATIVE=jit`` takes this path even when a setup.py build exists. An extension built against another torch is never loaded: the record or
-   the cache key differs, and a fresh build is made for the running torch;
+   afterwards; ``FASTCL_NATIVE=jit`` takes this path even when a setup.py build exists.
+   An extension built against another torch is never loaded: the record or the cache
+   key differs, and a fresh build is made for the running torch;
 3. else the pure-Python path (chunked PyTorch on CPU, Triton on CUDA), with one
    RuntimeWarning that says why. ``FASTCL_NATIVE=0`` skips 1 and 2 without a warning.
 
@@ -148,22 +149,25 @@ def build(verbose: bool = False) -> Path:
     """
     if not source_files():
         raise RuntimeError(f"the C++ sources are not in {SOURCE_DIR} (an installed wheel without them)")
-    from torch.utils import cpp_extension  # imports setuptools: only when building
-
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     library = directory / f"{JIT_NAME}.so"
+    # A lock file means another process is building here: let torch's loader wait for it.
     if library.exists() and not (directory / "lock").exists():
         torch.ops.load_library(str(library))
         return library
+    from torch.utils import cpp_extension  # imports setuptools: only when building
+
     print(f"fastcl: compiling the native CPU extension for torch {torch.__version__} into {directory} "
           "(once per torch version; under a minute)...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     cpp_extension.load(name=JIT_NAME, sources=[str(p) for p in source_files() if p.suffix == ".cpp"],
-                       extra_cflags=EXTRA_CFLAGS, extra_ldflags=EXTRA_LDFLAGS, build_directory=str(directory), is_python_module=False,
-                       verbose=verbose)
+                       extra_cflags=EXTRA_CFLAGS, extra_ldflags=EXTRA_LDFLAGS, build_directory=str(directory),
+                       is_python_module=False, verbose=verbose)
     print(f"fastcl: native extension built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return library
+    # torch names a rebuild in the same folder fastcl_native_v1.so, and so on.
+    built = sorted(directory.glob(f"{JIT_NAME}*.so"), key=lambda p: p.stat().st_mtime)
+    return built[-1] if built else library
 
 
 def _short(error: BaseException) -> str:
