@@ -17,6 +17,10 @@
 // are shared by all chunks, which add into each tile in chunk order (TileTurns), so
 // the result does not depend on scheduling.
 //
+// Masked columns (NT-Xent's self column, other groups' keys) get logit -inf, so
+// exp = 0: they drop out of the softmax and receive no gradient; a target of -1 (the
+// ring's "not in this block") matches no column.
+//
 // fp32 and fp64 compute in their own precision; bf16 and fp16 inputs are copied to
 // fp32 first ((N + M) * D extra) and the gradients are cast back at the end.
 
@@ -115,12 +119,19 @@ at::Tensor block_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-// x (nr x nc, rows r0.., columns c0..) holds similarities; on return it holds
-// (x * inv_tau + w), w the hard-negative and Gaussian weights of the layout.
+// Group ids of the rows and of the first n_grad_cols columns (both null without groups).
+struct GroupIds {
+  const int64_t* rows;
+  const int64_t* keys;
+};
+
+// x (nr x nc, rows r0.., columns c0..) receives the logits of the similarities s:
+// s * inv_tau + w, w the hard-negative and Gaussian weights of the layout, and -inf
+// where a column is not a candidate of the row (the row itself, another group's key).
 template <typename acc_t>
 void to_logits(acc_t* x, const acc_t* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
                acc_t inv_tau, acc_t log_hard_weight, acc_t log_gauss_weight,
-               const ColumnLayout& layout) {
+               const ColumnLayout& layout, const GroupIds& groups) {
   const int64_t n = nr * nc;
   for (int64_t idx = 0; idx < n; ++idx) {
     x[idx] = s[idx] * inv_tau;
@@ -144,6 +155,29 @@ void to_logits(acc_t* x, const acc_t* s, int64_t nr, int64_t nc, int64_t r0, int
       }
     }
   }
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  if (layout.n_self > 0) {
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t row = r0 + i;
+      const int64_t col = layout.self_start + row;
+      if (row < layout.n_self && col >= c0 && col < c0 + nc) {
+        x[i * nc + (col - c0)] = neg_inf;
+      }
+    }
+  }
+  if (groups.rows != nullptr && c0 < layout.n_grad_cols) {
+    const int64_t j_end = std::min(nc, layout.n_grad_cols - c0);
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t group = groups.rows[r0 + i];
+      acc_t* row = x + i * nc;
+      const int64_t* key_groups = groups.keys + c0;
+      for (int64_t j = 0; j < j_end; ++j) {
+        if (key_groups[j] != group) {
+          row[j] = neg_inf;
+        }
+      }
+    }
+  }
 }
 
 inline int64_t target_of(const int64_t* targets, int64_t row) {
@@ -152,8 +186,8 @@ inline int64_t target_of(const int64_t* targets, int64_t row) {
 
 template <typename acc_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
-                    const int64_t* targets, const ColumnLayout& layout, acc_t* lse,
-                    acc_t* target_logit) {
+                    const int64_t* targets, const ColumnLayout& layout, const GroupIds& groups,
+                    acc_t* lse, acc_t* target_logit) {
   const int64_t n_rows = q.size(0);
   const int64_t n_cols = k.size(0);
   const Tiling tiling = make_tiling(n_rows, n_cols);
@@ -182,22 +216,24 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
         at::Tensor block = block_view(buffer, nr, nc);
         at::mm_out(block, q_chunk, k.narrow(0, c0, nc).t());
         acc_t* x = block.data_ptr<acc_t>();
-        to_logits(x, x, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout);
+        to_logits(x, x, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout, groups);
         for (int64_t i = 0; i < nr; ++i) {
           acc_t* row = x + i * nc;
-          const int64_t t = target_of(targets, r0 + i);
+          const int64_t t = target_of(targets, r0 + i);  // -1 lies in no tile
           if (t >= c0 && t < c0 + nc) {
             target_logit[r0 + i] = row[t - c0];
           }
-          // Every tile has at least one real column, so the new max is finite.
           acc_t new_max = run_max[i];
           for (int64_t j = 0; j < nc; ++j) {
             new_max = std::max(new_max, row[j]);
           }
+          // A row may have no candidate yet (masked columns only): keep its -inf logits
+          // at -inf (exp 0) instead of forming -inf - -inf.
+          const acc_t shift = new_max == neg_inf ? acc_t(0) : new_max;
           for (int64_t j = 0; j < nc; ++j) {
-            row[j] -= new_max;
+            row[j] -= shift;
           }
-          run_sum[i] *= std::exp(run_max[i] - new_max);
+          run_sum[i] = run_max[i] == neg_inf ? acc_t(0) : run_sum[i] * std::exp(run_max[i] - new_max);
           run_max[i] = new_max;
         }
         block.exp_();  // ATen's vectorized exp (AVX2 / AVX-512 picked at run time)
@@ -258,8 +294,9 @@ class TileTurns {
 
 template <typename acc_t>
 void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
-                     const int64_t* targets, const ColumnLayout& layout, const acc_t* lse,
-                     const acc_t* grad_rows, at::Tensor& dq, at::Tensor& dk, acc_t* row_dot) {
+                     const int64_t* targets, const ColumnLayout& layout, const GroupIds& groups,
+                     const acc_t* lse, const acc_t* grad_rows, at::Tensor& dq, at::Tensor& dk,
+                     acc_t* row_dot) {
   const int64_t n_rows = q.size(0);
   const int64_t n_cols = k.size(0);
   const bool need_dq = dq.defined();
@@ -302,7 +339,8 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           at::mm_out(sim, q_chunk, k_tile.t());
           const acc_t* s = sim.data_ptr<acc_t>();
           acc_t* x = grad.data_ptr<acc_t>();
-          to_logits(x, s, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout);
+          to_logits(x, s, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout,
+                    groups);
           for (int64_t i = 0; i < nr; ++i) {
             acc_t* row = x + i * nc;
             const acc_t row_lse = lse[r0 + i];
@@ -313,7 +351,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           grad.exp_();  // the softmax P of the block
           for (int64_t i = 0; i < nr; ++i) {
             acc_t* row = x + i * nc;
-            const int64_t t = target_of(targets, r0 + i);
+            const int64_t t = target_of(targets, r0 + i);  // -1 lies in no tile
             if (t >= c0 && t < c0 + nc) {
               row[t - c0] -= acc_t(1);
             }
@@ -393,6 +431,10 @@ at::Tensor check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k
               layout.hard_start + layout.n_hard, ") fall outside the ", layout.n_cols, " columns");
   TORCH_CHECK(layout.gauss_start >= 0 && layout.gauss_start <= layout.n_cols, fn,
               ": gauss_start must lie in [0, n_cols], got ", layout.gauss_start);
+  TORCH_CHECK(layout.n_self >= 0 && layout.self_start >= 0 &&
+                  layout.self_start + std::min(layout.n_self, q.size(0)) <= layout.n_cols,
+              fn, ": self columns [", layout.self_start, ", ", layout.self_start + layout.n_self,
+              ") fall outside the ", layout.n_cols, " columns");
   if (!targets.has_value()) {
     return at::Tensor();
   }
@@ -404,18 +446,49 @@ at::Tensor check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k
   at::Tensor contiguous = t.contiguous();
   const int64_t* values = contiguous.data_ptr<int64_t>();
   for (int64_t i = 0; i < contiguous.numel(); ++i) {
-    TORCH_CHECK(values[i] >= 0 && values[i] < layout.n_cols, fn, ": target ", values[i],
-                " of row ", i, " is outside [0, ", layout.n_cols, ")");
+    TORCH_CHECK(values[i] >= -1 && values[i] < layout.n_cols, fn, ": target ", values[i],
+                " of row ", i, " is outside [0, ", layout.n_cols, ") (or -1: no column)");
   }
   return contiguous;
+}
+
+// The group ids as contiguous int64 tensors (both undefined without groups).
+std::pair<at::Tensor, at::Tensor> check_groups(const char* fn, const Groups& groups, int64_t n_rows,
+                                               const ColumnLayout& layout) {
+  TORCH_CHECK(groups.rows.has_value() == groups.keys.has_value(), fn,
+              ": row_groups and key_groups go together");
+  if (!groups.rows.has_value()) {
+    return {at::Tensor(), at::Tensor()};
+  }
+  const at::Tensor* parts[2] = {&*groups.rows, &*groups.keys};
+  const int64_t lengths[2] = {n_rows, layout.n_grad_cols};
+  const char* names[2] = {"row_groups", "key_groups"};
+  at::Tensor ids[2];
+  for (int p = 0; p < 2; ++p) {
+    const at::Tensor& t = *parts[p];
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == lengths[p] &&
+                    at::isIntegralType(t.scalar_type(), /*includeBool=*/false),
+                fn, ": ", names[p], " must be a 1-D CPU integer tensor of length ", lengths[p],
+                ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+    ids[p] = t.to(at::kLong).contiguous();
+  }
+  return {ids[0], ids[1]};
+}
+
+GroupIds group_pointers(const std::pair<at::Tensor, at::Tensor>& ids) {
+  if (!ids.first.defined()) {
+    return {nullptr, nullptr};
+  }
+  return {ids.first.data_ptr<int64_t>(), ids.second.data_ptr<int64_t>()};
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
-    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout) {
+    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups) {
   const at::Tensor tgt = check_inputs("fastcl::infonce_fwd", q, k, params, targets, layout);
+  const auto group_ids = check_groups("fastcl::infonce_fwd", groups, q.size(0), layout);
   const at::ScalarType acc = accumulator_type(q.scalar_type());
   // Detached: the kernel's own products are not part of any autograd graph.
   const at::Tensor qa = q.detach().to(acc).contiguous();
@@ -429,16 +502,18 @@ std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES(acc, "infonce_forward_cpu", [&] {
     forward_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(),
                              tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
-                             lse.data_ptr<scalar_t>(), target_logit.data_ptr<scalar_t>());
+                             group_pointers(group_ids), lse.data_ptr<scalar_t>(),
+                             target_logit.data_ptr<scalar_t>());
   });
   return {lse, target_logit};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
-    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout,
+    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
     const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk) {
   const at::Tensor tgt = check_inputs("fastcl::infonce_bwd", q, k, params, targets, layout);
+  const auto group_ids = check_groups("fastcl::infonce_bwd", groups, q.size(0), layout);
   const at::ScalarType acc = accumulator_type(q.scalar_type());
   const int64_t n_rows = q.size(0);
   const int64_t dim = q.size(1);
@@ -466,7 +541,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES(acc, "infonce_backward_cpu", [&] {
       backward_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(),
                                 tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
-                                lse_c.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dq_acc, dk_acc,
+                                group_pointers(group_ids), lse_c.data_ptr<scalar_t>(),
+                                g.data_ptr<scalar_t>(), dq_acc, dk_acc,
                                 need_dq ? row_dot.data_ptr<scalar_t>() : nullptr);
     });
   }

@@ -2,8 +2,13 @@
 
 from . import native  # loads the compiled extension and registers torch.ops.fastcl.*
 from .loss import InfoNCELoss, draw_gaussian_negatives, info_nce
-from .reference import info_nce_reference
+from .nt_xent import NTXentLoss, nt_xent
+from .reference import info_nce_reference, nt_xent_reference
+from .token_level import token_info_nce
 
 __version__ = "0.1.0"
 
-__all__ = ["InfoNCELoss", "info_nce", "info_nce_reference", "draw_gaussian_negatives", "__version__"]
+__all__ = [
+    "InfoNCELoss", "info_nce", "NTXentLoss", "nt_xent", "token_info_nce",
+    "info_nce_reference", "nt_xent_reference", "draw_gaussian_negatives", "__version__",
+]

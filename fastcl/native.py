@@ -2,12 +2,13 @@
 
 Two dispatcher operators carry the fused loss, one per backend function (the same
 arguments and outputs as :func:`fastcl.ops.infonce_fwd.infonce_forward` and
-:func:`fastcl.ops.infonce_bwd.infonce_backward`, the layout flattened into its seven
-fields)::
+:func:`fastcl.ops.infonce_bwd.infonce_backward`, the layout flattened into its nine
+fields, the optional ``groups`` pair into two optional tensors)::
 
-    torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout) -> (lse, target_logit)
-    torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, lse, grad_rows,
-                                 need_dq, need_dk) -> (dq, dk, row_dot)
+    torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups)
+        -> (lse, target_logit)
+    torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
+                                 lse, grad_rows, need_dq, need_dk) -> (dq, dk, row_dot)
 
 On CPU tensors they run the native C++ kernel (csrc/infonce_cpu.cpp: tiled, BLAS block
 products, softmax fused per block, ATen's thread pool); on CUDA tensors the Triton
@@ -56,11 +57,13 @@ from .ops.utils import accumulator_dtype
 SCHEMAS = {
     "infonce_fwd": (
         "infonce_fwd(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, int n_grad_cols, "
-        "int hard_start, int n_hard, int gauss_start, float log_hard_weight, float log_gauss_weight) "
+        "int hard_start, int n_hard, int gauss_start, float log_hard_weight, float log_gauss_weight, "
+        "int self_start, int n_self, Tensor? row_groups, Tensor? key_groups) "
         "-> (Tensor lse, Tensor target_logit)"),
     "infonce_bwd": (
         "infonce_bwd(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, int n_grad_cols, "
         "int hard_start, int n_hard, int gauss_start, float log_hard_weight, float log_gauss_weight, "
+        "int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, "
         "Tensor lse, Tensor grad_rows, bool need_dq, bool need_dk) -> (Tensor dq, Tensor dk, Tensor row_dot)"),
 }
 
@@ -202,14 +205,18 @@ def _load() -> NativeStatus:
 # ---------------------------------------------------------------------- operators
 
 
-def _fake_forward(q, k, params, targets, n_cols, n_grad_cols, hard_start, n_hard, gauss_start,
-                  log_hard_weight, log_gauss_weight):
+N_LAYOUT_FIELDS = len(ColumnLayout._fields)
+
+
+def _fake_forward(q, k, params, targets, *layout_and_groups):
     acc = accumulator_dtype(q.dtype)
     return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
 
 
-def _fake_backward(q, k, params, targets, n_cols, n_grad_cols, hard_start, n_hard, gauss_start,
-                   log_hard_weight, log_gauss_weight, lse, grad_rows, need_dq, need_dk):
+def _fake_backward(q, k, params, targets, *rest):
+    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
+    need_dq, need_dk = rest[-2:]
+    n_grad_cols = layout.n_grad_cols
     n_rows, dim = q.shape
     acc = accumulator_dtype(q.dtype)
     dq = q.new_empty((n_rows if need_dq else 0, dim))
@@ -217,19 +224,26 @@ def _fake_backward(q, k, params, targets, n_cols, n_grad_cols, hard_start, n_har
     return dq, dk, q.new_empty(n_rows if need_dq else 0, dtype=acc)
 
 
-def _cuda_forward(q, k, params, targets, *layout):
+def _groups_pair(row_groups, key_groups):
+    return None if row_groups is None else (row_groups, key_groups)
+
+
+def _cuda_forward(q, k, params, targets, *rest):
     from .ops.infonce_fwd import infonce_forward
 
-    return infonce_forward(q.contiguous(), k.contiguous(), params, targets, ColumnLayout(*layout))
+    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
+    return infonce_forward(q.contiguous(), k.contiguous(), params, targets, layout,
+                           groups=_groups_pair(*rest[N_LAYOUT_FIELDS:]))
 
 
-def _cuda_backward(q, k, params, targets, n_cols, n_grad_cols, hard_start, n_hard, gauss_start,
-                   log_hard_weight, log_gauss_weight, lse, grad_rows, need_dq, need_dk):
+def _cuda_backward(q, k, params, targets, *rest):
     from .ops.infonce_bwd import infonce_backward
 
-    layout = ColumnLayout(n_cols, n_grad_cols, hard_start, n_hard, gauss_start, log_hard_weight, log_gauss_weight)
+    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
+    row_groups, key_groups, lse, grad_rows, need_dq, need_dk = rest[N_LAYOUT_FIELDS:]
     dq, dk, row_dot = infonce_backward(q.contiguous(), k.contiguous(), params, targets, layout, lse, grad_rows,
-                                       need_dq=need_dq, need_dk=need_dk)
+                                       need_dq=need_dq, need_dk=need_dk,
+                                       groups=_groups_pair(row_groups, key_groups))
     dim = q.shape[1]
     return (dq if dq is not None else q.new_empty((0, dim)),
             dk if dk is not None else q.new_empty((0, dim)),
@@ -257,18 +271,21 @@ def _require_kernel(q: torch.Tensor) -> None:
                            f"{status().reason}. See README, 'Building the extension'.")
 
 
-def operator_forward(q, k, params, targets, layout: ColumnLayout):
-    """``(lse, target_logit)`` from ``torch.ops.fastcl.infonce_fwd`` (any device)."""
+def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None):
+    """``(lse, target_logit)`` from ``torch.ops.fastcl.infonce_fwd`` (any device);
+    ``groups`` is None or ``(row_groups, key_groups)``, as for the Triton launcher."""
     _require_kernel(q)
-    return torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout)
+    row_groups, key_groups = groups if groups is not None else (None, None)
+    return torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups)
 
 
 def operator_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
-                      need_dq: bool = True, need_dk: bool = True):
+                      need_dq: bool = True, need_dk: bool = True, groups=None):
     """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd``, None where not asked for."""
     _require_kernel(q)
-    dq, dk, row_dot = torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, lse, grad_rows,
-                                                   need_dq, need_dk)
+    row_groups, key_groups = groups if groups is not None else (None, None)
+    dq, dk, row_dot = torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
+                                                   lse, grad_rows, need_dq, need_dk)
     return ((dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
             (row_dot if need_dq else None))
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from fastcl import info_nce, native
+from fastcl import info_nce, info_nce_reference, native
 from fastcl.loss import _choose_backend
 from fastcl.ops.layout import ColumnLayout
 
@@ -93,6 +93,35 @@ def test_real_sizes_match_reference(name):
     case, dtype = REAL_CASES[name]
     ours, ref = run_both(case, "native", "cpu", dtype=dtype)
     _assert_close(ours, ref, 1e-10 if dtype == torch.float64 else 1e-5, name)
+
+
+def _loss_and_grads(fn, leaves):
+    leaves = [x.clone().requires_grad_() for x in leaves]
+    loss = fn(*leaves)
+    return [loss.detach()] + list(torch.autograd.grad(loss, leaves))
+
+
+@needs_native
+def test_nt_xent_and_groups_at_real_size():
+    # Masked columns at scale: NT-Xent's self column, and token-level groups (a row sees
+    # only its own group's positives and hard negatives, plus the shared queue).
+    from fastcl import nt_xent, nt_xent_reference
+
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = (torch.randn(1500, 64, dtype=torch.float64, generator=g) for _ in range(2))
+    ours = _loss_and_grads(lambda a, b: nt_xent(a, b, temperature=0.2, backend="native"), [z1, z2])
+    ref = _loss_and_grads(lambda a, b: nt_xent_reference(a, b, temperature=0.2), [z1, z2])
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-10
+
+    a, p, h = (torch.randn(2500, 48, dtype=torch.float64, generator=g) for _ in range(3))
+    queue = torch.randn(300, 48, dtype=torch.float64, generator=g)
+    groups = torch.randint(0, 40, (2500,), generator=g)
+    options = dict(hard_negative_weight=2.0, temperature=0.1, groups=groups)
+    ours = _loss_and_grads(lambda *x: info_nce(*x, queue, backend="native", **options), [a, p, h])
+    ref = _loss_and_grads(lambda *x: info_nce_reference(*x, queue, **options), [a, p, h])
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-10
 
 
 @needs_native
@@ -196,7 +225,8 @@ def test_gradcheck_through_native_operator(name, tiles, monkeypatch):
 # --------------------------------------------------------------------- opcheck
 
 
-def _operator_inputs(dtype, hard: bool, gaussian: bool, with_targets: bool, n=37, d=24):
+def _operator_inputs(dtype, hard: bool, gaussian: bool, with_targets: bool, n=37, d=24, exclude_self=False,
+                     grouped=False):
     g = torch.Generator().manual_seed(1)
     n_hard, n_extra, n_gauss = (n if hard else 0), 5, (4 if gaussian else 0)
     n_cols = n + n_hard + n_extra + n_gauss
@@ -204,11 +234,21 @@ def _operator_inputs(dtype, hard: bool, gaussian: bool, with_targets: bool, n=37
     k = torch.nn.functional.normalize(torch.randn(n_cols, d, generator=g, dtype=torch.float64)).to(dtype)
     layout = ColumnLayout(n_cols=n_cols, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard,
                           gauss_start=n + n_hard + n_extra, log_hard_weight=0.4 if hard else 0.0,
-                          log_gauss_weight=-0.2 if gaussian else 0.0)
+                          log_gauss_weight=-0.2 if gaussian else 0.0, self_start=0, n_self=n if exclude_self else 0)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     params = torch.tensor([12.5, layout.log_hard_weight, layout.log_gauss_weight], dtype=acc)
-    targets = torch.randint(0, n_cols, (n,), generator=g) if with_targets else None
-    return q, k, params, targets, layout
+    targets = torch.randint(-1 if not exclude_self else n, n_cols, (n,), generator=g) if with_targets else None
+    groups = None
+    if grouped:
+        row_groups = torch.randint(0, 3, (n,), generator=g)
+        groups = (row_groups, torch.cat([row_groups, row_groups]) if hard else row_groups)
+        if targets is None:  # each row's own positive is in its own group
+            targets = torch.arange(n)
+    return q, k, params, targets, layout, groups
+
+
+def _op_args(q, k, params, targets, layout, groups):
+    return (q, k, params, targets, *layout, *(groups if groups is not None else (None, None)))
 
 
 OPCHECK_VARIANTS = {
@@ -216,31 +256,33 @@ OPCHECK_VARIANTS = {
     "everything_fp64": (torch.float64, True, True, True),
     "hard_targets_bf16": (torch.bfloat16, True, False, True),
     "gauss_fp16": (torch.float16, False, True, False),
+    "self_excluded_fp64": (torch.float64, False, False, False, 37, 24, True),
+    "groups_hard_fp32": (torch.float32, True, True, False, 37, 24, False, True),
 }
 
 
 @needs_native
 @pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
 def test_opcheck_forward(variant):
-    q, k, params, targets, layout = _operator_inputs(*OPCHECK_VARIANTS[variant])
-    torch.library.opcheck(torch.ops.fastcl.infonce_fwd.default, (q, k, params, targets, *layout))
+    inputs = _operator_inputs(*OPCHECK_VARIANTS[variant])
+    torch.library.opcheck(torch.ops.fastcl.infonce_fwd.default, _op_args(*inputs))
 
 
 @needs_native
 @pytest.mark.parametrize("need_dq, need_dk", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
 def test_opcheck_backward(variant, need_dq, need_dk):
-    q, k, params, targets, layout = _operator_inputs(*OPCHECK_VARIANTS[variant])
-    lse, _ = torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout)
-    grad_rows = torch.randn(q.shape[0], dtype=lse.dtype)
+    inputs = _operator_inputs(*OPCHECK_VARIANTS[variant])
+    lse, _ = torch.ops.fastcl.infonce_fwd(*_op_args(*inputs))
+    grad_rows = torch.randn(inputs[0].shape[0], dtype=lse.dtype)
     torch.library.opcheck(torch.ops.fastcl.infonce_bwd.default,
-                          (q, k, params, targets, *layout, lse, grad_rows, need_dq, need_dk))
+                          (*_op_args(*inputs), lse, grad_rows, need_dq, need_dk))
 
 
 @needs_native
 def test_operator_outputs_follow_the_backend_contract():
-    q, k, params, targets, layout = _operator_inputs(torch.bfloat16, True, True, True)
-    lse, target_logit = torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout)
+    q, k, params, targets, layout, _ = _operator_inputs(torch.bfloat16, True, True, True)
+    lse, target_logit = native.operator_forward(q, k, params, targets, layout)
     assert lse.dtype == target_logit.dtype == torch.float32 and lse.shape == (q.shape[0],)
     grad_rows = torch.ones(q.shape[0])
     dq, dk, row_dot = native.operator_backward(q, k, params, targets, layout, lse, grad_rows, True, True)
@@ -259,10 +301,15 @@ def test_operator_outputs_follow_the_backend_contract():
     (lambda a: a.__setitem__(1, a[1][:, :5]), "embedding dim"),
     (lambda a: a.__setitem__(1, a[1].double()), "one dtype"),
     (lambda a: a.__setitem__(6, a[4] + 1), "hard-negative columns"),
-], ids=["params_dtype", "target_range", "n_cols", "dim", "dtype", "hard_range"])
+    (lambda a: a.__setitem__(3, torch.full_like(a[3], -2)), "outside"),
+    (lambda a: a.__setitem__(13, torch.zeros(37, dtype=torch.int64)), "go together"),
+    (lambda a: (a.__setitem__(13, torch.zeros(36, dtype=torch.int64)),
+                a.__setitem__(14, torch.zeros(74, dtype=torch.int64))), "row_groups must be"),
+    (lambda a: (a.__setitem__(12, 37), a.__setitem__(11, a[4])), "self columns"),
+], ids=["params_dtype", "target_range", "n_cols", "dim", "dtype", "hard_range", "target_below_minus_one",
+        "half_groups", "group_length", "self_range"])
 def test_operator_rejects_bad_arguments(mutation, message):
-    q, k, params, targets, layout = _operator_inputs(torch.float32, True, False, True)
-    args = [q, k, params, targets, *layout]
+    args = list(_op_args(*_operator_inputs(torch.float32, True, False, True)))
     mutation(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fastcl.infonce_fwd(*args)
@@ -308,7 +355,7 @@ def test_prebuilt_library_for_this_torch_is_chosen(tmp_path, monkeypatch):
 
 _PROBE = """
 import torch, fastcl
-from fastcl import info_nce, native
+from fastcl import info_nce, info_nce_reference, native
 from fastcl.loss import _choose_backend
 s = native.status()
 print("STATUS", s.available, s.source, s.reason)
