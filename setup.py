@@ -1,6 +1,87 @@
-"""Build script. Metadata lives in pyproject.toml; this file exists for the compiled
-extension in csrc/ (see README, "Building the extension")."""
+"""Build script. Metadata lives in pyproject.toml; this file builds the compiled
+extension from csrc/ (README, "Building the extension").
+
+The extension links against the torch it is compiled with, so it is built here only when
+torch is importable in the build environment, i.e. with ``pip install
+--no-build-isolation -e .`` after torch is installed. pyproject.toml deliberately does not
+list torch as a build requirement: pip would then fetch a torch into an isolated build
+environment (a multi-GB CUDA wheel when unpinned, and with a pin, possibly another torch
+than the one installed, whose extension would not load). With build isolation (plain
+``pip install -e .``), nothing is compiled here and fastcl compiles the extension just in
+time on first import, against the torch that is actually installed (fastcl/native.py).
+
+A failed compilation never fails the install: the extension is optional, and fastcl
+falls back to its pure-Python path with one warning that says why.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).resolve().parent
+SOURCE_DIR = ROOT / "csrc"
+# Must match fastcl/native.py (EXTRA_CFLAGS, source_digest); tests/test_native.py checks.
+EXTRA_CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for is serial without it
+EXTRA_LDFLAGS = ["-fopenmp"]
+BUILD_RECORD = "_C.build.json"
+
+
+def source_digest(source_dir: Path = SOURCE_DIR) -> str | None:
+    files = sorted(p for p in source_dir.glob("*") if p.suffix in (".cpp", ".h"))
+    if not files:
+        return None
+    digest = hashlib.sha256(" ".join(EXTRA_CFLAGS + EXTRA_LDFLAGS).encode())
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _extension_options() -> dict:
+    if os.environ.get("FASTCL_NATIVE", "1") == "0":
+        print("fastcl: FASTCL_NATIVE=0, not building the native extension", file=sys.stderr)
+        return {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("fastcl: torch is not importable in this build environment (pip's build isolation), so the "
+              "native extension is not compiled now; fastcl compiles it on first import against the "
+              "installed torch. To compile it here: pip install --no-build-isolation -e .", file=sys.stderr)
+        return {}
+
+    class BuildWithRecord(BuildExtension):
+        """Records, next to the library, the torch and sources it was built from, so that
+        fastcl never loads it into another torch (it rebuilds just in time instead)."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # noqa: BLE001 - no compiler, a compile error, ...
+                # setuptools' optional=True covers only some failures (a missing compiler
+                # fails earlier, in torch's compiler check): never fail the install.
+                print(f"fastcl: WARNING: could not compile the native extension ({type(error).__name__}: "
+                      f"{error}); installing without it. fastcl will try again just in time on import "
+                      "and otherwise use its pure-Python path, with a warning.", file=sys.stderr)
+                return
+            for ext in self.extensions:
+                library = Path(self.get_ext_fullpath(ext.name))
+                if library.exists():
+                    record = {"torch": torch.__version__, "sources": source_digest()}
+                    (library.parent / BUILD_RECORD).write_text(json.dumps(record) + "\n")
+
+    extension = CppExtension(
+        "fastcl._C",
+        sources=[str(p.relative_to(ROOT)) for p in sorted(SOURCE_DIR.glob("*.cpp"))],
+        extra_compile_args=EXTRA_CFLAGS,
+        extra_link_args=EXTRA_LDFLAGS,
+        optional=True,  # a compile error is reported, and the install goes on without it
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildWithRecord}}
+
+
+if __name__ == "__main__":
+    setup(**_extension_options())

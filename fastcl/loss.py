@@ -7,6 +7,7 @@ the argument, on anything it cannot compute.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
@@ -14,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .ops.infonce import InfoNCEFunction
 from .ops.layout import ColumnLayout
 from .ops.utils import SUPPORTED_DTYPES, accumulator_dtype, interpreting
 from .reference import info_nce_reference
 
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "torch", "native", "reference")
 
 #: Below this many logits (N x M) the "auto" backend takes the dense reference: one
 #: small matrix product beats any sequence of kernel launches, and 64 K elements is a
@@ -155,9 +157,13 @@ def _choose_backend(backend: str, device: torch.device, n_logits: int) -> str:
         return backend
     if n_logits <= TINY_LOGITS:
         return "reference"
-    if device.type == "cuda" or interpreting():
+    if device.type == "cuda":
         return "triton"
-    return "torch"
+    # The interpreter runs the Triton kernels on CPU for tests; a compiled graph cannot
+    # hold an interpreted launch, so under torch.compile the CPU takes the operator.
+    if interpreting() and not torch.compiler.is_compiling():
+        return "triton"
+    return "native" if native.available() else "torch"
 
 
 def _output_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -226,8 +232,9 @@ def info_nce(
         normalize: L2-normalize every row (cosine similarity); False uses raw dot products.
         eps: the normalization's lower bound on a norm.
         backend: ``"auto"`` (default: the dense reference for tiny batches, the Triton
-            kernels on CUDA and under ``TRITON_INTERPRET=1``, the chunked PyTorch path on
-            CPU), or ``"triton"``, ``"torch"``, ``"reference"`` to force one.
+            kernels on CUDA and under ``TRITON_INTERPRET=1``, on CPU the compiled native
+            kernel when the extension is built, else the chunked PyTorch path), or
+            ``"triton"``, ``"torch"``, ``"native"``, ``"reference"`` to force one.
         check_finite: check the inputs for NaN / inf before computing (one device sync
             per call, shared with the label and temperature checks).
         groups: optional N integer group ids (token-level InfoNCE, e.g. TaCL: one id per
@@ -325,9 +332,58 @@ def reduce_rows(per_row: torch.Tensor, reduction: str, input_dtype: torch.dtype)
 def _gaussian(count: int, anchors: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
     if not count:
         return None
+    if torch.compiler.is_compiling():
+        # A torch.Generator cannot enter a compiled graph, and the compiler's own random
+        # numbers differ from eager ones: draw inside an opaque operator that makes
+        # exactly the eager call, on the same generator (so the same numbers).
+        return torch.ops.fastcl.gaussian_negatives(anchors.detach(), count, _generator_slot(generator))
     if generator is not None and generator.device.type != anchors.device.type:
         raise ValueError(f"generator is on {generator.device} but anchors are on {anchors.device}")
     return draw_gaussian_negatives(count, anchors.shape[1], anchors.dtype, anchors.device, generator)
+
+
+#: What compiled graphs draw from, by slot (id): a torch.Generator, or an InfoNCELoss
+#: whose generator is made from its seed at the first draw (a Generator cannot be
+#: created inside a graph). Slot -1 is PyTorch's global generator. Filled while tracing
+#: only, so it holds the generators of compiled graphs and no others.
+_GENERATORS: dict[int, object] = {}
+
+
+@torch.compiler.assume_constant_result  # run for real while tracing; the graph keeps the int
+def _generator_slot(source) -> int:
+    if source is None:
+        return -1
+    _GENERATORS[id(source)] = source
+    return id(source)
+
+
+# torch.library.custom_op takes tags from torch 2.5 on.
+_SEEDED = ({"tags": (torch.Tag.nondeterministic_seeded,)}
+           if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+
+
+@torch.library.custom_op("fastcl::gaussian_negatives", mutates_args=(), **_SEEDED)
+def _gaussian_negatives_op(like: torch.Tensor, count: int, generator_slot: int) -> torch.Tensor:
+    """``count`` x D draws on ``like``'s device and dtype from the generator in the slot.
+
+    Tagged nondeterministic_seeded so that the compiler never recomputes it in the
+    backward (which would draw different numbers). Two draws with identical arguments
+    in one compiled graph could still be merged by common-subexpression elimination;
+    a loss makes one draw per call, from its own anchors."""
+    if generator_slot != -1 and generator_slot not in _GENERATORS:
+        raise RuntimeError("this graph was traced in another process: the generator of its Gaussian negatives "
+                           "does not exist here. Trace (or export) it again in this process.")
+    generator = None if generator_slot == -1 else _GENERATORS[generator_slot]
+    if isinstance(generator, InfoNCELoss):
+        generator = generator._generator_for(like.device)
+    if generator is not None and generator.device.type != like.device.type:
+        raise ValueError(f"generator is on {generator.device} but anchors are on {like.device}")
+    return draw_gaussian_negatives(count, like.shape[1], like.dtype, like.device, generator)
+
+
+@_gaussian_negatives_op.register_fake
+def _(like: torch.Tensor, count: int, generator_slot: int) -> torch.Tensor:
+    return like.new_empty((count, like.shape[1]))
 
 
 class InfoNCELoss(nn.Module):
@@ -349,7 +405,9 @@ class InfoNCELoss(nn.Module):
     A temperature given as an ``nn.Parameter`` is registered as this module's parameter,
     so ``loss_fn.parameters()`` hands it to the optimizer. Gaussian negatives are drawn
     from ``generator`` if given, else from a generator seeded with ``seed`` (created on
-    the inputs' device at the first call), else from PyTorch's global generator.
+    the inputs' device at the first call), else from PyTorch's global generator. Under
+    torch.compile / torch.export they are drawn by an opaque operator from that same
+    generator, so a compiled step draws exactly what the eager step would.
     """
 
     def __init__(
@@ -402,7 +460,12 @@ class InfoNCELoss(nn.Module):
         labels: torch.Tensor | None = None,
         groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        generator = self._generator_for(anchors.device) if self.gaussian_negatives else None
+        if not self.gaussian_negatives:
+            generator = None
+        elif torch.compiler.is_compiling():
+            generator = self  # resolved inside the drawing operator, outside the graph
+        else:
+            generator = self._generator_for(anchors.device)
         return info_nce(
             anchors, positives, hard_negatives, extra_negatives,
             temperature=self.temperature, hard_negative_weight=self.hard_negative_weight,

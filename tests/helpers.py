@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
+import pytest
 import torch
 
-from fastcl import draw_gaussian_negatives, info_nce, info_nce_reference
+from fastcl import draw_gaussian_negatives, info_nce, info_nce_reference, native
 
 
 @dataclass(frozen=True)
@@ -93,3 +95,10 @@ def run_both(case: Case, backend: str, device, dtype=torch.float64, seed: int = 
                 if case.gaussian else None)
     ref = run(lambda a, p, h, e, **k: info_nce_reference(a, p, h, e, gaussian, **k), torch.float64, {})
     return ours, ref
+
+
+#: The "native" backend as a pytest parameter: skipped when the C++ extension is not
+#: built, except in CI (FASTCL_REQUIRE_NATIVE=1), where a missing extension must fail.
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(
+    not native.available() and os.environ.get("FASTCL_REQUIRE_NATIVE") != "1",
+    reason=f"native extension unavailable: {native.status().reason}"))

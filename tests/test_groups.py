@@ -7,7 +7,7 @@ import torch
 from fastcl import info_nce, info_nce_reference, token_info_nce
 from fastcl.ops.configs import KernelConfig, override_config
 
-from .helpers import relative_error
+from .helpers import NATIVE, relative_error
 
 D = 8
 
@@ -37,7 +37,7 @@ def _cases():
                                        learnable=True, reduction="none")
 
 
-@pytest.mark.parametrize("backend", ["triton-slab", "triton-workspace", "torch"])
+@pytest.mark.parametrize("backend", ["triton-slab", "triton-workspace", "torch", NATIVE])
 @pytest.mark.parametrize("name, groups, options", list(_cases()), ids=[c[0] for c in _cases()])
 def test_fused_matches_reference(backend, name, groups, options, device, monkeypatch):
     if backend.startswith("triton-"):

@@ -11,7 +11,7 @@ from fastcl import InfoNCELoss, info_nce
 from fastcl.ops.configs import KernelConfig, override_config
 
 from .conftest import DEVICE
-from .helpers import Case, relative_error, run_both
+from .helpers import NATIVE, Case, relative_error, run_both
 
 BASE = Case()  # N = 37, D = 24: not a multiple of any block size
 CASES = {
@@ -45,7 +45,7 @@ CASES = {
 
 
 # The Triton backend has two backward strategies; every test runs both.
-BACKENDS = ["triton-slab", "triton-workspace", "torch"]
+BACKENDS = ["triton-slab", "triton-workspace", "torch", NATIVE]
 
 
 def _use(backend: str, monkeypatch) -> str:

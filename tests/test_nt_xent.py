@@ -7,7 +7,7 @@ from torch.autograd import gradcheck
 
 from fastcl import NTXentLoss, nt_xent, nt_xent_reference
 
-from .helpers import relative_error
+from .helpers import NATIVE, relative_error
 
 
 def test_reference_matches_simclr_formula():
@@ -23,7 +23,7 @@ def test_reference_matches_simclr_formula():
     torch.testing.assert_close(nt_xent_reference(z1, z2, temperature=tau), torch.stack(losses).mean())
 
 
-@pytest.mark.parametrize("backend", ["triton-slab", "triton-workspace", "torch"])
+@pytest.mark.parametrize("backend", ["triton-slab", "triton-workspace", "torch", NATIVE])
 @pytest.mark.parametrize("n, d, reduction, learnable", [(1, 5, "mean", False), (19, 24, "none", False),
                                                         (19, 33, "sum", True), (40, 7, "mean", True)])
 def test_fused_matches_reference(backend, n, d, reduction, learnable, device, monkeypatch):

@@ -22,13 +22,15 @@ from fastcl.distributed import gathered_info_nce, ring_info_nce
 from fastcl.ops.infonce import _backend
 from fastcl.ops.layout import ColumnLayout
 
+from .helpers import NATIVE
+
 D = 6
 GAUSS_SEED = 7
 
 # ------------------------------------------------------------------ -1 targets
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", NATIVE])
 def test_minus_one_targets_match_no_column(backend):
     """Rows whose target is -1: target logit 0 and no -1 in the gradient; the other rows
     unchanged. Compared with the dense formula and autograd in float64."""

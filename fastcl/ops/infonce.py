@@ -6,7 +6,15 @@ A backend is a pair of functions with the signatures of
 
 - ``"triton"``: the Triton kernels (CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1``);
-- ``"torch"``: the chunked PyTorch implementation in :mod:`fastcl.ops.chunked`.
+- ``"torch"``: the chunked PyTorch implementation in :mod:`fastcl.ops.chunked`;
+- ``"native"``: the dispatcher operators ``torch.ops.fastcl.infonce_fwd`` /
+  ``infonce_bwd`` (:mod:`fastcl.native`): the compiled C++ kernel on CPU tensors, the
+  Triton kernels on CUDA tensors.
+
+With CUDA tensors the ``"triton"`` backend also goes through the operators (whose CUDA
+kernels are the Triton launchers), so torch.compile sees one opaque call instead of
+tracing into a kernel launch; with CPU tensors (Triton's interpreter) it calls the
+launchers directly.
 
 Both keep memory O((N + M) * D) (plus a bounded chunk for ``"torch"``): the forward
 saves the inputs and one log-sum-exp per row, and the backward recomputes the rest.
@@ -22,16 +30,38 @@ from .layout import ColumnLayout
 from .utils import accumulator_dtype
 
 
-def _backend(name: str):
-    if name == "triton":
-        from .infonce_bwd import infonce_backward
-        from .infonce_fwd import infonce_forward
+def _triton_forward(q, k, params, targets, layout, groups=None):
+    if q.is_cuda:
+        from ..native import operator_forward
 
-        return infonce_forward, infonce_backward
+        return operator_forward(q, k, params, targets, layout, groups=groups)
+    from .infonce_fwd import infonce_forward
+
+    return infonce_forward(q, k, params, targets, layout, groups=groups)
+
+
+def _triton_backward(q, k, params, targets, layout, lse, grad_rows, need_dq=True, need_dk=True, groups=None):
+    if q.is_cuda:
+        from ..native import operator_backward
+
+        return operator_backward(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups=groups)
+    from .infonce_bwd import infonce_backward
+
+    return infonce_backward(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups=groups)
+
+
+def _backend(name: str):
+    """The (forward, backward) pair of a backend; see the module docstring."""
+    if name == "triton":
+        return _triton_forward, _triton_backward
     if name == "torch":
         from .chunked import chunked_backward, chunked_forward
 
         return chunked_forward, chunked_backward
+    if name == "native":
+        from ..native import operator_backward, operator_forward
+
+        return operator_forward, operator_backward
     raise ValueError(f"unknown kernel backend {name!r}")
 
 

@@ -1,0 +1,554 @@
+// Native CPU forward and backward of the fused InfoNCE loss.
+//
+// Work is split into chunks of query rows, which the threads of ATen's pool take one at
+// a time, and, within a chunk, tiles of key columns. Per (chunk, tile) the similarity block
+// S = q_chunk @ k_tile^T comes from one BLAS product (at::mm_out into a per-thread
+// buffer, so single-threaded MKL inside the pool), and the softmax is fused on that
+// block while it is in cache:
+//
+//   forward:  logits -> running row max and rescaled sum (online log-sum-exp, as the
+//             Triton kernel does) and the target logit; nothing N x M is kept.
+//   backward: G = g_i * (exp(logit - lse_i) - [j == t_i]) on the block, then two more
+//             products: dq_chunk += G k_tile / tau and dk_tile += G^T q_chunk / tau.
+//
+// So the forward costs 2NMD FLOPs and the backward 6NMD (S recomputed once, no second
+// pass for dk), and memory is O((N + M) * D) for inputs and gradients plus two
+// rows x cols blocks per thread. dq rows belong to one chunk, so one thread; dk tiles
+// are shared by all chunks, which add into each tile in chunk order (TileTurns), so
+// the result does not depend on scheduling.
+//
+// Masked columns (NT-Xent's self column, other groups' keys) get logit -inf, so
+// exp = 0: they drop out of the softmax and receive no gradient; a target of -1 (the
+// ring's "not in this block") matches no column.
+//
+// fp32 and fp64 compute in their own precision; bf16 and fp16 inputs are copied to
+// fp32 first ((N + M) * D extra) and the gradients are cast back at the end.
+
+#include "infonce_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+// MKL's per-thread thread count, exported by libtorch_cpu when torch is built with MKL.
+// This is the C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the
+// lower-case symbol is the Fortran one, which takes a pointer). Weak, so the extension
+// still loads into a torch without MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace fastcl {
+namespace {
+
+// The block products run inside ATen's thread pool, one per pool thread: MKL must not
+// start threads of its own there. torch turns MKL's dynamic adjustment off, so MKL
+// would otherwise run every product with all cores from each pool thread, and the
+// oversubscribed spin-waits cost up to 40x on a loaded 2-core machine (measured).
+// Other BLAS libraries in torch builds run single-threaded inside an OpenMP region.
+// Each pool thread also takes on the caller's thread-local state (below autograd, grad
+// mode, ...), which OpenMP threads do not inherit.
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      MKL_Set_Num_Threads_Local(previous_);
+    }
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_;
+};
+
+int64_t env_positive_int(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') {
+    return fallback;
+  }
+  char* end = nullptr;
+  const long long parsed = std::strtoll(value, &end, 10);
+  TORCH_CHECK(*end == '\0' && parsed > 0, name, " must be a positive integer, got '", value, "'");
+  return parsed;
+}
+
+// Rows per chunk and columns per tile. 256 x 512 fp32 blocks (512 KiB, two per thread)
+// stay in a 2 MiB L2 and are large enough for BLAS to run near its peak; measured with
+// benchmarks/cpu_native.py (FASTCL_CPU_TILE_ROWS / FASTCL_CPU_TILE_COLS override them).
+struct Tiling {
+  int64_t rows;
+  int64_t cols;
+  int64_t n_chunks;
+  int64_t n_tiles;
+};
+
+Tiling make_tiling(int64_t n_rows, int64_t n_cols) {
+  int64_t rows = env_positive_int("FASTCL_CPU_TILE_ROWS", 256);
+  int64_t cols = env_positive_int("FASTCL_CPU_TILE_COLS", 512);
+  // At least one chunk per thread when there are enough rows, but no chunk below 32 rows
+  // (thin products waste the BLAS kernel).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  rows = std::min(rows, std::max<int64_t>(32, (n_rows + threads - 1) / threads));
+  rows = std::max<int64_t>(1, std::min(rows, n_rows));
+  cols = std::max<int64_t>(1, std::min(cols, n_cols));
+  return {rows, cols, (n_rows + rows - 1) / rows, (n_cols + cols - 1) / cols};
+}
+
+// One worker per pool thread (at most one per chunk). Workers take chunks from a shared
+// counter rather than a fixed split, so a thread that the OS preempts (a busy machine)
+// holds up only the chunk it is on, not a whole half of the rows.
+int64_t pool_workers(const Tiling& tiling) {
+  return std::max<int64_t>(1, std::min<int64_t>(tiling.n_chunks, at::get_num_threads()));
+}
+
+at::ScalarType accumulator_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A contiguous rows x cols view at the start of a per-thread buffer.
+at::Tensor block_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// Group ids of the rows and of the first n_grad_cols columns (both null without groups).
+struct GroupIds {
+  const int64_t* rows;
+  const int64_t* keys;
+};
+
+// x (nr x nc, rows r0.., columns c0..) receives the logits of the similarities s:
+// s * inv_tau + w, w the hard-negative and Gaussian weights of the layout, and -inf
+// where a column is not a candidate of the row (the row itself, another group's key).
+template <typename acc_t>
+void to_logits(acc_t* x, const acc_t* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
+               acc_t inv_tau, acc_t log_hard_weight, acc_t log_gauss_weight,
+               const ColumnLayout& layout, const GroupIds& groups) {
+  const int64_t n = nr * nc;
+  for (int64_t idx = 0; idx < n; ++idx) {
+    x[idx] = s[idx] * inv_tau;
+  }
+  if (layout.hard_weighted()) {
+    // Row i < n_hard has its own hard negative at column hard_start + i.
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t row = r0 + i;
+      const int64_t col = layout.hard_start + row;
+      if (row < layout.n_hard && col >= c0 && col < c0 + nc) {
+        x[i * nc + (col - c0)] += log_hard_weight;
+      }
+    }
+  }
+  if (layout.gauss_weighted() && layout.gauss_start < c0 + nc) {
+    const int64_t j0 = std::max<int64_t>(layout.gauss_start - c0, 0);
+    for (int64_t i = 0; i < nr; ++i) {
+      acc_t* row = x + i * nc;
+      for (int64_t j = j0; j < nc; ++j) {
+        row[j] += log_gauss_weight;
+      }
+    }
+  }
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  if (layout.n_self > 0) {
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t row = r0 + i;
+      const int64_t col = layout.self_start + row;
+      if (row < layout.n_self && col >= c0 && col < c0 + nc) {
+        x[i * nc + (col - c0)] = neg_inf;
+      }
+    }
+  }
+  if (groups.rows != nullptr && c0 < layout.n_grad_cols) {
+    const int64_t j_end = std::min(nc, layout.n_grad_cols - c0);
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t group = groups.rows[r0 + i];
+      acc_t* row = x + i * nc;
+      const int64_t* key_groups = groups.keys + c0;
+      for (int64_t j = 0; j < j_end; ++j) {
+        if (key_groups[j] != group) {
+          row[j] = neg_inf;
+        }
+      }
+    }
+  }
+}
+
+inline int64_t target_of(const int64_t* targets, int64_t row) {
+  return targets != nullptr ? targets[row] : row;
+}
+
+template <typename acc_t>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
+                    const int64_t* targets, const ColumnLayout& layout, const GroupIds& groups,
+                    acc_t* lse, acc_t* target_logit) {
+  const int64_t n_rows = q.size(0);
+  const int64_t n_cols = k.size(0);
+  const Tiling tiling = make_tiling(n_rows, n_cols);
+  const acc_t inv_tau = params[0];
+  const acc_t log_hard_weight = params[1];
+  const acc_t log_gauss_weight = params[2];
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  const at::ThreadLocalState caller_state;
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, pool_workers(tiling), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const SequentialBlas sequential_blas;
+    const at::Tensor buffer = at::empty({tiling.rows * tiling.cols}, q.options());
+    std::vector<acc_t> run_max(tiling.rows);
+    std::vector<acc_t> run_sum(tiling.rows);
+    for (int64_t chunk = next_chunk++; chunk < tiling.n_chunks; chunk = next_chunk++) {
+      const int64_t r0 = chunk * tiling.rows;
+      const int64_t nr = std::min(tiling.rows, n_rows - r0);
+      const at::Tensor q_chunk = q.narrow(0, r0, nr);
+      std::fill(run_max.begin(), run_max.end(), neg_inf);
+      std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
+      std::fill(target_logit + r0, target_logit + r0 + nr, acc_t(0));
+      for (int64_t c0 = 0; c0 < n_cols; c0 += tiling.cols) {
+        const int64_t nc = std::min(tiling.cols, n_cols - c0);
+        at::Tensor block = block_view(buffer, nr, nc);
+        at::mm_out(block, q_chunk, k.narrow(0, c0, nc).t());
+        acc_t* x = block.data_ptr<acc_t>();
+        to_logits(x, x, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout, groups);
+        for (int64_t i = 0; i < nr; ++i) {
+          acc_t* row = x + i * nc;
+          const int64_t t = target_of(targets, r0 + i);  // -1 lies in no tile
+          if (t >= c0 && t < c0 + nc) {
+            target_logit[r0 + i] = row[t - c0];
+          }
+          acc_t new_max = run_max[i];
+          for (int64_t j = 0; j < nc; ++j) {
+            new_max = std::max(new_max, row[j]);
+          }
+          // A row may have no candidate yet (masked columns only): keep its -inf logits
+          // at -inf (exp 0) instead of forming -inf - -inf.
+          const acc_t shift = new_max == neg_inf ? acc_t(0) : new_max;
+          for (int64_t j = 0; j < nc; ++j) {
+            row[j] -= shift;
+          }
+          run_sum[i] = run_max[i] == neg_inf ? acc_t(0) : run_sum[i] * std::exp(run_max[i] - new_max);
+          run_max[i] = new_max;
+        }
+        block.exp_();  // ATen's vectorized exp (AVX2 / AVX-512 picked at run time)
+        for (int64_t i = 0; i < nr; ++i) {
+          const acc_t* row = x + i * nc;
+          acc_t sum = 0;
+          for (int64_t j = 0; j < nc; ++j) {
+            sum += row[j];
+          }
+          run_sum[i] += sum;
+        }
+      }
+      for (int64_t i = 0; i < nr; ++i) {
+        lse[r0 + i] = run_max[i] + std::log(run_sum[i]);
+      }
+    }
+  });
+}
+
+// Hands out, per dk tile, turns to the row chunks in chunk order 0, 1, 2, ...: a chunk
+// adds its block into a dk tile only after every lower chunk has. So dk is summed in the
+// order a single thread would use, whatever the scheduling: the backward is
+// deterministic (gradcheck checks this). All chunks walk the tiles in the same order,
+// so chunks in flight together form a pipeline, the later one a block behind, and
+// rarely wait. A worker that fails releases everyone (no deadlock on an exception).
+class TileTurns {
+ public:
+  explicit TileTurns(int64_t n_tiles) : next_chunk_(n_tiles, 0) {}
+
+  void wait_for(int64_t tile, int64_t chunk) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return next_chunk_[tile] == chunk || aborted_; });
+    TORCH_CHECK(!aborted_, "fastcl::infonce_bwd: another worker failed");
+  }
+
+  void done(int64_t tile) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      ++next_chunk_[tile];
+    }
+    changed_.notify_all();
+  }
+
+  void abort() {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      aborted_ = true;
+    }
+    changed_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<int64_t> next_chunk_;
+  bool aborted_ = false;
+};
+
+template <typename acc_t>
+void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
+                     const int64_t* targets, const ColumnLayout& layout, const GroupIds& groups,
+                     const acc_t* lse, const acc_t* grad_rows, at::Tensor& dq, at::Tensor& dk,
+                     acc_t* row_dot) {
+  const int64_t n_rows = q.size(0);
+  const int64_t n_cols = k.size(0);
+  const bool need_dq = dq.defined();
+  const bool need_dk = dk.defined();
+  const Tiling tiling = make_tiling(n_rows, n_cols);
+  const acc_t inv_tau = params[0];
+  const acc_t log_hard_weight = params[1];
+  const acc_t log_gauss_weight = params[2];
+  TileTurns turns(tiling.n_tiles);
+
+  const at::ThreadLocalState caller_state;
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, pool_workers(tiling), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const SequentialBlas sequential_blas;
+    const at::Tensor sim_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
+    const at::Tensor grad_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
+    std::vector<acc_t> chunk_row_dot(tiling.rows);
+    try {
+      for (int64_t chunk = next_chunk++; chunk < tiling.n_chunks; chunk = next_chunk++) {
+        const int64_t r0 = chunk * tiling.rows;
+        const int64_t nr = std::min(tiling.rows, n_rows - r0);
+        const at::Tensor q_chunk = q.narrow(0, r0, nr);
+        at::Tensor dq_chunk;
+        if (need_dq) {
+          dq_chunk = dq.narrow(0, r0, nr);
+          dq_chunk.zero_();
+        }
+        std::fill(chunk_row_dot.begin(), chunk_row_dot.end(), acc_t(0));
+        for (int64_t tile = 0; tile < tiling.n_tiles; ++tile) {
+          const int64_t c0 = tile * tiling.cols;
+          const int64_t nc = std::min(tiling.cols, n_cols - c0);
+          const bool tile_dk = need_dk && c0 < layout.n_grad_cols;
+          if (!need_dq && !tile_dk) {
+            continue;  // columns past n_grad_cols only feed dq
+          }
+          const at::Tensor k_tile = k.narrow(0, c0, nc);
+          at::Tensor sim = block_view(sim_buffer, nr, nc);
+          at::Tensor grad = block_view(grad_buffer, nr, nc);
+          at::mm_out(sim, q_chunk, k_tile.t());
+          const acc_t* s = sim.data_ptr<acc_t>();
+          acc_t* x = grad.data_ptr<acc_t>();
+          to_logits(x, s, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout,
+                    groups);
+          for (int64_t i = 0; i < nr; ++i) {
+            acc_t* row = x + i * nc;
+            const acc_t row_lse = lse[r0 + i];
+            for (int64_t j = 0; j < nc; ++j) {
+              row[j] -= row_lse;
+            }
+          }
+          grad.exp_();  // the softmax P of the block
+          for (int64_t i = 0; i < nr; ++i) {
+            acc_t* row = x + i * nc;
+            const int64_t t = target_of(targets, r0 + i);  // -1 lies in no tile
+            if (t >= c0 && t < c0 + nc) {
+              row[t - c0] -= acc_t(1);
+            }
+            const acc_t g = grad_rows[r0 + i];
+            for (int64_t j = 0; j < nc; ++j) {
+              row[j] *= g;  // G = g_i (P - onehot): the gradient of the loss w.r.t. the logits
+            }
+            if (need_dq) {
+              // sum_j G s: summed over rows, the gradient with respect to 1 / tau.
+              const acc_t* s_row = s + i * nc;
+              acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+              int64_t j = 0;
+              for (; j + 4 <= nc; j += 4) {
+                dot0 += row[j] * s_row[j];
+                dot1 += row[j + 1] * s_row[j + 1];
+                dot2 += row[j + 2] * s_row[j + 2];
+                dot3 += row[j + 3] * s_row[j + 3];
+              }
+              for (; j < nc; ++j) {
+                dot0 += row[j] * s_row[j];
+              }
+              chunk_row_dot[i] += (dot0 + dot1) + (dot2 + dot3);
+            }
+          }
+          if (need_dq) {
+            dq_chunk.addmm_(grad, k_tile, /*beta=*/1, /*alpha=*/inv_tau);
+          }
+          if (tile_dk) {
+            const int64_t n_grad = std::min(nc, layout.n_grad_cols - c0);
+            at::Tensor dk_tile = dk.narrow(0, c0, n_grad);
+            turns.wait_for(tile, chunk);
+            dk_tile.addmm_(grad.narrow(1, 0, n_grad).t(), q_chunk, /*beta=*/1, /*alpha=*/inv_tau);
+            turns.done(tile);
+          }
+        }
+        if (need_dq) {
+          std::copy(chunk_row_dot.begin(), chunk_row_dot.begin() + nr, row_dot + r0);
+        }
+      }
+    } catch (...) {
+      turns.abort();
+      throw;
+    }
+  });
+}
+
+bool supported_input(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+// Checks shared by both functions; returns the targets as a contiguous tensor (or undefined).
+at::Tensor check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& params, const c10::optional<at::Tensor>& targets,
+                        const ColumnLayout& layout) {
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2, fn, ": q and k must be 2-D, got shapes ", q.sizes(),
+              " and ", k.sizes());
+  TORCH_CHECK(q.size(1) == k.size(1), fn, ": q and k must have the same embedding dim, got ",
+              q.size(1), " and ", k.size(1));
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), fn, ": q and k must have one dtype, got ",
+              q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(supported_input(q.scalar_type()), fn,
+              ": inputs must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && params.device().is_cpu(), fn,
+              ": the native kernel takes CPU tensors");
+  const at::ScalarType acc = accumulator_type(q.scalar_type());
+  TORCH_CHECK(params.dim() == 1 && params.numel() == 3 && params.scalar_type() == acc, fn,
+              ": params must be [1/tau, log hard weight, log gaussian weight] as a 1-D ", acc,
+              " tensor of 3 elements, got ", params.scalar_type(), " of shape ", params.sizes());
+  TORCH_CHECK(layout.n_cols == k.size(0), fn, ": layout has n_cols = ", layout.n_cols, " but k has ",
+              k.size(0), " rows");
+  TORCH_CHECK(layout.n_cols > 0, fn, ": need at least one candidate column");
+  TORCH_CHECK(layout.n_grad_cols >= 0 && layout.n_grad_cols <= layout.n_cols, fn,
+              ": n_grad_cols must lie in [0, n_cols], got ", layout.n_grad_cols);
+  TORCH_CHECK(layout.n_hard >= 0 && layout.hard_start >= 0 &&
+                  layout.hard_start + std::min(layout.n_hard, q.size(0)) <= layout.n_cols,
+              fn, ": hard-negative columns [", layout.hard_start, ", ",
+              layout.hard_start + layout.n_hard, ") fall outside the ", layout.n_cols, " columns");
+  TORCH_CHECK(layout.gauss_start >= 0 && layout.gauss_start <= layout.n_cols, fn,
+              ": gauss_start must lie in [0, n_cols], got ", layout.gauss_start);
+  TORCH_CHECK(layout.n_self >= 0 && layout.self_start >= 0 &&
+                  layout.self_start + std::min(layout.n_self, q.size(0)) <= layout.n_cols,
+              fn, ": self columns [", layout.self_start, ", ", layout.self_start + layout.n_self,
+              ") fall outside the ", layout.n_cols, " columns");
+  if (!targets.has_value()) {
+    return at::Tensor();
+  }
+  const at::Tensor& t = *targets;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 &&
+                  t.size(0) == q.size(0),
+              fn, ": targets must be a 1-D CPU int64 tensor of length ", q.size(0), ", got ",
+              t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+  at::Tensor contiguous = t.contiguous();
+  const int64_t* values = contiguous.data_ptr<int64_t>();
+  for (int64_t i = 0; i < contiguous.numel(); ++i) {
+    TORCH_CHECK(values[i] >= -1 && values[i] < layout.n_cols, fn, ": target ", values[i],
+                " of row ", i, " is outside [0, ", layout.n_cols, ") (or -1: no column)");
+  }
+  return contiguous;
+}
+
+// The group ids as contiguous int64 tensors (both undefined without groups).
+std::pair<at::Tensor, at::Tensor> check_groups(const char* fn, const Groups& groups, int64_t n_rows,
+                                               const ColumnLayout& layout) {
+  TORCH_CHECK(groups.rows.has_value() == groups.keys.has_value(), fn,
+              ": row_groups and key_groups go together");
+  if (!groups.rows.has_value()) {
+    return {at::Tensor(), at::Tensor()};
+  }
+  const at::Tensor* parts[2] = {&*groups.rows, &*groups.keys};
+  const int64_t lengths[2] = {n_rows, layout.n_grad_cols};
+  const char* names[2] = {"row_groups", "key_groups"};
+  at::Tensor ids[2];
+  for (int p = 0; p < 2; ++p) {
+    const at::Tensor& t = *parts[p];
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == lengths[p] &&
+                    at::isIntegralType(t.scalar_type(), /*includeBool=*/false),
+                fn, ": ", names[p], " must be a 1-D CPU integer tensor of length ", lengths[p],
+                ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+    ids[p] = t.to(at::kLong).contiguous();
+  }
+  return {ids[0], ids[1]};
+}
+
+GroupIds group_pointers(const std::pair<at::Tensor, at::Tensor>& ids) {
+  if (!ids.first.defined()) {
+    return {nullptr, nullptr};
+  }
+  return {ids.first.data_ptr<int64_t>(), ids.second.data_ptr<int64_t>()};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
+    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups) {
+  const at::Tensor tgt = check_inputs("fastcl::infonce_fwd", q, k, params, targets, layout);
+  const auto group_ids = check_groups("fastcl::infonce_fwd", groups, q.size(0), layout);
+  const at::ScalarType acc = accumulator_type(q.scalar_type());
+  // Detached: the kernel's own products are not part of any autograd graph.
+  const at::Tensor qa = q.detach().to(acc).contiguous();
+  const at::Tensor ka = k.detach().to(acc).contiguous();
+  const at::Tensor pa = params.contiguous();
+  at::Tensor lse = at::empty({q.size(0)}, q.options().dtype(acc));
+  at::Tensor target_logit = at::empty({q.size(0)}, q.options().dtype(acc));
+  if (q.size(0) == 0) {
+    return {lse, target_logit};
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "infonce_forward_cpu", [&] {
+    forward_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(),
+                             tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
+                             group_pointers(group_ids), lse.data_ptr<scalar_t>(),
+                             target_logit.data_ptr<scalar_t>());
+  });
+  return {lse, target_logit};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
+    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
+    const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk) {
+  const at::Tensor tgt = check_inputs("fastcl::infonce_bwd", q, k, params, targets, layout);
+  const auto group_ids = check_groups("fastcl::infonce_bwd", groups, q.size(0), layout);
+  const at::ScalarType acc = accumulator_type(q.scalar_type());
+  const int64_t n_rows = q.size(0);
+  const int64_t dim = q.size(1);
+  TORCH_CHECK(lse.device().is_cpu() && lse.dim() == 1 && lse.size(0) == n_rows &&
+                  lse.scalar_type() == acc,
+              "fastcl::infonce_bwd: lse must be a 1-D CPU ", acc, " tensor of length ", n_rows,
+              ", got ", lse.scalar_type(), " of shape ", lse.sizes());
+  TORCH_CHECK(grad_rows.device().is_cpu() && grad_rows.dim() == 1 && grad_rows.size(0) == n_rows &&
+                  at::isFloatingType(grad_rows.scalar_type()),
+              "fastcl::infonce_bwd: grad_rows must be a 1-D floating CPU tensor of length ", n_rows,
+              ", got ", grad_rows.scalar_type(), " of shape ", grad_rows.sizes());
+  const bool want_dk = need_dk && layout.n_grad_cols > 0;
+  const at::TensorOptions acc_options = q.options().dtype(acc);
+  // Detached: the kernel's own products are not part of any autograd graph.
+  const at::Tensor qa = q.detach().to(acc).contiguous();
+  const at::Tensor ka = k.detach().to(acc).contiguous();
+  const at::Tensor pa = params.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor g = grad_rows.to(acc).contiguous();
+  // fp32 / fp64 inputs accumulate straight into the outputs; half inputs into fp32.
+  at::Tensor dq_acc = need_dq ? at::empty({n_rows, dim}, acc_options) : at::Tensor();
+  at::Tensor dk_acc = want_dk ? at::zeros({layout.n_grad_cols, dim}, acc_options) : at::Tensor();
+  at::Tensor row_dot = at::empty({need_dq ? n_rows : 0}, acc_options);
+  if (n_rows > 0 && (need_dq || want_dk)) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "infonce_backward_cpu", [&] {
+      backward_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(),
+                                tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
+                                group_pointers(group_ids), lse_c.data_ptr<scalar_t>(),
+                                g.data_ptr<scalar_t>(), dq_acc, dk_acc,
+                                need_dq ? row_dot.data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  at::Tensor dq = need_dq ? dq_acc.to(q.scalar_type()) : at::empty({0, dim}, q.options());
+  at::Tensor dk = want_dk ? dk_acc.to(q.scalar_type()) : at::empty({0, dim}, q.options());
+  return {dq, dk, row_dot};
+}
+
+}  // namespace fastcl

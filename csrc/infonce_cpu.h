@@ -1,0 +1,52 @@
+// Native CPU kernels of the fused InfoNCE loss: the two backend functions that the
+// Triton kernels (fastcl/ops/infonce_fwd.py, infonce_bwd.py) and the chunked PyTorch
+// path (fastcl/ops/chunked.py) implement, with the same arguments and outputs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace fastcl {
+
+// fastcl.ops.layout.ColumnLayout, flattened: where each kind of candidate sits among
+// the M = n_cols key columns, and the additive logit weights.
+struct ColumnLayout {
+  int64_t n_cols;
+  int64_t n_grad_cols;
+  int64_t hard_start;
+  int64_t n_hard;
+  int64_t gauss_start;
+  double log_hard_weight;
+  double log_gauss_weight;
+  int64_t self_start;  // row i < n_self does not score column self_start + i (NT-Xent)
+  int64_t n_self;
+
+  // As in Python: a weight of 1 (log 0) costs nothing. The values the kernels add come
+  // from params (so they stay exact in fp64 and on the device); these only gate work.
+  bool hard_weighted() const { return n_hard > 0 && log_hard_weight != 0.0; }
+  bool gauss_weighted() const { return gauss_start < n_cols && log_gauss_weight != 0.0; }
+};
+
+// Optional group ids (token-level InfoNCE): row i scores a column j < n_grad_cols only
+// when key_groups[j] == row_groups[i]; later columns are shared by every group.
+struct Groups {
+  c10::optional<at::Tensor> rows;
+  c10::optional<at::Tensor> keys;
+};
+
+// Per-row (lse, target_logit) in the accumulator dtype (fp64 for fp64 inputs, else fp32).
+// A target of -1 matches no column (target_logit 0).
+std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
+    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups);
+
+// (dq, dk, row_dot): dq N x D and dk n_grad_cols x D in the input dtype, row_dot (length
+// N, accumulator dtype) with dq; a gradient that is not asked for is an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
+    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
+    const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk);
+
+}  // namespace fastcl

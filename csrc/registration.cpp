@@ -1,0 +1,77 @@
+// Registers fastcl's operators with PyTorch's dispatcher:
+//
+//   torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups)
+//       -> (lse, target_logit)
+//   torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
+//                                lse, grad_rows, need_dq, need_dk) -> (dq, dk, row_dot)
+//
+// with `*layout` the nine fields of fastcl.ops.layout.ColumnLayout in order. This file
+// defines the schemas and the CPU kernels; fastcl/ops/registry.py adds the CUDA kernels
+// (the Triton launchers), the fake (meta) kernels for torch.compile / torch.export, and
+// defines the same schemas itself when this library cannot be built or loaded.
+// The schema strings must match registry.py's SCHEMAS (tests/test_native.py checks).
+
+#include <torch/library.h>
+
+#include "infonce_cpu.h"
+
+namespace fastcl {
+namespace {
+
+ColumnLayout make_layout(int64_t n_cols, int64_t n_grad_cols, int64_t hard_start, int64_t n_hard,
+                         int64_t gauss_start, double log_hard_weight, double log_gauss_weight,
+                         int64_t self_start, int64_t n_self) {
+  return ColumnLayout{n_cols,          n_grad_cols,      hard_start, n_hard, gauss_start,
+                      log_hard_weight, log_gauss_weight, self_start, n_self};
+}
+
+std::tuple<at::Tensor, at::Tensor> infonce_fwd(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& params,
+                                               const c10::optional<at::Tensor>& targets,
+                                               int64_t n_cols, int64_t n_grad_cols,
+                                               int64_t hard_start, int64_t n_hard,
+                                               int64_t gauss_start, double log_hard_weight,
+                                               double log_gauss_weight, int64_t self_start,
+                                               int64_t n_self,
+                                               const c10::optional<at::Tensor>& row_groups,
+                                               const c10::optional<at::Tensor>& key_groups) {
+  return infonce_forward_cpu(q, k, params, targets,
+                             make_layout(n_cols, n_grad_cols, hard_start, n_hard, gauss_start,
+                                         log_hard_weight, log_gauss_weight, self_start, n_self),
+                             Groups{row_groups, key_groups});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
+    const c10::optional<at::Tensor>& targets, int64_t n_cols, int64_t n_grad_cols,
+    int64_t hard_start, int64_t n_hard, int64_t gauss_start, double log_hard_weight,
+    double log_gauss_weight, int64_t self_start, int64_t n_self,
+    const c10::optional<at::Tensor>& row_groups, const c10::optional<at::Tensor>& key_groups,
+    const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk) {
+  return infonce_backward_cpu(q, k, params, targets,
+                              make_layout(n_cols, n_grad_cols, hard_start, n_hard, gauss_start,
+                                          log_hard_weight, log_gauss_weight, self_start, n_self),
+                              Groups{row_groups, key_groups}, lse, grad_rows, need_dq, need_dk);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastcl, m) {
+  m.def(
+      "infonce_fwd(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, "
+      "int n_grad_cols, int hard_start, int n_hard, int gauss_start, float log_hard_weight, "
+      "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups) "
+      "-> (Tensor lse, Tensor target_logit)");
+  m.def(
+      "infonce_bwd(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, "
+      "int n_grad_cols, int hard_start, int n_hard, int gauss_start, float log_hard_weight, "
+      "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, "
+      "Tensor lse, Tensor grad_rows, bool need_dq, bool need_dk) -> (Tensor dq, Tensor dk, Tensor row_dot)");
+}
+
+TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
+  m.impl("infonce_fwd", &infonce_fwd);
+  m.impl("infonce_bwd", &infonce_bwd);
+}
+
+}  // namespace fastcl

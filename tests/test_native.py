@@ -1,0 +1,416 @@
+"""The compiled CPU extension: torch.ops.fastcl.* against the float64 reference at real
+sizes, gradcheck through the operators, torch.library.opcheck, and the loader.
+
+Without the extension these tests are skipped, except in CI, where .ci/run sets
+FASTCL_REQUIRE_NATIVE=1 so that a broken build fails instead of skipping.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from fastcl import info_nce, info_nce_reference, native
+from fastcl.loss import _choose_backend
+from fastcl.ops.layout import ColumnLayout
+
+from .helpers import Case, relative_error, run_both
+from .test_kernels import CASES as SMALL_CASES
+from .test_kernels import DTYPE_TOLERANCE
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRED = os.environ.get("FASTCL_REQUIRE_NATIVE") == "1"
+needs_native = pytest.mark.skipif(not native.available() and not REQUIRED,
+                                  reason=f"native extension unavailable: {native.status().reason}")
+
+
+def test_extension_is_loaded_when_required():
+    if not REQUIRED:
+        pytest.skip("FASTCL_REQUIRE_NATIVE is not set (CI sets it)")
+    assert native.available(), native.status().reason
+    for op in ("infonce_fwd", "infonce_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcl::{op}", "CPU")
+
+
+@needs_native
+def test_cpp_schemas_match_python_schemas():
+    # registration.cpp and native.SCHEMAS must describe the same operators: without the
+    # extension the Python strings define them, and the CUDA / fake kernels assume them.
+    for name, schema in native.SCHEMAS.items():
+        loaded = getattr(torch.ops.fastcl, name).default._schema
+        assert str(loaded) == str(torch._C.parse_schema(f"fastcl::{schema}"))
+
+
+def test_setup_py_and_loader_agree_on_sources_and_flags():
+    spec = importlib.util.spec_from_file_location("fastcl_setup", REPO / "setup.py")
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)  # setup() itself only runs as __main__
+    assert setup_module.EXTRA_CFLAGS == native.EXTRA_CFLAGS
+    assert setup_module.EXTRA_LDFLAGS == native.EXTRA_LDFLAGS
+    assert setup_module.BUILD_RECORD == native.BUILD_RECORD
+    assert setup_module.source_digest() == native.source_digest() is not None
+
+
+# ------------------------------------------------------------- against the reference
+
+# Real sizes, ragged against the 256-row x 512-column blocks, every option; each option
+# is covered in fp64 (at 1e-10) and in fp32 (at 1e-5). The float64 dense reference is
+# the cost here (about a minute for all of them on 2 cores).
+REAL_CASES = {
+    "n4096_d768_fp32": (Case(n=4096, d=768), torch.float32),
+    "n4096_everything_fp64": (Case(n=4096, d=96, hard=True, hard_weight=2.0, n_extra=1000, gaussian=64,
+                                   gaussian_weight=0.5, labels=True, learnable_tau=True, reduction="none"),
+                              torch.float64),
+    "n3001_symmetric_all_fp32": (Case(n=3001, d=129, symmetric=True, hard=True, hard_weight=0.7, n_extra=77,
+                                      gaussian=5, gaussian_weight=1.5, learnable_tau=True, reduction="sum"),
+                                 torch.float32),
+    "n2050_everything_fp32": (Case(n=2050, d=200, hard=True, hard_weight=0.4, n_extra=333, gaussian=16,
+                                   gaussian_weight=2.0, labels=True, learnable_tau=True, reduction="none"),
+                              torch.float32),
+    "n1531_symmetric_fp64": (Case(n=1531, d=72, symmetric=True, hard=True, hard_weight=1.3, n_extra=9,
+                                  gaussian=3, learnable_tau=True), torch.float64),
+    "n1531_unnormalized_fp64": (Case(n=1531, d=40, normalize=False, temperature=3.0, hard=True, hard_weight=3.0,
+                                     n_extra=13, labels=True), torch.float64),
+}
+
+
+def _assert_close(ours, ref, tol, what):
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        err = relative_error(ours[name], ref[name])
+        assert err <= tol, f"{what} {name}: relative error {err:.3g} > {tol:g}"
+
+
+@needs_native
+@pytest.mark.parametrize("name", list(REAL_CASES))
+def test_real_sizes_match_reference(name):
+    case, dtype = REAL_CASES[name]
+    ours, ref = run_both(case, "native", "cpu", dtype=dtype)
+    _assert_close(ours, ref, 1e-10 if dtype == torch.float64 else 1e-5, name)
+
+
+def _loss_and_grads(fn, leaves):
+    leaves = [x.clone().requires_grad_() for x in leaves]
+    loss = fn(*leaves)
+    return [loss.detach()] + list(torch.autograd.grad(loss, leaves))
+
+
+@needs_native
+def test_nt_xent_and_groups_at_real_size():
+    # Masked columns at scale: NT-Xent's self column, and token-level groups (a row sees
+    # only its own group's positives and hard negatives, plus the shared queue).
+    from fastcl import nt_xent, nt_xent_reference
+
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = (torch.randn(1500, 64, dtype=torch.float64, generator=g) for _ in range(2))
+    ours = _loss_and_grads(lambda a, b: nt_xent(a, b, temperature=0.2, backend="native"), [z1, z2])
+    ref = _loss_and_grads(lambda a, b: nt_xent_reference(a, b, temperature=0.2), [z1, z2])
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-10
+
+    a, p, h = (torch.randn(2500, 48, dtype=torch.float64, generator=g) for _ in range(3))
+    queue = torch.randn(300, 48, dtype=torch.float64, generator=g)
+    groups = torch.randint(0, 40, (2500,), generator=g)
+    options = dict(hard_negative_weight=2.0, temperature=0.1, groups=groups)
+    ours = _loss_and_grads(lambda *x: info_nce(*x, queue, backend="native", **options), [a, p, h])
+    ref = _loss_and_grads(lambda *x: info_nce_reference(*x, queue, **options), [a, p, h])
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-10
+
+
+@needs_native
+@pytest.mark.parametrize("tiles", [None, (4, 8), (7, 5)], ids=["default_tiles", "tiles4x8", "tiles7x5"])
+@pytest.mark.parametrize("name", list(SMALL_CASES))
+def test_small_cases_match_reference(name, tiles, monkeypatch):
+    # Tiny blocks make the small ragged cases span many row chunks and column tiles, so
+    # the tile walk, its staggered start and the shared dk tiles are all exercised.
+    if tiles is not None:
+        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
+        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
+    ours, ref = run_both(SMALL_CASES[name], "native", "cpu")
+    _assert_close(ours, ref, 1e-10, name)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCE), ids=str)
+@pytest.mark.parametrize("name", ["plain", "everything", "symmetric_all"])
+def test_low_precision_matches_reference(name, dtype):
+    case = SMALL_CASES[name].but(n=300)
+    ours, ref = run_both(case, "native", "cpu", dtype=dtype)
+    _assert_close(ours, ref, DTYPE_TOLERANCE[dtype], f"{name}/{dtype}")
+    for grad_name in ("anchors", "positives", "hard_negatives"):
+        if grad_name in ours:
+            assert ours[grad_name].dtype == dtype, "gradients keep the input dtype"
+
+
+@needs_native
+def test_backward_is_deterministic_across_runs_and_thread_counts(monkeypatch):
+    # 16 row chunks x 8 column tiles: dk tiles receive many chunks' blocks, in chunk order
+    # whatever the scheduling, so repeated runs, and 1 or 2 threads, agree bit for bit.
+    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "64")
+    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "128")
+    a, p, h = (torch.randn(1000, 64) for _ in range(3))
+
+    def grads():
+        leaves = [x.clone().requires_grad_() for x in (a, p, h)]
+        info_nce(*leaves, hard_negative_weight=2.0, backend="native").backward()
+        return [x.grad for x in leaves]
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = grads(), grads()
+        torch.set_num_threads(1)
+        single = grads()
+    finally:
+        torch.set_num_threads(previous)
+    for x, y, z in zip(first, second, single):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+# ------------------------------------------------------------------- gradcheck
+
+GRAD_N, GRAD_D = 17, 3
+GRAD_CASES = {
+    "plain": dict(),
+    "hard_negatives": dict(hard=True, hard_negative_weight=2.0),
+    "extra_gaussian_labels": dict(extra=True, gaussian_negatives=4, gaussian_weight=0.5, labels=True),
+    "symmetric": dict(symmetric=True, reduction="none"),
+    "learnable_temperature": dict(learnable_tau=True, hard=True, hard_negative_weight=0.5),
+    # Raw dot products of unit-variance rows: a larger temperature keeps the logits in the
+    # range where finite differences resolve atol 1e-8 (at 0.3 the reference fails too).
+    "unnormalized_sum": dict(normalize=False, reduction="sum", hard=True, temperature=3.0),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("tiles", [None, (5, 6)], ids=["one_tile", "many_tiles"])
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradcheck_through_native_operator(name, tiles, monkeypatch):
+    if tiles is not None:
+        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
+        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
+    options = dict(GRAD_CASES[name])
+    hard, extra = options.pop("hard", False), options.pop("extra", False)
+    learnable_tau, use_labels = options.pop("learnable_tau", False), options.pop("labels", False)
+    temperature = options.pop("temperature", 0.3)
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(rows):
+        return torch.randn(rows, GRAD_D, dtype=torch.float64, generator=g).requires_grad_()
+
+    inputs = [leaf(GRAD_N), leaf(GRAD_N)] + ([leaf(GRAD_N)] if hard else [])
+    if learnable_tau:
+        inputs.append(torch.tensor(temperature, dtype=torch.float64, requires_grad=True))
+    queue = torch.randn(6, GRAD_D, dtype=torch.float64, generator=g) if extra else None
+    n_cols = GRAD_N * (2 if hard else 1) + (6 if extra else 0)
+    labels = torch.randint(0, n_cols, (GRAD_N,), generator=g) if use_labels else None
+
+    def loss(*args):
+        h = args[2] if hard else None
+        tau = args[-1] if learnable_tau else temperature
+        generator = torch.Generator().manual_seed(0)  # the same Gaussian draws every call
+        return info_nce(args[0], args[1], h, queue, temperature=tau, generator=generator, labels=labels,
+                        backend="native", **options)
+
+    assert gradcheck(loss, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)
+
+
+# --------------------------------------------------------------------- opcheck
+
+
+def _operator_inputs(dtype, hard: bool, gaussian: bool, with_targets: bool, n=37, d=24, exclude_self=False,
+                     grouped=False):
+    g = torch.Generator().manual_seed(1)
+    n_hard, n_extra, n_gauss = (n if hard else 0), 5, (4 if gaussian else 0)
+    n_cols = n + n_hard + n_extra + n_gauss
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(n_cols, d, generator=g, dtype=torch.float64)).to(dtype)
+    layout = ColumnLayout(n_cols=n_cols, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard,
+                          gauss_start=n + n_hard + n_extra, log_hard_weight=0.4 if hard else 0.0,
+                          log_gauss_weight=-0.2 if gaussian else 0.0, self_start=0, n_self=n if exclude_self else 0)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    params = torch.tensor([12.5, layout.log_hard_weight, layout.log_gauss_weight], dtype=acc)
+    targets = torch.randint(-1 if not exclude_self else n, n_cols, (n,), generator=g) if with_targets else None
+    groups = None
+    if grouped:
+        row_groups = torch.randint(0, 3, (n,), generator=g)
+        groups = (row_groups, torch.cat([row_groups, row_groups]) if hard else row_groups)
+        if targets is None:  # each row's own positive is in its own group
+            targets = torch.arange(n)
+    return q, k, params, targets, layout, groups
+
+
+def _op_args(q, k, params, targets, layout, groups):
+    return (q, k, params, targets, *layout, *(groups if groups is not None else (None, None)))
+
+
+OPCHECK_VARIANTS = {
+    "plain_fp32": (torch.float32, False, False, False),
+    "everything_fp64": (torch.float64, True, True, True),
+    "hard_targets_bf16": (torch.bfloat16, True, False, True),
+    "gauss_fp16": (torch.float16, False, True, False),
+    "self_excluded_fp64": (torch.float64, False, False, False, 37, 24, True),
+    "groups_hard_fp32": (torch.float32, True, True, False, 37, 24, False, True),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
+def test_opcheck_forward(variant):
+    inputs = _operator_inputs(*OPCHECK_VARIANTS[variant])
+    torch.library.opcheck(torch.ops.fastcl.infonce_fwd.default, _op_args(*inputs))
+
+
+@needs_native
+@pytest.mark.parametrize("need_dq, need_dk", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
+def test_opcheck_backward(variant, need_dq, need_dk):
+    inputs = _operator_inputs(*OPCHECK_VARIANTS[variant])
+    lse, _ = torch.ops.fastcl.infonce_fwd(*_op_args(*inputs))
+    grad_rows = torch.randn(inputs[0].shape[0], dtype=lse.dtype)
+    torch.library.opcheck(torch.ops.fastcl.infonce_bwd.default,
+                          (*_op_args(*inputs), lse, grad_rows, need_dq, need_dk))
+
+
+@needs_native
+def test_operator_outputs_follow_the_backend_contract():
+    q, k, params, targets, layout, _ = _operator_inputs(torch.bfloat16, True, True, True)
+    lse, target_logit = native.operator_forward(q, k, params, targets, layout)
+    assert lse.dtype == target_logit.dtype == torch.float32 and lse.shape == (q.shape[0],)
+    grad_rows = torch.ones(q.shape[0])
+    dq, dk, row_dot = native.operator_backward(q, k, params, targets, layout, lse, grad_rows, True, True)
+    assert dq.shape == q.shape and dq.dtype == torch.bfloat16
+    assert dk.shape == (layout.n_grad_cols, q.shape[1]) and dk.dtype == torch.bfloat16
+    assert row_dot.shape == (q.shape[0],) and row_dot.dtype == torch.float32
+    dq, dk, row_dot = native.operator_backward(q, k, params, targets, layout, lse, grad_rows, False, True)
+    assert dq is None and row_dot is None and dk is not None
+
+
+@needs_native
+@pytest.mark.parametrize("mutation, message", [
+    (lambda a: a.__setitem__(2, a[2].double()), "params must be"),
+    (lambda a: a.__setitem__(3, torch.full_like(a[3], 10**6)), "outside"),
+    (lambda a: a.__setitem__(4, a[4] + 1), "n_cols"),
+    (lambda a: a.__setitem__(1, a[1][:, :5]), "embedding dim"),
+    (lambda a: a.__setitem__(1, a[1].double()), "one dtype"),
+    (lambda a: a.__setitem__(6, a[4] + 1), "hard-negative columns"),
+    (lambda a: a.__setitem__(3, torch.full_like(a[3], -2)), "outside"),
+    (lambda a: a.__setitem__(13, torch.zeros(37, dtype=torch.int64)), "go together"),
+    (lambda a: (a.__setitem__(13, torch.zeros(36, dtype=torch.int64)),
+                a.__setitem__(14, torch.zeros(74, dtype=torch.int64))), "row_groups must be"),
+    (lambda a: (a.__setitem__(12, 37), a.__setitem__(11, a[4])), "self columns"),
+], ids=["params_dtype", "target_range", "n_cols", "dim", "dtype", "hard_range", "target_below_minus_one",
+        "half_groups", "group_length", "self_range"])
+def test_operator_rejects_bad_arguments(mutation, message):
+    args = list(_op_args(*_operator_inputs(torch.float32, True, False, True)))
+    mutation(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastcl.infonce_fwd(*args)
+
+
+# ----------------------------------------------------------------------- loader
+
+
+def test_auto_backend_takes_native_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    big = 1 << 20
+    expected = "native" if native.available() else "torch"
+    assert _choose_backend("auto", torch.device("cpu"), big) == expected
+    monkeypatch.setattr(native, "_status", native.NativeStatus(False, "", None, "pretend"))
+    assert _choose_backend("auto", torch.device("cpu"), big) == "torch"
+    with pytest.raises(RuntimeError, match="pretend"):
+        info_nce(torch.randn(300, 8), torch.randn(300, 8), backend="native")
+
+
+def _fake_prebuilt(tmp_path, monkeypatch, record):
+    (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (tmp_path / native.BUILD_RECORD).write_text(json.dumps(record))
+    monkeypatch.setattr(native, "PACKAGE_DIR", tmp_path)
+
+
+def test_prebuilt_library_for_another_torch_is_not_loaded(tmp_path, monkeypatch):
+    _fake_prebuilt(tmp_path, monkeypatch, {"torch": "2.11.0+cu130", "sources": native.source_digest()})
+    path, reason = native._prebuilt_library()
+    assert path is None and "2.11.0+cu130" in reason and torch.__version__ in reason
+
+
+def test_prebuilt_library_from_older_sources_is_not_loaded(tmp_path, monkeypatch):
+    _fake_prebuilt(tmp_path, monkeypatch, {"torch": torch.__version__, "sources": "0123456789abcdef"})
+    path, reason = native._prebuilt_library()
+    assert path is None and "older sources" in reason
+
+
+def test_prebuilt_library_for_this_torch_is_chosen(tmp_path, monkeypatch):
+    _fake_prebuilt(tmp_path, monkeypatch, {"torch": torch.__version__, "sources": native.source_digest()})
+    path, reason = native._prebuilt_library()
+    assert path is not None and path.endswith(".so") and reason == ""
+
+
+_PROBE = """
+import torch, fastcl
+from fastcl import info_nce, info_nce_reference, native
+from fastcl.loss import _choose_backend
+s = native.status()
+print("STATUS", s.available, s.source, s.reason)
+print("AUTO", _choose_backend("auto", torch.device("cpu"), 1 << 20))
+a, p = torch.randn(300, 16, dtype=torch.float64), torch.randn(300, 16, dtype=torch.float64)
+ref = info_nce(a, p, backend="reference")
+print("ERR", abs(info_nce(a, p).item() - ref.item()))
+# Without the extension the schemas come from Python: the operators exist either way.
+print("SCHEMAS", all(str(getattr(torch.ops.fastcl, name).default._schema)
+                     == str(torch._C.parse_schema("fastcl::" + schema)) for name, schema in native.SCHEMAS.items()))
+if not s.available:
+    try:
+        info_nce(a, p, backend="native")
+    except RuntimeError as e:
+        print("NATIVE_REFUSED", "unavailable" in str(e))
+"""
+
+
+def _probe(tmp_path, **env):
+    full_env = {**os.environ, "TRITON_INTERPRET": "0", "FASTCL_BUILD_DIR": str(tmp_path / "cache"),
+                "PYTHONPATH": str(REPO), **env}
+    full_env.pop("FASTCL_REQUIRE_NATIVE", None)
+    done = subprocess.run([sys.executable, "-W", "always", "-c", _PROBE], env=full_env, capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    return lines, done.stderr
+
+
+def test_failed_build_falls_back_with_exactly_one_warning(tmp_path):
+    # FASTCL_NATIVE=jit ignores any setup.py build; a compiler that does not exist makes
+    # the just-in-time build fail the way a machine without g++ does.
+    lines, stderr = _probe(tmp_path, FASTCL_NATIVE="jit", CXX=str(tmp_path / "no-such-compiler"))
+    assert lines["STATUS"].startswith("False")
+    assert stderr.count("the native CPU extension is unavailable") == 1, stderr[-3000:]
+    assert lines["AUTO"] == "torch"
+    assert float(lines["ERR"]) < 1e-12
+    assert lines["NATIVE_REFUSED"] == "True"
+    assert lines["SCHEMAS"] == "True"
+
+
+@needs_native
+def test_just_in_time_build_then_cache(tmp_path):
+    # The path of a plain `pip install -e .` (no compiled extension at install time):
+    # compiled on first import against this torch, loaded from the cache afterwards.
+    lines, stderr = _probe(tmp_path, FASTCL_NATIVE="jit")
+    assert lines["STATUS"].startswith("True jit build"), stderr[-3000:]
+    assert "the native CPU extension is unavailable" not in stderr
+    assert lines["AUTO"] == "native" and float(lines["ERR"]) < 1e-12 and lines["SCHEMAS"] == "True"
+    lines, _ = _probe(tmp_path, FASTCL_NATIVE="jit")
+    assert lines["STATUS"].startswith("True jit cache")
+
+
+def test_disabled_native_gives_no_warning(tmp_path):
+    lines, stderr = _probe(tmp_path, FASTCL_NATIVE="0")
+    assert lines["STATUS"].startswith("False") and "FASTCL_NATIVE=0" in lines["STATUS"]
+    assert "the native CPU extension is unavailable" not in stderr
+    assert lines["AUTO"] == "torch" and float(lines["ERR"]) < 1e-12
