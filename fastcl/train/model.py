@@ -146,7 +146,8 @@ class SentenceEncoder(nn.Module):
             h = self._encode(mlm_input_ids, attention_mask, token_type_ids).last_hidden_state
             selected = mlm_labels != -100
             logits = self.mlm_head(h[selected])
-            mlm_sum = F.cross_entropy(logits.float(), mlm_labels[selected], reduction="sum")
+            wide = torch.promote_types(logits.dtype, torch.float32)  # half-precision logits in fp32
+            mlm_sum = F.cross_entropy(logits.to(wide), mlm_labels[selected], reduction="sum")
             mlm_count = int(selected.sum())
         return emb, mlm_sum, mlm_count
 

@@ -105,7 +105,7 @@ def _mlm_scale(count: int, distributed: bool, device) -> float:
 
 def _global_value(value: torch.Tensor, distributed: bool) -> float:
     """The logged loss: under DDP each rank's value is scaled so their mean is the global loss."""
-    value = value.detach().float().reshape(1).clone()
+    value = value.detach().double().reshape(1).clone()
     if distributed:
         dist.all_reduce(value)
         value /= dist.get_world_size()
@@ -186,7 +186,8 @@ def compute_gradients(model, batch: dict[str, torch.Tensor], cfg: LossConfig, *,
                         f"gradient caching: chunk {k} re-encoded with a relative difference of {err:.3g} from its "
                         "first pass: the dropout masks were not reproduced (a random generator this step does not "
                         "save, or a nondeterministic attention kernel); the cached gradients would be wrong")
-            surrogate = (emb.float() * grads[rows].float()).sum()
+            wide = torch.promote_types(emb.dtype, torch.float32)  # half precision summed in fp32
+            surrogate = (emb.to(wide) * grads[rows].to(wide)).sum()
             if do_mlm:
                 surrogate = surrogate + cfg.mlm_weight * mlm_sum * mlm_factor
                 mlm_total = mlm_total + mlm_sum.detach() * mlm_factor
