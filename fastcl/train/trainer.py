@@ -541,12 +541,13 @@ class Trainer:
                 from ..evaluate import memoize
 
                 fn = memoize(lambda s: enc.encode(s, batch_size=self.cfg.eval_batch_size))
-                g = embedding_geometry(fn, self.eval_sets["dev"])
+                # Same order of encoding as evaluate(): batches (and so rounding) are identical.
                 after = {"stsb_dev": score_sets(fn, [self.eval_sets["dev"]])["all"]["spearman"],
-                         "stsb_test": score_sets(fn, [self.eval_sets["test"]])["all"]["spearman"],
-                         "alignment": g["alignment"], "uniformity": g["uniformity"],
-                         "spectrum_top1_energy": g["spectrum"]["top1_energy"],
-                         "spectrum_effective_rank": g["spectrum"]["effective_rank"]}
+                         "stsb_test": score_sets(fn, [self.eval_sets["test"]])["all"]["spearman"]}
+                g = embedding_geometry(fn, self.eval_sets["dev"])
+                after.update({"alignment": g["alignment"], "uniformity": g["uniformity"],
+                              "spectrum_top1_energy": g["spectrum"]["top1_energy"],
+                              "spectrum_effective_rank": g["spectrum"]["effective_rank"]})
                 self.write_log({"event": "eval", "step": self.step, "when": "after (best model)",
                                 "best_step": self.best_step, **after})
                 self.log(f"after training (best model, step {self.best_step}): STS-B dev {after['stsb_dev']:.2f}, "
