@@ -139,6 +139,11 @@ def plot_spectra(spectra: dict[str, list[float]], path: str | Path, title: str =
     for label, values in spectra.items():
         ax.plot(np.arange(1, len(values) + 1), values, label=label)
     ax.set_yscale("log")
+    # A few (near-)zero trailing values (a dimension the model never uses) would stretch the
+    # axis over 15 decades and flatten everything that matters: clip the view at 1e-3.
+    if min(min(v) for v in spectra.values()) < 1e-3:
+        ax.set_ylim(bottom=1e-3)
+        ax.text(0.02, 0.03, "values below 1e-3 clipped", transform=ax.transAxes, fontsize=7)
     ax.set_xlabel("index")
     ax.set_ylabel("singular value / largest")
     ax.set_title(title)

@@ -57,7 +57,10 @@ def test_train_evaluate_save_and_load(workspace, pooler):
     assert results["before"]["stsb_test"] == evals[0]["stsb_test"] and results["after"]["stsb_dev"] == evals[-1]["stsb_dev"]
     assert results["steps"] == 4 and results["sentences_per_s"] > 0 and results["best_step"] == best["step"]
     for key in ("alignment", "uniformity", "spectrum_effective_rank"):
-        assert key in results["after"]
+        assert key in results["after"] and key in results["before"]
+    assert len(results["spectrum_normalized"]["after"]) == 32 and results["spectrum_normalized"]["before"][0] == 1.0
+    assert (out / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(not k.startswith("_") for r in records for k in r)
 
     mine = fastcl.encode(out, SENTENCES_FOR_CHECK)
     torch.testing.assert_close(mine.norm(dim=1), torch.ones(3))

@@ -197,9 +197,10 @@ def load_backbone(model: str, dtype: torch.dtype | None = None):
     """(backbone, tokenizer) from a directory or a HuggingFace name."""
     from transformers import AutoModel, AutoTokenizer
 
-    if os.path.sep in model or model.startswith("."):
-        if not Path(model).exists():
-            raise FileNotFoundError(f"model directory {model} does not exist")
+    looks_local = model.startswith((".", "~", os.path.sep)) or os.path.isabs(model)
+    if looks_local and not Path(model).expanduser().exists():
+        raise FileNotFoundError(f"model directory {model} does not exist")
+    model = str(Path(model).expanduser()) if looks_local else model  # else a local dir or a hub name
     tokenizer = AutoTokenizer.from_pretrained(model)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     backbone = AutoModel.from_pretrained(model, **kwargs)

@@ -10,6 +10,7 @@ Output directory layout (``--output-dir OUT``)::
                            position) and rng-rank<R>.pt, written atomically
     OUT/log.jsonl          one JSON object per evaluation and per logging interval
     OUT/results.json       before / after numbers, throughput, wall time, peak memory
+    OUT/spectrum.png       singular spectrum of STS-B dev embeddings before and after
 """
 
 from __future__ import annotations
@@ -139,7 +140,11 @@ class Trainer:
         self._stop = False
 
     def log(self, message: str) -> None:
-        if self.main:
+        if not self.main:
+            return
+        if getattr(self, "_bar", None) is not None:
+            self._bar.write(message.strip("\n"), file=sys.stderr)  # on its own line, above the bar
+        else:
             self._log(message)
 
     # ---------------------------------------------------------- set-up
@@ -234,11 +239,20 @@ class Trainer:
         elif (self.ckpt_dir / "state.pt").exists() and not cfg.overwrite:
             raise FileExistsError(f"{self.out} already holds a checkpoint: pass --resume to continue it or "
                                   "--overwrite to start again")
+        elif self.main:  # a fresh start: nothing of an earlier run may mix with this one
+            for name in ("checkpoint", "best", "last", "log.jsonl", "results.json", "spectrum.png"):
+                stale = self.out / name
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                elif stale.exists():
+                    stale.unlink()
         # Dropout differs per rank (seeded after the shared initialization above).
         if not cfg.resume:
             torch.manual_seed(cfg.seed + 1000 * self.rank)
             random.seed(cfg.seed + self.rank)
             np.random.seed(cfg.seed + self.rank)
+        if self.distributed:
+            dist.barrier()  # rank 0 has cleaned the output directory
 
     def _eval_sets(self):
         from ..evaluate import default_data_dir, find_tasks, load_stsb_split
@@ -282,7 +296,8 @@ class Trainer:
                 g = embedding_geometry(encode_fn, self.eval_sets["dev"])
                 result.update(alignment=g["alignment"], uniformity=g["uniformity"],
                               spectrum_top1_energy=g["spectrum"]["top1_energy"],
-                              spectrum_effective_rank=g["spectrum"]["effective_rank"])
+                              spectrum_effective_rank=g["spectrum"]["effective_rank"],
+                              _spectrum=g["spectrum"]["normalized"])  # for results.json's plot, not the log
         finally:
             self.encoder.train(was_training)
         return result
@@ -290,6 +305,7 @@ class Trainer:
     def write_log(self, record: dict) -> None:
         if not self.main:
             return
+        record = {k: v for k, v in record.items() if not k.startswith("_")}
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -358,6 +374,9 @@ class Trainer:
         if self.cfg.dedup:
             rows = drop_duplicates(rows)
         n_global = len(rows)
+        if n_global < self.world:
+            raise DataError(f"batch {self.index} of epoch {self.epoch} has {n_global} rows after --dedup, fewer "
+                            f"than the {self.world} processes")
         rows = rows[local_slice(len(rows), self.rank, self.world)]
         batch = tokenize_rows(rows, self.tokenizer, self.cfg.max_length, self.data.views)
         if self.cfg.do_mlm:
@@ -429,7 +448,8 @@ class Trainer:
                          f"uniformity {self.before['uniformity']:.4g}")
             if self.distributed:
                 dist.barrier()
-        self.log(f"training {self.data.kind} SimCSE on {len(self.data)} rows of {cfg.train_file}: "
+        kind = {"unsupervised": "unsupervised", "pairs": "supervised (pairs)", "triplets": "supervised (triplets)"}
+        self.log(f"training {kind[self.data.kind]} SimCSE on {len(self.data)} rows of {cfg.train_file}: "
                  f"{self.total_steps} steps of batch {cfg.batch_size}"
                  + (f" in chunks of {cfg.chunk_size}" if cfg.chunk_size else "")
                  + (f" over {self.world} processes" if self.world > 1 else "")
@@ -439,6 +459,7 @@ class Trainer:
         if self.main and cfg.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self._bar = bar
         previous = self._install_signals()
         interval_loss, interval_n, interval_t, interval_sent = 0.0, 0, 0.0, 0
         interrupted = False
@@ -506,11 +527,26 @@ class Trainer:
                 signal.signal(sig, h)
             if bar is not None:
                 bar.close()
+                self._bar = None
         self.save_checkpoint()
         if interrupted:
             self.log(f"checkpoint saved at step {self.step} in {self.ckpt_dir}; continue with --resume")
             return {"interrupted": True, "step": self.step}
         return self.finish(time.perf_counter() - wall0)
+
+    def _plot_spectra(self, after: dict) -> None:
+        """OUT/spectrum.png: the normalized singular spectrum of the STS-B dev embeddings,
+        before and after training (SimCSE section 5)."""
+        from ..metrics import plot_spectra
+
+        spectra = {}
+        if self.before and self.before.get("_spectrum"):
+            spectra["before"] = self.before["_spectrum"]
+        spectra[f"after (step {self.best_step})"] = after["_spectrum"]
+        try:
+            plot_spectra(spectra, self.out / "spectrum.png", title="STS-B dev embeddings: singular spectrum")
+        except ImportError as e:
+            self.log(f"note: no spectrum plot ({e})")
 
     def finish(self, wall_seconds: float) -> dict:
         """Last evaluation, the final model into OUT, STS-B test with it, results.json."""
@@ -547,7 +583,9 @@ class Trainer:
                 g = embedding_geometry(fn, self.eval_sets["dev"])
                 after.update({"alignment": g["alignment"], "uniformity": g["uniformity"],
                               "spectrum_top1_energy": g["spectrum"]["top1_energy"],
-                              "spectrum_effective_rank": g["spectrum"]["effective_rank"]})
+                              "spectrum_effective_rank": g["spectrum"]["effective_rank"],
+                              "_spectrum": g["spectrum"]["normalized"]})
+                self._plot_spectra(after)
                 self.write_log({"event": "eval", "step": self.step, "when": "after (best model)",
                                 "best_step": self.best_step, **after})
                 self.log(f"after training (best model, step {self.best_step}): STS-B dev {after['stsb_dev']:.2f}, "
@@ -558,7 +596,11 @@ class Trainer:
                 "config": asdict(self.cfg), "model": self.model_path, "pooler": self.pooler, "kind": self.data.kind,
                 "device": str(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else "cpu",
                 "world_size": self.world, "precision": self.precision, "steps": self.step,
-                "best_step": self.best_step, "before": self.before, "after": after,
+                "best_step": self.best_step,
+                "before": {k: v for k, v in (self.before or {}).items() if not k.startswith("_")} or None,
+                "after": {k: v for k, v in (after or {}).items() if not k.startswith("_")} or None,
+                "spectrum_normalized": {"before": (self.before or {}).get("_spectrum"),
+                                        "after": (after or {}).get("_spectrum")},
                 "sentences_per_s": self.sentences_seen / self.train_seconds if self.train_seconds else None,
                 "train_seconds": self.train_seconds, "wall_seconds_this_run": wall_seconds,
                 "peak_gpu_memory_gib": peak,
