@@ -157,3 +157,35 @@ def test_bad_input_errors(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--train-file", str(bad), "--temperature", "0", *base])
     assert "--temperature must be > 0" in capsys.readouterr().err
+
+
+def test_supervised_with_every_option(workspace):
+    """The real SNLI triplets with MLM, dedup, Gaussian and weighted hard negatives,
+    gradient caching and the avg_first_last pooler (which sentence-transformers cannot
+    express: no modules.json, but fastcl.encode loads it)."""
+    from .train_support import NLI
+
+    lines = NLI.read_text(encoding="utf-8").splitlines()[:33]
+    csv = workspace / "nli32.csv"
+    csv.write_text("\n".join(lines + [lines[1]]) + "\n", encoding="utf-8")  # a duplicate row for --dedup
+    out = workspace / "run-sup"
+    code = cli.main(["--train-file", str(csv), "--model", str(workspace / "tiny"), "--output-dir", str(out),
+                     "--batch-size", "33", "--chunk-size", "8", "--max-steps", "2", "--do-mlm", "--dedup",
+                     "--gaussian-negatives", "4", "--hard-negative-weight", "2.0", "--pooler", "avg_first_last",
+                     "--no-eval", "--no-progress", "--logging-steps", "1"])
+    assert code == 0
+    train = [r for r in _records(out) if r["event"] == "train"]
+    assert len(train) == 2 and all(r["mlm_loss"] > 0 and r["loss"] > 0 for r in train)
+    from fastcl.train.data import BatchPlan, drop_duplicates, read_training_file
+
+    rows = read_training_file(csv).rows
+    expected = [len(drop_duplicates([rows[i] for i in BatchPlan(33, 33, seed=42).batch(e, 0)])) for e in (0, 1)]
+    assert max(expected) <= 32  # at least the repeated row goes
+    assert [r["rows"] for r in train] == expected
+    results = json.loads((out / "results.json").read_text())
+    assert results["kind"] == "triplets" and results["sentences_per_s"] > 0
+    assert results["after"] is None  # no evaluation asked for
+    assert not (out / "modules.json").exists()
+    assert json.loads((out / "fastcl_config.json").read_text())["pooler"] == "avg_first_last"
+    emb = fastcl.encode(out, SENTENCES_FOR_CHECK)
+    assert emb.shape == (3, 32) and torch.isfinite(emb).all()

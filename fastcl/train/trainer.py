@@ -506,7 +506,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                     sent_s=f"{sentences / dt:.0f}", refresh=False)
                 if cfg.logging_steps and self.step % cfg.logging_steps == 0:
-                    self.write_log({"event": "train", "step": self.step, "epoch": self.epoch,
+                    self.write_log({"event": "train", "step": self.step, "epoch": self.epoch, "rows": n_global,
                                     "loss": interval_loss / interval_n, **{k: v for k, v in stats.items() if k != "loss"},
                                     "lr": self.scheduler.get_last_lr()[0],
                                     "sentences_per_s": interval_sent / interval_t, "elapsed_s": self.train_seconds})
