@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     if result.get("interrupted"):
         return 130
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     out = cfg.output_dir
     print(f"model written to {out} (loads with transformers.AutoModel, sentence_transformers.SentenceTransformer "
           f"and fastcl.encode); log: {out}/log.jsonl; results: {out}/results.json")

@@ -195,7 +195,11 @@ class Trainer:
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.encoder, device_ids=ids, broadcast_buffers=False)
+            # Buffers (position ids) are constants: no per-forward sync. The flag's name changed in torch 2.13.
+            import inspect
+            quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                     else {"broadcast_buffers": False})
+            self.model = DDP(self.encoder, device_ids=ids, **quiet)
         else:
             self.model = self.encoder
 
