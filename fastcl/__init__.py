@@ -1,10 +1,15 @@
 """fastcl: fused contrastive (InfoNCE) losses that never materialize the N x M similarity matrix."""
 
-from .loss import InfoNCELoss, draw_gaussian_negatives, info_nce
 from .encoder import encode, load_encoder
-from .reference import info_nce_reference
+from .loss import InfoNCELoss, draw_gaussian_negatives, info_nce
+from .nt_xent import NTXentLoss, nt_xent
+from .reference import info_nce_reference, nt_xent_reference
+from .token_level import token_info_nce
 
 __version__ = "0.1.0"
 
-__all__ = ["InfoNCELoss", "info_nce", "info_nce_reference", "draw_gaussian_negatives", "encode",
-           "load_encoder", "__version__"]
+__all__ = [
+    "InfoNCELoss", "info_nce", "NTXentLoss", "nt_xent", "token_info_nce",
+    "info_nce_reference", "nt_xent_reference", "draw_gaussian_negatives", "encode", "load_encoder",
+    "__version__",
+]

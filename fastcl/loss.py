@@ -67,15 +67,28 @@ def _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussi
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _check_index_vector(name: str, x, n: int, device: torch.device, what: str) -> None:
+    """A 1-D integer tensor with one entry per anchor, on the anchors' device."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.shape[0] != n:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a 1-D tensor with one {what} per anchor ({n}), got {shape}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} are on {x.device} but anchors are on {device}")
+
+
 def _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, temperature,
-                   symmetric, check_finite) -> None:
-    """Shapes, dtypes and devices; then, in one device sync, the values."""
-    _check_matrix("anchors", anchors)
+                   symmetric, check_finite, groups=None, names=("anchors", "positives")) -> None:
+    """Shapes, dtypes and devices; then, in one device sync, the values. ``names`` are
+    what the first two inputs are called in messages (NT-Xent calls them z1 and z2)."""
+    first, second = names
+    _check_matrix(first, anchors)
     n, d = anchors.shape
     if n == 0 or d == 0:
-        raise ValueError(f"empty batch: anchors has shape {tuple(anchors.shape)}; "
+        raise ValueError(f"empty batch: {first} has shape {tuple(anchors.shape)}; "
                          "need at least one row and one column")
-    named = [("anchors", anchors), ("positives", positives)]
+    named = [(first, anchors), (second, positives)]
     if hard_negatives is not None:
         named.append(("hard_negatives", hard_negatives))
     if extra_negatives is not None:
@@ -83,17 +96,17 @@ def _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, 
     for name, x in named[1:]:
         _check_matrix(name, x)
         if name != "extra_negatives" and x.shape != anchors.shape:
-            raise ValueError(f"{name} must have the shape of anchors {tuple(anchors.shape)} "
-                             f"(row i pairs with anchor i), got {tuple(x.shape)}")
+            raise ValueError(f"{name} must have the shape of {first} {tuple(anchors.shape)} "
+                             f"(row i pairs with row i), got {tuple(x.shape)}")
         if x.shape[1] != d:
-            raise ValueError(f"{name} has embedding dim {x.shape[1]}, anchors have {d}")
+            raise ValueError(f"{name} has embedding dim {x.shape[1]}, {first} have {d}")
         if x.device != anchors.device:
-            raise ValueError(f"{name} is on {x.device} but anchors are on {anchors.device}")
+            raise ValueError(f"{name} is on {x.device} but {first} are on {anchors.device}")
         if x.dtype != anchors.dtype:
-            raise TypeError(f"{name} is {x.dtype} but anchors are {anchors.dtype}; "
+            raise TypeError(f"{name} is {x.dtype} but {first} are {anchors.dtype}; "
                             "cast them to one dtype")
     if isinstance(temperature, torch.Tensor) and temperature.device != anchors.device:
-        raise ValueError(f"temperature is on {temperature.device} but anchors are on {anchors.device}")
+        raise ValueError(f"temperature is on {temperature.device} but {first} are on {anchors.device}")
 
     n_cols = n + (n if hard_negatives is not None else 0)
     n_cols += extra_negatives.shape[0] if extra_negatives is not None else 0
@@ -101,14 +114,12 @@ def _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, 
         if symmetric:
             raise ValueError("labels are not supported with symmetric=True: the column direction "
                              "pairs positive i with anchor i")
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n:
-            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"labels must be a 1-D tensor with one target column per anchor ({n}), "
-                             f"got {shape}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if labels.device != anchors.device:
-            raise ValueError(f"labels are on {labels.device} but anchors are on {anchors.device}")
+        if groups is not None:
+            raise ValueError("labels are not supported with groups: each anchor's target is its "
+                             "own positive, inside its group")
+        _check_index_vector("labels", labels, n, anchors.device, "target column")
+    if groups is not None:
+        _check_index_vector("groups", groups, n, anchors.device, "group id")
 
     if torch.compiler.is_compiling():
         return  # value checks would need a host sync, which a compiled graph cannot hold
@@ -175,6 +186,7 @@ def info_nce(
     eps: float = 1e-12,
     backend: str = "auto",
     check_finite: bool = True,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE over in-batch, hard, extra and Gaussian negatives, without an N x M matrix.
 
@@ -218,6 +230,12 @@ def info_nce(
             CPU), or ``"triton"``, ``"torch"``, ``"reference"`` to force one.
         check_finite: check the inputs for NaN / inf before computing (one device sync
             per call, shared with the label and temperature checks).
+        groups: optional N integer group ids (token-level InfoNCE, e.g. TaCL: one id per
+            sequence). Anchor i's positives and hard negatives are then only those of rows
+            in its own group; extra and Gaussian negatives stay shared by all groups.
+            Rows sorted by group (sequence after sequence) let the kernels skip every tile
+            whose rows and columns share no group. See :func:`fastcl.token_info_nce` for
+            the padded (batch x length x D) form. Not allowed with ``labels``.
 
     Returns:
         The reduced loss (a scalar), or the N per-row losses for ``reduction="none"``; in
@@ -231,7 +249,7 @@ def info_nce(
     """
     _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend)
     _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, temperature, symmetric,
-                   check_finite)
+                   check_finite, groups)
     n, dim = anchors.shape
     gaussian = _gaussian(gaussian_negatives, anchors, generator)
     n_hard = n if hard_negatives is not None else 0
@@ -242,7 +260,7 @@ def info_nce(
         loss = info_nce_reference(
             anchors, positives, hard_negatives, extra_negatives, gaussian, temperature=temperature,
             hard_negative_weight=hard_negative_weight, gaussian_weight=gaussian_weight, labels=labels,
-            symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps)
+            symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps, groups=groups)
         return loss.to(_output_dtype(anchors.dtype))
 
     q = unit_rows(anchors, normalize, eps)
@@ -253,12 +271,18 @@ def info_nce(
         log_hard_weight=math.log(hard_negative_weight), log_gauss_weight=math.log(gaussian_weight))
     inv_tau = inverse_temperature(temperature, anchors)
     targets = labels.to(torch.int64).contiguous() if labels is not None else None
+    row_groups = group_ids = None
+    if groups is not None:
+        # (row groups, candidate groups): positives and hard negatives share their row's group.
+        row_groups = groups.to(torch.int64).contiguous()
+        group_ids = (row_groups, row_groups if n_hard == 0 else torch.cat([row_groups, row_groups]))
 
     per_row = InfoNCEFunction.apply(q, k_grad, constant_rows(extra_negatives, gaussian, normalize, eps),
-                                    inv_tau, targets, layout, chosen)
+                                    inv_tau, targets, layout, chosen, group_ids)
     if symmetric:
         # Column direction of the in-batch block: positive j against every anchor.
-        per_col = InfoNCEFunction.apply(k_grad[:n], q, None, inv_tau, None, ColumnLayout.plain(n), chosen)
+        per_col = InfoNCEFunction.apply(k_grad[:n], q, None, inv_tau, None, ColumnLayout.plain(n), chosen,
+                                        None if groups is None else (row_groups, row_groups))
         per_row = (per_row + per_col) / 2
     return reduce_rows(per_row, reduction, anchors.dtype)
 
@@ -376,6 +400,7 @@ class InfoNCELoss(nn.Module):
         hard_negatives: torch.Tensor | None = None,
         extra_negatives: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         generator = self._generator_for(anchors.device) if self.gaussian_negatives else None
         return info_nce(
@@ -383,7 +408,8 @@ class InfoNCELoss(nn.Module):
             temperature=self.temperature, hard_negative_weight=self.hard_negative_weight,
             gaussian_negatives=self.gaussian_negatives, gaussian_weight=self.gaussian_weight,
             generator=generator, labels=labels, symmetric=self.symmetric, reduction=self.reduction,
-            normalize=self.normalize, eps=self.eps, backend=self.backend, check_finite=self.check_finite)
+            normalize=self.normalize, eps=self.eps, backend=self.backend, check_finite=self.check_finite,
+            groups=groups)
 
     def extra_repr(self) -> str:
         tau = self.temperature if not isinstance(self.temperature, torch.Tensor) else "learnable"

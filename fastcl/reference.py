@@ -33,6 +33,7 @@ def info_nce_reference(
     reduction: str = "mean",
     normalize: bool = True,
     eps: float = 1e-12,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE with in-batch, hard, extra and Gaussian negatives, computed densely.
 
@@ -42,7 +43,10 @@ def info_nce_reference(
     ``log(gaussian_weight)`` on every Gaussian column; ``loss_i`` is the cross-entropy of
     row ``i`` against column ``labels[i]`` (``i`` by default). With ``symmetric`` the
     column direction over the in-batch block (each positive scored against all anchors)
-    is averaged in, as CLIP does. Extra and Gaussian negatives receive no gradient.
+    is averaged in, as CLIP does. Extra and Gaussian negatives receive no gradient. With
+    ``groups`` (one id per anchor, shared by its positive and hard negative), a row's
+    positives and hard negatives are only those of its own group; extra and Gaussian
+    negatives stay visible to every group.
     """
     n = anchors.shape[0]
     if normalize:
@@ -68,6 +72,12 @@ def info_nce_reference(
     if gaussian_negatives is not None and gaussian_weight != 1.0:
         weights[:, candidates.shape[0] - gaussian_negatives.shape[0]:] = math.log(gaussian_weight)
     logits = logits + weights
+    if groups is not None:
+        candidate_groups = groups if hard_negatives is None else torch.cat([groups, groups])
+        other_group = groups[:, None] != candidate_groups[None, :]
+        masked = torch.zeros_like(logits, dtype=torch.bool)
+        masked[:, : candidate_groups.shape[0]] = other_group
+        logits = logits.masked_fill(masked, float("-inf"))
 
     targets = labels if labels is not None else torch.arange(n, device=logits.device)
     row_loss = torch.logsumexp(logits, dim=1) - logits.gather(1, targets[:, None])[:, 0]
@@ -84,3 +94,26 @@ def info_nce_reference(
     if reduction == "sum":
         return per_row.sum()
     return per_row
+
+
+def nt_xent_reference(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 0.1,
+    reduction: str = "mean",
+    normalize: bool = True,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """NT-Xent (SimCLR), densely: all 2N rows of ``[z1; z2]`` are anchors, each scored
+    against the other 2N - 1 rows (itself excluded); the target of row i is its other
+    view, ``(i + N) mod 2N``. ``"mean"`` averages over the 2N rows."""
+    n = z1.shape[0]
+    z = torch.cat([z1, z2])
+    if normalize:
+        z = F.normalize(z, dim=-1, eps=eps)
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    targets = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    return F.cross_entropy(logits, targets, reduction=reduction)

@@ -66,9 +66,11 @@ def check_at_scale(n: int, d: int, dtype_name: str, precision: str, case: str, d
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real sizes below")
+@pytest.mark.parametrize("strategy", ["slab", "workspace"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype_name, precision", [("bf16", "highest"), ("fp32", "highest")])
-def test_scale_check_on_cpu(case, dtype_name, precision):
+def test_scale_check_on_cpu(case, dtype_name, precision, strategy, monkeypatch):
+    monkeypatch.setenv("FASTCL_BACKWARD", strategy)
     check_at_scale(45, 20, dtype_name, precision, case, DEVICE)
 
 
@@ -77,8 +79,11 @@ def test_scale_check_on_cpu(case, dtype_name, precision):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype_name, precision", list(TOLERANCE))
 @pytest.mark.parametrize("n", [4096, 16384, 65536])
-def test_real_sizes_on_gpu(n, dtype_name, precision, case, monkeypatch):
+@pytest.mark.parametrize("strategy", ["slab", "workspace"])
+def test_real_sizes_on_gpu(strategy, n, dtype_name, precision, case, monkeypatch):
     # Large chunks keep the float64 oracle's cuBLAS products efficient (2 GiB of logits).
     monkeypatch.setenv("FASTCL_CHUNK_ELEMENTS", str(1 << 28))
+    monkeypatch.setenv("FASTCL_BACKWARD", strategy)
     errors = check_at_scale(n, 768, dtype_name, precision, case, DEVICE)
-    print(f"N={n} D=768 {dtype_name}/{precision} {case}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print(f"N={n} D=768 {dtype_name}/{precision} {case} {strategy}: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))

@@ -27,8 +27,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("strategy", ["slab", "workspace"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_gradcheck_through_triton(name, device):
+def test_gradcheck_through_triton(name, strategy, device, monkeypatch):
+    monkeypatch.setenv("FASTCL_BACKWARD", strategy)
     options = dict(CASES[name])
     hard = options.pop("hard", False)
     learnable_tau = options.pop("learnable_tau", False)

@@ -44,6 +44,18 @@ CASES = {
 }
 
 
+# The Triton backend has two backward strategies; every test runs both.
+BACKENDS = ["triton-slab", "triton-workspace", "torch"]
+
+
+def _use(backend: str, monkeypatch) -> str:
+    """The backend name for info_nce, with FASTCL_BACKWARD set for a Triton strategy."""
+    if backend.startswith("triton-"):
+        monkeypatch.setenv("FASTCL_BACKWARD", backend.split("-", 1)[1])
+        return "triton"
+    return backend
+
+
 def _assert_close(ours, ref, tol, what=""):
     assert ours.keys() == ref.keys()
     for name in ref:
@@ -51,10 +63,10 @@ def _assert_close(ours, ref, tol, what=""):
         assert err <= tol, f"{what} {name}: relative error {err:.3g} > {tol:g}"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_float64_matches_reference(name, backend, device):
-    ours, ref = run_both(CASES[name], backend, device)
+def test_float64_matches_reference(name, backend, device, monkeypatch):
+    ours, ref = run_both(CASES[name], _use(backend, monkeypatch), device)
     _assert_close(ours, ref, 1e-10, f"{name}/{backend}")
 
 
@@ -62,11 +74,11 @@ def test_float64_matches_reference(name, backend, device):
 DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCE), ids=str)
 @pytest.mark.parametrize("name", ["plain", "everything", "symmetric_all"])
-def test_low_precision_matches_reference(name, dtype, backend, device):
-    ours, ref = run_both(CASES[name], backend, device, dtype=dtype)
+def test_low_precision_matches_reference(name, dtype, backend, device, monkeypatch):
+    ours, ref = run_both(CASES[name], _use(backend, monkeypatch), device, dtype=dtype)
     _assert_close(ours, ref, DTYPE_TOLERANCE[dtype], f"{name}/{backend}/{dtype}")
     for grad_name in ("anchors", "positives", "hard_negatives"):
         if grad_name in ours:
@@ -82,9 +94,18 @@ def test_low_precision_matches_reference(name, dtype, backend, device):
     ],
     ids=["tall", "wide", "one_tile"],
 )
-def test_block_shapes_do_not_change_the_result(config, device):
+@pytest.mark.parametrize("backend", ["triton-slab", "triton-workspace"])
+def test_block_shapes_do_not_change_the_result(config, backend, device, monkeypatch):
     with override_config(config):
-        ours, ref = run_both(CASES["everything"].but(d=33), "triton", device)
+        ours, ref = run_both(CASES["everything"].but(d=33), _use(backend, monkeypatch), device)
+    _assert_close(ours, ref, 1e-10)
+
+
+def test_workspace_backward_in_several_chunks(device, monkeypatch):
+    # A 3-row workspace cap: many chunks, the last one ragged, the buffer reused.
+    case = CASES["everything"]
+    monkeypatch.setenv("FASTCL_WORKSPACE_BYTES", str(3 * case.n_cols * 8 + 8 * (case.gaussian + 1)))
+    ours, ref = run_both(case, _use("triton-workspace", monkeypatch), device)
     _assert_close(ours, ref, 1e-10)
 
 
@@ -145,3 +166,18 @@ def test_auto_backend_is_correct_at_every_size(device):
         a, p = (torch.randn(n, 16, dtype=torch.float64, device=device) for _ in range(2))
         ref = info_nce(a, p, backend="reference")
         assert relative_error(info_nce(a, p), ref) < 1e-12
+
+
+def test_backward_strategy_choice(monkeypatch):
+    from fastcl.ops.configs import backward_strategy
+
+    monkeypatch.delenv("FASTCL_BACKWARD", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU defaults: 256-wide slabs at 16 bits
+    assert backward_strategy(torch.bfloat16, 256) == "slab"
+    assert backward_strategy(torch.bfloat16, 768) == "workspace"
+    assert backward_strategy(torch.bfloat16, 768, grouped=True) == "slab"
+    monkeypatch.setenv("FASTCL_BACKWARD", "slab")
+    assert backward_strategy(torch.bfloat16, 768) == "slab"
+    monkeypatch.setenv("FASTCL_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="FASTCL_BACKWARD must be one of"):
+        backward_strategy(torch.bfloat16, 768)

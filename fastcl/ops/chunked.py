@@ -27,17 +27,25 @@ def chunk_rows(n_rows: int, n_cols: int) -> int:
     return max(1, min(n_rows, budget // max(n_cols, 1)))
 
 
-def _chunk_logits(q_chunk, k, params, row0, layout: ColumnLayout):
-    """(similarity, logits) of rows [row0, row0 + len(q_chunk)), in the accumulator dtype."""
+def _chunk_logits(q_chunk, k, params, row0, layout: ColumnLayout, groups):
+    """(similarity, logits) of rows [row0, row0 + len(q_chunk)), in the accumulator dtype,
+    with -inf where a column is not a candidate of the row (itself, another group)."""
     s = q_chunk @ k.T
     logits = s * params[0]
     n_chunk = q_chunk.shape[0]
+    rows = torch.arange(row0, row0 + n_chunk, device=q_chunk.device)
     if layout.hard_weighted:
-        rows = torch.arange(row0, row0 + n_chunk, device=q_chunk.device)
         own = rows < layout.n_hard
         logits[own.nonzero()[:, 0], layout.hard_start + rows[own]] += params[1]
     if layout.gauss_weighted:
         logits[:, layout.gauss_start:] += params[2]
+    if layout.n_self:
+        own = rows < layout.n_self
+        logits[own.nonzero()[:, 0], layout.self_start + rows[own]] = float("-inf")
+    if groups is not None:
+        row_groups, key_groups = groups
+        other_group = row_groups[row0:row0 + n_chunk, None] != key_groups[None, :]
+        logits[:, :layout.n_grad_cols].masked_fill_(other_group, float("-inf"))
     return s, logits
 
 
@@ -47,7 +55,13 @@ def _chunk_targets(targets, row0, n_chunk, device):
     return targets[row0:row0 + n_chunk]
 
 
-def chunked_forward(q, k, params, targets, layout: ColumnLayout):
+def _target_logits(logits, tgt):
+    """logits[i, tgt[i]], and 0 where tgt[i] is -1 (the target lies in no column here)."""
+    picked = logits.gather(1, tgt.clamp(min=0)[:, None])[:, 0]
+    return torch.where(tgt >= 0, picked, torch.zeros_like(picked))
+
+
+def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None):
     """Per-row ``(lse, target_logit)`` in the accumulator dtype; see infonce_forward."""
     n_rows = q.shape[0]
     acc = accumulator_dtype(q.dtype)
@@ -57,15 +71,15 @@ def chunked_forward(q, k, params, targets, layout: ColumnLayout):
     step = chunk_rows(n_rows, layout.n_cols)
     for row0 in range(0, n_rows, step):
         q_chunk = q[row0:row0 + step]
-        _, logits = _chunk_logits(q_chunk, k, params, row0, layout)
+        _, logits = _chunk_logits(q_chunk, k, params, row0, layout, groups)
         tgt = _chunk_targets(targets, row0, q_chunk.shape[0], q.device)
         lse[row0:row0 + step] = torch.logsumexp(logits, dim=1)
-        target_logit[row0:row0 + step] = logits.gather(1, tgt[:, None])[:, 0]
+        target_logit[row0:row0 + step] = _target_logits(logits, tgt)
     return lse, target_logit
 
 
 def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
-                     need_dq: bool = True, need_dk: bool = True):
+                     need_dq: bool = True, need_dk: bool = True, groups=None):
     """``(dq, dk, row_dot)`` with the same meaning as infonce_backward."""
     n_rows, dim = q.shape
     in_dtype, acc = q.dtype, accumulator_dtype(q.dtype)
@@ -78,10 +92,11 @@ def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows
     for row0 in range(0, n_rows, step):
         q_chunk = q[row0:row0 + step]
         n_chunk = q_chunk.shape[0]
-        s, logits = _chunk_logits(q_chunk, k, params, row0, layout)
+        s, logits = _chunk_logits(q_chunk, k, params, row0, layout, groups)
         tgt = _chunk_targets(targets, row0, n_chunk, q.device)
         dlogits = torch.exp(logits - lse[row0:row0 + step, None])
-        dlogits[torch.arange(n_chunk, device=q.device), tgt] -= 1.0
+        has_target = tgt >= 0
+        dlogits[has_target.nonzero()[:, 0], tgt[has_target]] -= 1.0
         dlogits *= grad_rows[row0:row0 + step, None].to(acc)
         ds = dlogits * params[0]
         if need_dq:

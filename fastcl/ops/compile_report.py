@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .configs import KernelConfig, backward_config, forward_config
+from .configs import KernelConfig, kernel_config
 
 #: Shared memory per block on an H100 (227 KB usable of 228 KB).
 H100_SHARED_BYTES = 227 * 1024
@@ -47,7 +47,7 @@ class Report:
         if self.shared_bytes > shared_limit:
             found.append(f"{self.shared_bytes} bytes of shared memory (limit {shared_limit})")
         # Full-precision fp32 ("highest" matmul precision) runs on the FMA units by design.
-        if self.tensor_core_ops == 0 and self.variant != "fp32/ieee":
+        if self.tensor_core_ops == 0 and not self.variant.startswith("fp32/ieee"):
             found.append("no tensor-core instructions")
         return found
 
@@ -91,42 +91,53 @@ def _resources(cubin: bytes) -> tuple[int, int, int]:
     return registers, spills, mma
 
 
-def kernel_reports(dim: int = 768, arch: int = 90) -> list[Report]:
+def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, cfg: KernelConfig,
+                arch: int = 90) -> Report:
+    """Compile one kernel (a name of configs.KERNELS) for one dtype and dot
+    precision, with every option off ("plain") or on ("all"), at ``cfg``."""
     from .infonce_bwd import _infonce_bwd_dk_kernel, _infonce_bwd_dq_kernel
+    from .infonce_bwd_workspace import _infonce_dlogits_kernel
     from .infonce_fwd import _infonce_fwd_kernel
 
-    reports = []
-    for dtype, precision in _variants():
-        t = _TRITON_TYPES[dtype]
-        acc = "fp64" if dtype == torch.float64 else "fp32"
-        flags = dict(HAS_TARGETS=True, HARD_WEIGHTED=True, GAUSS_WEIGHTED=True,
-                     ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False)
-        variant = f"{t}/{precision}"
+    t = _TRITON_TYPES[dtype]
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    on = features == "all"
+    flags = dict(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on, GROUPED=on,
+                 ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False)
+    sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64",
+               row_groups_ptr="*i64", key_groups_ptr="*i64", lse_ptr=f"*{acc}")
+    segments = dict(hard_start="i32", n_hard="i32", gauss_start="i32", self_start="i32", n_self="i32")
+    sizes = dict(n_rows="i32", n_cols="i32", n_grad_cols="i32", dim="i32", stride_q="i32", stride_k="i32")
+    blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
+    if kernel == "forward":
+        fn = _infonce_fwd_kernel
+        sig.update(target_logit_ptr=f"*{acc}", **sizes, **segments)
+    elif kernel == "backward_dq":
+        fn = _infonce_bwd_dq_kernel
+        sig.update(grad_rows_ptr=f"*{acc}", dq_ptr=f"*{t}", row_dot_ptr=f"*{acc}", **sizes, stride_dq="i32",
+                   **segments)
+        blocks["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT
+    elif kernel == "backward_dk":
+        fn = _infonce_bwd_dk_kernel
+        sig.update(grad_rows_ptr=f"*{acc}", dk_ptr=f"*{t}", **sizes, stride_dk="i32", **segments)
+        blocks["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT
+    elif kernel == "backward_ds":
+        fn = _infonce_dlogits_kernel
+        sig.update(grad_rows_ptr=f"*{acc}", ds_ptr=f"*{t}", row_dot_ptr=f"*{acc}", row0="i32",
+                   n_chunk_rows="i32", **sizes, stride_ds="i32", **segments)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    compiled = _compile(fn, sig, {**flags, **blocks}, cfg, arch)
+    return Report(kernel, f"{t}/{precision}/{features}", cfg, *_split(compiled))
 
-        cfg = forward_config(dtype, dim)
-        sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64", lse_ptr=f"*{acc}",
-                   target_logit_ptr=f"*{acc}", n_rows="i32", n_cols="i32", dim="i32", stride_q="i32",
-                   stride_k="i32", hard_start="i32", n_hard="i32", gauss_start="i32")
-        blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
-        compiled = _compile(_infonce_fwd_kernel, sig, {**flags, **blocks}, cfg, arch)
-        reports.append(Report("forward", variant, cfg, *_split(compiled)))
 
-        cfg = backward_config(dtype, dim)
-        blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_D_OUT=cfg.BLOCK_D_OUT)
-        sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64", lse_ptr=f"*{acc}",
-                   grad_rows_ptr=f"*{acc}", dq_ptr=f"*{t}", row_dot_ptr=f"*{acc}", n_rows="i32", n_cols="i32",
-                   dim="i32", stride_q="i32", stride_k="i32", stride_dq="i32", hard_start="i32",
-                   n_hard="i32", gauss_start="i32")
-        compiled = _compile(_infonce_bwd_dq_kernel, sig, {**flags, **blocks}, cfg, arch)
-        reports.append(Report("backward dq", variant, cfg, *_split(compiled)))
-
-        sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64", lse_ptr=f"*{acc}",
-                   grad_rows_ptr=f"*{acc}", dk_ptr=f"*{t}", n_rows="i32", n_cols="i32", n_grad_cols="i32",
-                   dim="i32", stride_q="i32", stride_k="i32", stride_dk="i32", hard_start="i32",
-                   n_hard="i32", gauss_start="i32")
-        compiled = _compile(_infonce_bwd_dk_kernel, sig, {**flags, **blocks}, cfg, arch)
-        reports.append(Report("backward dk", variant, cfg, *_split(compiled)))
-    return reports
+def kernel_reports(dim: int = 768, arch: int = 90) -> list[Report]:
+    """Every kernel at its default configuration, for every dtype/precision, with every
+    option off and on."""
+    return [compile_one(kernel, dtype, precision, features, kernel_config(kernel, dtype, dim), arch)
+            for dtype, precision in _variants()
+            for features in ("plain", "all")
+            for kernel in ("forward", "backward_dq", "backward_dk", "backward_ds")]
 
 
 def _split(compiled) -> tuple[int, int, int, int]:
@@ -144,7 +155,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
     reports = kernel_reports(args.dim, args.arch)
-    print(f"{'kernel':<12} {'variant':<10} {'blocks (M,N,D,Dout) warps stages':<36} {'regs':>5} "
+    print(f"{'kernel':<12} {'variant':<16} {'blocks (M,N,D,Dout) warps stages':<36} {'regs':>5} "
           f"{'spill':>6} {'smem':>7} {'mma':>5}  problems")
     failed = False
     for r in reports:
@@ -152,7 +163,7 @@ def main(argv=None) -> int:
         blocks = f"{c.BLOCK_M},{c.BLOCK_N},{c.BLOCK_D},{c.BLOCK_D_OUT} w{c.num_warps} s{c.num_stages}"
         problems = r.problems()
         failed |= bool(problems)
-        print(f"{r.kernel:<12} {r.variant:<10} {blocks:<36} {r.registers:>5} {r.spill_bytes:>6} "
+        print(f"{r.kernel:<12} {r.variant:<16} {blocks:<36} {r.registers:>5} {r.spill_bytes:>6} "
               f"{r.shared_bytes:>7} {r.tensor_core_ops:>5}  {'; '.join(problems)}")
     return 1 if (args.check and failed) else 0
 

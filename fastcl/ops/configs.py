@@ -1,9 +1,14 @@
 """Launch configurations of every kernel, in one place.
 
-The GPU entries are first choices checked only by compiling for sm_90a (no spills,
-shared memory within the H100's 227 KB; see tests/test_sm90_compile.py): they have not
-yet been timed on an H100. Tuning them by measurement is issue 3's work; change them
-here and nowhere else.
+Three sources, in order:
+
+1. an override (``override_config``: tests, and the tuner while it measures);
+2. a tuned table for the GPU's architecture, ``tuned/sm90.json`` and the like, written by
+   ``benchmarks/tune.py`` from measurements on that GPU (the entry for the smallest tuned
+   D >= the actual D is used, else the largest);
+3. the defaults below: first choices checked only by compiling for sm_90a (no spills,
+   shared memory within the H100's 227 KB; ``python -m fastcl.ops.compile_report``), not
+   yet timed on an H100.
 
 Under the Triton interpreter every kernel takes one small configuration: the
 interpreter's cost is per tile, and small blocks make ragged test sizes span several
@@ -13,11 +18,19 @@ tiles in every direction.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+import functools
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
 from .utils import interpreting
+
+#: The kernels that take a configuration.
+KERNELS = ("forward", "backward_dq", "backward_dk", "backward_ds")
+
+TUNED_DIR = Path(__file__).with_name("tuned")
 
 
 @dataclass(frozen=True)
@@ -27,7 +40,8 @@ class KernelConfig:
     BLOCK_M / BLOCK_N: rows (queries) and columns (candidates) of a logit tile.
     BLOCK_D: step of the contraction over the embedding dimension.
     BLOCK_D_OUT: width of the gradient slab one backward program owns (the backward
-    splits D across programs so that its accumulator fits in registers).
+    splits D across programs so that its accumulator fits in registers; the forward
+    ignores it).
     """
 
     BLOCK_M: int
@@ -37,49 +51,116 @@ class KernelConfig:
     num_warps: int
     num_stages: int
 
+    def as_dict(self) -> dict:
+        return asdict(self)
+
 
 _INTERPRETER = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_D_OUT=16, num_warps=1, num_stages=1)
 
-_override: KernelConfig | None = None
+_DEFAULTS = {
+    # (kernel, dtype family) -> config
+    ("forward", "half"): KernelConfig(128, 128, 64, 64, num_warps=8, num_stages=3),
+    ("forward", "fp32"): KernelConfig(128, 64, 32, 64, num_warps=8, num_stages=3),
+    ("forward", "fp64"): KernelConfig(32, 32, 16, 32, num_warps=4, num_stages=2),
+    ("backward", "half"): KernelConfig(64, 64, 64, 256, num_warps=8, num_stages=2),
+    ("backward", "fp32"): KernelConfig(64, 64, 32, 128, num_warps=8, num_stages=2),
+    ("backward", "fp64"): KernelConfig(32, 32, 16, 32, num_warps=4, num_stages=2),
+}
+
+_override: dict[str, KernelConfig] | None = None
 
 
 @contextlib.contextmanager
-def override_config(config: KernelConfig):
-    """Run every kernel launched inside the block with ``config`` (tests use this)."""
+def override_config(config: KernelConfig | dict[str, KernelConfig]):
+    """Run kernels launched inside the block with ``config``: one config for every
+    kernel, or a dict kernel name -> config (kernels not named keep their usual one)."""
     global _override
-    previous, _override = _override, config
+    previous = _override
+    _override = dict.fromkeys(KERNELS, config) if isinstance(config, KernelConfig) else dict(config)
     try:
         yield
     finally:
         _override = previous
 
 
-def _fit_d_out(block_d_out: int, dim: int) -> int:
-    """Never make the gradient slab wider than D rounded up to a power of two (>= 16)."""
-    return max(16, min(block_d_out, 1 << max(dim - 1, 0).bit_length()))
-
-
-def forward_config(dtype: torch.dtype, dim: int) -> KernelConfig:
-    if _override is not None:
-        return _override
-    if interpreting():
-        return _INTERPRETER
+def dtype_family(dtype: torch.dtype) -> str:
     if dtype == torch.float64:
-        return KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_D_OUT=32, num_warps=4, num_stages=2)
+        return "fp64"
     if dtype == torch.float32:
-        return KernelConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, BLOCK_D_OUT=64, num_warps=8, num_stages=3)
-    return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_D_OUT=64, num_warps=8, num_stages=3)
+        return "fp32"
+    return "half"
 
 
-def backward_config(dtype: torch.dtype, dim: int) -> KernelConfig:
-    if _override is not None:
-        return _override
+def _fit_d_out(config: KernelConfig, dim: int) -> KernelConfig:
+    """Never make the gradient slab wider than D rounded up to a power of two (>= 16)."""
+    width = max(16, min(config.BLOCK_D_OUT, 1 << max(dim - 1, 0).bit_length()))
+    return replace(config, BLOCK_D_OUT=width)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm{major}{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(arch: str) -> dict:
+    path = TUNED_DIR / f"{arch}.json"
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        return json.load(f)["configs"]
+
+
+def _tuned(kernel: str, dtype: torch.dtype, dim: int, device: torch.device | None) -> KernelConfig | None:
+    if device is None or device.type != "cuda":
+        return None
+    entries = _tuned_table(_arch(device.index if device.index is not None else torch.cuda.current_device()))
+    by_dim = entries.get(kernel, {}).get(dtype_family(dtype), {})
+    if not by_dim:
+        return None
+    dims = sorted(int(d) for d in by_dim)
+    chosen = next((d for d in dims if d >= dim), dims[-1])
+    return KernelConfig(**by_dim[str(chosen)])
+
+
+def kernel_config(kernel: str, dtype: torch.dtype, dim: int, device: torch.device | None = None) -> KernelConfig:
+    """The configuration ``kernel`` (one of :data:`KERNELS`) launches with."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    if _override is not None and kernel in _override:
+        return _override[kernel]
     if interpreting():
         return _INTERPRETER
-    if dtype == torch.float64:
-        config = KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_D_OUT=32, num_warps=4, num_stages=2)
-    elif dtype == torch.float32:
-        config = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_D_OUT=128, num_warps=8, num_stages=2)
-    else:
-        config = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_D_OUT=256, num_warps=8, num_stages=2)
-    return replace(config, BLOCK_D_OUT=_fit_d_out(config.BLOCK_D_OUT, dim))
+    config = _tuned(kernel, dtype, dim, device)
+    if config is None:
+        # The workspace kernel (backward_ds) is shaped like the forward: a product with
+        # an epilogue, no slab.
+        family = "forward" if kernel in ("forward", "backward_ds") else "backward"
+        config = _DEFAULTS[(family, dtype_family(dtype))]
+    return config if kernel in ("forward", "backward_ds") else _fit_d_out(config, dim)
+
+
+#: Backward strategies of the Triton backend: "slab" (infonce_bwd.py: two kernels, the
+#: similarity recomputed once per D slab) and "workspace" (infonce_bwd_workspace.py: logit
+#: gradients of a chunk of rows in a capped buffer, then two matrix products).
+BACKWARD_STRATEGIES = ("slab", "workspace")
+
+
+def backward_strategy(dtype: torch.dtype, dim: int, device: torch.device | None = None, grouped: bool = False) -> str:
+    """Which backward the Triton backend runs: ``FASTCL_BACKWARD`` if set; else "slab"
+    with groups (its kernels skip tiles without a common group, where the workspace's
+    matrix products would run over every column) or when one slab spans D (nothing is
+    recomputed), and "workspace" when D needs several slabs. The default is a first
+    choice by operation count, not yet timed on a GPU."""
+    import os
+
+    chosen = os.environ.get("FASTCL_BACKWARD", "")
+    if chosen:
+        if chosen not in BACKWARD_STRATEGIES:
+            raise ValueError(f"FASTCL_BACKWARD must be one of {BACKWARD_STRATEGIES}, got {chosen!r}")
+        return chosen
+    if grouped:
+        return "slab"
+    slab = kernel_config("backward_dq", dtype, dim, device).BLOCK_D_OUT
+    return "slab" if dim <= slab else "workspace"

@@ -53,18 +53,21 @@ class InfoNCEFunction(torch.autograd.Function):
     Arguments: ``q`` (N x D queries), ``k_grad`` (columns that get a gradient),
     ``k_const`` (columns that do not, or None), ``inv_tau`` (0-dim tensor, may require
     grad), ``targets`` (int64 of length N, or None for the diagonal), ``layout``
-    (:class:`ColumnLayout` of ``[k_grad; k_const]``) and ``backend`` (name).
+    (:class:`ColumnLayout` of ``[k_grad; k_const]``), ``backend`` (name) and ``groups``
+    (None, or int32 group ids of the rows and of the ``k_grad`` columns: a row's
+    candidates among ``k_grad`` are those of its own group).
     Returns the N per-row losses in the accumulator dtype (fp32, fp64 for fp64 inputs).
     """
 
     @staticmethod
-    def forward(ctx, q, k_grad, k_const, inv_tau, targets, layout: ColumnLayout, backend: str):
+    def forward(ctx, q, k_grad, k_const, inv_tau, targets, layout: ColumnLayout, backend: str, groups=None):
         k = k_grad if k_const is None else torch.cat([k_grad, k_const])
         params = kernel_params(inv_tau, layout, q.dtype)
         forward_fn, _ = _backend(backend)
-        lse, target_logit = forward_fn(q, k, params, targets, layout)
+        extra = {} if groups is None else {"groups": groups}
+        lse, target_logit = forward_fn(q, k, params, targets, layout, **extra)
         ctx.save_for_backward(q, k, params, targets, lse)
-        ctx.layout, ctx.backend = layout, backend
+        ctx.layout, ctx.backend, ctx.extra = layout, backend, extra
         ctx.inv_tau_dtype = inv_tau.dtype
         return lse - target_logit
 
@@ -74,6 +77,6 @@ class InfoNCEFunction(torch.autograd.Function):
         need_q, need_k, _, need_tau = ctx.needs_input_grad[:4]
         _, backward_fn = _backend(ctx.backend)
         dq, dk, row_dot = backward_fn(q, k, params, targets, ctx.layout, lse, grad_rows,
-                                      need_dq=need_q or need_tau, need_dk=need_k)
+                                      need_dq=need_q or need_tau, need_dk=need_k, **ctx.extra)
         d_inv_tau = row_dot.sum().to(ctx.inv_tau_dtype) if need_tau else None
-        return (dq if need_q else None), dk, None, d_inv_tau, None, None, None
+        return (dq if need_q else None), dk, None, d_inv_tau, None, None, None, None

@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import backward_config
+from .configs import backward_strategy, kernel_config
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
-from .tiles import logit_grad_tile, logit_tile, similarity_tile
+from .tiles import groups_overlap, load_groups, logit_grad_tile, logit_tile, similarity_tile
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
 
@@ -37,12 +37,15 @@ def _infonce_bwd_dq_kernel(
     k_ptr,
     params_ptr,
     targets_ptr,
+    row_groups_ptr,
+    key_groups_ptr,
     lse_ptr,
     grad_rows_ptr,
     dq_ptr,
     row_dot_ptr,
     n_rows,
     n_cols,
+    n_grad_cols,
     dim,
     stride_q,
     stride_k,
@@ -50,9 +53,13 @@ def _infonce_bwd_dq_kernel(
     hard_start,
     n_hard,
     gauss_start,
+    self_start,
+    n_self,
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
+    GROUPED: tl.constexpr,
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -76,25 +83,34 @@ def _infonce_bwd_dq_kernel(
         targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
     else:
         targets = rows
+    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=acc_dtype)
     row_dot = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     for n0 in range(0, n_cols, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                            BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-        logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, n_cols,
-                            hard_start, n_hard, gauss_start, HARD_WEIGHTED, GAUSS_WEIGHTED)
-        dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
-        row_dot += tl.sum(dlogits * s, 1)
-        k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
-                         mask=(cols[:, None] < n_cols) & slab_in[None, :], other=0.0)
-        ds = dlogits * inv_tau
-        if UPCAST:
-            k_slab = k_slab.to(tl.float32)
+        col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+        if GROUPED:
+            visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
+                                   n0 + BLOCK_N > n_grad_cols, GROUPED)
         else:
-            ds = ds.to(k_slab.dtype)
-        dq = tl.dot(ds, k_slab, dq, input_precision=PRECISION, out_dtype=acc_dtype)
+            visit = True
+        if visit:
+            s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
+                                BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+            logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
+                                col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
+                                n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+            dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
+            row_dot += tl.sum(dlogits * s, 1)
+            k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
+                             mask=(cols[:, None] < n_cols) & slab_in[None, :], other=0.0)
+            ds = dlogits * inv_tau
+            if UPCAST:
+                k_slab = k_slab.to(tl.float32)
+            else:
+                ds = ds.to(k_slab.dtype)
+            dq = tl.dot(ds, k_slab, dq, input_precision=PRECISION, out_dtype=acc_dtype)
 
     tl.store(dq_ptr + rows[:, None] * stride_dq + slab[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=row_in[:, None] & slab_in[None, :])
@@ -108,6 +124,8 @@ def _infonce_bwd_dk_kernel(
     k_ptr,
     params_ptr,
     targets_ptr,
+    row_groups_ptr,
+    key_groups_ptr,
     lse_ptr,
     grad_rows_ptr,
     dk_ptr,
@@ -121,9 +139,13 @@ def _infonce_bwd_dk_kernel(
     hard_start,
     n_hard,
     gauss_start,
+    self_start,
+    n_self,
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
+    GROUPED: tl.constexpr,
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -139,35 +161,49 @@ def _infonce_bwd_dk_kernel(
     inv_tau = tl.load(params_ptr)
     log_hard_weight = tl.load(params_ptr + 1)
     log_gauss_weight = tl.load(params_ptr + 2)
+    # Every column here is a gradient column (< n_grad_cols), so it has a group.
+    col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D_OUT), dtype=acc_dtype)
     for m0 in range(0, n_rows, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_in = rows < n_rows
-        lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
-        grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
-        if HAS_TARGETS:
-            targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
+        row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
+        if GROUPED:
+            visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols, False, GROUPED)
         else:
-            targets = rows
-        # Columns past n_grad_cols still belong to the softmax (up to n_cols); they are
-        # simply not stored.
-        s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                            BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-        logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, n_cols,
-                            hard_start, n_hard, gauss_start, HARD_WEIGHTED, GAUSS_WEIGHTED)
-        dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
-        q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
-                         mask=row_in[:, None] & slab_in[None, :], other=0.0)
-        ds = dlogits * inv_tau
-        if UPCAST:
-            q_slab = q_slab.to(tl.float32)
-        else:
-            ds = ds.to(q_slab.dtype)
-        dk = tl.dot(tl.trans(ds), q_slab, dk, input_precision=PRECISION, out_dtype=acc_dtype)
+            visit = True
+        if visit:
+            lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+            grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
+            if HAS_TARGETS:
+                targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
+            else:
+                targets = rows
+            # The softmax runs over all n_cols columns; only the first n_grad_cols are
+            # stored, and this program's columns are among them.
+            s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
+                                BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+            logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
+                                col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
+                                n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+            dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
+            q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
+                             mask=row_in[:, None] & slab_in[None, :], other=0.0)
+            ds = dlogits * inv_tau
+            if UPCAST:
+                q_slab = q_slab.to(tl.float32)
+            else:
+                ds = ds.to(q_slab.dtype)
+            dk = tl.dot(tl.trans(ds), q_slab, dk, input_precision=PRECISION, out_dtype=acc_dtype)
 
     tl.store(dk_ptr + cols[:, None] * stride_dk + slab[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=(cols[:, None] < n_grad_cols) & slab_in[None, :])
+
+
+def _launch_options(cfg) -> dict:
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_D_OUT=cfg.BLOCK_D_OUT,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def infonce_backward(
@@ -180,47 +216,58 @@ def infonce_backward(
     grad_rows: torch.Tensor,
     need_dq: bool = True,
     need_dk: bool = True,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernels.
 
-    Returns ``(dq, dk, row_dot)``: dq is N x D (None unless ``need_dq``), dk is
-    ``layout.n_grad_cols`` x D (None unless ``need_dk``), both in the input dtype;
-    row_dot (accumulator dtype, length N, computed with dq) sums to the gradient of the
-    loss with respect to 1/tau.
+    Arguments as for :func:`infonce_forward`, plus the forward's ``lse`` and the
+    incoming per-row gradient ``grad_rows``. Runs the slab kernels below or, when
+    :func:`~fastcl.ops.configs.backward_strategy` says so, the workspace backward. Returns ``(dq, dk, row_dot)``: dq is N x D
+    (None unless ``need_dq``), dk is ``layout.n_grad_cols`` x D (None unless
+    ``need_dk``), both in the input dtype; row_dot (accumulator dtype, length N, computed
+    with dq) sums to the gradient of the loss with respect to 1/tau.
     """
     n_rows, dim = q.shape
+    if backward_strategy(q.dtype, dim, q.device, grouped=groups is not None) == "workspace":
+        from .infonce_bwd_workspace import infonce_backward_workspace
+
+        return infonce_backward_workspace(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups)
     _check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
-    cfg = backward_config(q.dtype, dim)
-    common = dict(
+    flags = dict(
         HAS_TARGETS=targets is not None,
         HARD_WEIGHTED=layout.hard_weighted,
         GAUSS_WEIGHTED=layout.gauss_weighted,
+        EXCLUDE_SELF=layout.n_self > 0,
+        GROUPED=groups is not None,
         ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_for_interpreter(q.dtype),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_D_OUT=cfg.BLOCK_D_OUT,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     targets_arg = targets if targets is not None else lse
-    n_slabs = triton.cdiv(dim, cfg.BLOCK_D_OUT)
+    row_groups, key_groups = groups if groups is not None else (lse, lse)
+    segments = (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self)
 
     dq = row_dot = None
     if need_dq:
         dq = torch.empty_like(q)
         row_dot = torch.empty(n_rows, dtype=acc, device=q.device)
-        _infonce_bwd_dq_kernel[(triton.cdiv(n_rows, cfg.BLOCK_M), n_slabs)](
-            q, k, params, targets_arg, lse, grad_rows, dq, row_dot,
-            n_rows, layout.n_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
-            layout.hard_start, layout.n_hard, layout.gauss_start, **common,
+        cfg = kernel_config("backward_dq", q.dtype, dim, q.device)
+        grid = (triton.cdiv(n_rows, cfg.BLOCK_M), triton.cdiv(dim, cfg.BLOCK_D_OUT))
+        _infonce_bwd_dq_kernel[grid](
+            q, k, params, targets_arg, row_groups, key_groups, lse, grad_rows, dq, row_dot,
+            n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
+            *segments, **flags, **_launch_options(cfg),
         )
     dk = None
     if need_dk and layout.n_grad_cols > 0:
         dk = torch.empty((layout.n_grad_cols, dim), dtype=k.dtype, device=k.device)
-        _infonce_bwd_dk_kernel[(triton.cdiv(layout.n_grad_cols, cfg.BLOCK_N), n_slabs)](
-            q, k, params, targets_arg, lse, grad_rows, dk,
+        cfg = kernel_config("backward_dk", q.dtype, dim, q.device)
+        grid = (triton.cdiv(layout.n_grad_cols, cfg.BLOCK_N), triton.cdiv(dim, cfg.BLOCK_D_OUT))
+        _infonce_bwd_dk_kernel[grid](
+            q, k, params, targets_arg, row_groups, key_groups, lse, grad_rows, dk,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dk.stride(0),
-            layout.hard_start, layout.n_hard, layout.gauss_start, **common,
+            *segments, **flags, **_launch_options(cfg),
         )
     return dq, dk, row_dot

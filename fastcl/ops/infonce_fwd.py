@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import forward_config
+from .configs import kernel_config
 from .layout import ColumnLayout
-from .tiles import logit_tile, similarity_tile
+from .tiles import groups_overlap, load_groups, logit_tile, similarity_tile
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
 
@@ -25,19 +25,26 @@ def _infonce_fwd_kernel(
     k_ptr,
     params_ptr,  # [1 / tau, log hard weight, log gaussian weight] in the accumulator dtype
     targets_ptr,
+    row_groups_ptr,
+    key_groups_ptr,
     lse_ptr,
     target_logit_ptr,
     n_rows,
     n_cols,
+    n_grad_cols,
     dim,
     stride_q,
     stride_k,
     hard_start,
     n_hard,
     gauss_start,
+    self_start,
+    n_self,
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
+    GROUPED: tl.constexpr,
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -55,21 +62,32 @@ def _infonce_fwd_kernel(
         targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
     else:
         targets = rows
+    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
     row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     target_logit = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     for n0 in range(0, n_cols, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                            BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-        logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, n_cols,
-                            hard_start, n_hard, gauss_start, HARD_WEIGHTED, GAUSS_WEIGHTED)
-        # Every tile holds at least one real column, so the new max is finite.
-        new_max = tl.maximum(row_max, tl.max(logits, 1))
-        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
-        row_max = new_max
-        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), 1)
+        col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+        if GROUPED:
+            visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
+                                   n0 + BLOCK_N > n_grad_cols, GROUPED)
+        else:
+            visit = True
+        if visit:  # tiles whose rows and columns share no group hold no candidate
+            s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
+                                BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+            logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
+                                col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
+                                n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+            new_max = tl.maximum(row_max, tl.max(logits, 1))
+            # A row may have no candidate yet (all -inf so far, with masking): shift by 0
+            # then, so that exp(-inf - -inf) never makes a NaN.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
+            row_max = new_max
+            target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), 1)
 
     tl.store(lse_ptr + rows, row_max + tl.log(row_sum), mask=row_in)
     tl.store(target_logit_ptr + rows, target_logit, mask=row_in)
@@ -87,12 +105,15 @@ def infonce_forward(
     params: torch.Tensor,
     targets: torch.Tensor | None,
     layout: ColumnLayout,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     q: N x D queries, k: M x D candidates (both contiguous, same dtype and device);
     params: [1/tau, log hard weight, log gaussian weight] in the accumulator dtype;
-    targets: int64 column per row, or None for ``target_i = i``.
+    targets: int64 column per row (-1 matches no column), or None for ``target_i = i``;
+    groups: optional ``(row_groups, key_groups)``, int32 group ids of the N rows and of
+    the first ``layout.n_grad_cols`` columns (later columns are visible to every group).
     Returns ``(lse, target_logit)``, each of length N in the accumulator dtype.
     """
     n_rows, dim = q.shape
@@ -100,15 +121,18 @@ def infonce_forward(
     acc = accumulator_dtype(q.dtype)
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
-    cfg = forward_config(q.dtype, dim)
+    cfg = kernel_config("forward", q.dtype, dim, q.device)
+    row_groups, key_groups = groups if groups is not None else (lse, lse)
     grid = (triton.cdiv(n_rows, cfg.BLOCK_M),)
     _infonce_fwd_kernel[grid](
-        q, k, params, targets if targets is not None else lse, lse, target_logit,
-        n_rows, layout.n_cols, dim, q.stride(0), k.stride(0),
-        layout.hard_start, layout.n_hard, layout.gauss_start,
+        q, k, params, targets if targets is not None else lse, row_groups, key_groups, lse, target_logit,
+        n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0),
+        layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
         HAS_TARGETS=targets is not None,
         HARD_WEIGHTED=layout.hard_weighted,
         GAUSS_WEIGHTED=layout.gauss_weighted,
+        EXCLUDE_SELF=layout.n_self > 0,
+        GROUPED=groups is not None,
         ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_for_interpreter(q.dtype),

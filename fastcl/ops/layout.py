@@ -15,6 +15,8 @@ class ColumnLayout(NamedTuple):
         ``hard_start + i`` (n_hard is 0 without hard negatives).
     gauss_start: first Gaussian column (``n_cols`` when there are none).
     log_hard_weight, log_gauss_weight: additive logit weights (0.0 means weight 1).
+    self_start, n_self: row i < n_self must not score column ``self_start + i`` (itself:
+        NT-Xent, where queries and candidates are the same rows); n_self 0 masks nothing.
     """
 
     n_cols: int
@@ -24,6 +26,8 @@ class ColumnLayout(NamedTuple):
     gauss_start: int = 0
     log_hard_weight: float = 0.0
     log_gauss_weight: float = 0.0
+    self_start: int = 0
+    n_self: int = 0
 
     @classmethod
     def plain(cls, n_cols: int, n_grad_cols: int | None = None) -> "ColumnLayout":

@@ -7,8 +7,12 @@ queries (anchors), columns are candidates laid out as
 
 Only two kinds of column carry an additive weight: row i's own hard negative, at column
 ``hard_start + i`` (SimCSE's log alpha), and every Gaussian column, from ``gauss_start``
-on (GS-InfoNCE's log lambda). Both are switched off at compile time when their weight
-is 1, so the common case pays for neither comparison.
+on (GS-InfoNCE's log lambda). Two kinds of column are masked out (-inf): row i's own
+column ``self_start + i`` when a row must not score itself (NT-Xent), and, with groups,
+every candidate among the first ``n_grad_cols`` whose group differs from the row's
+(token-level InfoNCE within a sequence); constant columns (extra and Gaussian negatives)
+are visible to every group. Each feature is a compile-time switch, so the common case
+pays for none of these comparisons.
 """
 
 import triton
@@ -61,21 +65,57 @@ def logit_tile(
     log_gauss_weight,
     rows,
     cols,
+    row_groups,
+    col_groups,
     n_cols,
+    n_grad_cols,
     hard_start,
     n_hard,
     gauss_start,
+    self_start,
+    n_self,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
-    """Scaled, weighted logits of a similarity tile; columns past ``n_cols`` are -inf."""
+    """Scaled, weighted logits of a similarity tile, -inf where a column is not a
+    candidate of the row (past ``n_cols``, the row itself, another group)."""
     logits = s * inv_tau
     if HARD_WEIGHTED:
         own_hard = (cols[None, :] == rows[:, None] + hard_start) & (rows[:, None] < n_hard)
         logits = tl.where(own_hard, logits + log_hard_weight, logits)
     if GAUSS_WEIGHTED:
         logits = tl.where(cols[None, :] >= gauss_start, logits + log_gauss_weight, logits)
-    return tl.where(cols[None, :] < n_cols, logits, float("-inf"))
+    valid = cols[None, :] < n_cols
+    if EXCLUDE_SELF:
+        valid = valid & ((cols[None, :] != rows[:, None] + self_start) | (rows[:, None] >= n_self))
+    if GROUPED:
+        valid = valid & ((row_groups[:, None] == col_groups[None, :]) | (cols[None, :] >= n_grad_cols))
+    return tl.where(valid, logits, float("-inf"))
+
+
+@triton.jit
+def load_groups(groups_ptr, idx, n_valid, GROUPED: tl.constexpr):
+    """int64 group ids of ``idx`` (0 past ``n_valid``); when ungrouped, ``idx`` itself as a
+    placeholder that nothing reads (a jit function returns one type on every path)."""
+    if GROUPED:
+        return tl.load(groups_ptr + idx, mask=idx < n_valid, other=0).to(tl.int64)
+    return idx.to(tl.int64)
+
+
+@triton.jit
+def groups_overlap(row_groups, row_in, col_groups, col_in, col_all_visible, GROUPED: tl.constexpr):
+    """Whether a tile can hold any candidate: its rows' and columns' group ranges meet,
+    or it holds a column visible to every group. Always true when ungrouped."""
+    if GROUPED:
+        big = 2147483647
+        row_lo = tl.min(tl.where(row_in, row_groups, big), 0)
+        row_hi = tl.max(tl.where(row_in, row_groups, -big), 0)
+        col_lo = tl.min(tl.where(col_in, col_groups, big), 0)
+        col_hi = tl.max(tl.where(col_in, col_groups, -big), 0)
+        return col_all_visible | ((col_lo <= row_hi) & (col_hi >= row_lo))
+    return True
 
 
 @triton.jit

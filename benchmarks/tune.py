@@ -1,0 +1,213 @@
+"""Tune the kernels' launch configurations by measurement, in two steps.
+
+1. ``static`` (any machine, no GPU): compile every candidate of a grid for the target
+   architecture with Triton's own ptxas and keep those with no register spills and
+   shared memory within the limit. Writes the candidate list (JSON).
+
+       python benchmarks/tune.py static --arch 90 --out benchmarks/results/tune_candidates_sm90.json
+
+2. ``measure`` (on the GPU): compile the candidates in parallel (warming Triton's cache),
+   time each with ``triton.testing.do_bench`` (median) at one size, check its outputs
+   against the default configuration's, and write the fastest correct one per
+   (kernel, dtype family, D) into ``fastcl/ops/tuned/<arch>.json``, the table
+   ``fastcl.ops.configs`` reads.
+
+       python benchmarks/tune.py measure --candidates benchmarks/results/tune_candidates_sm90.json \\
+           --n 16384 --write fastcl/ops/tuned/sm90.json
+
+Nothing here has run on a GPU yet (no GPU was lent to the session that wrote it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastcl.ops.configs import KERNELS, KernelConfig, override_config  # noqa: E402
+
+FAMILIES = {"half": torch.bfloat16, "fp32": torch.float32}
+
+
+def candidate_grid(kernel: str, family: str, dim: int):
+    """The configurations worth trying for one kernel (before the static filter)."""
+    d_steps = (64, 128) if family == "half" else (32, 64)
+    if kernel in ("forward", "backward_ds"):
+        for bm, bn, bd, warps, stages in itertools.product((64, 128), (64, 128, 256), d_steps, (4, 8), (2, 3, 4)):
+            yield KernelConfig(bm, bn, bd, 64, warps, stages)
+    else:
+        widest = max(64, 1 << max(dim - 1, 0).bit_length())
+        outs = sorted({o for o in (64, 128, 256, 512, widest) if o <= widest})
+        for bm, bn, bd_out, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), outs, (4, 8), (1, 2)):
+            yield KernelConfig(bm, bn, d_steps[0], bd_out, warps, stages)
+
+
+def _static_check(args):
+    kernel, family, dim, arch, cfg = args
+    from fastcl.ops import compile_report
+
+    try:
+        report = compile_report.compile_one(kernel, FAMILIES[family], "tf32" if family == "fp32" else "ieee",
+                                            "plain", cfg, arch)
+    except Exception as exc:  # a config Triton cannot compile is simply not a candidate
+        return kernel, family, dim, cfg, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    problems = report.problems()
+    return kernel, family, dim, cfg, report, "; ".join(problems)
+
+
+def run_static(args) -> None:
+    jobs = [(kernel, family, dim, args.arch, cfg)
+            for kernel in args.kernels
+            for family in args.families for dim in args.dims
+            for cfg in candidate_grid(kernel, family, dim)]
+    print(f"compiling {len(jobs)} candidates for sm_{args.arch} with {args.jobs} processes")
+    kept: dict = {}
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+        for kernel, family, dim, cfg, report, problems in pool.map(_static_check, jobs, chunksize=4):
+            if report is None or problems:
+                continue
+            kept.setdefault(kernel, {}).setdefault(family, {}).setdefault(str(dim), []).append(
+                dict(config=cfg.as_dict(), registers=report.registers, shared_bytes=report.shared_bytes))
+    total = sum(len(v) for k in kept.values() for f in k.values() for v in f.values())
+    print(f"{total} of {len(jobs)} compile without spills within the shared-memory limit")
+    with open(args.out, "w") as f:
+        json.dump(dict(arch=f"sm{args.arch}", triton=_triton_version(), date=str(datetime.date.today()),
+                       candidates=kept), f, indent=1)
+    print(f"wrote {args.out}")
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+# ---------------------------------------------------------------------------- measure
+
+
+def _problem(kernel: str, dtype: torch.dtype, n: int, dim: int, seed: int = 0):
+    """Inputs of one kernel launch at N = M = n (unit rows, as the loss gives them)."""
+    from fastcl.ops.infonce import kernel_params
+    from fastcl.ops.infonce_fwd import infonce_forward
+    from fastcl.ops.layout import ColumnLayout
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(n, dim, device="cuda", generator=gen), dim=-1).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(n, dim, device="cuda", generator=gen), dim=-1).to(dtype)
+    layout = ColumnLayout.plain(n)
+    params = kernel_params(torch.tensor(20.0, device="cuda"), layout, dtype)
+    lse, _ = infonce_forward(q, k, params, None, layout)
+    grad_rows = torch.full((n,), 1.0 / n, device="cuda", dtype=lse.dtype)
+    return q, k, params, layout, lse, grad_rows
+
+
+def _runner(kernel: str, problem):
+    from fastcl.ops.infonce_bwd import infonce_backward
+    from fastcl.ops.infonce_bwd_workspace import infonce_backward_workspace
+    from fastcl.ops.infonce_fwd import infonce_forward
+
+    q, k, params, layout, lse, grad_rows = problem
+    if kernel == "forward":
+        return lambda: infonce_forward(q, k, params, None, layout)[0]
+    if kernel == "backward_ds":  # timed with the two products it feeds: the whole workspace backward
+        return lambda: infonce_backward_workspace(q, k, params, None, layout, lse, grad_rows)[0]
+    # The slab kernels are timed through infonce_backward with the slab strategy forced.
+    os.environ["FASTCL_BACKWARD"] = "slab"
+    if kernel == "backward_dq":
+        return lambda: infonce_backward(q, k, params, None, layout, lse, grad_rows, need_dq=True, need_dk=False)[0]
+    return lambda: infonce_backward(q, k, params, None, layout, lse, grad_rows, need_dq=False, need_dk=True)[1]
+
+
+def _warm(args):
+    """Compile one candidate in a worker process (fills Triton's on-disk cache)."""
+    kernel, family, dim, cfg_dict = args
+    try:
+        problem = _problem(kernel, FAMILIES[family], 256, dim)
+        with override_config({kernel: KernelConfig(**cfg_dict)}):
+            _runner(kernel, problem)()
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+def run_measure(args) -> None:
+    import triton.testing
+
+    with open(args.candidates) as f:
+        candidates = json.load(f)["candidates"]
+    jobs = [(kernel, family, dim, c["config"]) for kernel, by_family in candidates.items()
+            for family, by_dim in by_family.items() for dim, cs in by_dim.items() for c in cs
+            if family in args.families and int(dim) in args.dims and kernel in args.kernels]
+    print(f"warming {len(jobs)} candidates in {args.jobs} processes", flush=True)
+    ctx = torch.multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        failures = {job[:3] + (json.dumps(job[3]),): err for job, err in zip(jobs, pool.map(_warm, jobs)) if err}
+    print(f"{len(failures)} failed to compile or launch", flush=True)
+
+    table, log = {}, []
+    for (kernel, family, dim), group in itertools.groupby(sorted(jobs, key=lambda j: j[:3]), key=lambda j: j[:3]):
+        problem = _problem(kernel, FAMILIES[family], args.n, int(dim))
+        baseline = _runner(kernel, problem)().float()
+        results = []
+        for _, _, _, cfg_dict in group:
+            if (kernel, family, dim, json.dumps(cfg_dict)) in failures:
+                continue
+            with override_config({kernel: KernelConfig(**cfg_dict)}):
+                fn = _runner(kernel, problem)
+                out = fn().float()
+                err = ((out - baseline).norm() / baseline.norm()).item()
+                ok = err < (2e-2 if family == "half" else 2e-3) and bool(torch.isfinite(out).all())
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") if ok else float("nan")
+            results.append(dict(config=cfg_dict, ms=ms, rel_err=err, correct=ok))
+        correct = [r for r in results if r["correct"]]
+        best = min(correct, key=lambda r: r["ms"])
+        default_ms = triton.testing.do_bench(_runner(kernel, problem), warmup=25, rep=100, return_mode="median")
+        print(f"{kernel:<12} {family:<5} D={dim:<5} default {default_ms:8.3f} ms  best {best['ms']:8.3f} ms "
+              f"{best['config']}  ({len(correct)}/{len(results)} correct)", flush=True)
+        table.setdefault(kernel, {}).setdefault(family, {})[str(dim)] = best["config"]
+        log.append(dict(kernel=kernel, family=family, dim=int(dim), n=args.n, default_ms=default_ms, results=results))
+
+    stamp = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=_triton_version(),
+                 date=str(datetime.date.today()), n=args.n, command=" ".join(sys.argv))
+    os.makedirs(os.path.dirname(os.path.abspath(args.write)), exist_ok=True)
+    with open(args.write, "w") as f:
+        json.dump(dict(measured=stamp, configs=table), f, indent=1)
+    if args.log:
+        with open(args.log, "w") as f:
+            json.dump(dict(measured=stamp, runs=log), f, indent=1)
+    print(f"wrote {args.write}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="step", required=True)
+    static = sub.add_parser("static", help="compile the candidate grid without a GPU; keep those that fit")
+    static.add_argument("--arch", type=int, default=90)
+    static.add_argument("--out", default="benchmarks/results/tune_candidates_sm90.json")
+    measure = sub.add_parser("measure", help="time the candidates on the GPU; write the tuned table")
+    measure.add_argument("--candidates", default="benchmarks/results/tune_candidates_sm90.json")
+    measure.add_argument("--n", type=int, default=16384, help="N = M of the timed launch")
+    measure.add_argument("--write", default="fastcl/ops/tuned/sm90.json")
+    measure.add_argument("--log", default=None, help="JSON with every candidate's time and error")
+    for p in (static, measure):
+        p.add_argument("--dims", type=int, nargs="+", default=[768])
+        p.add_argument("--families", nargs="+", default=["half", "fp32"], choices=list(FAMILIES))
+        p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+        p.add_argument("--jobs", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: tuning compiles real kernels")
+    run_static(args) if args.step == "static" else run_measure(args)
+
+
+if __name__ == "__main__":
+    main()

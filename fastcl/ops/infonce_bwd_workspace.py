@@ -1,0 +1,173 @@
+"""Workspace backward: logit gradients of a chunk of rows in a bounded buffer, then GEMMs.
+
+The slab backward (infonce_bwd.py) recomputes every similarity tile once per D slab of
+each gradient, so at D = 768 with 256-wide slabs it does the 2NMD similarity product
+six times. This backward forms it once. For each chunk of R rows:
+
+1. one Triton kernel recomputes S = q_R k^T tile by tile and writes, per tile,
+   ``dS = g_i (softmax - [j == t_i]) / tau`` into an R x M workspace in the input dtype
+   (the elementwise work fused into the product's epilogue, never a separate pass), and
+   adds ``sum_j G_ij s_ij`` into the temperature's row sums;
+2. ``dq_R = dS @ k`` and ``dk += dS[:, :n_grad]^T q_R`` are two plain matrix products
+   (cuBLAS on the GPU).
+
+That is 6NMD of backward work (2 for S, 2 for dq, 2 for dk) instead of the slab path's
+~2NMD x (slabs + 1) per gradient, at the price of writing the workspace once and reading
+it twice. Its size is capped (``FASTCL_WORKSPACE_BYTES``, default 1 GiB): R = cap / (M x
+element size), so memory stays O((N + M) D + cap), never N x M.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import kernel_config
+from .infonce_fwd import _check_rows_contiguous
+from .layout import ColumnLayout
+from .tiles import groups_overlap, load_groups, logit_grad_tile, logit_tile, similarity_tile
+from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
+
+#: Default cap on the workspace (bytes); FASTCL_WORKSPACE_BYTES overrides it.
+DEFAULT_WORKSPACE_BYTES = 1 << 30
+
+
+@triton.jit
+def _infonce_dlogits_kernel(
+    q_ptr,
+    k_ptr,
+    params_ptr,
+    targets_ptr,
+    row_groups_ptr,
+    key_groups_ptr,
+    lse_ptr,
+    grad_rows_ptr,
+    ds_ptr,
+    row_dot_ptr,
+    row0,
+    n_chunk_rows,
+    n_rows,
+    n_cols,
+    n_grad_cols,
+    dim,
+    stride_q,
+    stride_k,
+    stride_ds,
+    hard_start,
+    n_hard,
+    gauss_start,
+    self_start,
+    n_self,
+    HAS_TARGETS: tl.constexpr,
+    HARD_WEIGHTED: tl.constexpr,
+    GAUSS_WEIGHTED: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
+    GROUPED: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row within the chunk
+    rows = row0 + local                                          # row of the whole batch
+    row_in = local < n_chunk_rows
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = cols < n_cols
+    out_ptrs = ds_ptr + local[:, None] * stride_ds + cols[None, :]
+    out_mask = row_in[:, None] & col_in[None, :]
+
+    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
+    col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+    if GROUPED:
+        visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
+                               tl.program_id(1) * BLOCK_N + BLOCK_N > n_grad_cols, GROUPED)
+    else:
+        visit = True
+    if visit:
+        inv_tau = tl.load(params_ptr)
+        log_hard_weight = tl.load(params_ptr + 1)
+        log_gauss_weight = tl.load(params_ptr + 2)
+        lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+        grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
+        if HAS_TARGETS:
+            targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
+        else:
+            targets = rows
+        s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
+                            BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+        logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
+                            col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
+                            n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+        dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
+        tl.atomic_add(row_dot_ptr + rows, tl.sum(dlogits * s, 1), mask=row_in)
+        tl.store(out_ptrs, (dlogits * inv_tau).to(ds_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # A tile with no common group has zero gradient; the workspace is reused, so say so.
+        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=ds_ptr.dtype.element_ty), mask=out_mask)
+
+
+def workspace_rows(n_rows: int, n_cols: int, element_size: int) -> int:
+    """Rows per chunk so that a chunk's R x M workspace fits in the cap."""
+    cap = int(os.environ.get("FASTCL_WORKSPACE_BYTES", DEFAULT_WORKSPACE_BYTES))
+    return max(1, min(n_rows, cap // max(n_cols * element_size, 1)))
+
+
+def infonce_backward_workspace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    params: torch.Tensor,
+    targets: torch.Tensor | None,
+    layout: ColumnLayout,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    need_dq: bool = True,
+    need_dk: bool = True,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Same contract as :func:`fastcl.ops.infonce_bwd.infonce_backward`."""
+    n_rows, dim = q.shape
+    _check_rows_contiguous(q, k)
+    acc = accumulator_dtype(q.dtype)
+    grad_rows = grad_rows.contiguous()
+    # The workspace holds dS in the input dtype for the products (fp32 for fp32, fp64 for
+    # fp64); half-precision products accumulate in fp32 inside cuBLAS.
+    chunk = workspace_rows(n_rows, layout.n_cols, q.element_size())
+    workspace = torch.empty((chunk, layout.n_cols), dtype=q.dtype, device=q.device)
+    row_dot = torch.zeros(n_rows, dtype=acc, device=q.device)
+    dq = torch.empty_like(q) if need_dq else None
+    want_dk = need_dk and layout.n_grad_cols > 0
+    dk_acc = torch.zeros((layout.n_grad_cols, dim), dtype=acc, device=q.device) if want_dk else None
+    k_grad = k[: layout.n_grad_cols]
+
+    cfg = kernel_config("backward_ds", q.dtype, dim, q.device)
+    row_groups, key_groups = groups if groups is not None else (lse, lse)
+    flags = dict(
+        HAS_TARGETS=targets is not None, HARD_WEIGHTED=layout.hard_weighted, GAUSS_WEIGHTED=layout.gauss_weighted,
+        EXCLUDE_SELF=layout.n_self > 0, GROUPED=groups is not None, ACC_FP64=acc == torch.float64,
+        PRECISION=dot_precision(q.dtype), UPCAST=upcast_for_interpreter(q.dtype),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    for row0 in range(0, n_rows, chunk):
+        rows = min(chunk, n_rows - row0)
+        ds = workspace[:rows]
+        grid = (triton.cdiv(rows, cfg.BLOCK_M), triton.cdiv(layout.n_cols, cfg.BLOCK_N))
+        _infonce_dlogits_kernel[grid](
+            q, k, params, targets if targets is not None else lse, row_groups, key_groups, lse, grad_rows,
+            ds, row_dot, row0, rows, n_rows, layout.n_cols, layout.n_grad_cols, dim,
+            q.stride(0), k.stride(0), ds.stride(0),
+            layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self, **flags,
+        )
+        q_chunk = q[row0:row0 + rows]
+        if need_dq:
+            torch.mm(ds, k, out=dq[row0:row0 + rows])
+        if want_dk:
+            dk_acc += (ds[:, : layout.n_grad_cols].T @ q_chunk).to(acc)
+    dk = dk_acc.to(q.dtype) if want_dk else None
+    return dq, dk, (row_dot if need_dq else None)

@@ -1,0 +1,114 @@
+"""Token-level groups: a row's candidates are the rows of its own group (plus shared
+extra / Gaussian negatives); the kernels skip tiles that share no group."""
+
+import pytest
+import torch
+
+from fastcl import info_nce, info_nce_reference, token_info_nce
+from fastcl.ops.configs import KernelConfig, override_config
+
+from .helpers import relative_error
+
+D = 8
+
+
+def _rand(n, device, grad=True):
+    return torch.randn(n, D, dtype=torch.float64, device=device).requires_grad_(grad)
+
+
+def test_reference_groups_equal_separate_losses_per_group(device):
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2], device=device)
+    a, p, h = (_rand(9, device, grad=False) for _ in range(3))
+    got = info_nce_reference(a, p, h, groups=groups, hard_negative_weight=2.0, reduction="none")
+    expected = torch.cat([info_nce_reference(a[groups == g], p[groups == g], h[groups == g],
+                                             hard_negative_weight=2.0, reduction="none") for g in range(3)])
+    torch.testing.assert_close(got, expected)
+
+
+def _cases():
+    sorted_groups = torch.arange(45) // 7  # 7 rows per group: not aligned with any block
+    shuffled = sorted_groups[torch.randperm(45, generator=torch.Generator().manual_seed(0))]
+    yield "sorted", sorted_groups, dict()
+    yield "unsorted", shuffled, dict()
+    yield "hard_weighted", sorted_groups, dict(hard=True, hard_negative_weight=3.0)
+    yield "shared_negatives", sorted_groups, dict(extra=5, gaussian_negatives=4, gaussian_weight=0.5)
+    yield "symmetric_tau", sorted_groups, dict(symmetric=True, learnable=True)
+    yield "everything", shuffled, dict(hard=True, hard_negative_weight=0.5, extra=3, gaussian_negatives=2,
+                                       learnable=True, reduction="none")
+
+
+@pytest.mark.parametrize("backend", ["triton-slab", "triton-workspace", "torch"])
+@pytest.mark.parametrize("name, groups, options", list(_cases()), ids=[c[0] for c in _cases()])
+def test_fused_matches_reference(backend, name, groups, options, device, monkeypatch):
+    if backend.startswith("triton-"):
+        monkeypatch.setenv("FASTCL_BACKWARD", backend.split("-")[1])
+        backend = "triton"
+    options = dict(options)
+    hard, extra, learnable = options.pop("hard", False), options.pop("extra", 0), options.pop("learnable", False)
+    n = groups.shape[0]
+    groups = groups.to(device)
+    leaves = [_rand(n, device) for _ in range(3 if hard else 2)]
+    queue = _rand(extra, device, grad=False) if extra else None
+    tau = torch.tensor(0.2, dtype=torch.float64, device=device, requires_grad=True) if learnable else 0.2
+    weights = torch.randn(n, dtype=torch.float64, device=device)
+    gaussian = options.pop("gaussian_negatives", 0)
+
+    def run(fn, **gauss):
+        out = fn(leaves[0], leaves[1], leaves[2] if hard else None, queue, temperature=tau, groups=groups,
+                 **options, **gauss)
+        objective = (out * weights).sum() if out.dim() else out
+        return [out.detach()] + list(torch.autograd.grad(objective, leaves + ([tau] if learnable else [])))
+
+    gen = lambda: torch.Generator(device=device).manual_seed(5)  # noqa: E731
+    ours = run(lambda *a, **k: info_nce(*a, backend=backend, **k),
+               **({"gaussian_negatives": gaussian, "generator": gen()} if gaussian else {}))
+    from fastcl import draw_gaussian_negatives
+    g = draw_gaussian_negatives(gaussian, D, torch.float64, device, gen()) if gaussian else None
+    ref = run(lambda a, p, h, e, **k: info_nce_reference(a, p, h, e, g, **k))
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-10
+
+
+def test_kernels_skip_tiles_without_a_common_group(device):
+    # The slab backward (the default with groups) skips tiles in all three kernels. (The
+    # workspace backward's matrix products run over every column, so this NaN test does
+    # not apply to it; its correctness with groups is tested above.)
+    # 16-row tiles, groups of 16 aligned with them: a NaN candidate in group 1 would turn
+    # group 0's gradients to NaN (0 * NaN in the gradient product) if its tile were visited.
+    tile = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_D_OUT=16, num_warps=1, num_stages=1)
+    groups = (torch.arange(48) // 16).to(device)
+    a, p = _rand(48, device), _rand(48, device)
+    with torch.no_grad():
+        p[20] = float("nan")   # a positive (candidate) of group 1
+        a[40] = float("nan")   # an anchor (query) of group 2
+    with override_config(tile):
+        out = info_nce(a, p, groups=groups, backend="triton", reduction="none", check_finite=False)
+        out.sum().backward()
+    assert torch.isfinite(out[:16]).all() and torch.isnan(out[16:32]).all()
+    assert torch.isfinite(a.grad[:16]).all(), "dq visited a tile of another group"
+    assert torch.isfinite(p.grad[:16]).all(), "dk visited a tile of another group"
+
+
+def test_token_info_nce_equals_per_sequence_losses(device):
+    batch, length = 3, 6
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], device=device)
+    anchors = torch.randn(batch, length, D, dtype=torch.float64, device=device)
+    positives = torch.randn(batch, length, D, dtype=torch.float64, device=device)
+    got = token_info_nce(anchors, positives, mask, reduction="none", backend="triton")
+    expected = torch.cat([info_nce_reference(anchors[b][mask[b] == 1], positives[b][mask[b] == 1], reduction="none")
+                          for b in range(batch)])
+    torch.testing.assert_close(got, expected)
+    mean = token_info_nce(anchors, positives, mask, backend="torch")
+    torch.testing.assert_close(mean, expected.mean())
+
+
+def test_group_errors():
+    a, p = torch.randn(5, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="groups must be a 1-D tensor with one group id per anchor"):
+        info_nce(a, p, groups=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="groups must be an integer tensor"):
+        info_nce(a, p, groups=torch.zeros(5))
+    with pytest.raises(ValueError, match="labels are not supported with groups"):
+        info_nce(a, p, groups=torch.zeros(5, dtype=torch.long), labels=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask keeps no token"):
+        token_info_nce(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.zeros(2, 3))
