@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1
 DATA="${FASTCL_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 [ -d "$DATA" ] || DATA=/work/shared/data
 RUNS="${RUNS:-runs/gpu}"
-RESULTS=benchmarks/results/train/gpu
+RESULTS="${RESULTS:-benchmarks/results/train/gpu}"
 mkdir -p "$RUNS" "$RESULTS"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
 

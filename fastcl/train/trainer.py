@@ -169,6 +169,9 @@ class Trainer:
         self.precision = precision
 
         self.data = read_training_file(cfg.train_file)
+        if not cfg.resume and not cfg.overwrite and (self.out / "checkpoint" / "state.pt").exists():
+            raise FileExistsError(f"{self.out} already holds a checkpoint: pass --resume to continue it or "
+                                  "--overwrite to start again")
         if self.world > 1 and cfg.batch_size < self.world:
             raise DataError(f"batch size {cfg.batch_size} is smaller than the {self.world} processes")
         self.plan = BatchPlan(len(self.data), cfg.batch_size, cfg.seed, cfg.train_file)
@@ -240,9 +243,6 @@ class Trainer:
         recover_directory(self.out / "best")
         if cfg.resume:
             self._load_checkpoint()
-        elif (self.ckpt_dir / "state.pt").exists() and not cfg.overwrite:
-            raise FileExistsError(f"{self.out} already holds a checkpoint: pass --resume to continue it or "
-                                  "--overwrite to start again")
         elif self.main:  # a fresh start: nothing of an earlier run may mix with this one
             for name in ("checkpoint", "best", "last", "log.jsonl", "results.json", "spectrum.png"):
                 stale = self.out / name
