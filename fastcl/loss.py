@@ -317,7 +317,9 @@ def inverse_temperature(temperature: float | torch.Tensor, like: torch.Tensor) -
     """1 / tau as a 0-dim tensor on ``like``'s device (differentiable if tau is)."""
     if isinstance(temperature, torch.Tensor):
         return 1.0 / temperature.reshape(())
-    return torch.tensor(1.0 / temperature, dtype=accumulator_dtype(like.dtype), device=like.device)
+    # torch.full fills on the device; torch.tensor(..., device="cuda") would copy from the
+    # host and wait for all queued work first.
+    return torch.full((), 1.0 / temperature, dtype=accumulator_dtype(like.dtype), device=like.device)
 
 
 def reduce_rows(per_row: torch.Tensor, reduction: str, input_dtype: torch.dtype) -> torch.Tensor:

@@ -73,8 +73,12 @@ def kernel_params(inv_tau: torch.Tensor, layout: ColumnLayout, dtype: torch.dtyp
     inputs (Triton passes Python floats as fp32 on the GPU).
     """
     acc = accumulator_dtype(dtype)
-    weights = torch.tensor([layout.log_hard_weight, layout.log_gauss_weight], dtype=acc)
-    return torch.cat([inv_tau.detach().reshape(1).to(acc), weights.to(inv_tau.device)])
+    # Filled on the device: building it from a host list would copy from pageable memory,
+    # which waits for every kernel already queued (a host sync per call on CUDA).
+    params = torch.full((3,), layout.log_hard_weight, dtype=acc, device=inv_tau.device)
+    params[2] = layout.log_gauss_weight
+    params[0] = inv_tau.detach().reshape(()).to(acc)
+    return params
 
 
 class InfoNCEFunction(torch.autograd.Function):
