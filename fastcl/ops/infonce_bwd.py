@@ -27,7 +27,9 @@ import triton.language as tl
 from .configs import backward_strategy, kernel_config
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
-from .tiles import groups_overlap, load_groups, logit_grad_tile, logit_tile, similarity_tile
+from .tiles import (
+    groups_overlap, load_groups, load_params, load_targets, logit_grad_tile, logit_tile, similarity_tile,
+)
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
 
@@ -73,16 +75,11 @@ def _infonce_bwd_dq_kernel(
     slab = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
     row_in = rows < n_rows
     slab_in = slab < dim
-    inv_tau = tl.load(params_ptr)
-    log_hard_weight = tl.load(params_ptr + 1)
-    log_gauss_weight = tl.load(params_ptr + 2)
+    inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
     # Rows past n_rows get g = 0, so they contribute nothing anywhere.
     lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
     grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
-    if HAS_TARGETS:
-        targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
-    else:
-        targets = rows
+    targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=acc_dtype)
@@ -158,9 +155,7 @@ def _infonce_bwd_dk_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     slab = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
     slab_in = slab < dim
-    inv_tau = tl.load(params_ptr)
-    log_hard_weight = tl.load(params_ptr + 1)
-    log_gauss_weight = tl.load(params_ptr + 2)
+    inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
     # Every column here is a gradient column (< n_grad_cols), so it has a group.
     col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
 
@@ -176,10 +171,7 @@ def _infonce_bwd_dk_kernel(
         if visit:
             lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
             grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
-            if HAS_TARGETS:
-                targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
-            else:
-                targets = rows
+            targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
             # The softmax runs over all n_cols columns; only the first n_grad_cols are
             # stored, and this program's columns are among them.
             s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,

@@ -28,7 +28,9 @@ import triton.language as tl
 from .configs import kernel_config
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
-from .tiles import groups_overlap, load_groups, logit_grad_tile, logit_tile, similarity_tile
+from .tiles import (
+    groups_overlap, load_groups, load_params, load_targets, logit_grad_tile, logit_tile, similarity_tile,
+)
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
 #: Default cap on the workspace (bytes); FASTCL_WORKSPACE_BYTES overrides it.
@@ -90,15 +92,10 @@ def _infonce_dlogits_kernel(
     else:
         visit = True
     if visit:
-        inv_tau = tl.load(params_ptr)
-        log_hard_weight = tl.load(params_ptr + 1)
-        log_gauss_weight = tl.load(params_ptr + 2)
+        inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
         lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
         grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
-        if HAS_TARGETS:
-            targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
-        else:
-            targets = rows
+        targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
         s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                             BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
         logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .layout import ColumnLayout
-from .tiles import groups_overlap, load_groups, logit_tile, similarity_tile
+from .tiles import groups_overlap, load_groups, load_params, load_targets, logit_tile, similarity_tile
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
 
@@ -55,13 +55,8 @@ def _infonce_fwd_kernel(
     acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < n_rows
-    inv_tau = tl.load(params_ptr)
-    log_hard_weight = tl.load(params_ptr + 1)
-    log_gauss_weight = tl.load(params_ptr + 2)
-    if HAS_TARGETS:
-        targets = tl.load(targets_ptr + rows, mask=row_in, other=-1)
-    else:
-        targets = rows
+    inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
+    targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)

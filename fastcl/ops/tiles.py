@@ -96,6 +96,21 @@ def logit_tile(
 
 
 @triton.jit
+def load_params(params_ptr):
+    """(1 / tau, log hard-negative weight, log Gaussian weight), read from device memory."""
+    return tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2)
+
+
+@triton.jit
+def load_targets(targets_ptr, rows, row_in, HAS_TARGETS: tl.constexpr):
+    """int64 target column of each row: loaded (-1, matching nothing, past the rows), or
+    the row itself (its own positive) when no targets are given."""
+    if HAS_TARGETS:
+        return tl.load(targets_ptr + rows, mask=row_in, other=-1).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
 def load_groups(groups_ptr, idx, n_valid, GROUPED: tl.constexpr):
     """int64 group ids of ``idx`` (0 past ``n_valid``); when ungrouped, ``idx`` itself as a
     placeholder that nothing reads (a jit function returns one type on every path)."""
