@@ -2,7 +2,11 @@
 ``--distributed-loss ring`` and with MoCo: the ring loss gives the loss and parameter
 gradients of the gathered loss and of one process on the whole batch, plain and with
 gradient caching; MoCo under DDP (keys gathered, the queue filled with every rank's keys
-in rank order) equals MoCo in one process over two steps, queue included."""
+in rank order) equals MoCo in one process over two steps, queue included; and
+``torchrun`` end to end with MoCo, the ring loss and Child-Tuning-D logs the losses of one
+process."""
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -47,8 +51,6 @@ def _moco_run(model, inner, batches, distributed_loss, chunk, all_ranks):
 
 
 def _worker(rank, world, port, results):
-    import os
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -110,3 +112,49 @@ def test_ring_and_moco_under_ddp_equal_one_process():
         # every rank's keys, in rank order: the queue of one process on the whole batch
         torch.testing.assert_close(r_queue, queue, rtol=1e-10, atol=1e-12)
         _assert_close_dicts(r_key, key, f"moco key encoder rank {rank}")
+
+
+def test_torchrun_moco_ring_child_tuning_d_equal_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m fastcl.train`` (gloo) with MoCo, the ring loss,
+    Child-Tuning-D (Fisher under DDP) and gradient caching, dropout off: each of 3 steps
+    logs the loss of a single-process run (so the Fisher mask, the updates, the key
+    encoder and the queue of both ranks' keys all agree with it), and the final queue is
+    the single process's."""
+    import json
+    import subprocess
+    import sys
+
+    from .test_train_ddp import _free_port
+    from .train_support import REPO, WIKI, save_tiny_bert
+
+    model = save_tiny_bert(tmp_path / "tiny", dropout=0.0)
+    lines = [line for line in WIKI.read_text(encoding="utf-8").splitlines() if line.strip()][:64]
+    data = tmp_path / "wiki64.txt"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = ["-m", "fastcl.train", "--train-file", str(data), "--model", str(model), "--batch-size", "32",
+              "--chunk-size", "5", "--max-steps", "3", "--logging-steps", "1", "--no-eval", "--no-progress",
+              "--learning-rate", "1e-3", "--moco-queue", "40", "--moco-momentum", "0.5", "--child-tuning", "d",
+              "--child-tuning-fisher-batches", "2", "--distributed-loss", "ring"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port())]
+    two = subprocess.run(launcher + common + ["--output-dir", str(tmp_path / "two")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "over 2 processes (ring loss), MoCo (queue 40, momentum 0.5), Child-Tuning-D (p 0.3)" in two.stderr
+    one = subprocess.run([sys.executable] + common + ["--output-dir", str(tmp_path / "one")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    logs = {n: [json.loads(x) for x in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("one", "two")}
+    assert [r["step"] for r in logs["two"]] == [1, 2, 3]
+    for a, b in zip(logs["two"], logs["one"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"], (a, b)
+    states = {n: torch.load(tmp_path / n / "checkpoint" / "state.pt", weights_only=False) for n in ("one", "two")}
+    for n in ("one", "two"):
+        assert int(states[n]["moco"]["queue.filled"]) == 40
+    torch.testing.assert_close(states["two"]["moco"]["queue.queue"], states["one"]["moco"]["queue.queue"],
+                               rtol=1e-4, atol=1e-5)
+    masks = [states[n]["optimizer"]["child_tuning"]["masks"] for n in ("one", "two")]
+    assert masks[0].keys() == masks[1].keys()
+    differ = sum(int((masks[0][i] != masks[1][i]).sum()) for i in masks[0])
+    assert differ <= 10  # the same Fisher mask, up to fp32 rounding at the threshold
