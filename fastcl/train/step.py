@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 from torch import nn
 
 from ..loss import info_nce
