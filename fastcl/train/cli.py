@@ -8,9 +8,15 @@ Examples::
     # supervised SimCSE (CSV header sent0,sent1,hard_neg)
     python -m fastcl.train --train-file nli_for_simcse.csv --output-dir runs/sup --learning-rate 5e-5
 
-    # a batch of 65536 in chunks of 256 (gradient caching), 8 GPUs
+    # a batch of 65536 in chunks of 256 (gradient caching), 8 GPUs, the ring-distributed loss
     torchrun --nproc-per-node 8 -m fastcl.train --train-file wiki1m_for_simcse.txt \\
-        --batch-size 65536 --chunk-size 256 --output-dir runs/big
+        --batch-size 65536 --chunk-size 256 --distributed-loss ring --output-dir runs/big
+
+    # MoCo: a momentum key encoder and a queue of the last 4096 keys as extra negatives
+    python -m fastcl.train --train-file wiki1m_for_simcse.txt --moco-queue 4096 --moco-momentum 0.999
+
+    # Child-Tuning-D: update only the 30% of weights with the most Fisher information
+    python -m fastcl.train --train-file nli_for_simcse.csv --child-tuning d --child-tuning-p 0.3
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import sys
 from dataclasses import fields
 
 from .model import MLP_MODES, POOLERS
-from .trainer import TrainConfig
+from .step import DISTRIBUTED_LOSSES
+from .trainer import TrainConfig, check_method_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--mlm-weight", type=float, default=0.1)
     l.add_argument("--mlm-probability", type=float, default=0.15)
     l.add_argument("--loss-backend", default="auto", choices=("auto", "triton", "torch", "reference"))
+    l.add_argument("--distributed-loss", default="gather", choices=DISTRIBUTED_LOSSES,
+                   help="the global-batch loss under DDP: gather every rank's positives (default) or pass them "
+                   "around the ring of ranks (same loss and gradients; per-rank memory independent of the ranks)")
+    m = p.add_argument_group("MoCo (momentum contrast)")
+    m.add_argument("--moco-queue", type=int, default=0, metavar="K",
+                   help="MoCo: a momentum key encoder encodes the positives (and hard negatives), and a queue of the "
+                   "last K positive keys (all ranks') adds K negatives (0: off)")
+    m.add_argument("--moco-momentum", type=float, default=None, metavar="M",
+                   help="the key encoder's EMA momentum, in [0, 1) (default 0.999; needs --moco-queue)")
+    c = p.add_argument_group("Child-Tuning")
+    c.add_argument("--child-tuning", default=None, choices=("f", "d"),
+                   help="update a child network only: f (task-free: a fresh Bernoulli(p) gradient mask per step, "
+                   "kept gradients scaled by 1/p) or d (task-driven: a fixed mask of the top p fraction of "
+                   "weights by Fisher information, estimated on the training data before training)")
+    c.add_argument("--child-tuning-p", type=float, default=None, metavar="P",
+                   help="the reserve probability / kept fraction p, in (0, 1] (default 0.3)")
+    c.add_argument("--child-tuning-fisher-batches", type=int, default=None, metavar="N",
+                   help="Child-Tuning-D: training batches the Fisher information is estimated on (default 32, at "
+                   "most one epoch)")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch-size", type=int, default=64, help="global batch (rows) across all processes")
     o.add_argument("--chunk-size", type=int, default=0,
@@ -89,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    for optional in ("moco_momentum", "child_tuning_p", "child_tuning_fisher_batches"):
+        if values.get(optional) is None:  # not given: the TrainConfig default
+            values.pop(optional, None)
     values["progress"] = not args.no_progress
     if values.get("output_dir") is None:
         stem = os.path.splitext(os.path.basename(args.train_file))[0] or "run"
@@ -111,6 +140,16 @@ def _check_numbers(parser, args) -> None:
             parser.error(f"{name} must be >= 0, got {value}")
     if not 0 < args.mlm_probability < 1:
         parser.error(f"--mlm-probability must be in (0, 1), got {args.mlm_probability}")
+    if args.moco_momentum is not None and not args.moco_queue:
+        parser.error("--moco-momentum needs --moco-queue K (K > 0): MoCo is off without a queue")
+    if args.child_tuning is None:
+        for flag, value in (("--child-tuning-p", args.child_tuning_p),
+                            ("--child-tuning-fisher-batches", args.child_tuning_fisher_batches)):
+            if value is not None:
+                parser.error(f"{flag} needs --child-tuning f or d")
+    elif args.child_tuning == "f" and args.child_tuning_fisher_batches is not None:
+        parser.error("--child-tuning-fisher-batches is for --child-tuning d (task-free masks need no Fisher "
+                     "information)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_numbers(parser, args)
     cfg = config_from_args(args)
+    try:
+        check_method_options(cfg)
+    except ValueError as e:
+        parser.error(str(e))
 
     import torch
     import torch.distributed as dist

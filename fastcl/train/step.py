@@ -16,8 +16,14 @@ re-encoded chunk is compared with its cached embeddings and a mismatch is an err
 
 Under DistributedDataParallel every rank holds its share of the global batch, the loss
 gathers every rank's positives and hard negatives with their gradients
-(:func:`fastcl.distributed.gathered_info_nce`), and only the last chunk's backward
-synchronizes gradients (``no_sync`` for the others).
+(:func:`fastcl.distributed.gathered_info_nce`), or passes them around the ring of ranks
+(:func:`fastcl.distributed.ring_info_nce`, ``LossConfig.distributed = "ring"``: same
+loss and gradients, per-rank memory independent of the number of ranks), and only the
+last chunk's backward synchronizes gradients (``no_sync`` for the others).
+
+MoCo (:class:`MoCo`): the trained (query) encoder encodes only the anchors, view 0; a
+momentum copy of it encodes the other views (positives, hard negatives) without a graph,
+and the queue of earlier batches' positive keys adds negatives. See :class:`MoCo`.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..loss import info_nce
+from ..moco import KeyQueue, MomentumEncoder
 
 #: Largest tolerated ||recomputed - cached|| / ||cached|| of a chunk's embeddings. Equal
 #: masks give rounding differences only (0 on CPU); different dropout masks give O(0.1).
@@ -43,6 +51,10 @@ class LossConfig:
     gaussian_weight: float = 1.0
     mlm_weight: float = 0.1
     backend: str = "auto"
+    distributed: str = "gather"  # the loss under DDP: "gather" (all-gather) or "ring" (point-to-point)
+
+
+DISTRIBUTED_LOSSES = ("gather", "ring")
 
 
 class RNGState:
@@ -63,21 +75,30 @@ def _distributed() -> bool:
 
 
 def contrastive_loss(emb: torch.Tensor, cfg: LossConfig, generator: torch.Generator | None,
-                     distributed: bool) -> torch.Tensor:
-    """InfoNCE of (B, V, D) embeddings: view 0 anchors, view 1 positives, view 2 hard negatives.
+                     distributed: bool, extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE of (B, V, D) embeddings: view 0 anchors, view 1 positives, view 2 hard negatives;
+    ``extra_negatives`` (a MoCo queue) add negatives without gradient.
 
     In a process group, the loss is scaled for DDP's gradient averaging (see
-    ``gathered_info_nce``): its average over ranks is the global-batch loss.
+    ``gathered_info_nce``): its average over ranks is the global-batch loss. It is
+    computed by ``gathered_info_nce`` or, with ``cfg.distributed == "ring"``,
+    ``ring_info_nce`` (same value and gradients).
     """
     anchors, positives = emb[:, 0], emb[:, 1]
     hard = emb[:, 2] if emb.shape[1] > 2 else None
+    if extra_negatives is not None:
+        extra_negatives = extra_negatives.to(emb.dtype)
     kwargs = dict(temperature=cfg.temperature, hard_negative_weight=cfg.hard_negative_weight,
                   gaussian_negatives=cfg.gaussian_negatives, gaussian_weight=cfg.gaussian_weight,
                   generator=generator, backend=cfg.backend)
     if distributed:
-        from ..distributed import gathered_info_nce
-        return gathered_info_nce(anchors, positives, hard, **kwargs)
-    return info_nce(anchors, positives, hard, **kwargs)
+        if cfg.distributed not in DISTRIBUTED_LOSSES:
+            raise ValueError(f"unknown distributed loss {cfg.distributed!r}; choose one of "
+                             f"{', '.join(DISTRIBUTED_LOSSES)}")
+        from ..distributed import gathered_info_nce, ring_info_nce
+        loss_fn = ring_info_nce if cfg.distributed == "ring" else gathered_info_nce
+        return loss_fn(anchors, positives, hard, extra_negatives, **kwargs)
+    return info_nce(anchors, positives, hard, extra_negatives, **kwargs)
 
 
 def _flat(batch: dict[str, torch.Tensor], rows: slice, device) -> dict[str, torch.Tensor]:
@@ -112,9 +133,91 @@ def _global_value(value: torch.Tensor, distributed: bool) -> float:
     return float(value)
 
 
+def _views(batch: dict[str, torch.Tensor], views: slice, mlm: bool) -> dict[str, torch.Tensor]:
+    """The (B, V', L) batch of the views ``views``; MLM inputs kept only if ``mlm``."""
+    keep = ("input_ids", "attention_mask", "token_type_ids") + (("mlm_input_ids", "mlm_labels") if mlm else ())
+    return {k: v[:, views] for k, v in batch.items() if k in keep}
+
+
+class MoCo(nn.Module):
+    """MoCo (He et al., 2020) in SimCSE's training step: a momentum key encoder and a
+    queue of past keys, both state of this module (so checkpoints hold them).
+
+    How it combines with SimCSE's views (the choice made here, MoCo's own):
+
+    - the query encoder, the model being trained, encodes only the anchors (view 0), with
+      dropout and a graph;
+    - the key encoder (:class:`fastcl.moco.MomentumEncoder`, an EMA copy of the query
+      encoder) encodes the other views, the positives (view 1) and, supervised, the hard
+      negatives (view 2), without a graph. It runs in training mode, so dropout draws its
+      own masks: a key is a second dropout view of the sentence, as SimCSE's positive is;
+    - the loss is InfoNCE of the anchors against the batch's keys (in-batch positives and
+      negatives, hard negatives weighted as usual) plus the queue as ``extra_negatives``:
+      every candidate is a key and only the anchors get a gradient;
+    - after the optimizer's step, :meth:`after_step` moves the key encoder towards the
+      query encoder (``k = m k + (1 - m) q``) and enqueues this step's positive keys
+      (oldest out), after the loss, so a key is never a negative of its own anchor.
+
+    Under DDP the in-batch keys of every rank are gathered like positives (without
+    gradient) and the queue enqueues every rank's keys in rank order (``all_ranks``), so
+    it is identical on every rank. With gradient caching the keys are encoded chunk by
+    chunk without a graph and only the anchors are re-encoded. MLM, when on, runs on
+    the anchors' sentences (the query encoder's inputs). The model saved for inference
+    is the query encoder, as in MoCo.
+    """
+
+    def __init__(self, encoder: nn.Module, queue_size: int, momentum: float = 0.999, *, dim: int,
+                 all_ranks: bool = False, group=None) -> None:
+        super().__init__()
+        self.key_encoder = MomentumEncoder(encoder, momentum)
+        first = next(self.key_encoder.parameters())
+        self.queue = KeyQueue(queue_size, dim, dtype=first.dtype, device=first.device, all_ranks=all_ranks,
+                              group=group)
+        self.pending: torch.Tensor | None = None  # this step's positive keys, enqueued by after_step
+
+    @property
+    def momentum(self) -> float:
+        return self.key_encoder.momentum
+
+    def negatives(self) -> torch.Tensor | None:
+        """The queue's keys, oldest first, or None while it is empty."""
+        return self.queue.keys() if len(self.queue) else None
+
+    @torch.no_grad()
+    def encode_keys(self, batch: dict[str, torch.Tensor], chunk_size: int = 0, autocast=None,
+                    device=None) -> torch.Tensor:
+        """(B, V - 1, D) keys of views 1.. of ``batch``, ``chunk_size`` rows at a time (all
+        at once if 0); the positives' keys are kept for :meth:`after_step`."""
+        autocast = autocast or contextlib.nullcontext
+        device = device or next(self.key_encoder.parameters()).device
+        key_batch = _views(batch, slice(1, None), mlm=False)
+        n_rows, views = key_batch["input_ids"].shape[:2]
+        if views < 1:
+            raise ValueError("MoCo needs at least two views per row (anchors and positives)")
+        step = chunk_size if 0 < chunk_size < n_rows else n_rows
+        keys = []
+        for start in range(0, n_rows, step):
+            rows = slice(start, min(start + step, n_rows))
+            with autocast():
+                emb, _, _ = self.key_encoder(**_flat(key_batch, rows, device))
+            keys.append(emb.view(rows.stop - rows.start, views, -1))
+        keys = torch.cat(keys)
+        self.pending = keys[:, 0]
+        return keys
+
+    @torch.no_grad()
+    def after_step(self, encoder: nn.Module) -> None:
+        """After the optimizer's step: the EMA update, then this step's positive keys into
+        the queue (under ``all_ranks``, a collective: every rank calls it)."""
+        self.key_encoder.update(encoder)
+        if self.pending is not None:
+            keys, self.pending = self.pending, None
+            self.queue.enqueue(keys)
+
+
 def compute_gradients(model, batch: dict[str, torch.Tensor], cfg: LossConfig, *, chunk_size: int = 0,
                       generator: torch.Generator | None = None, autocast=None, scaler=None,
-                      device=None, check_replay: bool = True) -> dict[str, float]:
+                      device=None, check_replay: bool = True, moco: MoCo | None = None) -> dict[str, float]:
     """Accumulate into ``.grad`` the gradients of ``loss + mlm_weight * mlm_loss`` for one
     batch, and return the (global) loss values.
 
@@ -122,12 +225,26 @@ def compute_gradients(model, batch: dict[str, torch.Tensor], cfg: LossConfig, *,
     ``batch`` holds (B, V, L) ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``),
     and with MLM ``mlm_input_ids`` / ``mlm_labels``. ``chunk_size`` 0 (or >= B) is the
     plain step; otherwise rows are encoded ``chunk_size`` at a time (gradient caching).
+    With ``moco``, views 1.. are encoded by its key encoder (first, without a graph), the
+    model encodes view 0 only, and the queue adds negatives; the caller runs
+    ``moco.after_step(encoder)`` after the optimizer's step.
     """
     distributed = _distributed()
     device = device or next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext
     scale = (lambda x: scaler.scale(x)) if scaler is not None else (lambda x: x)  # noqa: E731
     inner = model.module if hasattr(model, "module") else model
+    keys = extra = None
+    if moco is not None:
+        keys = moco.encode_keys(batch, chunk_size, autocast, device)
+        extra = moco.negatives()
+        batch = _views(batch, slice(0, 1), mlm=True)  # the query encoder sees the anchors only
+
+    def loss_of(emb: torch.Tensor) -> torch.Tensor:
+        if keys is not None:
+            emb = torch.cat([emb, keys.to(emb.dtype)], dim=1)
+        return contrastive_loss(emb, cfg, generator, distributed, extra)
+
     n_rows, views = batch["input_ids"].shape[:2]
     do_mlm = "mlm_input_ids" in batch
     mlm_factor = None
@@ -139,7 +256,7 @@ def compute_gradients(model, batch: dict[str, torch.Tensor], cfg: LossConfig, *,
         inputs = _flat(batch, slice(None), device)
         with autocast():
             emb, mlm_sum, _ = model(**inputs)
-        loss = contrastive_loss(emb.view(n_rows, views, -1), cfg, generator, distributed)
+        loss = loss_of(emb.view(n_rows, views, -1))
         total = loss
         if do_mlm:
             total = total + cfg.mlm_weight * mlm_sum * mlm_factor
@@ -165,7 +282,7 @@ def compute_gradients(model, batch: dict[str, torch.Tensor], cfg: LossConfig, *,
     if emb_all.dtype == torch.float16:
         emb_all = emb_all.float()  # unscaled fp16 gradients of a huge batch's mean loss would underflow
     emb_all.requires_grad_()
-    loss = contrastive_loss(emb_all, cfg, generator, distributed)
+    loss = loss_of(emb_all)
     loss.backward()  # unscaled: the scaler scales the surrogate below instead
     grads = emb_all.grad
     mlm_total = 0.0

@@ -6,8 +6,9 @@ Output directory layout (``--output-dir OUT``)::
     OUT/                   the final model (the best on STS-B dev when evaluating, else
                            the last): AutoModel / SentenceTransformer / fastcl.encode load it
     OUT/best/              the best model so far, replaced atomically at each improvement
-    OUT/checkpoint/        state.pt (model, optimizer, scheduler, scaler, RNG, data
-                           position) and rng-rank<R>.pt, written atomically
+    OUT/checkpoint/        state.pt (model, optimizer with any Child-Tuning masks and
+                           generators, scheduler, scaler, MoCo key encoder and queue, RNG,
+                           data position) and rng-rank<R>.pt, written atomically
     OUT/log.jsonl          one JSON object per evaluation and per logging interval
     OUT/results.json       before / after numbers, throughput, wall time, peak memory
     OUT/spectrum.png       singular spectrum of STS-B dev embeddings before and after
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from .data import BatchPlan, DataError, drop_duplicates, local_slice, mask_tokens, read_training_file, tokenize_rows
 from .model import SentenceEncoder, inference_max_length, save_encoder
-from .step import LossConfig, compute_gradients
+from .step import DISTRIBUTED_LOSSES, LossConfig, MoCo, compute_gradients
 
 
 @dataclass
@@ -73,8 +74,55 @@ class TrainConfig:
     overwrite: bool = False
     device: str | None = None
     loss_backend: str = "auto"
+    distributed_loss: str = "gather"
+    moco_queue: int = 0
+    moco_momentum: float = 0.999
+    child_tuning: str | None = None
+    child_tuning_p: float = 0.3
+    child_tuning_fisher_batches: int = 32
     progress: bool = True
     extra: dict = field(default_factory=dict)
+
+
+#: Options a resumed run must share with its checkpoint (anything else may change).
+RESUME_MUST_MATCH = ("train_file", "batch_size", "seed", "pooler", "mlp", "do_mlm", "moco_queue", "moco_momentum",
+                     "child_tuning", "child_tuning_p")
+
+
+def check_method_options(cfg: TrainConfig) -> None:
+    """Ranges of the MoCo, Child-Tuning and distributed-loss options (ValueError naming the flag)."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(cfg.moco_queue, int) or isinstance(cfg.moco_queue, bool) or cfg.moco_queue < 0:
+        raise ValueError(f"--moco-queue must be an int >= 0 (0: no MoCo), got {cfg.moco_queue!r}")
+    if not number(cfg.moco_momentum) or not 0.0 <= cfg.moco_momentum < 1.0:
+        raise ValueError(f"--moco-momentum must be in [0, 1) (1 would freeze the key encoder), got "
+                         f"{cfg.moco_momentum!r}")
+    if cfg.child_tuning not in (None, "f", "d"):
+        raise ValueError(f"--child-tuning must be 'f' (task-free) or 'd' (task-driven), got {cfg.child_tuning!r}")
+    if not number(cfg.child_tuning_p) or not 0.0 < cfg.child_tuning_p <= 1.0:
+        raise ValueError(f"--child-tuning-p must be in (0, 1], got {cfg.child_tuning_p!r}")
+    if (not isinstance(cfg.child_tuning_fisher_batches, int) or isinstance(cfg.child_tuning_fisher_batches, bool)
+            or cfg.child_tuning_fisher_batches < 1):
+        raise ValueError(f"--child-tuning-fisher-batches must be an int >= 1, got {cfg.child_tuning_fisher_batches!r}")
+    if cfg.distributed_loss not in DISTRIBUTED_LOSSES:
+        raise ValueError(f"--distributed-loss must be one of {', '.join(DISTRIBUTED_LOSSES)}, got "
+                         f"{cfg.distributed_loss!r}")
+
+
+def parameter_groups(encoder) -> list[tuple[list[str], list[torch.nn.Parameter], bool]]:
+    """The optimizer's two groups of trainable parameters, ``(names, params, decay)``:
+    weight decay for weights, none for biases and norms. Their concatenation is the
+    order in which optimizer state dicts number the parameters."""
+    decay, no_decay = ([], []), ([], [])
+    for name, p in encoder.named_parameters():
+        if not p.requires_grad:
+            continue
+        group = no_decay if name.endswith("bias") or "LayerNorm" in name or "norm" in name.lower() else decay
+        group[0].append(name)
+        group[1].append(p)
+    return [(decay[0], decay[1], True), (no_decay[0], no_decay[1], False)]
 
 
 # ------------------------------------------------------------------ files
@@ -153,6 +201,8 @@ class Trainer:
         cfg = self.cfg
         from .model import check_pooler, default_model_dir, load_backbone, pooler_from_directory, resolve_mlp
 
+        check_method_options(cfg)
+
         if cfg.device:
             self.device = torch.device(cfg.device)
         elif torch.cuda.is_available():
@@ -195,6 +245,11 @@ class Trainer:
         self.tokenizer = tokenizer
         self.encoder = SentenceEncoder(backbone, self.pooler, mlp_train, mlp_eval, cfg.do_mlm).to(self.device)
         self.encoder.train()
+        self.moco = None
+        if cfg.moco_queue:
+            # A copy of the encoder made before DDP wraps it; identical on every rank.
+            self.moco = MoCo(self.encoder, cfg.moco_queue, cfg.moco_momentum, dim=backbone.config.hidden_size,
+                             all_ranks=self.distributed).train()
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -206,14 +261,19 @@ class Trainer:
         else:
             self.model = self.encoder
 
-        decay, no_decay = [], []
-        for name, p in self.encoder.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if name.endswith("bias") or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
+                  for _, params, decay in parameter_groups(self.encoder)]
+        if cfg.child_tuning:
+            from ..optim import ChildTuningAdamW
+
+            # The same seed on every rank: the task-free masks must agree across DDP ranks.
+            # Task-driven masks are set after the Fisher estimate (or loaded on --resume).
+            self.optimizer = ChildTuningAdamW(
+                groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                mode=cfg.child_tuning, reserve_p=cfg.child_tuning_p, masks={} if cfg.child_tuning == "d" else None,
+                seed=cfg.seed)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         total = self.total_steps
 
@@ -226,7 +286,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         self.loss_cfg = LossConfig(cfg.temperature, cfg.hard_negative_weight, cfg.gaussian_negatives,
-                                   cfg.gaussian_weight, cfg.mlm_weight, cfg.loss_backend)
+                                   cfg.gaussian_weight, cfg.mlm_weight, cfg.loss_backend, cfg.distributed_loss)
         # Gaussian negatives: one generator with the same seed on every rank (the draws are
         # local constants; equal draws keep the ranks' losses those of one process).
         self.gauss_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
@@ -257,6 +317,15 @@ class Trainer:
             np.random.seed(cfg.seed + self.rank)
         if self.distributed:
             dist.barrier()  # rank 0 has cleaned the output directory
+        if cfg.distributed_loss != "gather" and not self.distributed:
+            self.log(f"note: --distributed-loss {cfg.distributed_loss} applies under DDP (torchrun); in one process "
+                     "the loss is the plain one")
+        if cfg.child_tuning == "d":
+            if cfg.resume:
+                if not self.optimizer.masks:
+                    raise ValueError("--resume: the checkpoint's optimizer holds no Child-Tuning-D mask")
+            else:
+                self.optimizer.set_masks(self.child_tuning_masks())
 
     def _eval_sets(self):
         from ..evaluate import default_data_dir, find_tasks, load_stsb_split
@@ -313,6 +382,75 @@ class Trainer:
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    # ---------------------------------------------------------- Child-Tuning-D
+
+    def child_tuning_masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Child-Tuning-D's fixed gradient mask, from the Fisher information of the training
+        loss on the first ``--child-tuning-fisher-batches`` batches of the first epoch.
+
+        Each batch's gradient is computed by the training step itself (same loss, MLM,
+        gradient caching, MoCo keys, and under DDP the global-batch gradient, so every
+        rank gets the same mask); as in the paper's code, each scored parameter's gradient
+        is clipped to ``--max-grad-norm`` and squared, the squares are averaged over the
+        batches, and the top p fraction of all scored entries (one global ranking,
+        :func:`fastcl.optim.top_fraction_mask`) is kept. Scored: the parameters whose
+        name contains "layer" (the transformer layers, the paper's choice; embeddings and
+        heads train fully), or every trainable parameter if no name does. Uses its own
+        generators for MLM masking and Gaussian negatives, so training draws what it would
+        have drawn; dropout draws from the global generator, which checkpoints save.
+        """
+        from ..optim import top_fraction_mask
+
+        cfg = self.cfg
+        named = [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad]
+        scored = [(n, p) for n, p in named if "layer" in n] or named
+        n_batches = min(cfg.child_tuning_fisher_batches, self.plan.steps_per_epoch)
+        fisher = {n: torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                  for n, p in scored}
+        gauss = torch.Generator(device=self.device).manual_seed(cfg.seed + 3)
+        mlm = torch.Generator().manual_seed(cfg.seed + 4 + self.rank)
+        self.log(f"Child-Tuning-D: Fisher information of the training loss over {n_batches} batches of "
+                 f"{cfg.batch_size} ({sum(p.numel() for _, p in scored):,} entries of {len(scored)} parameters "
+                 f"scored, keeping {cfg.child_tuning_p:g} of them)")
+        bar = None
+        if self.main and cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n_batches, unit="batch", desc="Fisher information", dynamic_ncols=True, file=sys.stderr)
+        t0 = time.perf_counter()
+        self.model.train()
+        try:
+            for index in range(n_batches):
+                batch, _ = self._batch(0, index, mlm_gen=mlm)
+                for _, p in named:
+                    p.grad = None
+                compute_gradients(self.model, batch, self.loss_cfg, chunk_size=cfg.chunk_size,
+                                  generator=gauss if cfg.gaussian_negatives else None, autocast=self._autocast,
+                                  device=self.device, moco=self.moco)
+                with torch.no_grad():
+                    for name, p in scored:
+                        if p.grad is None:
+                            continue
+                        grad = p.grad.to(fisher[name].dtype)
+                        if cfg.max_grad_norm > 0:
+                            grad = grad * torch.clamp(cfg.max_grad_norm / (grad.norm() + 1e-6), max=1.0)
+                        fisher[name] += grad * grad
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            for _, p in named:
+                p.grad = None
+            if self.moco is not None:
+                self.moco.pending = None  # estimation keys never enter the queue
+        masks = top_fraction_mask({n: f / n_batches for n, f in fisher.items()}, cfg.child_tuning_p)
+        kept = sum(int(m.sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        self.log(f"Child-Tuning-D: mask of {kept:,} / {total:,} entries ({kept / total:.3f}) in "
+                 f"{time.perf_counter() - t0:.1f} s")
+        by_name = dict(named)
+        return {by_name[n]: m for n, m in masks.items()}
+
     # ---------------------------------------------------------- checkpoints
 
     def save_model(self, directory: Path) -> None:
@@ -336,6 +474,9 @@ class Trainer:
                 "gauss_gen": self.gauss_gen.get_state(), "best": self.best, "best_step": self.best_step,
                 "before": self.before, "sentences_seen": self.sentences_seen,
                 "train_seconds": self.train_seconds, "config": asdict(self.cfg),
+                "moco": self.moco.state_dict() if self.moco is not None else None,
+                # which parameter each optimizer state index (and Child-Tuning-D mask) belongs to
+                "optimizer_param_names": [n for names, _, _ in parameter_groups(self.encoder) for n in names],
             }
             atomic_torch_save(state, self.ckpt_dir / "state.pt")
 
@@ -345,12 +486,18 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location="cpu", weights_only=False)
         old = state["config"]
-        for key in ("train_file", "batch_size", "seed", "pooler", "mlp", "do_mlm"):
-            if old.get(key) != getattr(self.cfg, key):
-                raise ValueError(f"--resume: the checkpoint was made with {key}={old.get(key)!r}, "
+        defaults = TrainConfig(train_file="", output_dir="")
+        for key in RESUME_MUST_MATCH:
+            then = old.get(key, getattr(defaults, key))  # older checkpoints lack the newer options
+            if then != getattr(self.cfg, key):
+                raise ValueError(f"--resume: the checkpoint was made with {key}={then!r}, "
                                  f"now {getattr(self.cfg, key)!r}")
         self.encoder.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.moco is not None:
+            if state.get("moco") is None:
+                raise ValueError(f"--resume: {path} holds no MoCo state (key encoder and queue)")
+            self.moco.load_state_dict(state["moco"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.gauss_gen.set_state(state["gauss_gen"])
@@ -373,19 +520,23 @@ class Trainer:
 
     # ---------------------------------------------------------- the loop
 
-    def _batch(self) -> tuple[dict, int]:
-        rows = [self.data.rows[i] for i in self.plan.batch(self.epoch, self.index)]
+    def _batch(self, epoch: int | None = None, index: int | None = None,
+               mlm_gen: torch.Generator | None = None) -> tuple[dict, int]:
+        """This rank's share of batch ``index`` of ``epoch`` (default: where training is)."""
+        epoch = self.epoch if epoch is None else epoch
+        index = self.index if index is None else index
+        rows = [self.data.rows[i] for i in self.plan.batch(epoch, index)]
         if self.cfg.dedup:
             rows = drop_duplicates(rows)
         n_global = len(rows)
         if n_global < self.world:
-            raise DataError(f"batch {self.index} of epoch {self.epoch} has {n_global} rows after --dedup, fewer "
+            raise DataError(f"batch {index} of epoch {epoch} has {n_global} rows after --dedup, fewer "
                             f"than the {self.world} processes")
         rows = rows[local_slice(len(rows), self.rank, self.world)]
         batch = tokenize_rows(rows, self.tokenizer, self.cfg.max_length, self.data.views)
         if self.cfg.do_mlm:
             masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], self.tokenizer,
-                                         self.cfg.mlm_probability, self.mlm_gen)
+                                         self.cfg.mlm_probability, mlm_gen or self.mlm_gen)
             batch["mlm_input_ids"], batch["mlm_labels"] = masked, labels
         return batch, n_global
 
@@ -457,6 +608,9 @@ class Trainer:
                  f"{self.total_steps} steps of batch {cfg.batch_size}"
                  + (f" in chunks of {cfg.chunk_size}" if cfg.chunk_size else "")
                  + (f" over {self.world} processes" if self.world > 1 else "")
+                 + (" (ring loss)" if self.world > 1 and cfg.distributed_loss == "ring" else "")
+                 + (f", MoCo (queue {cfg.moco_queue}, momentum {cfg.moco_momentum})" if self.moco is not None else "")
+                 + (f", Child-Tuning-{cfg.child_tuning.upper()} (p {cfg.child_tuning_p})" if cfg.child_tuning else "")
                  + f", pooler {self.pooler}, {self.precision}, device {self.device}")
 
         bar = None
@@ -481,7 +635,7 @@ class Trainer:
                 stats = compute_gradients(self.model, batch, self.loss_cfg, chunk_size=cfg.chunk_size,
                                           generator=self.gauss_gen if cfg.gaussian_negatives else None,
                                           autocast=self._autocast, scaler=self.scaler if self.precision == "fp16"
-                                          else None, device=self.device)
+                                          else None, device=self.device, moco=self.moco)
                 if self.precision == "fp16":
                     self.scaler.unscale_(self.optimizer)
                 if cfg.max_grad_norm > 0:
@@ -493,6 +647,8 @@ class Trainer:
                     self.optimizer.step()
                 self.scaler.update()
                 self.scheduler.step()
+                if self.moco is not None:  # EMA towards the updated encoder; this step's keys into the queue
+                    self.moco.after_step(self.encoder)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
