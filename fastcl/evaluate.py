@@ -126,41 +126,38 @@ def load_sts_year(directory: Path, year: str) -> list[PairSet]:
     return sets
 
 
-def load_stsb_split(path: Path) -> PairSet:
-    """One STS-B split: tab-separated, score in column 5, sentences in 6 and 7."""
-    ps = PairSet(f"STSBenchmark/{path.stem}")
-    for lineno, line in enumerate(_read_lines(path), start=1):
+def _load_tab_pairs(path: Path, name: str, sentence1: int, sentence2: int, score: int, expected: str,
+                    header: bool) -> PairSet:
+    """Sentence pairs and gold scores from a tab-separated file, by column index."""
+    ps = PairSet(name)
+    lines = _read_lines(path)
+    first = 2 if header else 1
+    needed = max(sentence1, sentence2, score) + 1
+    for lineno, line in enumerate(lines[first - 1:], start=first):
         if not line.strip():
             continue
         cols = line.strip().split("\t")
-        if len(cols) < 7:
-            raise DataFormatError(f"{path}:{lineno}: expected 7 tab-separated columns (genre, file, year, id, "
-                                  f"score, sentence1, sentence2), got {len(cols)}")
-        ps.sent1.append(_normalize_text(cols[5]))
-        ps.sent2.append(_normalize_text(cols[6]))
-        ps.scores.append(_score(path, lineno, cols[4]))
+        if len(cols) < needed:
+            raise DataFormatError(f"{path}:{lineno}: expected {expected}, got {len(cols)}")
+        ps.sent1.append(_normalize_text(cols[sentence1]))
+        ps.sent2.append(_normalize_text(cols[sentence2]))
+        ps.scores.append(_score(path, lineno, cols[score]))
     if len(ps) < 2:
         raise DataFormatError(f"{path}: fewer than two pairs")
     return ps
+
+
+def load_stsb_split(path: Path) -> PairSet:
+    """One STS-B split: tab-separated, score in column 5, sentences in 6 and 7."""
+    return _load_tab_pairs(path, f"STSBenchmark/{path.stem}", 5, 6, 4, header=False,
+                           expected="7 tab-separated columns (genre, file, year, id, score, sentence1, sentence2)")
 
 
 def load_sick_split(path: Path) -> PairSet:
     """One SICK split: a header line, then pair_ID, sentence_A, sentence_B, relatedness_score, ..."""
-    ps = PairSet(f"SICKRelatedness/{path.stem}")
-    lines = _read_lines(path)
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        cols = line.strip().split("\t")
-        if len(cols) < 4:
-            raise DataFormatError(f"{path}:{lineno}: expected at least 4 tab-separated columns (pair_ID, "
-                                  f"sentence_A, sentence_B, relatedness_score), got {len(cols)}")
-        ps.sent1.append(_normalize_text(cols[1]))
-        ps.sent2.append(_normalize_text(cols[2]))
-        ps.scores.append(_score(path, lineno, cols[3]))
-    if len(ps) < 2:
-        raise DataFormatError(f"{path}: fewer than two pairs")
-    return ps
+    return _load_tab_pairs(path, f"SICKRelatedness/{path.stem}", 1, 2, 3, header=True,
+                           expected="at least 4 tab-separated columns (pair_ID, sentence_A, sentence_B, "
+                                    "relatedness_score)")
 
 
 def _candidates(data_dir: Path, name: str) -> list[Path]:
