@@ -184,7 +184,7 @@ def write(results: dict, summary: dict, args) -> None:
     stem.with_suffix(".json").write_text(json.dumps({**meta, "results": results, "summary": summary}, indent=2) + "\n")
     mib = 2 ** 20
     lines = [
-        f"# CPU: native extension vs dense PyTorch loss (forward + backward)",
+        "# CPU: native extension vs dense PyTorch loss (forward + backward)",
         "",
         f"{meta['date']}; {meta['cpu']}, {meta['cores']} cores ({meta['torch_threads']} torch threads); "
         f"torch {meta['torch']}; N = {args.n}, M = {args.m}, D = {args.d}, {args.dtype}; "

@@ -10,7 +10,6 @@ import torch
 from fastcl import InfoNCELoss, info_nce
 from fastcl.ops.configs import KernelConfig, override_config
 
-from .conftest import DEVICE
 from .helpers import NATIVE, Case, relative_error, run_both
 
 BASE = Case()  # N = 37, D = 24: not a multiple of any block size

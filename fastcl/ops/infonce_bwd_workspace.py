@@ -140,7 +140,6 @@ def infonce_backward_workspace(
     dq = torch.empty_like(q) if need_dq else None
     want_dk = need_dk and layout.n_grad_cols > 0
     dk_acc = torch.zeros((layout.n_grad_cols, dim), dtype=acc, device=q.device) if want_dk else None
-    k_grad = k[: layout.n_grad_cols]
 
     cfg = kernel_config("backward_ds", q.dtype, dim, q.device)
     row_groups, key_groups = groups if groups is not None else (lse, lse)
