@@ -23,6 +23,17 @@
 //
 // fp32 and fp64 compute in their own precision; bf16 and fp16 inputs are copied to
 // fp32 first ((N + M) * D extra) and the gradients are cast back at the end.
+//
+// Normalization (normalize_eps set) is fused the same way: the kernels take raw rows
+// and one inverse norm per row, r_i = 1 / max(|q_i|, eps) and c_j likewise, so the
+// cosine block is S_ij * r_i * c_j, straight out of the same product. With g_i the
+// gradient with respect to the unit row q^_i, F.normalize's backward is
+//   dq_i = r_i g_i - [|q_i| > eps] r_i (g_i . q^_i) q^_i,
+// and g_i . q^_i = (1/tau) sum_j G_ij cos_ij is row_dot_i, which the backward sums
+// anyway (the 1/tau gradient). So G is scaled by r_i c_j before the two products and
+// one rank-1 correction per row follows; for dk the same, with the column sums
+// col_dot_j = sum_i G_ij cos_ij added per tile in chunk order. Neither the unit rows
+// nor their gradients (4 (N + M) D values) ever exist.
 
 #include "infonce_cpu.h"
 
@@ -180,6 +191,65 @@ void to_logits(acc_t* x, const acc_t* s, int64_t nr, int64_t nc, int64_t r0, int
   }
 }
 
+// The inverse norms of the rows of q and k (both null without normalization), and the
+// coefficients of the normalization's projection term: 1 / |x|^2 where the norm exceeds
+// eps, 0 where eps clamps it (F.normalize's gradient is then g / eps, no projection).
+template <typename acc_t>
+struct RowScales {
+  const acc_t* q_inv = nullptr;
+  const acc_t* k_inv = nullptr;
+  const acc_t* q_proj = nullptr;
+  const acc_t* k_proj = nullptr;
+  bool enabled() const { return q_inv != nullptr; }
+};
+
+template <typename acc_t>
+void compute_row_scales(const at::Tensor& x, double eps, acc_t* inv, acc_t* proj) {
+  const int64_t n = x.size(0);
+  const int64_t dim = x.size(1);
+  const acc_t* data = x.data_ptr<acc_t>();
+  at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* row = data + i * dim;
+      double squares = 0;  // in double: a norm costs D flops, nothing next to the products
+      for (int64_t d = 0; d < dim; ++d) {
+        squares += double(row[d]) * double(row[d]);
+      }
+      const double norm = std::sqrt(squares);
+      const double scale = 1.0 / std::max(norm, eps);
+      inv[i] = acc_t(scale);
+      proj[i] = norm > eps ? acc_t(scale * scale) : acc_t(0);
+    }
+  });
+}
+
+// x (nr x nc) *= row_scale[i] * col_scale[j]: raw products to cosines, or G to the
+// gradient of the raw products.
+template <typename acc_t>
+void scale_block(acc_t* x, int64_t nr, int64_t nc, const acc_t* row_scale, const acc_t* col_scale) {
+  for (int64_t i = 0; i < nr; ++i) {
+    const acc_t r = row_scale[i];
+    acc_t* row = x + i * nc;
+    for (int64_t j = 0; j < nc; ++j) {
+      row[j] *= r * col_scale[j];
+    }
+  }
+}
+
+// rows[i] -= coef[i] * values[i] for `count` rows of `dim` values (the rank-1 projection
+// term of the normalization's backward).
+template <typename acc_t>
+void subtract_scaled_rows(acc_t* rows, const acc_t* values, const acc_t* coef, int64_t count, int64_t dim) {
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t c = coef[i];
+    acc_t* out = rows + i * dim;
+    const acc_t* in = values + i * dim;
+    for (int64_t d = 0; d < dim; ++d) {
+      out[d] -= c * in[d];
+    }
+  }
+}
+
 inline int64_t target_of(const int64_t* targets, int64_t row) {
   return targets != nullptr ? targets[row] : row;
 }
@@ -187,7 +257,7 @@ inline int64_t target_of(const int64_t* targets, int64_t row) {
 template <typename acc_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
                     const int64_t* targets, const ColumnLayout& layout, const GroupIds& groups,
-                    acc_t* lse, acc_t* target_logit) {
+                    const RowScales<acc_t>& scales, acc_t* lse, acc_t* target_logit) {
   const int64_t n_rows = q.size(0);
   const int64_t n_cols = k.size(0);
   const Tiling tiling = make_tiling(n_rows, n_cols);
@@ -216,6 +286,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
         at::Tensor block = block_view(buffer, nr, nc);
         at::mm_out(block, q_chunk, k.narrow(0, c0, nc).t());
         acc_t* x = block.data_ptr<acc_t>();
+        if (scales.enabled()) {
+          scale_block(x, nr, nc, scales.q_inv + r0, scales.k_inv + c0);
+        }
         to_logits(x, x, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout, groups);
         for (int64_t i = 0; i < nr; ++i) {
           acc_t* row = x + i * nc;
@@ -295,10 +368,11 @@ class TileTurns {
 template <typename acc_t>
 void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
                      const int64_t* targets, const ColumnLayout& layout, const GroupIds& groups,
-                     const acc_t* lse, const acc_t* grad_rows, at::Tensor& dq, at::Tensor& dk,
-                     acc_t* row_dot) {
+                     const RowScales<acc_t>& scales, const acc_t* lse, const acc_t* grad_rows,
+                     at::Tensor& dq, at::Tensor& dk, acc_t* row_dot, acc_t* col_dot) {
   const int64_t n_rows = q.size(0);
   const int64_t n_cols = k.size(0);
+  const int64_t dim = q.size(1);
   const bool need_dq = dq.defined();
   const bool need_dk = dk.defined();
   const Tiling tiling = make_tiling(n_rows, n_cols);
@@ -315,6 +389,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
     const at::Tensor sim_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     const at::Tensor grad_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     std::vector<acc_t> chunk_row_dot(tiling.rows);
+    std::vector<acc_t> tile_col_dot(scales.enabled() && need_dk ? tiling.cols : 0);
     try {
       for (int64_t chunk = next_chunk++; chunk < tiling.n_chunks; chunk = next_chunk++) {
         const int64_t r0 = chunk * tiling.rows;
@@ -337,6 +412,9 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           at::Tensor sim = block_view(sim_buffer, nr, nc);
           at::Tensor grad = block_view(grad_buffer, nr, nc);
           at::mm_out(sim, q_chunk, k_tile.t());
+          if (scales.enabled()) {
+            scale_block(sim.data_ptr<acc_t>(), nr, nc, scales.q_inv + r0, scales.k_inv + c0);
+          }
           const acc_t* s = sim.data_ptr<acc_t>();
           acc_t* x = grad.data_ptr<acc_t>();
           to_logits(x, s, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout,
@@ -376,19 +454,45 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
               chunk_row_dot[i] += (dot0 + dot1) + (dot2 + dot3);
             }
           }
+          const int64_t n_grad = tile_dk ? std::min(nc, layout.n_grad_cols - c0) : 0;
+          if (scales.enabled()) {
+            if (tile_dk) {  // this block's share of col_dot_j = sum_i G_ij cos_ij
+              std::fill(tile_col_dot.begin(), tile_col_dot.begin() + n_grad, acc_t(0));
+              for (int64_t i = 0; i < nr; ++i) {
+                const acc_t* row = x + i * nc;
+                const acc_t* s_row = s + i * nc;
+                for (int64_t j = 0; j < n_grad; ++j) {
+                  tile_col_dot[j] += row[j] * s_row[j];
+                }
+              }
+            }
+            scale_block(x, nr, nc, scales.q_inv + r0, scales.k_inv + c0);
+          }
           if (need_dq) {
             dq_chunk.addmm_(grad, k_tile, /*beta=*/1, /*alpha=*/inv_tau);
           }
           if (tile_dk) {
-            const int64_t n_grad = std::min(nc, layout.n_grad_cols - c0);
             at::Tensor dk_tile = dk.narrow(0, c0, n_grad);
             turns.wait_for(tile, chunk);
             dk_tile.addmm_(grad.narrow(1, 0, n_grad).t(), q_chunk, /*beta=*/1, /*alpha=*/inv_tau);
+            if (scales.enabled()) {
+              for (int64_t j = 0; j < n_grad; ++j) {
+                col_dot[c0 + j] += tile_col_dot[j];
+              }
+            }
             turns.done(tile);
           }
         }
         if (need_dq) {
           std::copy(chunk_row_dot.begin(), chunk_row_dot.begin() + nr, row_dot + r0);
+          if (scales.enabled()) {
+            // The projection term of the normalization: dq_i -= (1/tau) row_dot_i q_proj_i q_i.
+            for (int64_t i = 0; i < nr; ++i) {
+              chunk_row_dot[i] *= inv_tau * scales.q_proj[r0 + i];
+            }
+            subtract_scaled_rows(dq_chunk.data_ptr<acc_t>(), q_chunk.data_ptr<acc_t>(), chunk_row_dot.data(),
+                                 nr, dim);
+          }
         }
       }
     } catch (...) {
@@ -396,6 +500,18 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
       throw;
     }
   });
+  if (scales.enabled() && need_dk) {
+    // The projection term of the key rows, now that col_dot is complete.
+    const int64_t n_grad = layout.n_grad_cols;
+    for (int64_t j = 0; j < n_grad; ++j) {
+      col_dot[j] *= inv_tau * scales.k_proj[j];
+    }
+    acc_t* dk_data = dk.data_ptr<acc_t>();
+    const acc_t* k_data = k.data_ptr<acc_t>();
+    at::parallel_for(0, n_grad, 256, [&](int64_t begin, int64_t end) {
+      subtract_scaled_rows(dk_data + begin * dim, k_data + begin * dim, col_dot + begin, end - begin, dim);
+    });
+  }
 }
 
 bool supported_input(at::ScalarType dtype) {
@@ -475,6 +591,40 @@ std::pair<at::Tensor, at::Tensor> check_groups(const char* fn, const Groups& gro
   return {ids[0], ids[1]};
 }
 
+// The inverse norms and projection coefficients of q's and k's rows, (q_inv, q_proj,
+// k_inv, k_proj) in one accumulator-dtype tensor of 2 (N + M) values; undefined
+// without normalization.
+at::Tensor row_scale_storage(const char* fn, const at::Tensor& qa, const at::Tensor& ka,
+                             c10::optional<double> normalize_eps) {
+  if (!normalize_eps.has_value()) {
+    return at::Tensor();
+  }
+  const double eps = *normalize_eps;
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, fn, ": normalize_eps must be finite and >= 0, got ", eps);
+  const int64_t n = qa.size(0);
+  const int64_t m = ka.size(0);
+  at::Tensor storage = at::empty({2 * (n + m)}, qa.options());
+  AT_DISPATCH_FLOATING_TYPES(qa.scalar_type(), "row_scales", [&] {
+    scalar_t* base = storage.data_ptr<scalar_t>();
+    compute_row_scales<scalar_t>(qa, eps, base, base + n);
+    compute_row_scales<scalar_t>(ka, eps, base + 2 * n, base + 2 * n + m);
+  });
+  return storage;
+}
+
+template <typename acc_t>
+RowScales<acc_t> scale_pointers(const at::Tensor& storage, int64_t n, int64_t m) {
+  RowScales<acc_t> scales;
+  if (storage.defined()) {
+    acc_t* base = storage.data_ptr<acc_t>();
+    scales.q_inv = base;
+    scales.q_proj = base + n;
+    scales.k_inv = base + 2 * n;
+    scales.k_proj = base + 2 * n + m;
+  }
+  return scales;
+}
+
 GroupIds group_pointers(const std::pair<at::Tensor, at::Tensor>& ids) {
   if (!ids.first.defined()) {
     return {nullptr, nullptr};
@@ -486,7 +636,8 @@ GroupIds group_pointers(const std::pair<at::Tensor, at::Tensor>& ids) {
 
 std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
-    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups) {
+    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
+    c10::optional<double> normalize_eps) {
   const at::Tensor tgt = check_inputs("fastcl::infonce_fwd", q, k, params, targets, layout);
   const auto group_ids = check_groups("fastcl::infonce_fwd", groups, q.size(0), layout);
   const at::ScalarType acc = accumulator_type(q.scalar_type());
@@ -499,11 +650,13 @@ std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
   if (q.size(0) == 0) {
     return {lse, target_logit};
   }
+  const at::Tensor scale_storage = row_scale_storage("fastcl::infonce_fwd", qa, ka, normalize_eps);
   AT_DISPATCH_FLOATING_TYPES(acc, "infonce_forward_cpu", [&] {
     forward_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(),
                              tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
-                             group_pointers(group_ids), lse.data_ptr<scalar_t>(),
-                             target_logit.data_ptr<scalar_t>());
+                             group_pointers(group_ids),
+                             scale_pointers<scalar_t>(scale_storage, qa.size(0), ka.size(0)),
+                             lse.data_ptr<scalar_t>(), target_logit.data_ptr<scalar_t>());
   });
   return {lse, target_logit};
 }
@@ -511,7 +664,8 @@ std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
-    const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk) {
+    const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk,
+    c10::optional<double> normalize_eps) {
   const at::Tensor tgt = check_inputs("fastcl::infonce_bwd", q, k, params, targets, layout);
   const auto group_ids = check_groups("fastcl::infonce_bwd", groups, q.size(0), layout);
   const at::ScalarType acc = accumulator_type(q.scalar_type());
@@ -538,12 +692,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
   at::Tensor dk_acc = want_dk ? at::zeros({layout.n_grad_cols, dim}, acc_options) : at::Tensor();
   at::Tensor row_dot = at::empty({need_dq ? n_rows : 0}, acc_options);
   if (n_rows > 0 && (need_dq || want_dk)) {
+    const at::Tensor scale_storage = row_scale_storage("fastcl::infonce_bwd", qa, ka, normalize_eps);
+    at::Tensor col_dot = at::zeros({scale_storage.defined() && want_dk ? layout.n_grad_cols : 0}, acc_options);
     AT_DISPATCH_FLOATING_TYPES(acc, "infonce_backward_cpu", [&] {
       backward_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(),
                                 tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
-                                group_pointers(group_ids), lse_c.data_ptr<scalar_t>(),
-                                g.data_ptr<scalar_t>(), dq_acc, dk_acc,
-                                need_dq ? row_dot.data_ptr<scalar_t>() : nullptr);
+                                group_pointers(group_ids),
+                                scale_pointers<scalar_t>(scale_storage, n_rows, ka.size(0)),
+                                lse_c.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dq_acc, dk_acc,
+                                need_dq ? row_dot.data_ptr<scalar_t>() : nullptr,
+                                col_dot.data_ptr<scalar_t>());
     });
   }
   at::Tensor dq = need_dq ? dq_acc.to(q.scalar_type()) : at::empty({0, dim}, q.options());

@@ -38,15 +38,23 @@ struct Groups {
 
 // Per-row (lse, target_logit) in the accumulator dtype (fp64 for fp64 inputs, else fp32).
 // A target of -1 matches no column (target_logit 0).
+//
+// normalize_eps: when set, q and k are raw rows and the kernel scores their cosines,
+// as if each row had gone through F.normalize(x, dim=-1, eps=normalize_eps) first,
+// without the normalized copies (one scale per row instead; the backward returns the
+// gradients with respect to the raw rows). When unset, q and k are scored as given.
 std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
-    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups);
+    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
+    c10::optional<double> normalize_eps);
 
 // (dq, dk, row_dot): dq N x D and dk n_grad_cols x D in the input dtype, row_dot (length
-// N, accumulator dtype) with dq; a gradient that is not asked for is an empty tensor.
+// N, accumulator dtype: sum_j dL/dlogit_ij * cos_ij, the 1/tau gradient) with dq; a
+// gradient that is not asked for is an empty tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
-    const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk);
+    const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk,
+    c10::optional<double> normalize_eps);
 
 }  // namespace fastcl

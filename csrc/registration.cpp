@@ -1,15 +1,18 @@
 // Registers fastcl's operators with PyTorch's dispatcher:
 //
-//   torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups)
-//       -> (lse, target_logit)
+//   torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups,
+//                                normalize_eps=None) -> (lse, target_logit)
 //   torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
-//                                lse, grad_rows, need_dq, need_dk) -> (dq, dk, row_dot)
+//                                lse, grad_rows, need_dq, need_dk, normalize_eps=None)
+//       -> (dq, dk, row_dot)
 //
-// with `*layout` the nine fields of fastcl.ops.layout.ColumnLayout in order. This file
-// defines the schemas and the CPU kernels; fastcl/ops/registry.py adds the CUDA kernels
-// (the Triton launchers), the fake (meta) kernels for torch.compile / torch.export, and
-// defines the same schemas itself when this library cannot be built or loaded.
-// The schema strings must match registry.py's SCHEMAS (tests/test_native.py checks).
+// with `*layout` the nine fields of fastcl.ops.layout.ColumnLayout in order, and a last
+// optional argument of both, normalize_eps: when given, the rows of q and k are raw and
+// the operators normalize them on the fly (see infonce_cpu.h). This file defines the
+// schemas and the CPU kernels; fastcl/native.py adds the CUDA kernels (the Triton
+// launchers), the fake (meta) kernels for torch.compile / torch.export, and defines the
+// same schemas itself when this library cannot be built or loaded. The schema strings
+// must match native.py's SCHEMAS (tests/test_native.py checks).
 
 #include <torch/library.h>
 
@@ -34,11 +37,12 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd(const at::Tensor& q, const at::Te
                                                double log_gauss_weight, int64_t self_start,
                                                int64_t n_self,
                                                const c10::optional<at::Tensor>& row_groups,
-                                               const c10::optional<at::Tensor>& key_groups) {
+                                               const c10::optional<at::Tensor>& key_groups,
+                                               c10::optional<double> normalize_eps) {
   return infonce_forward_cpu(q, k, params, targets,
                              make_layout(n_cols, n_grad_cols, hard_start, n_hard, gauss_start,
                                          log_hard_weight, log_gauss_weight, self_start, n_self),
-                             Groups{row_groups, key_groups});
+                             Groups{row_groups, key_groups}, normalize_eps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd(
@@ -47,11 +51,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd(
     int64_t hard_start, int64_t n_hard, int64_t gauss_start, double log_hard_weight,
     double log_gauss_weight, int64_t self_start, int64_t n_self,
     const c10::optional<at::Tensor>& row_groups, const c10::optional<at::Tensor>& key_groups,
-    const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk) {
+    const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk,
+    c10::optional<double> normalize_eps) {
   return infonce_backward_cpu(q, k, params, targets,
                               make_layout(n_cols, n_grad_cols, hard_start, n_hard, gauss_start,
                                           log_hard_weight, log_gauss_weight, self_start, n_self),
-                              Groups{row_groups, key_groups}, lse, grad_rows, need_dq, need_dk);
+                              Groups{row_groups, key_groups}, lse, grad_rows, need_dq, need_dk,
+                              normalize_eps);
 }
 
 }  // namespace
@@ -60,13 +66,14 @@ TORCH_LIBRARY(fastcl, m) {
   m.def(
       "infonce_fwd(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, "
       "int n_grad_cols, int hard_start, int n_hard, int gauss_start, float log_hard_weight, "
-      "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups) "
-      "-> (Tensor lse, Tensor target_logit)");
+      "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, "
+      "float? normalize_eps=None) -> (Tensor lse, Tensor target_logit)");
   m.def(
       "infonce_bwd(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, "
       "int n_grad_cols, int hard_start, int n_hard, int gauss_start, float log_hard_weight, "
       "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, "
-      "Tensor lse, Tensor grad_rows, bool need_dq, bool need_dk) -> (Tensor dq, Tensor dk, Tensor row_dot)");
+      "Tensor lse, Tensor grad_rows, bool need_dq, bool need_dk, float? normalize_eps=None) "
+      "-> (Tensor dq, Tensor dk, Tensor row_dot)");
 }
 
 TORCH_LIBRARY_IMPL(fastcl, CPU, m) {

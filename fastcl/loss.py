@@ -270,9 +270,14 @@ def info_nce(
             symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps, groups=groups)
         return loss.to(_output_dtype(anchors.dtype))
 
-    q = unit_rows(anchors, normalize, eps)
+    # The native CPU kernel normalizes on the fly (one inverse norm per row): the unit
+    # rows and their gradients, 4 (N + M) D values, never exist. Elsewhere the rows are
+    # normalized here; that costs O((N + M) D) memory too, just more of it.
+    fused_eps = eps if normalize and chosen == "native" and anchors.device.type == "cpu" else None
+    normalize_here = normalize and fused_eps is None
+    q = unit_rows(anchors, normalize_here, eps)
     k_grad = unit_rows(positives if hard_negatives is None else torch.cat([positives, hard_negatives]),
-                       normalize, eps)
+                       normalize_here, eps)
     layout = ColumnLayout(
         n_cols=n_cols, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard, gauss_start=n + n_hard + n_extra,
         log_hard_weight=math.log(hard_negative_weight), log_gauss_weight=math.log(gaussian_weight))
@@ -284,12 +289,12 @@ def info_nce(
         row_groups = groups.to(torch.int64).contiguous()
         group_ids = (row_groups, row_groups if n_hard == 0 else torch.cat([row_groups, row_groups]))
 
-    per_row = InfoNCEFunction.apply(q, k_grad, constant_rows(extra_negatives, gaussian, normalize, eps),
-                                    inv_tau, targets, layout, chosen, group_ids)
+    per_row = InfoNCEFunction.apply(q, k_grad, constant_rows(extra_negatives, gaussian, normalize_here, eps),
+                                    inv_tau, targets, layout, chosen, group_ids, fused_eps)
     if symmetric:
         # Column direction of the in-batch block: positive j against every anchor.
         per_col = InfoNCEFunction.apply(k_grad[:n], q, None, inv_tau, None, ColumnLayout.plain(n), chosen,
-                                        None if groups is None else (row_groups, row_groups))
+                                        None if groups is None else (row_groups, row_groups), fused_eps)
         per_row = (per_row + per_col) / 2
     return reduce_rows(per_row, reduction, anchors.dtype)
 

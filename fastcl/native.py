@@ -5,10 +5,17 @@ arguments and outputs as :func:`fastcl.ops.infonce_fwd.infonce_forward` and
 :func:`fastcl.ops.infonce_bwd.infonce_backward`, the layout flattened into its nine
 fields, the optional ``groups`` pair into two optional tensors)::
 
-    torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups)
-        -> (lse, target_logit)
+    torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups,
+                                 normalize_eps=None) -> (lse, target_logit)
     torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
-                                 lse, grad_rows, need_dq, need_dk) -> (dq, dk, row_dot)
+                                 lse, grad_rows, need_dq, need_dk, normalize_eps=None)
+        -> (dq, dk, row_dot)
+
+``normalize_eps`` (when not None) makes the operators take raw rows and score their
+cosines, as if every row of q and k had gone through ``F.normalize(x, dim=-1,
+eps=normalize_eps)``; the backward then returns the gradients with respect to the raw
+rows. The CPU kernel fuses this (one inverse norm per row, no normalized copies); the
+CUDA kernel normalizes copies and applies the normalization's backward afterwards.
 
 On CPU tensors they run the native C++ kernel (csrc/infonce_cpu.cpp: tiled, BLAS block
 products, softmax fused per block, ATen's thread pool); on CUDA tensors the Triton
@@ -58,13 +65,14 @@ SCHEMAS = {
     "infonce_fwd": (
         "infonce_fwd(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, int n_grad_cols, "
         "int hard_start, int n_hard, int gauss_start, float log_hard_weight, float log_gauss_weight, "
-        "int self_start, int n_self, Tensor? row_groups, Tensor? key_groups) "
+        "int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, float? normalize_eps=None) "
         "-> (Tensor lse, Tensor target_logit)"),
     "infonce_bwd": (
         "infonce_bwd(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, int n_grad_cols, "
         "int hard_start, int n_hard, int gauss_start, float log_hard_weight, float log_gauss_weight, "
         "int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, "
-        "Tensor lse, Tensor grad_rows, bool need_dq, bool need_dk) -> (Tensor dq, Tensor dk, Tensor row_dot)"),
+        "Tensor lse, Tensor grad_rows, bool need_dq, bool need_dk, float? normalize_eps=None) "
+        "-> (Tensor dq, Tensor dk, Tensor row_dot)"),
 }
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -208,14 +216,28 @@ def _load() -> NativeStatus:
 N_LAYOUT_FIELDS = len(ColumnLayout._fields)
 
 
-def _fake_forward(q, k, params, targets, *layout_and_groups):
+def _forward_args(rest):
+    """(layout, groups, normalize_eps) from the arguments after ``targets``."""
+    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
+    row_groups, key_groups, *tail = rest[N_LAYOUT_FIELDS:]
+    return layout, _groups_pair(row_groups, key_groups), (tail[0] if tail else None)
+
+
+def _backward_args(rest):
+    """(layout, groups, lse, grad_rows, need_dq, need_dk, normalize_eps) likewise."""
+    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
+    row_groups, key_groups, lse, grad_rows, need_dq, need_dk, *tail = rest[N_LAYOUT_FIELDS:]
+    return (layout, _groups_pair(row_groups, key_groups), lse, grad_rows, need_dq, need_dk,
+            (tail[0] if tail else None))
+
+
+def _fake_forward(q, k, params, targets, *rest):
     acc = accumulator_dtype(q.dtype)
     return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
 
 
 def _fake_backward(q, k, params, targets, *rest):
-    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
-    need_dq, need_dk = rest[-2:]
+    layout, _, _, _, need_dq, need_dk, _ = _backward_args(rest)
     n_grad_cols = layout.n_grad_cols
     n_rows, dim = q.shape
     acc = accumulator_dtype(q.dtype)
@@ -228,22 +250,38 @@ def _groups_pair(row_groups, key_groups):
     return None if row_groups is None else (row_groups, key_groups)
 
 
+def _unit(x, eps):
+    return x.contiguous() if eps is None else torch.nn.functional.normalize(x, dim=-1, eps=eps).contiguous()
+
+
+def _normalize_backward(x, grad_unit, eps):
+    """F.normalize's backward: the gradient with respect to the raw rows ``x`` from the
+    gradient ``grad_unit`` with respect to the unit rows, in the accumulator dtype."""
+    acc = accumulator_dtype(x.dtype)
+    x, grad_unit = x.to(acc), grad_unit.to(acc)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    inv = 1.0 / norm.clamp_min(eps)
+    unit = x * inv
+    along = (grad_unit * unit).sum(dim=-1, keepdim=True) * (norm > eps)
+    return (grad_unit - along * unit) * inv
+
+
 def _cuda_forward(q, k, params, targets, *rest):
     from .ops.infonce_fwd import infonce_forward
 
-    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
-    return infonce_forward(q.contiguous(), k.contiguous(), params, targets, layout,
-                           groups=_groups_pair(*rest[N_LAYOUT_FIELDS:]))
+    layout, groups, eps = _forward_args(rest)
+    return infonce_forward(_unit(q, eps), _unit(k, eps), params, targets, layout, groups=groups)
 
 
 def _cuda_backward(q, k, params, targets, *rest):
     from .ops.infonce_bwd import infonce_backward
 
-    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
-    row_groups, key_groups, lse, grad_rows, need_dq, need_dk = rest[N_LAYOUT_FIELDS:]
-    dq, dk, row_dot = infonce_backward(q.contiguous(), k.contiguous(), params, targets, layout, lse, grad_rows,
-                                       need_dq=need_dq, need_dk=need_dk,
-                                       groups=_groups_pair(row_groups, key_groups))
+    layout, groups, lse, grad_rows, need_dq, need_dk, eps = _backward_args(rest)
+    dq, dk, row_dot = infonce_backward(_unit(q, eps), _unit(k, eps), params, targets, layout, lse, grad_rows,
+                                       need_dq=need_dq, need_dk=need_dk, groups=groups)
+    if eps is not None:  # the Triton kernels fuse no normalization: its backward comes here
+        dq = _normalize_backward(q, dq, eps).to(q.dtype) if dq is not None else None
+        dk = _normalize_backward(k[:dk.shape[0]], dk, eps).to(k.dtype) if dk is not None else None
     dim = q.shape[1]
     return (dq if dq is not None else q.new_empty((0, dim)),
             dk if dk is not None else q.new_empty((0, dim)),
@@ -271,21 +309,22 @@ def _require_kernel(q: torch.Tensor) -> None:
                            f"{status().reason}. See README, 'Building the extension'.")
 
 
-def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None):
+def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None):
     """``(lse, target_logit)`` from ``torch.ops.fastcl.infonce_fwd`` (any device);
-    ``groups`` is None or ``(row_groups, key_groups)``, as for the Triton launcher."""
+    ``groups`` is None or ``(row_groups, key_groups)``, as for the Triton launcher;
+    ``normalize_eps`` (None: rows scored as given) normalizes the rows on the fly."""
     _require_kernel(q)
     row_groups, key_groups = groups if groups is not None else (None, None)
-    return torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups)
+    return torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups, normalize_eps)
 
 
 def operator_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
-                      need_dq: bool = True, need_dk: bool = True, groups=None):
+                      need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None):
     """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd``, None where not asked for."""
     _require_kernel(q)
     row_groups, key_groups = groups if groups is not None else (None, None)
     dq, dk, row_dot = torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
-                                                   lse, grad_rows, need_dq, need_dk)
+                                                   lse, grad_rows, need_dq, need_dk, normalize_eps)
     return ((dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
             (row_dot if need_dq else None))
 

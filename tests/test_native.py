@@ -222,6 +222,83 @@ def test_gradcheck_through_native_operator(name, tiles, monkeypatch):
     assert gradcheck(loss, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)
 
 
+@needs_native
+def test_fused_normalization_at_clamped_and_tiny_norms():
+    # The native kernel normalizes on the fly. Rows whose norm eps clamps take
+    # F.normalize's other branch (no projection in the backward); rows of every scale,
+    # zero rows included, must match the reference that normalizes first.
+    g = torch.Generator().manual_seed(3)
+    n, d, eps = 700, 33, 0.5
+    scale = torch.logspace(-4, 2, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    a = torch.randn(n, d, dtype=torch.float64, generator=g) * scale[:, None] / d ** 0.5
+    p = torch.randn(n, d, dtype=torch.float64, generator=g) * scale.flip(0)[:, None] / d ** 0.5
+    h = torch.randn(n, d, dtype=torch.float64, generator=g)
+    a[5], p[9], h[11] = 0.0, 0.0, 0.0
+    assert (a.norm(dim=1) < eps).sum() > 100 and (a.norm(dim=1) > eps).sum() > 100
+    queue = torch.randn(50, d, dtype=torch.float64, generator=g) * 1e-3
+    options = dict(temperature=0.1, eps=eps, symmetric=True, gaussian_negatives=8, gaussian_weight=0.5)
+    ours = _loss_and_grads(lambda *x: info_nce(*x, queue, backend="native", generator=torch.Generator().manual_seed(0),
+                                               **options), [a, p, h])
+    ref = _loss_and_grads(lambda *x: info_nce(*x, queue, backend="reference",
+                                              generator=torch.Generator().manual_seed(0), **options), [a, p, h])
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-10
+
+    small = [x[:13, :4].clone().requires_grad_() for x in (a, p, h)]
+    assert gradcheck(lambda *x: info_nce(*x, temperature=0.5, eps=eps, backend="native", reduction="none"),
+                     small, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)
+
+
+@needs_native
+def test_cuda_dispatch_normalization_matches_the_fused_cpu_kernel():
+    # On CUDA tensors the operators' normalize_eps runs as normalized copies through the
+    # Triton kernels plus F.normalize's backward in Python. Under the interpreter those
+    # same functions run on CPU tensors, so they are checked here against the fused CPU
+    # kernel (normalization's backward included), raw rows of mixed norms in, with
+    # clamped rows and groups.
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not native_interpreter_available():
+        pytest.skip("needs a GPU or Triton's interpreter")
+    q, k, params, targets, layout, groups = _operator_inputs(torch.float64, True, True, False, n=29, d=12,
+                                                            grouped=True)
+    g = torch.Generator().manual_seed(2)
+    q = q * torch.rand(q.shape[0], 1, dtype=q.dtype, generator=g) * 3
+    k = k * torch.rand(k.shape[0], 1, dtype=k.dtype, generator=g) * 3
+    eps = 0.4
+    args = _op_args(q, k, params, targets, layout, groups)
+    lse, target_logit = torch.ops.fastcl.infonce_fwd(*args, normalize_eps=eps)
+    grad_rows = torch.randn(q.shape[0], dtype=torch.float64, generator=g)
+    ours = torch.ops.fastcl.infonce_bwd(*args, lse, grad_rows, True, True, normalize_eps=eps)
+    if on_gpu:  # through the dispatcher's CUDA kernel
+        def cuda(x):
+            return x.cuda() if isinstance(x, torch.Tensor) else x
+
+        cuda_args = [cuda(x) for x in args]
+        lse_t, target_logit_t = torch.ops.fastcl.infonce_fwd(*cuda_args, normalize_eps=eps)
+        theirs = torch.ops.fastcl.infonce_bwd(*cuda_args, lse.cuda(), grad_rows.cuda(), True, True,
+                                              normalize_eps=eps)
+        lse_t, target_logit_t, theirs = lse_t.cpu(), target_logit_t.cpu(), [t.cpu() for t in theirs]
+    else:  # the same Python kernel functions, run by the interpreter on CPU tensors
+        lse_t, target_logit_t = native._cuda_forward(*args, eps)
+        theirs = native._cuda_backward(*args, lse, grad_rows, True, True, eps)
+    assert relative_error(lse_t, lse) < 1e-12 and relative_error(target_logit_t, target_logit) < 1e-12
+    for name, o, t in zip(("dq", "dk", "row_dot"), ours, theirs):
+        assert relative_error(t, o) < 1e-10, name
+    # And both equal autograd through F.normalize around the unnormalized operator.
+    leaves = [x.clone().requires_grad_() for x in (q, k)]
+    units = [torch.nn.functional.normalize(x, dim=-1, eps=eps) for x in leaves]
+    dq_unit, dk_unit, _ = torch.ops.fastcl.infonce_bwd(*_op_args(*units, params, targets, layout, groups),
+                                                       lse, grad_rows, True, True)
+    dk_full = torch.cat([dk_unit, torch.zeros(k.shape[0] - dk_unit.shape[0], k.shape[1], dtype=k.dtype)])
+    dq_raw, dk_raw = torch.autograd.grad(units, leaves, [dq_unit, dk_full])
+    assert relative_error(ours[0], dq_raw) < 1e-10
+    assert relative_error(ours[1], dk_raw[:dk_unit.shape[0]]) < 1e-10
+
+
+def native_interpreter_available() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+
+
 # --------------------------------------------------------------------- opcheck
 
 
@@ -262,21 +339,23 @@ OPCHECK_VARIANTS = {
 
 
 @needs_native
+@pytest.mark.parametrize("normalize_eps", [None, 1e-12], ids=["prenormalized", "fused_normalize"])
 @pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
-def test_opcheck_forward(variant):
+def test_opcheck_forward(variant, normalize_eps):
     inputs = _operator_inputs(*OPCHECK_VARIANTS[variant])
-    torch.library.opcheck(torch.ops.fastcl.infonce_fwd.default, _op_args(*inputs))
+    torch.library.opcheck(torch.ops.fastcl.infonce_fwd.default, (*_op_args(*inputs), normalize_eps))
 
 
 @needs_native
+@pytest.mark.parametrize("normalize_eps", [None, 1e-12], ids=["prenormalized", "fused_normalize"])
 @pytest.mark.parametrize("need_dq, need_dk", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
-def test_opcheck_backward(variant, need_dq, need_dk):
+def test_opcheck_backward(variant, need_dq, need_dk, normalize_eps):
     inputs = _operator_inputs(*OPCHECK_VARIANTS[variant])
-    lse, _ = torch.ops.fastcl.infonce_fwd(*_op_args(*inputs))
+    lse, _ = torch.ops.fastcl.infonce_fwd(*_op_args(*inputs), normalize_eps)
     grad_rows = torch.randn(inputs[0].shape[0], dtype=lse.dtype)
     torch.library.opcheck(torch.ops.fastcl.infonce_bwd.default,
-                          (*_op_args(*inputs), lse, grad_rows, need_dq, need_dk))
+                          (*_op_args(*inputs), lse, grad_rows, need_dq, need_dk, normalize_eps))
 
 
 @needs_native

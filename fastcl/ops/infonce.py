@@ -89,16 +89,25 @@ class InfoNCEFunction(torch.autograd.Function):
     grad), ``targets`` (int64 of length N, or None for the diagonal), ``layout``
     (:class:`ColumnLayout` of ``[k_grad; k_const]``), ``backend`` (name) and ``groups``
     (None, or int32 group ids of the rows and of the ``k_grad`` columns: a row's
-    candidates among ``k_grad`` are those of its own group).
+    candidates among ``k_grad`` are those of its own group) and ``normalize_eps``: None
+    when the rows come normalized (or are scored raw), else the inputs are raw rows that
+    the backend normalizes on the fly, as ``F.normalize(x, dim=-1, eps=normalize_eps)``
+    would, and their gradients are with respect to the raw rows. Only the ``"native"``
+    backend takes it; its CPU kernel keeps neither the unit rows nor their gradients.
     Returns the N per-row losses in the accumulator dtype (fp32, fp64 for fp64 inputs).
     """
 
     @staticmethod
-    def forward(ctx, q, k_grad, k_const, inv_tau, targets, layout: ColumnLayout, backend: str, groups=None):
+    def forward(ctx, q, k_grad, k_const, inv_tau, targets, layout: ColumnLayout, backend: str, groups=None,
+                normalize_eps=None):
         k = k_grad if k_const is None else torch.cat([k_grad, k_const])
         params = kernel_params(inv_tau, layout, q.dtype)
         forward_fn, _ = _backend(backend)
         extra = {} if groups is None else {"groups": groups}
+        if normalize_eps is not None:
+            if backend != "native":
+                raise ValueError(f"normalize_eps needs the 'native' backend, not {backend!r}")
+            extra["normalize_eps"] = normalize_eps
         lse, target_logit = forward_fn(q, k, params, targets, layout, **extra)
         ctx.save_for_backward(q, k, params, targets, lse)
         ctx.layout, ctx.backend, ctx.extra = layout, backend, extra
@@ -113,4 +122,4 @@ class InfoNCEFunction(torch.autograd.Function):
         dq, dk, row_dot = backward_fn(q, k, params, targets, ctx.layout, lse, grad_rows,
                                       need_dq=need_q or need_tau, need_dk=need_k, **ctx.extra)
         d_inv_tau = row_dot.sum().to(ctx.inv_tau_dtype) if need_tau else None
-        return (dq if need_q else None), dk, None, d_inv_tau, None, None, None, None
+        return (dq if need_q else None), dk, None, d_inv_tau, None, None, None, None, None
