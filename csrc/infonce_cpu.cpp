@@ -95,6 +95,11 @@ int64_t env_positive_int(const char* name, int64_t fallback) {
 // Rows per chunk and columns per tile. 256 x 512 fp32 blocks (512 KiB, two per thread)
 // stay in a 2 MiB L2 and are large enough for BLAS to run near its peak; measured with
 // benchmarks/cpu_native.py (FASTCL_CPU_TILE_ROWS / FASTCL_CPU_TILE_COLS override them).
+// With groups, smaller blocks: a block is skipped only when none of its rows shares a
+// group with any of its columns, so blocks near a sequence's size waste the least.
+constexpr int64_t GROUPED_TILE_ROWS = 64;
+constexpr int64_t GROUPED_TILE_COLS = 64;
+
 struct Tiling {
   int64_t rows;
   int64_t cols;
@@ -102,9 +107,9 @@ struct Tiling {
   int64_t n_tiles;
 };
 
-Tiling make_tiling(int64_t n_rows, int64_t n_cols) {
-  int64_t rows = env_positive_int("FASTCL_CPU_TILE_ROWS", 256);
-  int64_t cols = env_positive_int("FASTCL_CPU_TILE_COLS", 512);
+Tiling make_tiling(int64_t n_rows, int64_t n_cols, bool grouped) {
+  int64_t rows = env_positive_int("FASTCL_CPU_TILE_ROWS", grouped ? GROUPED_TILE_ROWS : 256);
+  int64_t cols = env_positive_int("FASTCL_CPU_TILE_COLS", grouped ? GROUPED_TILE_COLS : 512);
   // At least one chunk per thread when there are enough rows, but no chunk below 32 rows
   // (thin products waste the BLAS kernel).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -250,6 +255,55 @@ void subtract_scaled_rows(acc_t* rows, const acc_t* values, const acc_t* coef, i
   }
 }
 
+// Which (row chunk, column tile) blocks hold no candidate at all, with groups. Per chunk
+// and per tile, the smallest and largest group id of its rows / its grouped columns: a
+// tile whose columns all carry groups (c0 + nc <= n_grad_cols) and whose interval misses
+// the chunk's has logit -inf everywhere, so it adds nothing to the forward and G = 0 in
+// the backward, and is skipped. (Its rows' targets never lie there: info_nce takes no
+// labels with groups, and a row's own positive is in its own group.) With rows sorted by
+// group, sequence after sequence as token_info_nce lays them out, a chunk meets only the
+// tiles of its own few sequences, so the work is O(N G D) instead of O(N M D).
+class GroupSkips {
+ public:
+  GroupSkips(const GroupIds& groups, const Tiling& tiling, int64_t n_rows, int64_t n_cols,
+             int64_t n_grad_cols)
+      : enabled_(groups.rows != nullptr) {
+    if (!enabled_) {
+      return;
+    }
+    constexpr int64_t big = std::numeric_limits<int64_t>::max();
+    row_lo_.assign(tiling.n_chunks, big);
+    row_hi_.assign(tiling.n_chunks, -big);
+    for (int64_t i = 0; i < n_rows; ++i) {
+      const int64_t c = i / tiling.rows;
+      row_lo_[c] = std::min(row_lo_[c], groups.rows[i]);
+      row_hi_[c] = std::max(row_hi_[c], groups.rows[i]);
+    }
+    col_lo_.assign(tiling.n_tiles, big);
+    col_hi_.assign(tiling.n_tiles, -big);
+    grouped_tile_.assign(tiling.n_tiles, false);
+    for (int64_t t = 0; t < tiling.n_tiles; ++t) {
+      const int64_t c0 = t * tiling.cols;
+      const int64_t c1 = std::min(c0 + tiling.cols, n_cols);
+      grouped_tile_[t] = c1 <= n_grad_cols;
+      for (int64_t j = c0; j < std::min(c1, n_grad_cols); ++j) {
+        col_lo_[t] = std::min(col_lo_[t], groups.keys[j]);
+        col_hi_[t] = std::max(col_hi_[t], groups.keys[j]);
+      }
+    }
+  }
+
+  bool skip(int64_t chunk, int64_t tile) const {
+    return enabled_ && grouped_tile_[tile] &&
+           (row_hi_[chunk] < col_lo_[tile] || col_hi_[tile] < row_lo_[chunk]);
+  }
+
+ private:
+  bool enabled_;
+  std::vector<int64_t> row_lo_, row_hi_, col_lo_, col_hi_;
+  std::vector<bool> grouped_tile_;
+};
+
 inline int64_t target_of(const int64_t* targets, int64_t row) {
   return targets != nullptr ? targets[row] : row;
 }
@@ -260,7 +314,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
                     const RowScales<acc_t>& scales, acc_t* lse, acc_t* target_logit) {
   const int64_t n_rows = q.size(0);
   const int64_t n_cols = k.size(0);
-  const Tiling tiling = make_tiling(n_rows, n_cols);
+  const Tiling tiling = make_tiling(n_rows, n_cols, groups.rows != nullptr);
+  const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
   const acc_t inv_tau = params[0];
   const acc_t log_hard_weight = params[1];
   const acc_t log_gauss_weight = params[2];
@@ -281,7 +336,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
       std::fill(run_max.begin(), run_max.end(), neg_inf);
       std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
       std::fill(target_logit + r0, target_logit + r0 + nr, acc_t(0));
-      for (int64_t c0 = 0; c0 < n_cols; c0 += tiling.cols) {
+      for (int64_t tile = 0; tile < tiling.n_tiles; ++tile) {
+        if (skips.skip(chunk, tile)) {
+          continue;
+        }
+        const int64_t c0 = tile * tiling.cols;
         const int64_t nc = std::min(tiling.cols, n_cols - c0);
         at::Tensor block = block_view(buffer, nr, nc);
         at::mm_out(block, q_chunk, k.narrow(0, c0, nc).t());
@@ -332,9 +391,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
 // deterministic (gradcheck checks this). All chunks walk the tiles in the same order,
 // so chunks in flight together form a pipeline, the later one a block behind, and
 // rarely wait. A worker that fails releases everyone (no deadlock on an exception).
+// Chunks that skip a tile (GroupSkips) have no turn at it: the turn passes over them.
 class TileTurns {
  public:
-  explicit TileTurns(int64_t n_tiles) : next_chunk_(n_tiles, 0) {}
+  TileTurns(int64_t n_tiles, int64_t n_chunks, const GroupSkips& skips)
+      : next_chunk_(n_tiles, 0), n_chunks_(n_chunks), skips_(skips) {
+    for (int64_t tile = 0; tile < n_tiles; ++tile) {
+      next_chunk_[tile] = next_visitor(tile, 0);
+    }
+  }
 
   void wait_for(int64_t tile, int64_t chunk) {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -345,7 +410,7 @@ class TileTurns {
   void done(int64_t tile) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      ++next_chunk_[tile];
+      next_chunk_[tile] = next_visitor(tile, next_chunk_[tile] + 1);
     }
     changed_.notify_all();
   }
@@ -359,9 +424,19 @@ class TileTurns {
   }
 
  private:
+  // The first chunk from `chunk` on that does not skip `tile`.
+  int64_t next_visitor(int64_t tile, int64_t chunk) const {
+    while (chunk < n_chunks_ && skips_.skip(chunk, tile)) {
+      ++chunk;
+    }
+    return chunk;
+  }
+
   std::mutex mutex_;
   std::condition_variable changed_;
   std::vector<int64_t> next_chunk_;
+  const int64_t n_chunks_;
+  const GroupSkips& skips_;
   bool aborted_ = false;
 };
 
@@ -375,11 +450,12 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   const int64_t dim = q.size(1);
   const bool need_dq = dq.defined();
   const bool need_dk = dk.defined();
-  const Tiling tiling = make_tiling(n_rows, n_cols);
+  const Tiling tiling = make_tiling(n_rows, n_cols, groups.rows != nullptr);
+  const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
   const acc_t inv_tau = params[0];
   const acc_t log_hard_weight = params[1];
   const acc_t log_gauss_weight = params[2];
-  TileTurns turns(tiling.n_tiles);
+  TileTurns turns(tiling.n_tiles, tiling.n_chunks, skips);
 
   const at::ThreadLocalState caller_state;
   std::atomic<int64_t> next_chunk{0};
@@ -405,8 +481,8 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           const int64_t c0 = tile * tiling.cols;
           const int64_t nc = std::min(tiling.cols, n_cols - c0);
           const bool tile_dk = need_dk && c0 < layout.n_grad_cols;
-          if (!need_dq && !tile_dk) {
-            continue;  // columns past n_grad_cols only feed dq
+          if ((!need_dq && !tile_dk) || skips.skip(chunk, tile)) {
+            continue;  // columns past n_grad_cols only feed dq; skipped blocks have G = 0
           }
           const at::Tensor k_tile = k.narrow(0, c0, nc);
           at::Tensor sim = block_view(sim_buffer, nr, nc);

@@ -125,6 +125,58 @@ def test_nt_xent_and_groups_at_real_size():
 
 
 @needs_native
+@pytest.mark.parametrize("tiles", [None, (16, 16), (5, 7)], ids=["default_tiles", "tiles16", "tiles5x7"])
+def test_sorted_groups_skip_blocks_and_match_reference(tiles, monkeypatch):
+    # Rows sorted by group (sequences of uneven length, as token_info_nce lays them out),
+    # hard negatives (a second sorted run of groups among the columns), a shared queue,
+    # fused normalization: the blocks the kernel skips must be exactly those that hold no
+    # candidate. Bit-identical on 1 and 2 threads: a dk tile's turn passes over the
+    # chunks that skip it.
+    if tiles is not None:
+        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
+        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
+    g = torch.Generator().manual_seed(8)
+    lengths = torch.randint(1, 40, (60,), generator=g)
+    groups = torch.repeat_interleave(torch.arange(60), lengths)
+    n = groups.numel()
+    a, p, h = (torch.randn(n, 24, dtype=torch.float64, generator=g) for _ in range(3))
+    queue = torch.randn(37, 24, dtype=torch.float64, generator=g)
+    options = dict(hard_negative_weight=1.5, temperature=0.1, groups=groups, symmetric=True)
+    ref = _loss_and_grads(lambda *x: info_nce_reference(*x, queue, **options), [a, p, h])
+    previous = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            runs.append(_loss_and_grads(lambda *x: info_nce(*x, queue, backend="native", **options), [a, p, h]))
+    finally:
+        torch.set_num_threads(previous)
+    for o, r in zip(runs[0], ref):
+        assert relative_error(o, r) < 1e-10
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@needs_native
+def test_native_skips_blocks_without_a_common_group(monkeypatch):
+    # As the Triton kernels' test (test_groups.py): 16 x 16 blocks, groups of 16 aligned
+    # with them. A NaN candidate in group 1 would turn group 0's gradients to NaN
+    # (0 * NaN in the gradient product) if group 0's rows visited its block.
+    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "16")
+    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "16")
+    groups = torch.arange(48) // 16
+    a, p = torch.randn(48, 8, requires_grad=True), torch.randn(48, 8, requires_grad=True)
+    with torch.no_grad():
+        p[20] = float("nan")   # a positive (candidate) of group 1
+        a[40] = float("nan")   # an anchor (query) of group 2
+    out = info_nce(a, p, groups=groups, backend="native", reduction="none", check_finite=False)
+    out.sum().backward()
+    assert torch.isfinite(out[:16]).all() and torch.isnan(out[16:32]).all()
+    assert torch.isfinite(a.grad[:16]).all(), "the dq pass visited a block of another group"
+    assert torch.isfinite(p.grad[:16]).all(), "the dk pass visited a block of another group"
+
+
+@needs_native
 @pytest.mark.parametrize("tiles", [None, (4, 8), (7, 5)], ids=["default_tiles", "tiles4x8", "tiles7x5"])
 @pytest.mark.parametrize("name", list(SMALL_CASES))
 def test_small_cases_match_reference(name, tiles, monkeypatch):
