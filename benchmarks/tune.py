@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastcl.ops.configs import KERNELS, KernelConfig, override_config  # noqa: E402
 
 FAMILIES = {"half": torch.bfloat16, "fp32": torch.float32}
+#: The loss's default normalization eps: kernels are tuned as the default loss runs them.
+EPS = 1e-12
 
 
 def candidate_grid(kernel: str, family: str, dim: int):
@@ -56,7 +58,7 @@ def _static_check(args):
 
     try:
         report = compile_report.compile_one(kernel, FAMILIES[family], "tf32" if family == "fp32" else "ieee",
-                                            "plain", cfg, arch)
+                                            "normalized", cfg, arch)
     except Exception as exc:  # a config Triton cannot compile is simply not a candidate
         return kernel, family, dim, cfg, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     problems = report.problems()
@@ -94,17 +96,18 @@ def _triton_version() -> str:
 
 
 def _problem(kernel: str, dtype: torch.dtype, n: int, dim: int, seed: int = 0):
-    """Inputs of one kernel launch at N = M = n (unit rows, as the loss gives them)."""
+    """Inputs of one kernel launch at N = M = n: raw rows, normalized in the kernels, as
+    the loss's default (normalize=True) runs them."""
     from fastcl.ops.infonce import kernel_params
     from fastcl.ops.infonce_fwd import infonce_forward
     from fastcl.ops.layout import ColumnLayout
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(n, dim, device="cuda", generator=gen), dim=-1).to(dtype)
-    k = torch.nn.functional.normalize(torch.randn(n, dim, device="cuda", generator=gen), dim=-1).to(dtype)
+    q = torch.randn(n, dim, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(n, dim, device="cuda", generator=gen).to(dtype)
     layout = ColumnLayout.plain(n)
     params = kernel_params(torch.tensor(20.0, device="cuda"), layout, dtype)
-    lse, _ = infonce_forward(q, k, params, None, layout)
+    lse, _ = infonce_forward(q, k, params, None, layout, normalize_eps=EPS)
     grad_rows = torch.full((n,), 1.0 / n, device="cuda", dtype=lse.dtype)
     return q, k, params, layout, lse, grad_rows
 
@@ -116,14 +119,16 @@ def _runner(kernel: str, problem):
 
     q, k, params, layout, lse, grad_rows = problem
     if kernel == "forward":
-        return lambda: infonce_forward(q, k, params, None, layout)[0]
+        return lambda: infonce_forward(q, k, params, None, layout, normalize_eps=EPS)[0]
     if kernel == "backward_ds":  # timed with the two products it feeds: the whole workspace backward
-        return lambda: infonce_backward_workspace(q, k, params, None, layout, lse, grad_rows)[0]
+        return lambda: infonce_backward_workspace(q, k, params, None, layout, lse, grad_rows, normalize_eps=EPS)[0]
     # The slab kernels are timed through infonce_backward with the slab strategy forced.
     os.environ["FASTCL_BACKWARD"] = "slab"
     if kernel == "backward_dq":
-        return lambda: infonce_backward(q, k, params, None, layout, lse, grad_rows, need_dq=True, need_dk=False)[0]
-    return lambda: infonce_backward(q, k, params, None, layout, lse, grad_rows, need_dq=False, need_dk=True)[1]
+        return lambda: infonce_backward(q, k, params, None, layout, lse, grad_rows, need_dq=True, need_dk=False,
+                                        normalize_eps=EPS)[0]
+    return lambda: infonce_backward(q, k, params, None, layout, lse, grad_rows, need_dq=False, need_dk=True,
+                                    normalize_eps=EPS)[1]
 
 
 def _warm(args):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .ops.infonce import InfoNCEFunction
+from .ops.infonce import FUSED_NORMALIZATION, InfoNCEFunction
 from .ops.layout import ColumnLayout
 from .ops.utils import SUPPORTED_DTYPES, accumulator_dtype, interpreting
 from .reference import info_nce_reference
@@ -270,10 +270,10 @@ def info_nce(
             symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps, groups=groups)
         return loss.to(_output_dtype(anchors.dtype))
 
-    # The native CPU kernel normalizes on the fly (one inverse norm per row): the unit
-    # rows and their gradients, 4 (N + M) D values, never exist. Elsewhere the rows are
-    # normalized here; that costs O((N + M) D) memory too, just more of it.
-    fused_eps = eps if normalize and chosen == "native" and anchors.device.type == "cpu" else None
+    # The Triton and native kernels normalize on the fly (one inverse norm per row): the
+    # unit rows and their gradients, 4 (N + M) D values, never exist. The chunked path
+    # takes rows normalized here, which costs O((N + M) D) memory too, just more of it.
+    fused_eps = eps if normalize and chosen in FUSED_NORMALIZATION else None
     normalize_here = normalize and fused_eps is None
     q = unit_rows(anchors, normalize_here, eps)
     k_grad = unit_rows(positives if hard_negatives is None else torch.cat([positives, hard_negatives]),

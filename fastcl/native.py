@@ -14,8 +14,8 @@ fields, the optional ``groups`` pair into two optional tensors)::
 ``normalize_eps`` (when not None) makes the operators take raw rows and score their
 cosines, as if every row of q and k had gone through ``F.normalize(x, dim=-1,
 eps=normalize_eps)``; the backward then returns the gradients with respect to the raw
-rows. The CPU kernel fuses this (one inverse norm per row, no normalized copies); the
-CUDA kernel normalizes copies and applies the normalization's backward afterwards.
+rows. Both the CPU kernel and the Triton kernels fuse this: one inverse norm per row, no
+normalized copies (fastcl/ops/normalize.py).
 
 On CPU tensors they run the native C++ kernel (csrc/infonce_cpu.cpp: tiled, BLAS block
 products, softmax fused per block, ATen's thread pool); on CUDA tensors the Triton
@@ -250,38 +250,20 @@ def _groups_pair(row_groups, key_groups):
     return None if row_groups is None else (row_groups, key_groups)
 
 
-def _unit(x, eps):
-    return x.contiguous() if eps is None else torch.nn.functional.normalize(x, dim=-1, eps=eps).contiguous()
-
-
-def _normalize_backward(x, grad_unit, eps):
-    """F.normalize's backward: the gradient with respect to the raw rows ``x`` from the
-    gradient ``grad_unit`` with respect to the unit rows, in the accumulator dtype."""
-    acc = accumulator_dtype(x.dtype)
-    x, grad_unit = x.to(acc), grad_unit.to(acc)
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    inv = 1.0 / norm.clamp_min(eps)
-    unit = x * inv
-    along = (grad_unit * unit).sum(dim=-1, keepdim=True) * (norm > eps)
-    return (grad_unit - along * unit) * inv
-
-
 def _cuda_forward(q, k, params, targets, *rest):
     from .ops.infonce_fwd import infonce_forward
 
     layout, groups, eps = _forward_args(rest)
-    return infonce_forward(_unit(q, eps), _unit(k, eps), params, targets, layout, groups=groups)
+    return infonce_forward(q.contiguous(), k.contiguous(), params, targets, layout, groups=groups,
+                           normalize_eps=eps)
 
 
 def _cuda_backward(q, k, params, targets, *rest):
     from .ops.infonce_bwd import infonce_backward
 
     layout, groups, lse, grad_rows, need_dq, need_dk, eps = _backward_args(rest)
-    dq, dk, row_dot = infonce_backward(_unit(q, eps), _unit(k, eps), params, targets, layout, lse, grad_rows,
-                                       need_dq=need_dq, need_dk=need_dk, groups=groups)
-    if eps is not None:  # the Triton kernels fuse no normalization: its backward comes here
-        dq = _normalize_backward(q, dq, eps).to(q.dtype) if dq is not None else None
-        dk = _normalize_backward(k[:dk.shape[0]], dk, eps).to(k.dtype) if dk is not None else None
+    dq, dk, row_dot = infonce_backward(q.contiguous(), k.contiguous(), params, targets, layout, lse, grad_rows,
+                                       need_dq=need_dq, need_dk=need_dk, groups=groups, normalize_eps=eps)
     dim = q.shape[1]
     return (dq if dq is not None else q.new_empty((0, dim)),
             dk if dk is not None else q.new_empty((0, dim)),

@@ -84,6 +84,35 @@ def test_low_precision_matches_reference(name, dtype, backend, device, monkeypat
             assert ours[grad_name].dtype == dtype, "gradients keep the input dtype"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalization_of_rows_at_every_scale(backend, device, monkeypatch):
+    # The kernels normalize raw rows on the fly. Rows from 1e-4 to 1e2 in norm, zero rows
+    # and rows that eps clamps (F.normalize's other branch) must all match the reference,
+    # which normalizes first.
+    name = _use(backend, monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    n, d, eps = 37, 12, 0.5
+
+    def rows(count):
+        scale = torch.logspace(-4, 2, count, dtype=torch.float64)[torch.randperm(count, generator=g)]
+        return (torch.randn(count, d, dtype=torch.float64, generator=g) * scale[:, None] / d ** 0.5).to(device)
+
+    a, p, h, queue = rows(n), rows(n), rows(n), rows(7)
+    a[3], p[5], h[8] = 0.0, 0.0, 0.0
+    assert (a.norm(dim=1) < eps).sum() > 5 and (a.norm(dim=1) > eps).sum() > 5
+    options = dict(temperature=0.1, eps=eps, symmetric=True, hard_negative_weight=2.0, gaussian_negatives=3)
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_() for x in (a, p, h)]
+        loss = fn(*leaves, queue, generator=torch.Generator(device=device).manual_seed(0), **options)
+        return [loss.detach()] + list(torch.autograd.grad(loss, leaves))
+
+    ours = run(lambda *x, **k: info_nce(*x, backend=name, **k))
+    ref = run(lambda *x, **k: info_nce(*x, backend="reference", **k))
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-10
+
+
 @pytest.mark.parametrize(
     "config",
     [

@@ -91,10 +91,15 @@ def _resources(cubin: bytes) -> tuple[int, int, int]:
     return registers, spills, mma
 
 
+#: Option sets each kernel is compiled with; see compile_one.
+FEATURES = ("plain", "normalized", "all")
+
+
 def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, cfg: KernelConfig,
                 arch: int = 90) -> Report:
     """Compile one kernel (a name of configs.KERNELS) for one dtype and dot
-    precision, with every option off ("plain") or on ("all"), at ``cfg``."""
+    precision, with every option off ("plain"), only the fused normalization on
+    ("normalized": the default loss) or every option on ("all"), at ``cfg``."""
     from .infonce_bwd import _infonce_bwd_dk_kernel, _infonce_bwd_dq_kernel
     from .infonce_bwd_workspace import _infonce_dlogits_kernel
     from .infonce_fwd import _infonce_fwd_kernel
@@ -103,9 +108,13 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
     acc = "fp64" if dtype == torch.float64 else "fp32"
     on = features == "all"
     flags = dict(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on, GROUPED=on,
+                 NORMALIZED=features in ("normalized", "all"),
                  ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False)
     sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64",
-               row_groups_ptr="*i64", key_groups_ptr="*i64", lse_ptr=f"*{acc}")
+               row_groups_ptr="*i64", key_groups_ptr="*i64", q_scale_ptr=f"*{acc}", k_scale_ptr=f"*{acc}")
+    if kernel in ("backward_dq", "backward_dk"):
+        sig["proj_ptr"] = f"*{acc}"
+    sig["lse_ptr"] = f"*{acc}"
     segments = dict(hard_start="i32", n_hard="i32", gauss_start="i32", self_start="i32", n_self="i32")
     sizes = dict(n_rows="i32", n_cols="i32", n_grad_cols="i32", dim="i32", stride_q="i32", stride_k="i32")
     blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
@@ -123,7 +132,7 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
         blocks["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT
     elif kernel == "backward_ds":
         fn = _infonce_dlogits_kernel
-        sig.update(grad_rows_ptr=f"*{acc}", ds_ptr=f"*{t}", row_dot_ptr=f"*{acc}", row0="i32",
+        sig.update(grad_rows_ptr=f"*{acc}", ds_ptr=f"*{t}", row_dot_ptr=f"*{acc}", col_dot_ptr=f"*{acc}", row0="i32",
                    n_chunk_rows="i32", **sizes, stride_ds="i32", **segments)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
@@ -136,7 +145,7 @@ def kernel_reports(dim: int = 768, arch: int = 90) -> list[Report]:
     option off and on."""
     return [compile_one(kernel, dtype, precision, features, kernel_config(kernel, dtype, dim), arch)
             for dtype, precision in _variants()
-            for features in ("plain", "all")
+            for features in FEATURES
             for kernel in ("forward", "backward_dq", "backward_dk", "backward_ds")]
 
 
@@ -155,7 +164,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
     reports = kernel_reports(args.dim, args.arch)
-    print(f"{'kernel':<12} {'variant':<16} {'blocks (M,N,D,Dout) warps stages':<36} {'regs':>5} "
+    print(f"{'kernel':<12} {'variant':<20} {'blocks (M,N,D,Dout) warps stages':<36} {'regs':>5} "
           f"{'spill':>6} {'smem':>7} {'mma':>5}  problems")
     failed = False
     for r in reports:
@@ -163,7 +172,7 @@ def main(argv=None) -> int:
         blocks = f"{c.BLOCK_M},{c.BLOCK_N},{c.BLOCK_D},{c.BLOCK_D_OUT} w{c.num_warps} s{c.num_stages}"
         problems = r.problems()
         failed |= bool(problems)
-        print(f"{r.kernel:<12} {r.variant:<16} {blocks:<36} {r.registers:>5} {r.spill_bytes:>6} "
+        print(f"{r.kernel:<12} {r.variant:<20} {blocks:<36} {r.registers:>5} {r.spill_bytes:>6} "
               f"{r.shared_bytes:>7} {r.tensor_core_ops:>5}  {'; '.join(problems)}")
     return 1 if (args.check and failed) else 0
 

@@ -30,24 +30,31 @@ from .layout import ColumnLayout
 from .utils import accumulator_dtype
 
 
-def _triton_forward(q, k, params, targets, layout, groups=None):
+def _triton_forward(q, k, params, targets, layout, groups=None, normalize_eps=None):
     if q.is_cuda:
         from ..native import operator_forward
 
-        return operator_forward(q, k, params, targets, layout, groups=groups)
+        return operator_forward(q, k, params, targets, layout, groups=groups, normalize_eps=normalize_eps)
     from .infonce_fwd import infonce_forward
 
-    return infonce_forward(q, k, params, targets, layout, groups=groups)
+    return infonce_forward(q, k, params, targets, layout, groups=groups, normalize_eps=normalize_eps)
 
 
-def _triton_backward(q, k, params, targets, layout, lse, grad_rows, need_dq=True, need_dk=True, groups=None):
+def _triton_backward(q, k, params, targets, layout, lse, grad_rows, need_dq=True, need_dk=True, groups=None,
+                     normalize_eps=None):
     if q.is_cuda:
         from ..native import operator_backward
 
-        return operator_backward(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups=groups)
+        return operator_backward(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups=groups,
+                                 normalize_eps=normalize_eps)
     from .infonce_bwd import infonce_backward
 
-    return infonce_backward(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups=groups)
+    return infonce_backward(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups=groups,
+                            normalize_eps=normalize_eps)
+
+
+#: The backends whose kernels normalize rows on the fly (``normalize_eps``).
+FUSED_NORMALIZATION = ("triton", "native")
 
 
 def _backend(name: str):
@@ -92,8 +99,9 @@ class InfoNCEFunction(torch.autograd.Function):
     candidates among ``k_grad`` are those of its own group) and ``normalize_eps``: None
     when the rows come normalized (or are scored raw), else the inputs are raw rows that
     the backend normalizes on the fly, as ``F.normalize(x, dim=-1, eps=normalize_eps)``
-    would, and their gradients are with respect to the raw rows. Only the ``"native"``
-    backend takes it; its CPU kernel keeps neither the unit rows nor their gradients.
+    would, and their gradients are with respect to the raw rows. The ``"triton"`` and
+    ``"native"`` backends take it; their kernels keep neither the unit rows nor their
+    gradients (fastcl/ops/normalize.py).
     Returns the N per-row losses in the accumulator dtype (fp32, fp64 for fp64 inputs).
     """
 
@@ -105,8 +113,8 @@ class InfoNCEFunction(torch.autograd.Function):
         forward_fn, _ = _backend(backend)
         extra = {} if groups is None else {"groups": groups}
         if normalize_eps is not None:
-            if backend != "native":
-                raise ValueError(f"normalize_eps needs the 'native' backend, not {backend!r}")
+            if backend not in FUSED_NORMALIZATION:
+                raise ValueError(f"normalize_eps needs one of the backends {FUSED_NORMALIZATION}, not {backend!r}")
             extra["normalize_eps"] = normalize_eps
         lse, target_logit = forward_fn(q, k, params, targets, layout, **extra)
         ctx.save_for_backward(q, k, params, targets, lse)

@@ -16,6 +16,11 @@ fits in registers at any D; the price is recomputing the similarity tile once pe
 The dq kernel also returns ``sum_j G[i, j] s[i, j]`` per row: the gradient of the loss
 with respect to 1/tau is the sum of it, which is how a learnable temperature gets its
 gradient without another pass.
+
+With NORMALIZED the rows are raw: tiles are scaled to cosines by the rows' inverse
+norms, the products take G scaled the same way, and each program ends with the
+normalization's rank-1 correction of its slab, from that same row sum (dq) or the
+matching column sum (dk); see fastcl/ops/normalize.py.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import triton.language as tl
 from .configs import backward_strategy, kernel_config
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
+from .normalize import kernel_scale_args, row_norms
 from .tiles import (
-    groups_overlap, load_groups, load_params, load_targets, logit_grad_tile, logit_tile, similarity_tile,
+    groups_overlap, load_groups, load_params, load_scales, load_targets, logit_grad_tile, logit_tile,
+    similarity_tile,
 )
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
@@ -41,6 +48,9 @@ def _infonce_bwd_dq_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
+    q_scale_ptr,  # NORMALIZED only: inverse row norms of q and k, q's projection terms
+    k_scale_ptr,
+    proj_ptr,
     lse_ptr,
     grad_rows_ptr,
     dq_ptr,
@@ -62,6 +72,7 @@ def _infonce_bwd_dq_kernel(
     GAUSS_WEIGHTED: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr,
     GROUPED: tl.constexpr,
+    NORMALIZED: tl.constexpr,
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -81,6 +92,7 @@ def _infonce_bwd_dq_kernel(
     grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
     targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
+    row_scale = load_scales(q_scale_ptr, rows, n_rows, NORMALIZED)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=acc_dtype)
     row_dot = tl.zeros((BLOCK_M,), dtype=acc_dtype)
@@ -95,6 +107,9 @@ def _infonce_bwd_dq_kernel(
         if visit:
             s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                 BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+            if NORMALIZED:
+                col_scale = load_scales(k_scale_ptr, cols, n_cols, NORMALIZED)
+                s = s * row_scale[:, None] * col_scale[None, :]
             logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
                                 col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
                                 n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
@@ -103,12 +118,19 @@ def _infonce_bwd_dq_kernel(
             k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
                              mask=(cols[:, None] < n_cols) & slab_in[None, :], other=0.0)
             ds = dlogits * inv_tau
+            if NORMALIZED:
+                ds = ds * row_scale[:, None] * col_scale[None, :]
             if UPCAST:
                 k_slab = k_slab.to(tl.float32)
             else:
                 ds = ds.to(k_slab.dtype)
             dq = tl.dot(ds, k_slab, dq, input_precision=PRECISION, out_dtype=acc_dtype)
 
+    if NORMALIZED:  # dq_i -= (1/tau) row_dot_i proj_i q_i, on this slab
+        proj = tl.load(proj_ptr + rows, mask=row_in, other=0.0)
+        q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
+                         mask=row_in[:, None] & slab_in[None, :], other=0.0).to(acc_dtype)
+        dq -= (inv_tau * row_dot * proj)[:, None] * q_slab
     tl.store(dq_ptr + rows[:, None] * stride_dq + slab[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=row_in[:, None] & slab_in[None, :])
     if tl.program_id(1) == 0:
@@ -123,6 +145,9 @@ def _infonce_bwd_dk_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
+    q_scale_ptr,  # NORMALIZED only: inverse row norms of q and k, k's projection terms
+    k_scale_ptr,
+    proj_ptr,
     lse_ptr,
     grad_rows_ptr,
     dk_ptr,
@@ -143,6 +168,7 @@ def _infonce_bwd_dk_kernel(
     GAUSS_WEIGHTED: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr,
     GROUPED: tl.constexpr,
+    NORMALIZED: tl.constexpr,
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -158,8 +184,10 @@ def _infonce_bwd_dk_kernel(
     inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
     # Every column here is a gradient column (< n_grad_cols), so it has a group.
     col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+    col_scale = load_scales(k_scale_ptr, cols, n_cols, NORMALIZED)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D_OUT), dtype=acc_dtype)
+    col_dot = tl.zeros((BLOCK_N,), dtype=acc_dtype)  # NORMALIZED: sum_i G_ij cos_ij
     for m0 in range(0, n_rows, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_in = rows < n_rows
@@ -176,6 +204,9 @@ def _infonce_bwd_dk_kernel(
             # stored, and this program's columns are among them.
             s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                 BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+            if NORMALIZED:
+                row_scale = load_scales(q_scale_ptr, rows, n_rows, NORMALIZED)
+                s = s * row_scale[:, None] * col_scale[None, :]
             logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
                                 col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
                                 n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
@@ -183,12 +214,20 @@ def _infonce_bwd_dk_kernel(
             q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
                              mask=row_in[:, None] & slab_in[None, :], other=0.0)
             ds = dlogits * inv_tau
+            if NORMALIZED:
+                col_dot += tl.sum(dlogits * s, 0)
+                ds = ds * row_scale[:, None] * col_scale[None, :]
             if UPCAST:
                 q_slab = q_slab.to(tl.float32)
             else:
                 ds = ds.to(q_slab.dtype)
             dk = tl.dot(tl.trans(ds), q_slab, dk, input_precision=PRECISION, out_dtype=acc_dtype)
 
+    if NORMALIZED:  # dk_j -= (1/tau) col_dot_j proj_j k_j, on this slab
+        proj = tl.load(proj_ptr + cols, mask=cols < n_grad_cols, other=0.0)
+        k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
+                         mask=(cols[:, None] < n_grad_cols) & slab_in[None, :], other=0.0).to(acc_dtype)
+        dk -= (inv_tau * col_dot * proj)[:, None] * k_slab
     tl.store(dk_ptr + cols[:, None] * stride_dk + slab[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=(cols[:, None] < n_grad_cols) & slab_in[None, :])
 
@@ -209,6 +248,7 @@ def infonce_backward(
     need_dq: bool = True,
     need_dk: bool = True,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    normalize_eps: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernels.
 
@@ -217,13 +257,15 @@ def infonce_backward(
     :func:`~fastcl.ops.configs.backward_strategy` says so, the workspace backward. Returns ``(dq, dk, row_dot)``: dq is N x D
     (None unless ``need_dq``), dk is ``layout.n_grad_cols`` x D (None unless
     ``need_dk``), both in the input dtype; row_dot (accumulator dtype, length N, computed
-    with dq) sums to the gradient of the loss with respect to 1/tau.
+    with dq) sums to the gradient of the loss with respect to 1/tau. With
+    ``normalize_eps`` the gradients are with respect to the raw rows.
     """
     n_rows, dim = q.shape
     if backward_strategy(q.dtype, dim, q.device, grouped=groups is not None) == "workspace":
         from .infonce_bwd_workspace import infonce_backward_workspace
 
-        return infonce_backward_workspace(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups)
+        return infonce_backward_workspace(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups,
+                                          normalize_eps)
     _check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
@@ -233,6 +275,7 @@ def infonce_backward(
         GAUSS_WEIGHTED=layout.gauss_weighted,
         EXCLUDE_SELF=layout.n_self > 0,
         GROUPED=groups is not None,
+        NORMALIZED=normalize_eps is not None,
         ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_for_interpreter(q.dtype),
@@ -240,6 +283,7 @@ def infonce_backward(
     targets_arg = targets if targets is not None else lse
     row_groups, key_groups = groups if groups is not None else (lse, lse)
     segments = (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self)
+    scales = kernel_scale_args(row_norms(q, k, normalize_eps), lse)
 
     dq = row_dot = None
     if need_dq:
@@ -248,7 +292,8 @@ def infonce_backward(
         cfg = kernel_config("backward_dq", q.dtype, dim, q.device)
         grid = (triton.cdiv(n_rows, cfg.BLOCK_M), triton.cdiv(dim, cfg.BLOCK_D_OUT))
         _infonce_bwd_dq_kernel[grid](
-            q, k, params, targets_arg, row_groups, key_groups, lse, grad_rows, dq, row_dot,
+            q, k, params, targets_arg, row_groups, key_groups, scales.q_inv, scales.k_inv, scales.q_proj,
+            lse, grad_rows, dq, row_dot,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
             *segments, **flags, **_launch_options(cfg),
         )
@@ -258,7 +303,8 @@ def infonce_backward(
         cfg = kernel_config("backward_dk", q.dtype, dim, q.device)
         grid = (triton.cdiv(layout.n_grad_cols, cfg.BLOCK_N), triton.cdiv(dim, cfg.BLOCK_D_OUT))
         _infonce_bwd_dk_kernel[grid](
-            q, k, params, targets_arg, row_groups, key_groups, lse, grad_rows, dk,
+            q, k, params, targets_arg, row_groups, key_groups, scales.q_inv, scales.k_inv, scales.k_proj,
+            lse, grad_rows, dk,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dk.stride(0),
             *segments, **flags, **_launch_options(cfg),
         )

@@ -15,6 +15,10 @@ That is 6NMD of backward work (2 for S, 2 for dq, 2 for dk) instead of the slab 
 ~2NMD x (slabs + 1) per gradient, at the price of writing the workspace once and reading
 it twice. Its size is capped (``FASTCL_WORKSPACE_BYTES``, default 1 GiB): R = cap / (M x
 element size), so memory stays O((N + M) D + cap), never N x M.
+
+With NORMALIZED the rows are raw: the kernel scales tiles to cosines and dS by the rows'
+inverse norms, and adds the column sums ``sum_i G_ij cos_ij`` too; after the products,
+each gradient row gets the normalization's rank-1 correction (fastcl/ops/normalize.py).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ import triton.language as tl
 from .configs import kernel_config
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
+from .normalize import kernel_scale_args, row_norms
 from .tiles import (
-    groups_overlap, load_groups, load_params, load_targets, logit_grad_tile, logit_tile, similarity_tile,
+    groups_overlap, load_groups, load_params, load_scales, load_targets, logit_grad_tile, logit_tile,
+    similarity_tile,
 )
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
@@ -45,10 +51,13 @@ def _infonce_dlogits_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
+    q_scale_ptr,  # NORMALIZED only: inverse row norms of q and k
+    k_scale_ptr,
     lse_ptr,
     grad_rows_ptr,
     ds_ptr,
     row_dot_ptr,
+    col_dot_ptr,  # NORMALIZED only
     row0,
     n_chunk_rows,
     n_rows,
@@ -68,6 +77,7 @@ def _infonce_dlogits_kernel(
     GAUSS_WEIGHTED: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr,
     GROUPED: tl.constexpr,
+    NORMALIZED: tl.constexpr,
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -98,12 +108,20 @@ def _infonce_dlogits_kernel(
         targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
         s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                             BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+        if NORMALIZED:
+            row_scale = load_scales(q_scale_ptr, rows, n_rows, NORMALIZED)
+            col_scale = load_scales(k_scale_ptr, cols, n_cols, NORMALIZED)
+            s = s * row_scale[:, None] * col_scale[None, :]
         logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
                             col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
                             n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
         dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
         tl.atomic_add(row_dot_ptr + rows, tl.sum(dlogits * s, 1), mask=row_in)
-        tl.store(out_ptrs, (dlogits * inv_tau).to(ds_ptr.dtype.element_ty), mask=out_mask)
+        ds = dlogits * inv_tau
+        if NORMALIZED:
+            tl.atomic_add(col_dot_ptr + cols, tl.sum(dlogits * s, 0), mask=cols < n_grad_cols)
+            ds = ds * row_scale[:, None] * col_scale[None, :]
+        tl.store(out_ptrs, ds.to(ds_ptr.dtype.element_ty), mask=out_mask)
     else:
         # A tile with no common group has zero gradient; the workspace is reused, so say so.
         tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=ds_ptr.dtype.element_ty), mask=out_mask)
@@ -126,6 +144,7 @@ def infonce_backward_workspace(
     need_dq: bool = True,
     need_dk: bool = True,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    normalize_eps: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as :func:`fastcl.ops.infonce_bwd.infonce_backward`."""
     n_rows, dim = q.shape
@@ -143,9 +162,13 @@ def infonce_backward_workspace(
 
     cfg = kernel_config("backward_ds", q.dtype, dim, q.device)
     row_groups, key_groups = groups if groups is not None else (lse, lse)
+    norms = row_norms(q, k, normalize_eps)
+    scales = kernel_scale_args(norms, lse)
+    col_dot = torch.zeros(layout.n_grad_cols if norms is not None else 0, dtype=acc, device=q.device)
     flags = dict(
         HAS_TARGETS=targets is not None, HARD_WEIGHTED=layout.hard_weighted, GAUSS_WEIGHTED=layout.gauss_weighted,
-        EXCLUDE_SELF=layout.n_self > 0, GROUPED=groups is not None, ACC_FP64=acc == torch.float64,
+        EXCLUDE_SELF=layout.n_self > 0, GROUPED=groups is not None, NORMALIZED=norms is not None,
+        ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype), UPCAST=upcast_for_interpreter(q.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -155,8 +178,8 @@ def infonce_backward_workspace(
         ds = workspace[:rows]
         grid = (triton.cdiv(rows, cfg.BLOCK_M), triton.cdiv(layout.n_cols, cfg.BLOCK_N))
         _infonce_dlogits_kernel[grid](
-            q, k, params, targets if targets is not None else lse, row_groups, key_groups, lse, grad_rows,
-            ds, row_dot, row0, rows, n_rows, layout.n_cols, layout.n_grad_cols, dim,
+            q, k, params, targets if targets is not None else lse, row_groups, key_groups, scales.q_inv,
+            scales.k_inv, lse, grad_rows, ds, row_dot, col_dot if norms is not None else lse, row0, rows, n_rows, layout.n_cols, layout.n_grad_cols, dim,
             q.stride(0), k.stride(0), ds.stride(0),
             layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self, **flags,
         )
@@ -165,5 +188,13 @@ def infonce_backward_workspace(
             torch.mm(ds, k, out=dq[row0:row0 + rows])
         if want_dk:
             dk_acc += (ds[:, : layout.n_grad_cols].T @ q_chunk).to(acc)
+    if norms is not None:
+        # The normalization's rank-1 terms: x_i -= (1/tau) dot_i proj_i x_i, in place.
+        inv_tau = params[0]
+        if need_dq:
+            dq.addcmul_(q, (inv_tau * row_dot * norms.q_proj).to(dq.dtype)[:, None], value=-1)
+        if want_dk:
+            n_grad = layout.n_grad_cols
+            dk_acc.addcmul_(k[:n_grad], (inv_tau * col_dot * norms.k_proj[:n_grad])[:, None], value=-1)
     dk = dk_acc.to(q.dtype) if want_dk else None
     return dq, dk, (row_dot if need_dq else None)

@@ -5,6 +5,8 @@ forming the similarity tile in registers, folding it into an online log-sum-exp
 (running max and rescaled sum, as FlashAttention does) and picking out the target
 column's logit. Nothing of size N x M is ever written: the outputs are two vectors of
 length N in the accumulator dtype, which is all the backward needs besides the inputs.
+With NORMALIZED the rows are raw and each tile is scaled to cosines by the rows' inverse
+norms (fastcl/ops/normalize.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .layout import ColumnLayout
-from .tiles import groups_overlap, load_groups, load_params, load_targets, logit_tile, similarity_tile
+from .normalize import kernel_scale_args, row_norms
+from .tiles import groups_overlap, load_groups, load_params, load_scales, load_targets, logit_tile, similarity_tile
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
 
@@ -27,6 +30,8 @@ def _infonce_fwd_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
+    q_scale_ptr,  # inverse row norms of q and k (NORMALIZED only)
+    k_scale_ptr,
     lse_ptr,
     target_logit_ptr,
     n_rows,
@@ -45,6 +50,7 @@ def _infonce_fwd_kernel(
     GAUSS_WEIGHTED: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr,
     GROUPED: tl.constexpr,
+    NORMALIZED: tl.constexpr,
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -58,6 +64,7 @@ def _infonce_fwd_kernel(
     inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
     targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
+    row_scale = load_scales(q_scale_ptr, rows, n_rows, NORMALIZED)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
     row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
@@ -73,6 +80,8 @@ def _infonce_fwd_kernel(
         if visit:  # tiles whose rows and columns share no group hold no candidate
             s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                 BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+            if NORMALIZED:
+                s = s * row_scale[:, None] * load_scales(k_scale_ptr, cols, n_cols, NORMALIZED)[None, :]
             logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
                                 col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
                                 n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
@@ -101,6 +110,7 @@ def infonce_forward(
     targets: torch.Tensor | None,
     layout: ColumnLayout,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    normalize_eps: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
@@ -108,7 +118,9 @@ def infonce_forward(
     params: [1/tau, log hard weight, log gaussian weight] in the accumulator dtype;
     targets: int64 column per row (-1 matches no column), or None for ``target_i = i``;
     groups: optional ``(row_groups, key_groups)``, int32 group ids of the N rows and of
-    the first ``layout.n_grad_cols`` columns (later columns are visible to every group).
+    the first ``layout.n_grad_cols`` columns (later columns are visible to every group);
+    normalize_eps: None (rows scored as given), or the rows are raw and are normalized on
+    the fly as ``F.normalize(x, dim=-1, eps=normalize_eps)`` would.
     Returns ``(lse, target_logit)``, each of length N in the accumulator dtype.
     """
     n_rows, dim = q.shape
@@ -118,9 +130,12 @@ def infonce_forward(
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
     cfg = kernel_config("forward", q.dtype, dim, q.device)
     row_groups, key_groups = groups if groups is not None else (lse, lse)
+    norms = row_norms(q, k, normalize_eps)
+    scales = kernel_scale_args(norms, lse)
     grid = (triton.cdiv(n_rows, cfg.BLOCK_M),)
     _infonce_fwd_kernel[grid](
-        q, k, params, targets if targets is not None else lse, row_groups, key_groups, lse, target_logit,
+        q, k, params, targets if targets is not None else lse, row_groups, key_groups, scales.q_inv, scales.k_inv,
+        lse, target_logit,
         n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0),
         layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
         HAS_TARGETS=targets is not None,
@@ -128,6 +143,7 @@ def infonce_forward(
         GAUSS_WEIGHTED=layout.gauss_weighted,
         EXCLUDE_SELF=layout.n_self > 0,
         GROUPED=groups is not None,
+        NORMALIZED=norms is not None,
         ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_for_interpreter(q.dtype),

@@ -120,6 +120,15 @@ def load_groups(groups_ptr, idx, n_valid, GROUPED: tl.constexpr):
 
 
 @triton.jit
+def load_scales(scale_ptr, idx, n_valid, NORMALIZED: tl.constexpr):
+    """Per-row scales of ``idx`` (0 past ``n_valid``) when the kernel normalizes on the fly
+    (fastcl/ops/normalize.py); otherwise a placeholder that nothing reads."""
+    if NORMALIZED:
+        return tl.load(scale_ptr + idx, mask=idx < n_valid, other=0.0)
+    return idx.to(scale_ptr.dtype.element_ty)
+
+
+@triton.jit
 def groups_overlap(row_groups, row_in, col_groups, col_in, col_all_visible, GROUPED: tl.constexpr):
     """Whether a tile can hold any candidate: its rows' and columns' group ranges meet,
     or it holds a column visible to every group. Always true when ungrouped."""
