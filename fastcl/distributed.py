@@ -112,7 +112,7 @@ def gathered_info_nce(
     """
     from .loss import (
         _check_options, _check_tensors, _choose_backend, _gaussian, constant_rows, inverse_temperature,
-        reduce_rows, unit_rows,
+        reduce_rows, split_normalization, unit_rows,
     )
     from .ops.infonce import InfoNCEFunction
     from .ops.layout import ColumnLayout
@@ -126,32 +126,37 @@ def gathered_info_nce(
     n_local, n_global, offset = sizes[rank], sum(sizes), sum(sizes[:rank])
     gaussian = _gaussian(gaussian_negatives, anchors, generator)
 
-    q = unit_rows(anchors, normalize, eps)
-    p_all = all_gather_with_grad(unit_rows(positives, normalize, eps), group)
-    blocks = [p_all]
-    n_hard = 0
-    if hard_negatives is not None:
-        blocks.append(all_gather_with_grad(unit_rows(hard_negatives, normalize, eps), group))
-        n_hard = n_local
-    k_grad = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    k_const = constant_rows(extra_negatives, gaussian, normalize, eps)
     n_extra = extra_negatives.shape[0] if extra_negatives is not None else 0
-    n_cols = k_grad.shape[0] + n_extra + gaussian_negatives
-    layout = ColumnLayout(
-        n_cols=n_cols, n_grad_cols=k_grad.shape[0], hard_start=n_global + offset, n_hard=n_hard,
-        gauss_start=k_grad.shape[0] + n_extra, log_hard_weight=math.log(hard_negative_weight),
-        log_gauss_weight=math.log(gaussian_weight))
+    n_grad_cols = n_global * (2 if hard_negatives is not None else 1)
+    n_cols = n_grad_cols + n_extra + gaussian_negatives
     chosen = _choose_backend(backend, anchors.device, n_local * n_cols)
     if chosen == "reference":
         chosen = "torch"  # the dense reference knows no rank offsets; the chunked path does
+    # Raw rows travel when the kernels normalize (the gather's backward is the same).
+    normalize_here, fused_eps = split_normalization(normalize, eps, chosen)
+
+    q = unit_rows(anchors, normalize_here, eps)
+    p_all = all_gather_with_grad(unit_rows(positives, normalize_here, eps), group)
+    blocks = [p_all]
+    n_hard = 0
+    if hard_negatives is not None:
+        blocks.append(all_gather_with_grad(unit_rows(hard_negatives, normalize_here, eps), group))
+        n_hard = n_local
+    k_grad = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    k_const = constant_rows(extra_negatives, gaussian, normalize_here, eps)
+    layout = ColumnLayout(
+        n_cols=n_cols, n_grad_cols=n_grad_cols, hard_start=n_global + offset, n_hard=n_hard,
+        gauss_start=n_grad_cols + n_extra, log_hard_weight=math.log(hard_negative_weight),
+        log_gauss_weight=math.log(gaussian_weight))
     inv_tau = inverse_temperature(temperature, anchors)
     targets = torch.arange(offset, offset + n_local, device=anchors.device)
 
-    per_row = InfoNCEFunction.apply(q, k_grad, k_const, inv_tau, targets, layout, chosen)
+    per_row = InfoNCEFunction.apply(q, k_grad, k_const, inv_tau, targets, layout, chosen, None, fused_eps)
     if symmetric:
         a_all = all_gather_with_grad(q, group)
         p_local = p_all[offset:offset + n_local]
-        per_col = InfoNCEFunction.apply(p_local, a_all, None, inv_tau, targets, ColumnLayout.plain(n_global), chosen)
+        per_col = InfoNCEFunction.apply(p_local, a_all, None, inv_tau, targets, ColumnLayout.plain(n_global), chosen,
+                                        None, fused_eps)
         per_row = (per_row + per_col) / 2
     if reduction == "none":
         return reduce_rows(per_row, "none", anchors.dtype)

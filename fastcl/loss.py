@@ -270,11 +270,7 @@ def info_nce(
             symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps, groups=groups)
         return loss.to(_output_dtype(anchors.dtype))
 
-    # The Triton and native kernels normalize on the fly (one inverse norm per row): the
-    # unit rows and their gradients, 4 (N + M) D values, never exist. The chunked path
-    # takes rows normalized here, which costs O((N + M) D) memory too, just more of it.
-    fused_eps = eps if normalize and chosen in FUSED_NORMALIZATION else None
-    normalize_here = normalize and fused_eps is None
+    normalize_here, fused_eps = split_normalization(normalize, eps, chosen)
     q = unit_rows(anchors, normalize_here, eps)
     k_grad = unit_rows(positives if hard_negatives is None else torch.cat([positives, hard_negatives]),
                        normalize_here, eps)
@@ -300,6 +296,18 @@ def info_nce(
 
 
 # Building blocks shared with fastcl.distributed.
+
+
+def split_normalization(normalize: bool, eps: float, backend: str) -> tuple[bool, float | None]:
+    """Where the rows get normalized: ``(normalize them here, normalize_eps for the kernels)``.
+
+    The Triton and native kernels normalize on the fly (one inverse norm per row), so the
+    unit rows and their gradients, 4 (N + M) D values, never exist; the chunked path
+    takes rows normalized beforehand (O((N + M) D) memory too, just more of it).
+    """
+    if normalize and backend in FUSED_NORMALIZATION:
+        return False, eps
+    return normalize, None
 
 
 def unit_rows(x: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:

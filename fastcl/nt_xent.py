@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .loss import _check_options, _check_tensors, _choose_backend, inverse_temperature, reduce_rows, unit_rows
+from .loss import (
+    _check_options, _check_tensors, _choose_backend, inverse_temperature, reduce_rows, split_normalization, unit_rows,
+)
 from .ops.infonce import InfoNCEFunction
 from .ops.layout import ColumnLayout
 from .reference import nt_xent_reference
@@ -38,11 +40,13 @@ def nt_xent(
     if chosen == "reference":
         loss = nt_xent_reference(z1, z2, temperature=temperature, reduction=reduction, normalize=normalize, eps=eps)
         return reduce_rows(loss, "none", z1.dtype)
-    z = unit_rows(torch.cat([z1, z2]), normalize, eps)
+    normalize_here, fused_eps = split_normalization(normalize, eps, chosen)
+    z = unit_rows(torch.cat([z1, z2]), normalize_here, eps)
     layout = ColumnLayout(n_cols=2 * n, n_grad_cols=2 * n, gauss_start=2 * n, self_start=0, n_self=2 * n)
     targets = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
     # z is both the queries and the candidates: autograd adds the two gradients.
-    per_row = InfoNCEFunction.apply(z, z, None, inverse_temperature(temperature, z1), targets, layout, chosen)
+    per_row = InfoNCEFunction.apply(z, z, None, inverse_temperature(temperature, z1), targets, layout, chosen, None,
+                                    fused_eps)
     return reduce_rows(per_row, reduction, z1.dtype)
 
 
