@@ -228,17 +228,20 @@ class _RingInfoNCE(torch.autograd.Function):
     that get a gradient), ``k_const`` (local candidates without gradient, or None),
     ``inv_tau``, ``home_layout`` (:class:`ColumnLayout` of ``[k_home; k_const]``, target
     of row i at column i), ``block_rows`` (rows of every rank's block), ``backend``,
-    ``group``. Returns the n per-row losses in the accumulator dtype. All ranks must call
+    ``group`` and ``normalize_eps`` (raw rows normalized by the kernels, per block: the
+    normalization's backward is linear in the per-row sums, so the blocks' parts add up,
+    see fastcl/ops/normalize.py; or None). Returns the n per-row losses in the accumulator dtype. All ranks must call
     it together (and its backward), with inputs that agree in requires_grad.
     """
 
     @staticmethod
-    def forward(ctx, q, k_home, k_const, inv_tau, home_layout, block_rows, backend, group):
+    def forward(ctx, q, k_home, k_const, inv_tau, home_layout, block_rows, backend, group, normalize_eps=None):
         from .ops.infonce import _backend, kernel_params
         from .ops.layout import ColumnLayout
 
         world, rank = _world(group)
         forward_fn, _ = _backend(backend)
+        extra = {} if normalize_eps is None else {"normalize_eps": normalize_eps}
         params = kernel_params(inv_tau, home_layout, q.dtype)
         home = k_home if k_const is None else torch.cat([k_home, k_const])
         no_target = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)
@@ -250,15 +253,16 @@ class _RingInfoNCE(torch.autograd.Function):
                 incoming = k_home.new_empty((block_rows[(rank - step - 1) % world], k_home.shape[1]))
                 requests = _ring_exchange([current], [incoming], group, _TAG_BLOCK)
             if step == 0:
-                lse, target_logit = forward_fn(q, home, params, None, home_layout)
+                lse, target_logit = forward_fn(q, home, params, None, home_layout, **extra)
             else:
-                part, _ = forward_fn(q, current, params, no_target, ColumnLayout.plain(current.shape[0]))
+                part, _ = forward_fn(q, current, params, no_target, ColumnLayout.plain(current.shape[0]), **extra)
                 lse = torch.logaddexp(lse, part)
             _wait(requests)
             current = incoming
 
         ctx.save_for_backward(q, home, params, lse)
         ctx.home_layout, ctx.block_rows, ctx.backend, ctx.group = home_layout, block_rows, backend, group
+        ctx.extra = extra
         ctx.n_home, ctx.inv_tau_dtype = k_home.shape[0], inv_tau.dtype
         return lse - target_logit
 
@@ -293,7 +297,7 @@ class _RingInfoNCE(torch.autograd.Function):
             else:
                 k, targets, layout = current, no_target, ColumnLayout.plain(current.shape[0])
             dq_part, dk_part, row_dot_part = backward_fn(q, k, params, targets, layout, lse, grad_rows,
-                                                         need_dq=want_dq, need_dk=need_k)
+                                                         need_dq=want_dq, need_dk=need_k, **ctx.extra)
             if want_dq:
                 dq += dq_part
                 row_dot += row_dot_part
@@ -312,7 +316,7 @@ class _RingInfoNCE(torch.autograd.Function):
         grad_q = dq.to(q.dtype) if need_q else None
         grad_k = dk_current.to(home.dtype) if need_k else None
         d_inv_tau = row_dot.sum().to(ctx.inv_tau_dtype) if need_tau else None
-        return grad_q, grad_k, None, d_inv_tau, None, None, None, None
+        return grad_q, grad_k, None, d_inv_tau, None, None, None, None, None
 
 
 def ring_info_nce(
@@ -359,7 +363,7 @@ def ring_info_nce(
     """
     from .loss import (
         _check_options, _check_tensors, _choose_backend, _gaussian, constant_rows, inverse_temperature,
-        reduce_rows, unit_rows,
+        reduce_rows, split_normalization, unit_rows,
     )
     from .ops.layout import ColumnLayout
 
@@ -376,26 +380,28 @@ def ring_info_nce(
     block_rows = [n * (2 if hard else 1) for n in sizes]
     gaussian = _gaussian(gaussian_negatives, anchors, generator)
 
-    q = unit_rows(anchors, normalize, eps)
-    p = unit_rows(positives, normalize, eps)
-    k_home = torch.cat([p, unit_rows(hard_negatives, normalize, eps)]) if hard else p
-    k_const = constant_rows(extra_negatives, gaussian, normalize, eps)
+    chosen = _choose_backend(backend, anchors.device, n_local * max(block_rows))
+    if chosen == "reference":
+        chosen = "torch"
+    normalize_here, fused_eps = split_normalization(normalize, eps, chosen)
+    q = unit_rows(anchors, normalize_here, eps)
+    p = unit_rows(positives, normalize_here, eps)
+    k_home = torch.cat([p, unit_rows(hard_negatives, normalize_here, eps)]) if hard else p
+    k_const = constant_rows(extra_negatives, gaussian, normalize_here, eps)
     n_extra = extra_negatives.shape[0] if extra_negatives is not None else 0
     n_home = block_rows[rank]
     home_layout = ColumnLayout(
         n_cols=n_home + n_extra + gaussian_negatives, n_grad_cols=n_home, hard_start=n_local,
         n_hard=n_local if hard else 0, gauss_start=n_home + n_extra,
         log_hard_weight=math.log(hard_negative_weight), log_gauss_weight=math.log(gaussian_weight))
-    chosen = _choose_backend(backend, anchors.device, n_local * max(block_rows))
-    if chosen == "reference":
-        chosen = "torch"
     inv_tau = inverse_temperature(temperature, anchors)
 
-    per_row = _RingInfoNCE.apply(q, k_home, k_const, inv_tau, home_layout, block_rows, chosen, group)
+    per_row = _RingInfoNCE.apply(q, k_home, k_const, inv_tau, home_layout, block_rows, chosen, group, fused_eps)
     if symmetric:
         # Column direction of the in-batch block: local positives against every rank's
         # anchors, which now travel the ring in the positives' place.
-        per_col = _RingInfoNCE.apply(p, q, None, inv_tau, ColumnLayout.plain(n_local), sizes, chosen, group)
+        per_col = _RingInfoNCE.apply(p, q, None, inv_tau, ColumnLayout.plain(n_local), sizes, chosen, group,
+                                     fused_eps)
         per_row = (per_row + per_col) / 2
     if reduction == "none":
         return reduce_rows(per_row, "none", anchors.dtype)

@@ -299,6 +299,17 @@ def test_ring_triton_backend_two_ranks():
     _check_against_one_process(sizes, options, [out[0] for out, _ in per_rank])
 
 
+@pytest.mark.parametrize("backend", [NATIVE])
+def test_ring_native_backend_three_unequal_ranks(backend):
+    # The native kernels normalize each visiting block on the fly; the normalization's
+    # backward is linear in the per-row sums, so the blocks' gradient parts still add up.
+    options = dict(hard=True, hard_negative_weight=2.0, extra=3, gaussian=2, symmetric=True, learnable_tau=True,
+                   temperature=0.1)
+    sizes = [6, 4, 9]
+    per_rank = _spawn(3, sizes, [options], backend=backend)
+    _check_against_one_process(sizes, options, [out[0] for out, _ in per_rank])
+
+
 def test_ring_needs_a_process_group():
     x = torch.randn(3, D)
     with pytest.raises(RuntimeError, match="process group"):
