@@ -301,9 +301,9 @@ def info_nce(
 def split_normalization(normalize: bool, eps: float, backend: str) -> tuple[bool, float | None]:
     """Where the rows get normalized: ``(normalize them here, normalize_eps for the kernels)``.
 
-    The Triton and native kernels normalize on the fly (one inverse norm per row), so the
-    unit rows and their gradients, 4 (N + M) D values, never exist; the chunked path
-    takes rows normalized beforehand (O((N + M) D) memory too, just more of it).
+    The kernel backends (Triton, native, chunked) normalize on the fly, one inverse norm
+    per row, so the unit rows and their gradients, 4 (N + M) D values, never exist; only
+    the dense reference takes rows normalized beforehand.
     """
     if normalize and backend in FUSED_NORMALIZATION:
         return False, eps

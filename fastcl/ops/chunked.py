@@ -4,7 +4,8 @@ Same interface and arithmetic as the Triton kernels (infonce_fwd.py, infonce_bwd
 but a block of rows at a time with ordinary tensor ops: a chunk of C rows holds one
 C x M logit block, and C is chosen so that block stays under a fixed element budget
 whatever N and M are. Peak extra memory is therefore O(budget + (N + M) * D), never
-N x M.
+N x M. With ``normalize_eps`` the rows are raw and normalized on the fly, as the kernels
+do (fastcl/ops/normalize.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import torch
 
 from .layout import ColumnLayout
+from .normalize import row_norms
 from .utils import accumulator_dtype
 
 #: Elements of one chunk's logit block (4 M elements = 16 MiB in fp32). The environment
@@ -27,12 +29,14 @@ def chunk_rows(n_rows: int, n_cols: int) -> int:
     return max(1, min(n_rows, budget // max(n_cols, 1)))
 
 
-def _chunk_logits(q_chunk, k, params, row0, layout: ColumnLayout, groups):
+def _chunk_logits(q_chunk, k, params, row0, layout: ColumnLayout, groups, norms):
     """(similarity, logits) of rows [row0, row0 + len(q_chunk)), in the accumulator dtype,
     with -inf where a column is not a candidate of the row (itself, another group)."""
-    s = q_chunk @ k.T
-    logits = s * params[0]
     n_chunk = q_chunk.shape[0]
+    s = q_chunk @ k.T
+    if norms is not None:  # raw products to cosines
+        s.mul_(norms.q_inv[row0:row0 + n_chunk, None]).mul_(norms.k_inv[None, :])
+    logits = s * params[0]
     rows = torch.arange(row0, row0 + n_chunk, device=q_chunk.device)
     if layout.hard_weighted:
         own = rows < layout.n_hard
@@ -61,17 +65,18 @@ def _target_logits(logits, tgt):
     return torch.where(tgt >= 0, picked, torch.zeros_like(picked))
 
 
-def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None):
+def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None):
     """Per-row ``(lse, target_logit)`` in the accumulator dtype; see infonce_forward."""
     n_rows = q.shape[0]
     acc = accumulator_dtype(q.dtype)
     q, k = q.to(acc), k.to(acc)  # no-op for fp32 and fp64; CPU half products are slow
+    norms = row_norms(q, k, normalize_eps)
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
     step = chunk_rows(n_rows, layout.n_cols)
     for row0 in range(0, n_rows, step):
         q_chunk = q[row0:row0 + step]
-        _, logits = _chunk_logits(q_chunk, k, params, row0, layout, groups)
+        _, logits = _chunk_logits(q_chunk, k, params, row0, layout, groups, norms)
         tgt = _chunk_targets(targets, row0, q_chunk.shape[0], q.device)
         lse[row0:row0 + step] = torch.logsumexp(logits, dim=1)
         target_logit[row0:row0 + step] = _target_logits(logits, tgt)
@@ -79,30 +84,45 @@ def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None):
 
 
 def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
-                     need_dq: bool = True, need_dk: bool = True, groups=None):
+                     need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None):
     """``(dq, dk, row_dot)`` with the same meaning as infonce_backward."""
     n_rows, dim = q.shape
     in_dtype, acc = q.dtype, accumulator_dtype(q.dtype)
     q, k = q.to(acc), k.to(acc)
+    norms = row_norms(q, k, normalize_eps)
+    n_grad = layout.n_grad_cols
     dq = torch.empty((n_rows, dim), dtype=in_dtype, device=q.device) if need_dq else None
     row_dot = torch.empty(n_rows, dtype=acc, device=q.device) if need_dq else None
     want_dk = need_dk and layout.n_grad_cols > 0
-    dk_acc = torch.zeros((layout.n_grad_cols, dim), dtype=acc, device=q.device) if want_dk else None
+    dk_acc = torch.zeros((n_grad, dim), dtype=acc, device=q.device) if want_dk else None
+    col_dot = torch.zeros(n_grad, dtype=acc, device=q.device) if want_dk and norms is not None else None
     step = chunk_rows(n_rows, layout.n_cols)
     for row0 in range(0, n_rows, step):
         q_chunk = q[row0:row0 + step]
         n_chunk = q_chunk.shape[0]
-        s, logits = _chunk_logits(q_chunk, k, params, row0, layout, groups)
+        s, logits = _chunk_logits(q_chunk, k, params, row0, layout, groups, norms)
         tgt = _chunk_targets(targets, row0, n_chunk, q.device)
         dlogits = torch.exp(logits - lse[row0:row0 + step, None])
         has_target = tgt >= 0
         dlogits[has_target.nonzero()[:, 0], tgt[has_target]] -= 1.0
         dlogits *= grad_rows[row0:row0 + step, None].to(acc)
         ds = dlogits * params[0]
+        chunk_row_dot = (dlogits * s).sum(dim=1)
+        if norms is not None:
+            if want_dk:
+                col_dot += (dlogits[:, :n_grad] * s[:, :n_grad]).sum(dim=0)
+            ds.mul_(norms.q_inv[row0:row0 + n_chunk, None]).mul_(norms.k_inv[None, :])
         if need_dq:
-            dq[row0:row0 + step] = (ds @ k).to(in_dtype)
-            row_dot[row0:row0 + step] = (dlogits * s).sum(dim=1)
+            dq_chunk = ds @ k
+            if norms is not None:  # the normalization's rank-1 term of each row
+                coef = params[0] * chunk_row_dot * norms.q_proj[row0:row0 + n_chunk]
+                dq_chunk.addcmul_(q_chunk, coef[:, None], value=-1)
+            dq[row0:row0 + step] = dq_chunk.to(in_dtype)
+            del dq_chunk  # freed before the dk product, not after it
+            row_dot[row0:row0 + step] = chunk_row_dot
         if want_dk:
-            dk_acc += ds[:, :layout.n_grad_cols].T @ q_chunk
+            dk_acc += ds[:, :n_grad].T @ q_chunk
+    if want_dk and norms is not None:
+        dk_acc.addcmul_(k[:n_grad], (params[0] * col_dot * norms.k_proj[:n_grad])[:, None], value=-1)
     dk = dk_acc.to(in_dtype) if want_dk else None
     return dq, dk, row_dot

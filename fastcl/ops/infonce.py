@@ -54,7 +54,7 @@ def _triton_backward(q, k, params, targets, layout, lse, grad_rows, need_dq=True
 
 
 #: The backends whose kernels normalize rows on the fly (``normalize_eps``).
-FUSED_NORMALIZATION = ("triton", "native")
+FUSED_NORMALIZATION = ("triton", "native", "torch")
 
 
 def _backend(name: str):
@@ -99,9 +99,9 @@ class InfoNCEFunction(torch.autograd.Function):
     candidates among ``k_grad`` are those of its own group) and ``normalize_eps``: None
     when the rows come normalized (or are scored raw), else the inputs are raw rows that
     the backend normalizes on the fly, as ``F.normalize(x, dim=-1, eps=normalize_eps)``
-    would, and their gradients are with respect to the raw rows. The ``"triton"`` and
-    ``"native"`` backends take it; their kernels keep neither the unit rows nor their
-    gradients (fastcl/ops/normalize.py).
+    would, and their gradients are with respect to the raw rows. Every backend takes it
+    (:data:`FUSED_NORMALIZATION`); none keeps the unit rows or their gradients
+    (fastcl/ops/normalize.py).
     Returns the N per-row losses in the accumulator dtype (fp32, fp64 for fp64 inputs).
     """
 
