@@ -14,8 +14,8 @@ fields, the optional ``groups`` pair into two optional tensors)::
 ``normalize_eps`` (when not None) makes the operators take raw rows and score their
 cosines, as if every row of q and k had gone through ``F.normalize(x, dim=-1,
 eps=normalize_eps)``; the backward then returns the gradients with respect to the raw
-rows. Both the CPU kernel and the Triton kernels fuse this: one inverse norm per row, no
-normalized copies (fastcl/ops/normalize.py).
+rows. Both the CPU kernel and the Triton kernels fuse this: one scale per row from its
+norm, no normalized copies (fastcl/ops/normalize.py).
 
 On CPU tensors they run the native C++ kernel (csrc/infonce_cpu.cpp: tiled, BLAS block
 products, softmax fused per block, ATen's thread pool); on CUDA tensors the Triton

@@ -15,7 +15,7 @@ import os
 import torch
 
 from .layout import ColumnLayout
-from .normalize import row_norms
+from .normalize import row_scales
 from .utils import accumulator_dtype
 
 #: Elements of one chunk's logit block (4 M elements = 16 MiB in fp32). The environment
@@ -70,7 +70,7 @@ def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None, no
     n_rows = q.shape[0]
     acc = accumulator_dtype(q.dtype)
     q, k = q.to(acc), k.to(acc)  # no-op for fp32 and fp64; CPU half products are slow
-    norms = row_norms(q, k, normalize_eps)
+    norms = row_scales(q, k, normalize_eps)
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
     step = chunk_rows(n_rows, layout.n_cols)
@@ -89,7 +89,7 @@ def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows
     n_rows, dim = q.shape
     in_dtype, acc = q.dtype, accumulator_dtype(q.dtype)
     q, k = q.to(acc), k.to(acc)
-    norms = row_norms(q, k, normalize_eps)
+    norms = row_scales(q, k, normalize_eps)
     n_grad = layout.n_grad_cols
     dq = torch.empty((n_rows, dim), dtype=in_dtype, device=q.device) if need_dq else None
     row_dot = torch.empty(n_rows, dtype=acc, device=q.device) if need_dq else None

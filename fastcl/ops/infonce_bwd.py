@@ -32,10 +32,10 @@ import triton.language as tl
 from .configs import backward_strategy, kernel_config
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
-from .normalize import kernel_scale_args, row_norms
+from .normalize import row_norms
 from .tiles import (
-    groups_overlap, load_groups, load_params, load_scales, load_targets, logit_grad_tile, logit_tile,
-    similarity_tile,
+    groups_overlap, load_groups, load_params, load_projections, load_scales, load_targets, logit_grad_tile,
+    logit_tile, similarity_tile,
 )
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
@@ -48,9 +48,8 @@ def _infonce_bwd_dq_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
-    q_scale_ptr,  # NORMALIZED only: inverse row norms of q and k, q's projection terms
-    k_scale_ptr,
-    proj_ptr,
+    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
+    k_norm_ptr,
     lse_ptr,
     grad_rows_ptr,
     dq_ptr,
@@ -67,6 +66,7 @@ def _infonce_bwd_dq_kernel(
     gauss_start,
     self_start,
     n_self,
+    eps,  # the normalization's lower bound on a norm (NORMALIZED only)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -92,7 +92,7 @@ def _infonce_bwd_dq_kernel(
     grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
     targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
-    row_scale = load_scales(q_scale_ptr, rows, n_rows, NORMALIZED)
+    row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=acc_dtype)
     row_dot = tl.zeros((BLOCK_M,), dtype=acc_dtype)
@@ -108,7 +108,7 @@ def _infonce_bwd_dq_kernel(
             s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                 BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
             if NORMALIZED:
-                col_scale = load_scales(k_scale_ptr, cols, n_cols, NORMALIZED)
+                col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
                 s = s * row_scale[:, None] * col_scale[None, :]
             logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
                                 col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
@@ -127,7 +127,7 @@ def _infonce_bwd_dq_kernel(
             dq = tl.dot(ds, k_slab, dq, input_precision=PRECISION, out_dtype=acc_dtype)
 
     if NORMALIZED:  # dq_i -= (1/tau) row_dot_i proj_i q_i, on this slab
-        proj = tl.load(proj_ptr + rows, mask=row_in, other=0.0)
+        proj = load_projections(q_norm_ptr, rows, n_rows, eps)
         q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
                          mask=row_in[:, None] & slab_in[None, :], other=0.0).to(acc_dtype)
         dq -= (inv_tau * row_dot * proj)[:, None] * q_slab
@@ -145,9 +145,8 @@ def _infonce_bwd_dk_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
-    q_scale_ptr,  # NORMALIZED only: inverse row norms of q and k, k's projection terms
-    k_scale_ptr,
-    proj_ptr,
+    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
+    k_norm_ptr,
     lse_ptr,
     grad_rows_ptr,
     dk_ptr,
@@ -163,6 +162,7 @@ def _infonce_bwd_dk_kernel(
     gauss_start,
     self_start,
     n_self,
+    eps,  # the normalization's lower bound on a norm (NORMALIZED only)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -184,7 +184,7 @@ def _infonce_bwd_dk_kernel(
     inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
     # Every column here is a gradient column (< n_grad_cols), so it has a group.
     col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
-    col_scale = load_scales(k_scale_ptr, cols, n_cols, NORMALIZED)
+    col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D_OUT), dtype=acc_dtype)
     col_dot = tl.zeros((BLOCK_N,), dtype=acc_dtype)  # NORMALIZED: sum_i G_ij cos_ij
@@ -205,7 +205,7 @@ def _infonce_bwd_dk_kernel(
             s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                 BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
             if NORMALIZED:
-                row_scale = load_scales(q_scale_ptr, rows, n_rows, NORMALIZED)
+                row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
                 s = s * row_scale[:, None] * col_scale[None, :]
             logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
                                 col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
@@ -224,7 +224,7 @@ def _infonce_bwd_dk_kernel(
             dk = tl.dot(tl.trans(ds), q_slab, dk, input_precision=PRECISION, out_dtype=acc_dtype)
 
     if NORMALIZED:  # dk_j -= (1/tau) col_dot_j proj_j k_j, on this slab
-        proj = tl.load(proj_ptr + cols, mask=cols < n_grad_cols, other=0.0)
+        proj = load_projections(k_norm_ptr, cols, n_grad_cols, eps)
         k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
                          mask=(cols[:, None] < n_grad_cols) & slab_in[None, :], other=0.0).to(acc_dtype)
         dk -= (inv_tau * col_dot * proj)[:, None] * k_slab
@@ -269,21 +269,23 @@ def infonce_backward(
     _check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
+    normalized = normalize_eps is not None
     flags = dict(
         HAS_TARGETS=targets is not None,
         HARD_WEIGHTED=layout.hard_weighted,
         GAUSS_WEIGHTED=layout.gauss_weighted,
         EXCLUDE_SELF=layout.n_self > 0,
         GROUPED=groups is not None,
-        NORMALIZED=normalize_eps is not None,
+        NORMALIZED=normalized,
         ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_for_interpreter(q.dtype),
     )
     targets_arg = targets if targets is not None else lse
     row_groups, key_groups = groups if groups is not None else (lse, lse)
-    segments = (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self)
-    scales = kernel_scale_args(row_norms(q, k, normalize_eps), lse)
+    segments = (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
+                normalize_eps if normalized else 0.0)
+    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
 
     dq = row_dot = None
     if need_dq:
@@ -292,8 +294,7 @@ def infonce_backward(
         cfg = kernel_config("backward_dq", q.dtype, dim, q.device)
         grid = (triton.cdiv(n_rows, cfg.BLOCK_M), triton.cdiv(dim, cfg.BLOCK_D_OUT))
         _infonce_bwd_dq_kernel[grid](
-            q, k, params, targets_arg, row_groups, key_groups, scales.q_inv, scales.k_inv, scales.q_proj,
-            lse, grad_rows, dq, row_dot,
+            q, k, params, targets_arg, row_groups, key_groups, q_norm, k_norm, lse, grad_rows, dq, row_dot,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
             *segments, **flags, **_launch_options(cfg),
         )
@@ -303,8 +304,7 @@ def infonce_backward(
         cfg = kernel_config("backward_dk", q.dtype, dim, q.device)
         grid = (triton.cdiv(layout.n_grad_cols, cfg.BLOCK_N), triton.cdiv(dim, cfg.BLOCK_D_OUT))
         _infonce_bwd_dk_kernel[grid](
-            q, k, params, targets_arg, row_groups, key_groups, scales.q_inv, scales.k_inv, scales.k_proj,
-            lse, grad_rows, dk,
+            q, k, params, targets_arg, row_groups, key_groups, q_norm, k_norm, lse, grad_rows, dk,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dk.stride(0),
             *segments, **flags, **_launch_options(cfg),
         )

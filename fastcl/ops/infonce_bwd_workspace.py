@@ -17,8 +17,9 @@ it twice. Its size is capped (``FASTCL_WORKSPACE_BYTES``, default 1 GiB): R = ca
 element size), so memory stays O((N + M) D + cap), never N x M.
 
 With NORMALIZED the rows are raw: the kernel scales tiles to cosines and dS by the rows'
-inverse norms, and adds the column sums ``sum_i G_ij cos_ij`` too; after the products,
-each gradient row gets the normalization's rank-1 correction (fastcl/ops/normalize.py).
+inverse norms, and adds the column sums ``sum_i G_ij cos_ij`` too; after the products, a
+second small kernel gives each gradient row the normalization's rank-1 correction
+(fastcl/ops/normalize.py).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ import triton.language as tl
 from .configs import kernel_config
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
-from .normalize import kernel_scale_args, row_norms
+from .normalize import row_norms
 from .tiles import (
-    groups_overlap, load_groups, load_params, load_scales, load_targets, logit_grad_tile, logit_tile,
-    similarity_tile,
+    groups_overlap, load_groups, load_params, load_projections, load_scales, load_targets, logit_grad_tile,
+    logit_tile, similarity_tile,
 )
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
@@ -51,8 +52,8 @@ def _infonce_dlogits_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
-    q_scale_ptr,  # NORMALIZED only: inverse row norms of q and k
-    k_scale_ptr,
+    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
+    k_norm_ptr,
     lse_ptr,
     grad_rows_ptr,
     ds_ptr,
@@ -72,6 +73,7 @@ def _infonce_dlogits_kernel(
     gauss_start,
     self_start,
     n_self,
+    eps,  # the normalization's lower bound on a norm (NORMALIZED only)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -109,8 +111,8 @@ def _infonce_dlogits_kernel(
         s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                             BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
         if NORMALIZED:
-            row_scale = load_scales(q_scale_ptr, rows, n_rows, NORMALIZED)
-            col_scale = load_scales(k_scale_ptr, cols, n_cols, NORMALIZED)
+            row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
+            col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
             s = s * row_scale[:, None] * col_scale[None, :]
         logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
                             col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
@@ -125,6 +127,45 @@ def _infonce_dlogits_kernel(
     else:
         # A tile with no common group has zero gradient; the workspace is reused, so say so.
         tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=ds_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _project_rows_kernel(
+    grad_ptr,
+    x_ptr,
+    dot_ptr,
+    norm_ptr,
+    params_ptr,
+    n_rows,
+    dim,
+    stride_grad,
+    stride_x,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """grad_i -= (1/tau) dot_i proj_i x_i, in place: F.normalize's rank-1 term for each
+    row of a gradient (dq with row_dot, dk with col_dot), computed in fp32 or fp64."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < n_rows
+    inv_tau = tl.load(params_ptr)
+    coef = inv_tau * tl.load(dot_ptr + rows, mask=row_in, other=0.0) * load_projections(norm_ptr, rows, n_rows, eps)
+    for d0 in range(0, dim, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        mask = row_in[:, None] & (dd[None, :] < dim)
+        grad_ptrs = grad_ptr + rows[:, None] * stride_grad + dd[None, :]
+        grad = tl.load(grad_ptrs, mask=mask, other=0.0).to(coef.dtype)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=mask, other=0.0).to(coef.dtype)
+        tl.store(grad_ptrs, (grad - coef[:, None] * x).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _project_rows(grad, x, dot, norm, params, eps) -> None:
+    """Launch :func:`_project_rows_kernel` over the rows of ``grad`` (``x`` has at least as many)."""
+    n_rows, dim = grad.shape
+    block_r, block_d = 32, 128
+    _project_rows_kernel[(triton.cdiv(n_rows, block_r),)](
+        grad, x, dot, norm, params, n_rows, dim, grad.stride(0), x.stride(0), eps,
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
 
 
 def workspace_rows(n_rows: int, n_cols: int, element_size: int) -> int:
@@ -162,12 +203,13 @@ def infonce_backward_workspace(
 
     cfg = kernel_config("backward_ds", q.dtype, dim, q.device)
     row_groups, key_groups = groups if groups is not None else (lse, lse)
-    norms = row_norms(q, k, normalize_eps)
-    scales = kernel_scale_args(norms, lse)
-    col_dot = torch.zeros(layout.n_grad_cols if norms is not None else 0, dtype=acc, device=q.device)
+    normalized = normalize_eps is not None
+    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
+    # The kernel adds column sums whenever it normalizes (they are only read for dk).
+    col_dot = torch.zeros(layout.n_grad_cols if normalized else 0, dtype=acc, device=q.device)
     flags = dict(
         HAS_TARGETS=targets is not None, HARD_WEIGHTED=layout.hard_weighted, GAUSS_WEIGHTED=layout.gauss_weighted,
-        EXCLUDE_SELF=layout.n_self > 0, GROUPED=groups is not None, NORMALIZED=norms is not None,
+        EXCLUDE_SELF=layout.n_self > 0, GROUPED=groups is not None, NORMALIZED=normalized,
         ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype), UPCAST=upcast_for_interpreter(q.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
@@ -178,23 +220,21 @@ def infonce_backward_workspace(
         ds = workspace[:rows]
         grid = (triton.cdiv(rows, cfg.BLOCK_M), triton.cdiv(layout.n_cols, cfg.BLOCK_N))
         _infonce_dlogits_kernel[grid](
-            q, k, params, targets if targets is not None else lse, row_groups, key_groups, scales.q_inv,
-            scales.k_inv, lse, grad_rows, ds, row_dot, col_dot if norms is not None else lse, row0, rows, n_rows, layout.n_cols, layout.n_grad_cols, dim,
-            q.stride(0), k.stride(0), ds.stride(0),
-            layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self, **flags,
+            q, k, params, targets if targets is not None else lse, row_groups, key_groups, q_norm, k_norm,
+            lse, grad_rows, ds, row_dot, col_dot if normalized else lse, row0, rows, n_rows, layout.n_cols,
+            layout.n_grad_cols, dim, q.stride(0), k.stride(0), ds.stride(0),
+            layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
+            normalize_eps if normalized else 0.0, **flags,
         )
         q_chunk = q[row0:row0 + rows]
         if need_dq:
             torch.mm(ds, k, out=dq[row0:row0 + rows])
         if want_dk:
             dk_acc += (ds[:, : layout.n_grad_cols].T @ q_chunk).to(acc)
-    if norms is not None:
-        # The normalization's rank-1 terms: x_i -= (1/tau) dot_i proj_i x_i, in place.
-        inv_tau = params[0]
+    if normalized:  # the normalization's rank-1 terms, in place, one launch per gradient
         if need_dq:
-            dq.addcmul_(q, (inv_tau * row_dot * norms.q_proj).to(dq.dtype)[:, None], value=-1)
+            _project_rows(dq, q, row_dot, q_norm, params, normalize_eps)
         if want_dk:
-            n_grad = layout.n_grad_cols
-            dk_acc.addcmul_(k[:n_grad], (inv_tau * col_dot * norms.k_proj[:n_grad])[:, None], value=-1)
+            _project_rows(dk_acc, k, col_dot, k_norm, params, normalize_eps)
     dk = dk_acc.to(q.dtype) if want_dk else None
     return dq, dk, (row_dot if need_dq else None)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .layout import ColumnLayout
-from .normalize import kernel_scale_args, row_norms
+from .normalize import row_norms
 from .tiles import groups_overlap, load_groups, load_params, load_scales, load_targets, logit_tile, similarity_tile
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
@@ -30,8 +30,8 @@ def _infonce_fwd_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
-    q_scale_ptr,  # inverse row norms of q and k (NORMALIZED only)
-    k_scale_ptr,
+    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
+    k_norm_ptr,
     lse_ptr,
     target_logit_ptr,
     n_rows,
@@ -45,6 +45,7 @@ def _infonce_fwd_kernel(
     gauss_start,
     self_start,
     n_self,
+    eps,  # the normalization's lower bound on a norm (NORMALIZED only)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -64,7 +65,7 @@ def _infonce_fwd_kernel(
     inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
     targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
-    row_scale = load_scales(q_scale_ptr, rows, n_rows, NORMALIZED)
+    row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
     row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
@@ -81,7 +82,7 @@ def _infonce_fwd_kernel(
             s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                 BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
             if NORMALIZED:
-                s = s * row_scale[:, None] * load_scales(k_scale_ptr, cols, n_cols, NORMALIZED)[None, :]
+                s = s * row_scale[:, None] * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
             logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
                                 col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
                                 n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
@@ -130,20 +131,21 @@ def infonce_forward(
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
     cfg = kernel_config("forward", q.dtype, dim, q.device)
     row_groups, key_groups = groups if groups is not None else (lse, lse)
-    norms = row_norms(q, k, normalize_eps)
-    scales = kernel_scale_args(norms, lse)
+    normalized = normalize_eps is not None
+    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
     grid = (triton.cdiv(n_rows, cfg.BLOCK_M),)
     _infonce_fwd_kernel[grid](
-        q, k, params, targets if targets is not None else lse, row_groups, key_groups, scales.q_inv, scales.k_inv,
+        q, k, params, targets if targets is not None else lse, row_groups, key_groups, q_norm, k_norm,
         lse, target_logit,
         n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0),
         layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
+        normalize_eps if normalized else 0.0,
         HAS_TARGETS=targets is not None,
         HARD_WEIGHTED=layout.hard_weighted,
         GAUSS_WEIGHTED=layout.gauss_weighted,
         EXCLUDE_SELF=layout.n_self > 0,
         GROUPED=groups is not None,
-        NORMALIZED=norms is not None,
+        NORMALIZED=normalized,
         ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_for_interpreter(q.dtype),

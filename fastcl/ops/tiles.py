@@ -120,12 +120,23 @@ def load_groups(groups_ptr, idx, n_valid, GROUPED: tl.constexpr):
 
 
 @triton.jit
-def load_scales(scale_ptr, idx, n_valid, NORMALIZED: tl.constexpr):
-    """Per-row scales of ``idx`` (0 past ``n_valid``) when the kernel normalizes on the fly
-    (fastcl/ops/normalize.py); otherwise a placeholder that nothing reads."""
+def load_scales(norm_ptr, idx, n_valid, eps, NORMALIZED: tl.constexpr):
+    """Inverse norms ``1 / max(|x|, eps)`` of rows ``idx`` (1 past ``n_valid``) when the
+    kernel normalizes on the fly (fastcl/ops/normalize.py), from their L2 norms;
+    otherwise a placeholder that nothing reads."""
     if NORMALIZED:
-        return tl.load(scale_ptr + idx, mask=idx < n_valid, other=0.0)
-    return idx.to(scale_ptr.dtype.element_ty)
+        norm = tl.load(norm_ptr + idx, mask=idx < n_valid, other=1.0)
+        return 1.0 / tl.maximum(norm, eps)
+    return idx.to(norm_ptr.dtype.element_ty)
+
+
+@triton.jit
+def load_projections(norm_ptr, idx, n_valid, eps):
+    """The normalization backward's projection coefficients of rows ``idx``: ``1 / |x|^2``,
+    0 where eps clamps the norm (and past ``n_valid``)."""
+    norm = tl.load(norm_ptr + idx, mask=idx < n_valid, other=0.0)
+    inv = 1.0 / tl.maximum(norm, eps)  # no division by zero on masked or zero rows
+    return tl.where(norm > eps, inv * inv, 0.0)
 
 
 @triton.jit
