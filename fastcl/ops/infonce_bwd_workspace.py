@@ -129,6 +129,12 @@ def _infonce_dlogits_kernel(
         tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=ds_ptr.dtype.element_ty), mask=out_mask)
 
 
+#: Launch shape of _project_rows_kernel: 8 x 128 tiles on 4 warps take 40 registers on
+#: sm_90a (32 x 128 took all 255), so many blocks share an SM in this bandwidth-bound pass
+#: (tests/test_sm90_compile.py keeps it that way).
+PROJECT_ROWS_BLOCKS = dict(BLOCK_R=8, BLOCK_D=128, num_warps=4)
+
+
 @triton.jit
 def _project_rows_kernel(
     grad_ptr,
@@ -162,12 +168,8 @@ def _project_rows_kernel(
 def _project_rows(grad, x, dot, norm, params, eps) -> None:
     """Launch :func:`_project_rows_kernel` over the rows of ``grad`` (``x`` has at least as many)."""
     n_rows, dim = grad.shape
-    # 8 x 128 tiles on 4 warps: 40 registers on sm_90a (32 x 128 took all 255), so many
-    # blocks per SM for this bandwidth-bound pass.
-    block_r, block_d = 8, 128
-    _project_rows_kernel[(triton.cdiv(n_rows, block_r),)](
-        grad, x, dot, norm, params, n_rows, dim, grad.stride(0), x.stride(0), eps,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    _project_rows_kernel[(triton.cdiv(n_rows, PROJECT_ROWS_BLOCKS["BLOCK_R"]),)](
+        grad, x, dot, norm, params, n_rows, dim, grad.stride(0), x.stride(0), eps, **PROJECT_ROWS_BLOCKS)
 
 
 def workspace_rows(n_rows: int, n_cols: int, element_size: int) -> int:
