@@ -89,6 +89,79 @@ def test_kernels_skip_tiles_without_a_common_group(device):
     assert torch.isfinite(p.grad[:16]).all(), "dk visited a tile of another group"
 
 
+@pytest.mark.parametrize("strategy", ["slab", "workspace"])
+def test_many_short_sequences_match_reference(strategy, device, monkeypatch):
+    # Token-level shape: 150 rows in sequences of 1 to 12, hard negatives (a second sorted
+    # run of groups) and a shared queue, 16-wide tiles: each row block's loop visits only
+    # the column-tile intervals of its own sequences (group_ranges.py), each column
+    # block's only its rows' tiles.
+    monkeypatch.setenv("FASTCL_BACKWARD", strategy)
+    g = torch.Generator().manual_seed(3)
+    groups = torch.repeat_interleave(torch.arange(40), torch.randint(1, 13, (40,), generator=g))[:150].to(device)
+    n = groups.numel()
+    a, p, h = (_rand(n, device) for _ in range(3))
+    queue = _rand(6, device, grad=False)
+    options = dict(hard_negative_weight=2.0, temperature=0.1, groups=groups, symmetric=True)
+    ours = info_nce(a, p, h, queue, backend="triton", **options)
+    ref = info_nce_reference(a, p, h, queue, **options)
+    got = torch.autograd.grad(ours, [a, p, h])
+    expected = torch.autograd.grad(ref, [a, p, h])
+    assert relative_error(ours.detach(), ref.detach()) < 1e-10
+    for x, y in zip(got, expected):
+        assert relative_error(x, y) < 1e-10
+
+
+def _brute_force_tiles(row_groups, key_groups, layout, block_m, block_n):
+    """Per row block, the column tiles holding a candidate of one of its rows; per column
+    block (gradient columns), the row tiles holding a row that scores one of its columns."""
+    rows, keys = row_groups.tolist(), key_groups.tolist()
+    n = len(rows)
+
+    def candidate(i, j):
+        return j >= layout.n_grad_cols or keys[j] == rows[i]
+
+    per_row_block = [{j // block_n for j in range(layout.n_cols)
+                      if any(candidate(i, j) for i in range(b * block_m, min(n, (b + 1) * block_m)))}
+                     for b in range(-(-n // block_m))]
+    per_col_block = [{i // block_m for i in range(n)
+                      if any(candidate(i, j) for j in range(c * block_n, min(layout.n_cols, (c + 1) * block_n)))}
+                     for c in range(-(-layout.n_grad_cols // block_n))]
+    return per_row_block, per_col_block
+
+
+def test_group_ranges_cover_every_candidate_tile_once():
+    # Random groupings, sorted (sequence after sequence) and shuffled, with and without
+    # hard negatives and shared columns, at random block sizes: the intervals hold every
+    # tile that holds a candidate, visit no tile twice, stay in bounds, and (sorted) skip.
+    from fastcl.ops.group_ranges import column_block_row_ranges, row_block_tile_ranges
+    from fastcl.ops.layout import ColumnLayout
+
+    g = torch.Generator().manual_seed(0)
+    visited_sorted = total_sorted = 0
+    for _ in range(150):
+        n = int(torch.randint(1, 50, (1,), generator=g))
+        hard, extra = bool(torch.randint(0, 2, (1,), generator=g)), int(torch.randint(0, 4, (1,), generator=g))
+        shuffled = bool(torch.randint(0, 3, (1,), generator=g) == 0)
+        rows = torch.repeat_interleave(torch.arange(n), torch.randint(1, 9, (n,), generator=g))[:n]
+        if shuffled:
+            rows = rows[torch.randperm(n, generator=g)]
+        keys = torch.cat([rows, rows]) if hard else rows
+        n_hard = n if hard else 0
+        layout = ColumnLayout(n_cols=n + n_hard + extra, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard,
+                              gauss_start=n + n_hard + extra)
+        block_m, block_n = (int(x) for x in torch.randint(1, 9, (2,), generator=g))
+        need_rows, need_cols = _brute_force_tiles(rows, keys, layout, block_m, block_n)
+        for b, intervals in enumerate(row_block_tile_ranges(rows, keys, layout, block_m, block_n).tolist()):
+            visited = [t for first, end in intervals for t in range(first, end)]
+            assert len(visited) == len(set(visited)), f"a tile visited twice: {intervals}"
+            assert need_rows[b] <= set(visited) <= set(range(-(-layout.n_cols // block_n)))
+            if not shuffled:
+                visited_sorted, total_sorted = visited_sorted + len(visited), total_sorted + -(-layout.n_cols // block_n)
+        for c, (first, end) in enumerate(column_block_row_ranges(rows, keys, layout, block_m, block_n).tolist()):
+            assert need_cols[c] <= set(range(first, end)) and 0 <= first and end <= -(-n // block_m)
+    assert visited_sorted < 0.7 * total_sorted, "sorted groups should skip tiles"
+
+
 def test_token_info_nce_equals_per_sequence_losses(device):
     batch, length = 3, 6
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], device=device)

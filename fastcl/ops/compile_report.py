@@ -111,8 +111,12 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
                  NORMALIZED=features in ("normalized", "all"),
                  ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False)
     sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64",
-               row_groups_ptr="*i64", key_groups_ptr="*i64", q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}",
-               lse_ptr=f"*{acc}")
+               row_groups_ptr="*i64", key_groups_ptr="*i64")
+    if kernel in ("forward", "backward_dq"):
+        sig["tile_ranges_ptr"] = "*i32"
+    elif kernel == "backward_dk":
+        sig["row_ranges_ptr"] = "*i32"
+    sig.update(q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}", lse_ptr=f"*{acc}")
     segments = dict(hard_start="i32", n_hard="i32", gauss_start="i32", self_start="i32", n_self="i32", eps="fp32")
     sizes = dict(n_rows="i32", n_cols="i32", n_grad_cols="i32", dim="i32", stride_q="i32", stride_k="i32")
     blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .configs import backward_strategy, kernel_config
+from .group_ranges import column_block_row_ranges, row_block_tile_ranges
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
 from .normalize import row_norms
@@ -48,6 +49,7 @@ def _infonce_bwd_dq_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
+    tile_ranges_ptr,  # GROUPED only: per row block, 3 intervals of column tiles to visit
     q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
     k_norm_ptr,
     lse_ptr,
@@ -96,35 +98,44 @@ def _infonce_bwd_dq_kernel(
 
     dq = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=acc_dtype)
     row_dot = tl.zeros((BLOCK_M,), dtype=acc_dtype)
-    for n0 in range(0, n_cols, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+    # Column tiles: with groups, only the (at most 3) intervals that can hold a candidate
+    # of these rows (group_ranges.py); otherwise all of them.
+    for interval in tl.static_range(3 if GROUPED else 1):
         if GROUPED:
-            visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
-                                   n0 + BLOCK_N > n_grad_cols, GROUPED)
-        else:
-            visit = True
-        if visit:
-            s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                                BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-            if NORMALIZED:
-                col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
-                s = s * row_scale[:, None] * col_scale[None, :]
-            logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
-                                col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
-                                n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
-            dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
-            row_dot += tl.sum(dlogits * s, 1)
-            k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
-                             mask=(cols[:, None] < n_cols) & slab_in[None, :], other=0.0)
-            ds = dlogits * inv_tau
-            if NORMALIZED:
-                ds = ds * row_scale[:, None] * col_scale[None, :]
-            if UPCAST:
-                k_slab = k_slab.to(tl.float32)
+            n_first = tl.load(tile_ranges_ptr + (tl.program_id(0) * 3 + interval) * 2) * BLOCK_N
+            n_end = tl.load(tile_ranges_ptr + (tl.program_id(0) * 3 + interval) * 2 + 1) * BLOCK_N
+        else:  # exactly the plain loop: its code generation is what the configs were chosen on
+            n_first = 0
+            n_end = n_cols
+        for n0 in range(n_first, n_end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+            if GROUPED:
+                visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
+                                       n0 + BLOCK_N > n_grad_cols, GROUPED)
             else:
-                ds = ds.to(k_slab.dtype)
-            dq = tl.dot(ds, k_slab, dq, input_precision=PRECISION, out_dtype=acc_dtype)
+                visit = True
+            if visit:
+                s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
+                                    BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+                if NORMALIZED:
+                    col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
+                    s = s * row_scale[:, None] * col_scale[None, :]
+                logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
+                                    col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
+                                    n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+                dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
+                row_dot += tl.sum(dlogits * s, 1)
+                k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
+                                 mask=(cols[:, None] < n_cols) & slab_in[None, :], other=0.0)
+                ds = dlogits * inv_tau
+                if NORMALIZED:
+                    ds = ds * row_scale[:, None] * col_scale[None, :]
+                if UPCAST:
+                    k_slab = k_slab.to(tl.float32)
+                else:
+                    ds = ds.to(k_slab.dtype)
+                dq = tl.dot(ds, k_slab, dq, input_precision=PRECISION, out_dtype=acc_dtype)
 
     if NORMALIZED:  # dq_i -= (1/tau) row_dot_i proj_i q_i, on this slab
         proj = load_projections(q_norm_ptr, rows, n_rows, eps)
@@ -145,6 +156,7 @@ def _infonce_bwd_dk_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
+    row_ranges_ptr,  # GROUPED only: per column block, the interval of row tiles to visit
     q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
     k_norm_ptr,
     lse_ptr,
@@ -188,7 +200,13 @@ def _infonce_bwd_dk_kernel(
 
     dk = tl.zeros((BLOCK_N, BLOCK_D_OUT), dtype=acc_dtype)
     col_dot = tl.zeros((BLOCK_N,), dtype=acc_dtype)  # NORMALIZED: sum_i G_ij cos_ij
-    for m0 in range(0, n_rows, BLOCK_M):
+    if GROUPED:  # only the row tiles whose groups can meet these columns (group_ranges.py)
+        m_first = tl.load(row_ranges_ptr + tl.program_id(0) * 2) * BLOCK_M
+        m_end = tl.load(row_ranges_ptr + tl.program_id(0) * 2 + 1) * BLOCK_M
+    else:
+        m_first = 0
+        m_end = n_rows
+    for m0 in range(m_first, m_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_in = rows < n_rows
         row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
@@ -282,7 +300,8 @@ def infonce_backward(
         UPCAST=upcast_for_interpreter(q.dtype),
     )
     targets_arg = targets if targets is not None else lse
-    row_groups, key_groups = groups if groups is not None else (lse, lse)
+    grouped = groups is not None
+    row_groups, key_groups = groups if grouped else (lse, lse)
     segments = (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
                 normalize_eps if normalized else 0.0)
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
@@ -294,7 +313,9 @@ def infonce_backward(
         cfg = kernel_config("backward_dq", q.dtype, dim, q.device)
         grid = (triton.cdiv(n_rows, cfg.BLOCK_M), triton.cdiv(dim, cfg.BLOCK_D_OUT))
         _infonce_bwd_dq_kernel[grid](
-            q, k, params, targets_arg, row_groups, key_groups, q_norm, k_norm, lse, grad_rows, dq, row_dot,
+            q, k, params, targets_arg, row_groups, key_groups,
+            row_block_tile_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if grouped else lse,
+            q_norm, k_norm, lse, grad_rows, dq, row_dot,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
             *segments, **flags, **_launch_options(cfg),
         )
@@ -304,7 +325,9 @@ def infonce_backward(
         cfg = kernel_config("backward_dk", q.dtype, dim, q.device)
         grid = (triton.cdiv(layout.n_grad_cols, cfg.BLOCK_N), triton.cdiv(dim, cfg.BLOCK_D_OUT))
         _infonce_bwd_dk_kernel[grid](
-            q, k, params, targets_arg, row_groups, key_groups, q_norm, k_norm, lse, grad_rows, dk,
+            q, k, params, targets_arg, row_groups, key_groups,
+            column_block_row_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if grouped else lse,
+            q_norm, k_norm, lse, grad_rows, dk,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dk.stride(0),
             *segments, **flags, **_launch_options(cfg),
         )

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .configs import kernel_config
+from .group_ranges import row_block_tile_ranges
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import groups_overlap, load_groups, load_params, load_scales, load_targets, logit_tile, similarity_tile
@@ -30,6 +31,7 @@ def _infonce_fwd_kernel(
     targets_ptr,
     row_groups_ptr,
     key_groups_ptr,
+    tile_ranges_ptr,  # GROUPED only: per row block, 3 intervals of column tiles to visit
     q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
     k_norm_ptr,
     lse_ptr,
@@ -70,29 +72,38 @@ def _infonce_fwd_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
     row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     target_logit = tl.zeros((BLOCK_M,), dtype=acc_dtype)
-    for n0 in range(0, n_cols, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+    # Column tiles: with groups, only the (at most 3) intervals that can hold a candidate
+    # of these rows (group_ranges.py); otherwise all of them.
+    for interval in tl.static_range(3 if GROUPED else 1):
         if GROUPED:
-            visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
-                                   n0 + BLOCK_N > n_grad_cols, GROUPED)
-        else:
-            visit = True
-        if visit:  # tiles whose rows and columns share no group hold no candidate
-            s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                                BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-            if NORMALIZED:
-                s = s * row_scale[:, None] * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
-            logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
-                                col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
-                                n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
-            new_max = tl.maximum(row_max, tl.max(logits, 1))
-            # A row may have no candidate yet (all -inf so far, with masking): shift by 0
-            # then, so that exp(-inf - -inf) never makes a NaN.
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
-            row_max = new_max
-            target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), 1)
+            n_first = tl.load(tile_ranges_ptr + (tl.program_id(0) * 3 + interval) * 2) * BLOCK_N
+            n_end = tl.load(tile_ranges_ptr + (tl.program_id(0) * 3 + interval) * 2 + 1) * BLOCK_N
+        else:  # exactly the plain loop: its code generation is what the configs were chosen on
+            n_first = 0
+            n_end = n_cols
+        for n0 in range(n_first, n_end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+            if GROUPED:
+                visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
+                                       n0 + BLOCK_N > n_grad_cols, GROUPED)
+            else:
+                visit = True
+            if visit:  # tiles whose rows and columns share no group hold no candidate
+                s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
+                                    BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+                if NORMALIZED:
+                    s = s * row_scale[:, None] * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
+                logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
+                                    col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
+                                    n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+                new_max = tl.maximum(row_max, tl.max(logits, 1))
+                # A row may have no candidate yet (all -inf so far, with masking): shift by 0
+                # then, so that exp(-inf - -inf) never makes a NaN.
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
+                row_max = new_max
+                target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), 1)
 
     tl.store(lse_ptr + rows, row_max + tl.log(row_sum), mask=row_in)
     tl.store(target_logit_ptr + rows, target_logit, mask=row_in)
@@ -131,12 +142,14 @@ def infonce_forward(
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
     cfg = kernel_config("forward", q.dtype, dim, q.device)
     row_groups, key_groups = groups if groups is not None else (lse, lse)
+    tile_ranges = (row_block_tile_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N)
+                   if groups is not None else lse)
     normalized = normalize_eps is not None
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
     grid = (triton.cdiv(n_rows, cfg.BLOCK_M),)
     _infonce_fwd_kernel[grid](
-        q, k, params, targets if targets is not None else lse, row_groups, key_groups, q_norm, k_norm,
-        lse, target_logit,
+        q, k, params, targets if targets is not None else lse, row_groups, key_groups, tile_ranges, q_norm,
+        k_norm, lse, target_logit,
         n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0),
         layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
         normalize_eps if normalized else 0.0,
