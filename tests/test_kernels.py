@@ -137,6 +137,16 @@ def test_workspace_backward_in_several_chunks(device, monkeypatch):
     _assert_close(ours, ref, 1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_workspace_backward_chunks_in_low_precision(dtype, device, monkeypatch):
+    # Several chunks: 16-bit inputs accumulate dk in fp32 between the products, fp32
+    # inputs straight into dk; both within the dtype's tolerance.
+    case = CASES["everything"]
+    monkeypatch.setenv("FASTCL_WORKSPACE_BYTES", str(5 * case.n_cols * 4))
+    ours, ref = run_both(case, _use("triton-workspace", monkeypatch), device, dtype=dtype)
+    _assert_close(ours, ref, DTYPE_TOLERANCE[dtype], str(dtype))
+
+
 def test_half_precision_loss_is_float32(device):
     a, p = torch.randn(40, 16, device=device, dtype=torch.bfloat16), torch.randn(40, 16, device=device,
                                                                                   dtype=torch.bfloat16)

@@ -203,7 +203,13 @@ def infonce_backward_workspace(
     row_dot = torch.zeros(n_rows, dtype=acc, device=q.device)
     dq = torch.empty_like(q) if need_dq else None
     want_dk = need_dk and layout.n_grad_cols > 0
-    dk_acc = torch.zeros((layout.n_grad_cols, dim), dtype=acc, device=q.device) if want_dk else None
+    n_grad = layout.n_grad_cols
+    # dk straight from the products when they accumulate in the output's own precision:
+    # fp32 / fp64 inputs, or a single chunk (one GEMM, fp32 inside cuBLAS, one rounding).
+    # Only 16-bit inputs over several chunks need an fp32 accumulator between products.
+    direct_dk = want_dk and (q.dtype == acc or chunk >= n_rows)
+    dk = torch.empty((n_grad, dim), dtype=q.dtype, device=q.device) if direct_dk else None
+    dk_acc = torch.zeros((n_grad, dim), dtype=acc, device=q.device) if want_dk and not direct_dk else None
 
     cfg = kernel_config("backward_ds", q.dtype, dim, q.device)
     row_groups, key_groups = groups if groups is not None else (lse, lse)
@@ -233,12 +239,18 @@ def infonce_backward_workspace(
         q_chunk = q[row0:row0 + rows]
         if need_dq:
             torch.mm(ds, k, out=dq[row0:row0 + rows])
-        if want_dk:
-            dk_acc += (ds[:, : layout.n_grad_cols].T @ q_chunk).to(acc)
+        if direct_dk:
+            if row0 == 0:
+                torch.mm(ds[:, :n_grad].T, q_chunk, out=dk)
+            else:
+                dk.addmm_(ds[:, :n_grad].T, q_chunk)
+        elif want_dk:
+            dk_acc += (ds[:, :n_grad].T @ q_chunk).to(acc)
     if normalized:  # the normalization's rank-1 terms, in place, one launch per gradient
         if need_dq:
             _project_rows(dq, q, row_dot, q_norm, params, normalize_eps)
         if want_dk:
-            _project_rows(dk_acc, k, col_dot, k_norm, params, normalize_eps)
-    dk = dk_acc.to(q.dtype) if want_dk else None
+            _project_rows(dk if direct_dk else dk_acc, k, col_dot, k_norm, params, normalize_eps)
+    if want_dk and not direct_dk:
+        dk = dk_acc.to(q.dtype)
     return dq, dk, (row_dot if need_dq else None)
