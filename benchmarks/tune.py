@@ -37,6 +37,8 @@ from fastcl.ops.configs import KERNELS, KernelConfig, override_config  # noqa: E
 FAMILIES = {"half": torch.bfloat16, "fp32": torch.float32}
 #: The loss's default normalization eps: kernels are tuned as the default loss runs them.
 EPS = 1e-12
+#: The compile_report option set the static screen compiles: the default loss's kernels.
+STATIC_VARIANT = "normalized"
 
 
 def candidate_grid(kernel: str, family: str, dim: int):
@@ -58,7 +60,7 @@ def _static_check(args):
 
     try:
         report = compile_report.compile_one(kernel, FAMILIES[family], "tf32" if family == "fp32" else "ieee",
-                                            "normalized", cfg, arch)
+                                            STATIC_VARIANT, cfg, arch)
     except Exception as exc:  # a config Triton cannot compile is simply not a candidate
         return kernel, family, dim, cfg, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     problems = report.problems()
@@ -82,7 +84,7 @@ def run_static(args) -> None:
     print(f"{total} of {len(jobs)} compile without spills within the shared-memory limit")
     with open(args.out, "w") as f:
         json.dump(dict(arch=f"sm{args.arch}", triton=_triton_version(), date=str(datetime.date.today()),
-                       candidates=kept), f, indent=1)
+                       variant=STATIC_VARIANT, candidates=kept), f, indent=1)
     print(f"wrote {args.out}")
 
 
