@@ -35,8 +35,8 @@ from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
-    groups_overlap, load_groups, load_params, load_projections, load_scales, load_targets, logit_grad_tile,
-    logit_tile, similarity_tile,
+    column_interval, groups_overlap, load_groups, load_params, load_projections, load_scales, load_targets,
+    logit_grad_tile, logit_tile, similarity_tile,
 )
 from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
 
@@ -101,12 +101,7 @@ def _infonce_bwd_dq_kernel(
     # Column tiles: with groups, only the (at most 3) intervals that can hold a candidate
     # of these rows (group_ranges.py); otherwise all of them.
     for interval in tl.static_range(3 if GROUPED else 1):
-        if GROUPED:
-            n_first = tl.load(tile_ranges_ptr + (tl.program_id(0) * 3 + interval) * 2) * BLOCK_N
-            n_end = tl.load(tile_ranges_ptr + (tl.program_id(0) * 3 + interval) * 2 + 1) * BLOCK_N
-        else:  # exactly the plain loop: its code generation is what the configs were chosen on
-            n_first = 0
-            n_end = n_cols
+        n_first, n_end = column_interval(tile_ranges_ptr, interval, n_cols, BLOCK_N, GROUPED)
         for n0 in range(n_first, n_end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)

@@ -140,6 +140,17 @@ def load_projections(norm_ptr, idx, n_valid, eps):
 
 
 @triton.jit
+def column_interval(tile_ranges_ptr, interval, n_cols, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    """[first, end) columns of a row block's ``interval``-th stretch of column tiles: with
+    groups, from the per-block intervals of group_ranges.py (3 per block); otherwise all
+    columns, in one stretch (exactly the plain loop's bounds)."""
+    if GROUPED:
+        at = tile_ranges_ptr + (tl.program_id(0) * 3 + interval) * 2
+        return tl.load(at) * BLOCK_N, tl.load(at + 1) * BLOCK_N
+    return 0, n_cols
+
+
+@triton.jit
 def groups_overlap(row_groups, row_in, col_groups, col_in, col_all_visible, GROUPED: tl.constexpr):
     """Whether a tile can hold any candidate: its rows' and columns' group ranges meet,
     or it holds a column visible to every group. Always true when ungrouped."""
