@@ -89,20 +89,24 @@ def test_kernels_skip_tiles_without_a_common_group(device):
     assert torch.isfinite(p.grad[:16]).all(), "dk visited a tile of another group"
 
 
-@pytest.mark.parametrize("strategy", ["slab", "workspace"])
-def test_many_short_sequences_match_reference(strategy, device, monkeypatch):
+@pytest.mark.parametrize("backend", ["triton-slab", "triton-workspace", "torch", NATIVE])
+def test_many_short_sequences_match_reference(backend, device, monkeypatch):
     # Token-level shape: 150 rows in sequences of 1 to 12, hard negatives (a second sorted
     # run of groups) and a shared queue, 16-wide tiles: each row block's loop visits only
     # the column-tile intervals of its own sequences (group_ranges.py), each column
-    # block's only its rows' tiles.
-    monkeypatch.setenv("FASTCL_BACKWARD", strategy)
+    # block's only its rows' tiles; the chunked path computes only those columns (in
+    # 40-row chunks here) and the native kernel skips the other blocks.
+    if backend.startswith("triton-"):
+        monkeypatch.setenv("FASTCL_BACKWARD", backend.split("-")[1])
+        backend = "triton"
+    monkeypatch.setattr("fastcl.ops.chunked.GROUPED_CHUNK_ROWS", 40)
     g = torch.Generator().manual_seed(3)
     groups = torch.repeat_interleave(torch.arange(40), torch.randint(1, 13, (40,), generator=g))[:150].to(device)
     n = groups.numel()
     a, p, h = (_rand(n, device) for _ in range(3))
     queue = _rand(6, device, grad=False)
     options = dict(hard_negative_weight=2.0, temperature=0.1, groups=groups, symmetric=True)
-    ours = info_nce(a, p, h, queue, backend="triton", **options)
+    ours = info_nce(a, p, h, queue, backend=backend, **options)
     ref = info_nce_reference(a, p, h, queue, **options)
     got = torch.autograd.grad(ours, [a, p, h])
     expected = torch.autograd.grad(ref, [a, p, h])
@@ -160,6 +164,22 @@ def test_group_ranges_cover_every_candidate_tile_once():
         for c, (first, end) in enumerate(column_block_row_ranges(rows, keys, layout, block_m, block_n).tolist()):
             assert need_cols[c] <= set(range(first, end)) and 0 <= first and end <= -(-n // block_m)
     assert visited_sorted < 0.7 * total_sorted, "sorted groups should skip tiles"
+
+
+def test_chunked_path_computes_only_its_groups_columns(monkeypatch):
+    # As the kernels' skipping test above, for the chunked PyTorch path: 16-row chunks,
+    # groups of 16. A NaN candidate of group 1 would reach group 0's gradients if group
+    # 0's chunk computed its column.
+    monkeypatch.setattr("fastcl.ops.chunked.GROUPED_CHUNK_ROWS", 16)
+    groups = torch.arange(48) // 16
+    a, p = _rand(48, "cpu"), _rand(48, "cpu")
+    with torch.no_grad():
+        p[20] = float("nan")   # a positive (candidate) of group 1
+        a[40] = float("nan")   # an anchor (query) of group 2
+    out = info_nce(a, p, groups=groups, backend="torch", reduction="none", check_finite=False)
+    out.sum().backward()
+    assert torch.isfinite(out[:16]).all() and torch.isnan(out[16:32]).all()
+    assert torch.isfinite(a.grad[:16]).all() and torch.isfinite(p.grad[:16]).all()
 
 
 def test_token_info_nce_equals_per_sequence_losses(device):

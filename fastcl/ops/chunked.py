@@ -11,9 +11,11 @@ do (fastcl/ops/normalize.py).
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
+from .group_ranges import row_block_tile_ranges
 from .layout import ColumnLayout
 from .normalize import row_scales
 from .utils import accumulator_dtype
@@ -23,40 +25,91 @@ from .utils import accumulator_dtype
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
-def chunk_rows(n_rows: int, n_cols: int) -> int:
-    """Rows per chunk so that a chunk's logit block stays within the element budget."""
+def chunk_rows(n_rows: int, n_cols: int, grouped: bool = False) -> int:
+    """Rows per chunk so that a chunk's logit block stays within the element budget; at
+    most GROUPED_CHUNK_ROWS with groups, whose chunks compute only their groups' columns."""
     budget = int(os.environ.get("FASTCL_CHUNK_ELEMENTS", DEFAULT_CHUNK_ELEMENTS))
-    return max(1, min(n_rows, budget // max(n_cols, 1)))
+    rows = max(1, min(n_rows, budget // max(n_cols, 1)))
+    return min(rows, GROUPED_CHUNK_ROWS) if grouped else rows
 
 
-def _chunk_logits(q_chunk, k, params, row0, layout: ColumnLayout, groups, norms):
-    """(similarity, logits) of rows [row0, row0 + len(q_chunk)), in the accumulator dtype,
-    with -inf where a column is not a candidate of the row (itself, another group)."""
+#: Rows per chunk with groups: few enough that a chunk spans a few sequences, so that
+#: the columns it computes (those of its groups, group_ranges.py) are few.
+GROUPED_CHUNK_ROWS = 256
+
+
+class _Columns(NamedTuple):
+    """The candidate columns one chunk computes: all of them (``ids`` None), or with
+    groups only those that can hold a candidate of its rows (``ids``, sorted; the first
+    ``n_grad`` are gradient columns), with their rows of k and inverse norms."""
+
+    ids: torch.Tensor | None
+    k: torch.Tensor
+    k_inv: torch.Tensor | None
+    n_grad: int
+
+
+def _chunk_columns(k, norms, row0, n_chunk, layout: ColumnLayout, groups) -> _Columns:
+    k_inv = norms.k_inv if norms is not None else None
+    if groups is None:
+        return _Columns(None, k, k_inv, layout.n_grad_cols)
+    row_groups, key_groups = groups
+    intervals = row_block_tile_ranges(row_groups[row0:row0 + n_chunk], key_groups, layout, n_chunk, 1)
+    bounds = intervals[0].tolist()  # three [first, end) column ranges; the last is the shared columns
+    ids = torch.cat([torch.arange(a, b, device=k.device) for a, b in bounds])
+    n_grad = sum(b - a for a, b in bounds[:2])
+    return _Columns(ids, k[ids], k_inv[ids] if k_inv is not None else None, n_grad)
+
+
+def _positions(cols: _Columns, col_index: torch.Tensor) -> torch.Tensor:
+    """Where the global columns ``col_index`` sit among the chunk's columns, -1 where they
+    are not computed (or are -1 already)."""
+    if cols.ids is None:
+        return col_index
+    if cols.ids.numel() == 0:
+        return torch.full_like(col_index, -1)
+    pos = torch.searchsorted(cols.ids, col_index.clamp(min=0)).clamp(max=cols.ids.numel() - 1)
+    return torch.where((cols.ids[pos] == col_index) & (col_index >= 0), pos, -1)
+
+
+def _chunk_logits(q_chunk, cols: _Columns, params, row0, layout: ColumnLayout, groups, norms):
+    """(similarity, logits) of rows [row0, row0 + len(q_chunk)) against the chunk's
+    columns, in the accumulator dtype, with -inf where a column is not a candidate of the
+    row (itself, another group)."""
     n_chunk = q_chunk.shape[0]
-    s = q_chunk @ k.T
+    s = q_chunk @ cols.k.T
     if norms is not None:  # raw products to cosines
-        s.mul_(norms.q_inv[row0:row0 + n_chunk, None]).mul_(norms.k_inv[None, :])
+        s.mul_(norms.q_inv[row0:row0 + n_chunk, None]).mul_(cols.k_inv[None, :])
     logits = s * params[0]
     rows = torch.arange(row0, row0 + n_chunk, device=q_chunk.device)
     if layout.hard_weighted:
-        own = rows < layout.n_hard
-        logits[own.nonzero()[:, 0], layout.hard_start + rows[own]] += params[1]
+        pos = torch.where(rows < layout.n_hard, _positions(cols, layout.hard_start + rows), -1)
+        own = pos >= 0
+        logits[own.nonzero()[:, 0], pos[own]] += params[1]
     if layout.gauss_weighted:
-        logits[:, layout.gauss_start:] += params[2]
+        if cols.ids is None:
+            logits[:, layout.gauss_start:] += params[2]
+        else:
+            logits[:, cols.ids >= layout.gauss_start] += params[2]
     if layout.n_self:
-        own = rows < layout.n_self
-        logits[own.nonzero()[:, 0], layout.self_start + rows[own]] = float("-inf")
+        pos = torch.where(rows < layout.n_self, _positions(cols, layout.self_start + rows), -1)
+        own = pos >= 0
+        logits[own.nonzero()[:, 0], pos[own]] = float("-inf")
     if groups is not None:
         row_groups, key_groups = groups
-        other_group = row_groups[row0:row0 + n_chunk, None] != key_groups[None, :]
-        logits[:, :layout.n_grad_cols].masked_fill_(other_group, float("-inf"))
+        keys = key_groups[:cols.n_grad] if cols.ids is None else key_groups[cols.ids[:cols.n_grad]]
+        other_group = row_groups[row0:row0 + n_chunk, None] != keys[None, :]
+        logits[:, :cols.n_grad].masked_fill_(other_group, float("-inf"))
     return s, logits
 
 
-def _chunk_targets(targets, row0, n_chunk, device):
+def _chunk_targets(targets, row0, n_chunk, cols: _Columns, device):
+    """The chunk's target positions among its columns (-1: no target among them)."""
     if targets is None:
-        return torch.arange(row0, row0 + n_chunk, device=device)
-    return targets[row0:row0 + n_chunk]
+        tgt = torch.arange(row0, row0 + n_chunk, device=device)
+    else:
+        tgt = targets[row0:row0 + n_chunk]
+    return _positions(cols, tgt)
 
 
 def _target_logits(logits, tgt):
@@ -73,11 +126,12 @@ def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None, no
     norms = row_scales(q, k, normalize_eps)
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
-    step = chunk_rows(n_rows, layout.n_cols)
+    step = chunk_rows(n_rows, layout.n_cols, grouped=groups is not None)
     for row0 in range(0, n_rows, step):
         q_chunk = q[row0:row0 + step]
-        _, logits = _chunk_logits(q_chunk, k, params, row0, layout, groups, norms)
-        tgt = _chunk_targets(targets, row0, q_chunk.shape[0], q.device)
+        cols = _chunk_columns(k, norms, row0, q_chunk.shape[0], layout, groups)
+        _, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms)
+        tgt = _chunk_targets(targets, row0, q_chunk.shape[0], cols, q.device)
         lse[row0:row0 + step] = torch.logsumexp(logits, dim=1)
         target_logit[row0:row0 + step] = _target_logits(logits, tgt)
     return lse, target_logit
@@ -96,24 +150,26 @@ def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows
     want_dk = need_dk and layout.n_grad_cols > 0
     dk_acc = torch.zeros((n_grad, dim), dtype=acc, device=q.device) if want_dk else None
     col_dot = torch.zeros(n_grad, dtype=acc, device=q.device) if want_dk and norms is not None else None
-    step = chunk_rows(n_rows, layout.n_cols)
+    step = chunk_rows(n_rows, layout.n_cols, grouped=groups is not None)
     for row0 in range(0, n_rows, step):
         q_chunk = q[row0:row0 + step]
         n_chunk = q_chunk.shape[0]
-        s, logits = _chunk_logits(q_chunk, k, params, row0, layout, groups, norms)
-        tgt = _chunk_targets(targets, row0, n_chunk, q.device)
+        cols = _chunk_columns(k, norms, row0, n_chunk, layout, groups)
+        s, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms)
+        tgt = _chunk_targets(targets, row0, n_chunk, cols, q.device)
         dlogits = torch.exp(logits - lse[row0:row0 + step, None])
         has_target = tgt >= 0
         dlogits[has_target.nonzero()[:, 0], tgt[has_target]] -= 1.0
         dlogits *= grad_rows[row0:row0 + step, None].to(acc)
         ds = dlogits * params[0]
         chunk_row_dot = (dlogits * s).sum(dim=1)
+        m = cols.n_grad  # the chunk's gradient columns come first
         if norms is not None:
             if want_dk:
-                col_dot += (dlogits[:, :n_grad] * s[:, :n_grad]).sum(dim=0)
-            ds.mul_(norms.q_inv[row0:row0 + n_chunk, None]).mul_(norms.k_inv[None, :])
+                _add_rows(col_dot, cols, (dlogits[:, :m] * s[:, :m]).sum(dim=0))
+            ds.mul_(norms.q_inv[row0:row0 + n_chunk, None]).mul_(cols.k_inv[None, :])
         if need_dq:
-            dq_chunk = ds @ k
+            dq_chunk = ds @ cols.k
             if norms is not None:  # the normalization's rank-1 term of each row
                 coef = params[0] * chunk_row_dot * norms.q_proj[row0:row0 + n_chunk]
                 dq_chunk.addcmul_(q_chunk, coef[:, None], value=-1)
@@ -121,8 +177,16 @@ def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows
             del dq_chunk  # freed before the dk product, not after it
             row_dot[row0:row0 + step] = chunk_row_dot
         if want_dk:
-            dk_acc += ds[:, :n_grad].T @ q_chunk
+            _add_rows(dk_acc, cols, ds[:, :m].T @ q_chunk)
     if want_dk and norms is not None:
         dk_acc.addcmul_(k[:n_grad], (params[0] * col_dot * norms.k_proj[:n_grad])[:, None], value=-1)
     dk = dk_acc.to(in_dtype) if want_dk else None
     return dq, dk, row_dot
+
+
+def _add_rows(total, cols: _Columns, part):
+    """total[gradient columns of the chunk] += part (rows in the chunk's column order)."""
+    if cols.ids is None:
+        total += part
+    else:
+        total.index_add_(0, cols.ids[:cols.n_grad], part)
