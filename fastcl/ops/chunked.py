@@ -49,13 +49,21 @@ class _Columns(NamedTuple):
     n_grad: int
 
 
-def _chunk_columns(k, norms, row0, n_chunk, layout: ColumnLayout, groups) -> _Columns:
-    k_inv = norms.k_inv if norms is not None else None
+def _column_bounds(groups, layout: ColumnLayout, step: int) -> list | None:
+    """With groups, every chunk's three [first, end) column ranges (the last: the shared
+    columns), found for all chunks at once (the chunks are the ``step``-row blocks); None
+    without groups."""
     if groups is None:
-        return _Columns(None, k, k_inv, layout.n_grad_cols)
+        return None
     row_groups, key_groups = groups
-    intervals = row_block_tile_ranges(row_groups[row0:row0 + n_chunk], key_groups, layout, n_chunk, 1)
-    bounds = intervals[0].tolist()  # three [first, end) column ranges; the last is the shared columns
+    return row_block_tile_ranges(row_groups, key_groups, layout, step, 1).tolist()
+
+
+def _chunk_columns(k, norms, bounds, layout: ColumnLayout) -> _Columns:
+    """The chunk's columns: all of them (``bounds`` None), else those of its ranges."""
+    k_inv = norms.k_inv if norms is not None else None
+    if bounds is None:
+        return _Columns(None, k, k_inv, layout.n_grad_cols)
     ids = torch.cat([torch.arange(a, b, device=k.device) for a, b in bounds])
     n_grad = sum(b - a for a, b in bounds[:2])
     return _Columns(ids, k[ids], k_inv[ids] if k_inv is not None else None, n_grad)
@@ -127,9 +135,10 @@ def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None, no
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
     step = chunk_rows(n_rows, layout.n_cols, grouped=groups is not None)
+    bounds = _column_bounds(groups, layout, step)
     for row0 in range(0, n_rows, step):
         q_chunk = q[row0:row0 + step]
-        cols = _chunk_columns(k, norms, row0, q_chunk.shape[0], layout, groups)
+        cols = _chunk_columns(k, norms, bounds[row0 // step] if bounds else None, layout)
         _, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms)
         tgt = _chunk_targets(targets, row0, q_chunk.shape[0], cols, q.device)
         lse[row0:row0 + step] = torch.logsumexp(logits, dim=1)
@@ -151,10 +160,11 @@ def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows
     dk_acc = torch.zeros((n_grad, dim), dtype=acc, device=q.device) if want_dk else None
     col_dot = torch.zeros(n_grad, dtype=acc, device=q.device) if want_dk and norms is not None else None
     step = chunk_rows(n_rows, layout.n_cols, grouped=groups is not None)
+    bounds = _column_bounds(groups, layout, step)
     for row0 in range(0, n_rows, step):
         q_chunk = q[row0:row0 + step]
         n_chunk = q_chunk.shape[0]
-        cols = _chunk_columns(k, norms, row0, n_chunk, layout, groups)
+        cols = _chunk_columns(k, norms, bounds[row0 // step] if bounds else None, layout)
         s, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms)
         tgt = _chunk_targets(targets, row0, n_chunk, cols, q.device)
         dlogits = torch.exp(logits - lse[row0:row0 + step, None])
