@@ -1,33 +1,28 @@
 """What the benchmarks time: fastcl, the dense loss, its compiled form, and the peers.
 
 Every implementation is a factory ``make(spec) -> loss_fn``; ``loss_fn(a, p, h)`` takes
-the raw (unnormalized) inputs and returns the scalar loss of the benchmarked family
-(``spec.loss``), normalization included, so each one is timed from the raw embeddings to
-their gradients. A factory raises :class:`Unsupported` (with the reason) for a
-configuration the implementation cannot compute as this loss; ``available()`` says
-whether its package imports at all. :func:`registry` lists one family's implementations.
-
-- ``infonce``: ``c = [p; h]`` (h only with hard negatives, M = 2N),
-  ``logit[i, j] = cos(a_i, c_j) / tau``, ``loss = mean_i (logsumexp_j logit[i, j] - logit[i, i])``;
-- ``nt_xent``: ``loss_fn(z1, z2, None)``; the 2N rows of ``z = [z1; z2]`` against the
-  other 2N - 1 rows, target the other view (SimCLR);
-- ``groups``: ``loss_fn(a, p, None)``; N tokens in N / G sequences of G, sorted by
-  sequence; a token's candidates are its own sequence's positives (TaCL).
+the raw inputs and returns the scalar loss of the family ``spec.loss`` (normalization
+included, so each one is timed from the raw embeddings to their gradients): ``infonce``
+(candidates ``[p; h]``, M = N or 2N), ``nt_xent`` (``loss_fn(z1, z2, None)``, the 2N rows
+of ``[z1; z2]`` against the other 2N - 1) or ``groups`` (``loss_fn(a, p, None)``, N tokens
+in sequences of G, negatives within the sequence). A factory raises :class:`Unsupported`
+(with the reason) for a configuration it cannot compute as this loss; ``available()``
+says whether its package imports. :func:`registry` lists one family's implementations.
 
 The peers are thin adapters over their public APIs:
 
 - memeff 0.3.1: ``MemoryEfficientQwen3Loss`` is one-directional InfoNCE; ``margin`` >= 2
-  disables its false-negative mask (cosines lie in [-1, 1]) and ``stable=False`` gives the
-  textbook gradient. Its hard negatives are row-specific, not shared, so the supervised
-  shape is not this loss. With ``use_qq_negatives=True`` it scores a query against every
-  document and every other query: the mean of both directions is NT-Xent.
-- inf-cl 1.2.1: ``cal_inf_loss(q, k, scale=1/tau, head_dim)`` on normalized rows (D in heads
-  of a divisor of D among 16..256; fp32 inside).
-- cut-cross-entropy 25.1.1: ``linear_cross_entropy(e, c, targets, filter_eps=None)`` (exact:
-  no gradient filtering) with ``e`` = normalized anchors / tau; bf16 / fp16 only.
+  disables its false-negative mask (cosines lie in [-1, 1]), ``stable=False`` gives the
+  textbook gradient. Its hard negatives are row-specific, not shared (not this loss).
+  With ``use_qq_negatives=True`` it scores a query against every document and every
+  other query: the mean of both directions is NT-Xent.
+- inf-cl 1.2.1: ``cal_inf_loss(q, k, scale=1/tau, head_dim)`` on normalized rows (D in
+  heads of a divisor of D among 16..256; fp32 inside).
+- cut-cross-entropy 25.1.1: ``linear_cross_entropy(e, c, targets, filter_eps=None)``
+  (exact) with ``e`` = normalized anchors / tau; bf16 / fp16 only.
 
 inf-cl and cut-cross-entropy cannot drop a row's own column (NT-Xent), and no peer has a
-group mask; those cases are recorded as unsupported, with the reason.
+group mask: those cases are recorded as unsupported, with the reason.
 """
 
 from __future__ import annotations

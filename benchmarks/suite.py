@@ -2,9 +2,9 @@
 
 For each size and implementation, in this order:
 
-1. agreement: one call's loss and input gradients against a float64 reference (the
-   family's dense form where its matrices fit, else fastcl's chunked PyTorch backend;
-   relative L2 error, tolerance by dtype); one that disagrees is flagged everywhere;
+1. agreement: one call's loss and input gradients against a float64 reference
+   (agreement.py; relative L2 error, tolerance by dtype); one that disagrees is flagged
+   everywhere;
 2. extra peak memory of one call (:meth:`harness.Device.extra_peak`);
 3. warm-up, then timing of forward + backward: several input sets in rotation when one
    set would sit in cache, the median and spread of many calls;
@@ -29,9 +29,10 @@ from typing import Callable
 
 import harness
 import report
+from agreement import Reference, agreement
 from harness import Device, first_line, is_fatal, is_oom, make_inputs
 from impls import Spec, Unsupported, fastcl_backend, registry
-from internals import CHUNK_ENV, chosen_backward, environment
+from internals import chosen_backward
 
 SCHEMA = "fastcl-bench/1"
 TIMED_STATUSES = ("ok", "disagrees", "unchecked")
@@ -85,69 +86,6 @@ class Case:
     tflops_real: float | None = None
     input_sets: int | None = None
     extra: dict = field(default_factory=dict)
-
-
-class Reference:
-    """The float64 loss and gradients one size's checks compare against (computed once,
-    on first use, kept on the host)."""
-
-    def __init__(self, run, spec, inputs):
-        self.run, self.spec, self.inputs = run, spec, inputs
-        self.done = False
-        self.loss = self.grads = self.name = self.skip_reason = None
-        self.seconds = 0.0
-
-    def get(self):
-        if not self.done:
-            self.done = True
-            self._compute()
-        return self
-
-    def _compute(self):
-        import torch
-
-        run, spec, dev = self.run, self.spec, self.run.dev
-        dense_bytes = 4 * run.family.dense_logits(spec) * 8  # a few fp64 logit matrices
-        if run.args.ref_dense_max_gib is not None:
-            budget = int(run.args.ref_dense_max_gib * 2**30)
-        else:
-            budget = (torch.cuda.mem_get_info(spec.device)[0] // 3) if dev.cuda else 2 * 2**30
-        dense = dense_bytes <= budget
-        work = (run.family.reference_flops or (lambda s, _: run.family.flops(s)))(spec, dense)
-        if work > run.args.ref_max_flops:
-            self.skip_reason = (f"no reference: its work {work:.2e} FLOPs is over --ref-max-flops "
-                                f"{run.args.ref_max_flops:.1e}")
-            return
-        x64 = tuple(t.detach().to(torch.float64).requires_grad_() for t in self.inputs)
-        t0 = time.perf_counter()
-        # on CUDA, larger chunks than fastcl's default: fewer, larger fp64 products
-        chunk = str(min(1 << 27, max(1 << 22, budget // 32))) if dev.cuda else os.environ.get(CHUNK_ENV)
-        try:
-            with environment(**{CHUNK_ENV: chunk}):
-                result = None
-                if dense:
-                    try:
-                        result = self._run(x64, True)
-                    except Exception as exc:
-                        if not is_oom(exc):
-                            raise
-                        dev.cleanup()
-                self.name, self.loss, self.grads = result or self._run(x64, False)
-            dev.sync()
-        except Exception as exc:  # an OOM here must not end the run
-            self.skip_reason = f"reference failed: {first_line(exc)}"
-            self.loss = self.grads = None
-        finally:
-            del x64
-            dev.cleanup()
-        self.seconds = time.perf_counter() - t0
-
-    def _run(self, x64, dense: bool):
-        import torch
-
-        name, loss = self.run.family.reference(self.spec, x64, dense)
-        grads = torch.autograd.grad(loss, x64)
-        return name, float(loss.detach()), [g.detach().cpu() for g in grads]
 
 
 class Run:
@@ -371,7 +309,7 @@ class Run:
             dev.sync()
             case.first_call_s = round(time.perf_counter() - t0, 4)
             case.agreement = ({"checked": False, "reason": "--no-check"} if a.no_check
-                              else self._agreement(loss, grads, reference))
+                              else agreement(loss, grads, reference, a.dtype, self.tf32, self.family.grad_names))
             del loss, grads
             # 2. extra peak memory of one call
             warm_ms = None
@@ -423,24 +361,6 @@ class Run:
             count += 1
         case.extra["warmup_calls"] = count
         return min(times)
-
-    def _agreement(self, loss, grads, reference) -> dict:
-        ref = reference.get()
-        if ref.loss is None:
-            return {"checked": False, "reason": ref.skip_reason}
-        tol = harness.tolerances(self.args.dtype, self.tf32)
-        value = float(loss.detach())
-        loss_err = abs(value - ref.loss) / max(abs(ref.loss), 1e-30) if math.isfinite(value) else math.inf
-        grad_err = {name: harness.relative_error(g, r)
-                    for name, g, r in zip(self.family.grad_names, grads, ref.grads)}
-        worst = max(grad_err.values())
-        ok = loss_err <= tol["loss"] and worst <= tol["grad"]
-        bad = ([f"loss {loss_err:.2e} > {tol['loss']:.0e}"] if not loss_err <= tol["loss"] else []) + \
-              [f"d{name} {err:.2e} > {tol['grad']:.0e}" for name, err in grad_err.items() if not err <= tol["grad"]]
-        return {"checked": True, "reference": ref.name, "reference_loss": ref.loss,
-                "reference_s": round(ref.seconds, 3), "loss": value, "loss_rel_err": loss_err,
-                "grad_rel_err": grad_err, "max_grad_rel_err": worst, "tolerance": tol, "ok": ok,
-                "summary": None if ok else "disagrees with the reference: " + ", ".join(bad)}
 
 
 def _one_line(c: Case, family: Family) -> str:
