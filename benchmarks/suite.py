@@ -329,13 +329,13 @@ class Run:
             real = impl.real_flops(spec) if impl.real_flops else None
             if real is not None and seconds > 0:
                 case.tflops_real = real / seconds / 1e12
-            agreement = case.agreement or {}
-            if not agreement.get("checked"):
-                case.status, case.reason = "unchecked", agreement.get("reason")
-            elif agreement.get("ok"):
+            verdict = case.agreement or {}
+            if not verdict.get("checked"):
+                case.status, case.reason = "unchecked", verdict.get("reason")
+            elif verdict.get("ok"):
                 case.status = "ok"
             else:
-                case.status, case.reason = "disagrees", agreement.get("summary")
+                case.status, case.reason = "disagrees", verdict.get("summary")
         except Unsupported as exc:
             case.status, case.reason = "unsupported", str(exc)
         except KeyboardInterrupt:
