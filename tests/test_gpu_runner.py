@@ -117,6 +117,15 @@ def test_a_failing_stage_is_recorded_and_an_overrun_is_cut(tmp_path):
     assert "| 4 training | timeout |" in proc.stdout
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_without_a_gpu_it_says_so(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--out", str(tmp_path / "out")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------ what the dry run cannot reach
 
 

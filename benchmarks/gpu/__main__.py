@@ -125,6 +125,12 @@ def run_stage(stage, budget: float, args, env: dict, out: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: no CUDA device is available (--dry-run checks the runner itself on the CPU)", file=sys.stderr)
+            return 2
     t0 = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
