@@ -24,6 +24,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -138,6 +139,8 @@ def main(argv=None) -> int:
     runner = {"command": "python -m benchmarks.gpu " + shlex.join(sys.argv[1:] if argv is None else argv),
               "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "budget_s": args.budget_s, "dry_run": args.dry_run, "stages": []}
+    signal.signal(signal.SIGTERM, _terminate)
+    stage = None
     try:
         if args.wheels:
             runner["wheels"] = install_wheels(args.wheels, site_dir)
@@ -164,6 +167,12 @@ def main(argv=None) -> int:
             for line in entry["lines"][:12]:
                 print(f"    {line}", flush=True)
             _save(runner, out, args, t0)
+    except KeyboardInterrupt:
+        runner["interrupted"] = True
+        if stage is not None and not any(s["name"] == stage.name for s in runner["stages"]):
+            runner["stages"].append({"number": stage.number, "name": stage.name, "status": "interrupted",
+                                     "reason": "the runner was stopped", "budget_s": 0, "seconds": 0})
+        print("interrupted: the stage in flight was stopped", flush=True)
     finally:
         if site_dir:
             shutil.rmtree(site_dir, ignore_errors=True)
@@ -172,9 +181,14 @@ def main(argv=None) -> int:
     return 0 if all(s["status"] == "done" for s in runner["stages"]) else 1
 
 
+def _terminate(signum, frame):
+    """SIGTERM as Ctrl-C: the stage in flight is stopped, and the summary still written."""
+    raise KeyboardInterrupt
+
+
 def _save(runner: dict, out: Path, args, t0: float) -> str:
     runner["elapsed_s"] = round(time.time() - t0, 1)
-    runner["targets"] = targets(out) if any(s["name"] == "speed" for s in runner["stages"]) else []
+    runner["targets"] = targets(out)
     md = table(runner["stages"], runner["targets"], out)
     write_json(out / "runner.json", runner)
     (out / "summary.md").write_text(md)

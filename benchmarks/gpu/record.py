@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -54,11 +55,13 @@ def run_until(cmd: list[str], deadline: float, log: Path | None = None, env: dic
               cwd: Path | None = None, grace_s: float = 10.0) -> dict:
     """Run ``cmd`` in its own process group until it ends or ``deadline``; then SIGINT
     (so pytest and bench.py save what they have), and SIGKILL ``grace_s`` later.
-    Returns ``{"returncode", "seconds", "cut"}``."""
+    Returns ``{"returncode", "seconds", "cut"}``. The group (not a new session) lets the
+    signals reach the command's own children, while whatever ends this process's session
+    still ends them too."""
     t0 = time.time()
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     with open(log, "a") if log else open(os.devnull, "w") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd, **group)
         cut = False
         try:
             proc.wait(timeout=max(deadline - time.time(), 0.1))

@@ -31,7 +31,10 @@ def _ms(r) -> float | None:
 
 
 def targets(out: Path, prefix: str = "3-speed") -> list[dict]:
-    """Each target: what it asks, what was measured, and PASS / FAIL / NO DATA."""
+    """Each target: what it asks, what was measured, and PASS / FAIL / NO DATA (none
+    when stage 3 has not run into ``out``)."""
+    if not any((out / f"{prefix}-{name}.json").exists() for name in ("main", "large")):
+        return []
     main, large = _results(out / f"{prefix}-main.json"), _results(out / f"{prefix}-large.json")
     rows = []
 
@@ -77,8 +80,9 @@ def table(stages: list[dict], rows: list[dict], out: Path) -> str:
         first = s.get("lines", [""])[0] if s.get("lines") else (s.get("reason") or "")
         lines.append(f"| {s['number']} {s['name']} | {s['status']} | {s.get('seconds', 0):.0f} "
                      f"({s.get('budget_s', 0):.0f}) | {first} |")
-    lines += ["", "| target | measured | result |", "|---|---|---|"]
-    lines += [f"| {r['target']} | {r['measured']} | {r['result']} |" for r in rows]
+    if rows:
+        lines += ["", "| target | measured | result |", "|---|---|---|"]
+        lines += [f"| {r['target']} | {r['measured']} | {r['result']} |" for r in rows]
     for s in stages:
         if len(s.get("lines", [])) > 1 or s["status"] not in ("done",):
             lines += ["", f"{s['number']} {s['name']} ({s['status']}{': ' + s['reason'] if s.get('reason') else ''}):"]
