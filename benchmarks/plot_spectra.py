@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastcl.encoder import load_encoder
+from fastcl import load_encoder
 from fastcl.evaluate import default_data_dir, embedding_geometry, load_stsb_split
 from fastcl.metrics import plot_spectra
 

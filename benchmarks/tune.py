@@ -14,8 +14,6 @@
 
        python benchmarks/tune.py measure --candidates benchmarks/results/tune_candidates_sm90.json \\
            --n 16384 --write fastcl/ops/tuned/sm90.json
-
-Nothing here has run on a GPU yet (no GPU was lent to the session that wrote it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""benchmarks/bench.py end to end, on tiny CPU sizes, in a subprocess (about 10 s).
+"""benchmarks/bench.py end to end, on tiny CPU sizes, in subprocesses.
 
 The run includes a hidden implementation with a planted 10% error in one gradient and an
 exact loss: the agreement check must flag it, on that gradient alone, while the real
@@ -81,6 +81,8 @@ def test_real_implementations_agree_and_are_timed(bench_run):
             assert 0 < t["min"] <= t["median"] <= t["max"]
             assert r["tflops_8nmd"] == pytest.approx(8 * n * n * 32 / (t["median"] * 1e-3) / 1e12)
             assert r["peak_extra_bytes"] > 0 and r["peak_method"]
+            # what the call leaves allocated: at least the two input gradients
+            assert 2 * n * 32 * 4 <= r["retained_bytes"] <= r["peak_extra_bytes"]
     assert _result(data, "fastcl-torch", 96)["backend"] == "torch"
     assert _result(data, "dense", 96)["tflops_real"] == pytest.approx(_result(data, "dense", 96)["tflops_8nmd"] * 6 / 8)
 
@@ -278,6 +280,20 @@ def test_new_losses_with_the_chunked_reference(tmp_path, loss):
     assert r["status"] == "ok" and r["agreement"]["reference"].startswith("fastcl backend='torch'")
     assert r["agreement"]["max_grad_rel_err"] < 1e-4
     assert _result(data, "planted-error", 24)["status"] == "disagrees"
+
+
+def test_family_script_is_bench_with_its_loss(tmp_path):
+    # benchmarks/bench_groups.py takes bench.py's options, its family fixed
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_groups.py"), "--device", "cpu",
+                           "--sizes", "16", "--group-size", "4", "--dim", "8", "--impls", "dense", "--no-plots",
+                           "--no-memory", "--repeats", "2", "--min-repeats", "2", "--warmup", "1", "--out",
+                           str(tmp_path), "--run-id", "family"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "family.json").read_text())
+    assert data["config"]["loss"] == "groups" and data["config"]["group_size"] == 4
+    assert _result(data, "dense", 16)["status"] == "ok"
 
 
 @pytest.mark.parametrize("extra, message", [
