@@ -1,6 +1,6 @@
 """fastcl: fused contrastive (InfoNCE) losses that never materialize the N x M similarity matrix."""
 
-from . import native  # loads the compiled extension and registers torch.ops.fastcl.*
+from . import native  # noqa: F401 - loads the compiled extension and registers torch.ops.fastcl.*
 from .encoder import encode, load_encoder
 from .loss import InfoNCELoss, draw_gaussian_negatives, info_nce
 from .nt_xent import NTXentLoss, nt_xent
