@@ -210,8 +210,10 @@ class MultipleNegativesRankingLoss(_STMultipleNegativesRankingLoss):
         options = self._fastcl_options(fn)  # read per call: the attributes may have been reassigned
         normalize = normalize_for(self.similarity_fct)
         hard_negatives = _negatives(list(embeddings[2:]))
+        # check_finite=False: like sentence-transformers, a non-finite embedding gives a NaN loss
+        # (a step that fp16 loss scaling skips), not an exception, and no host sync is made.
         return fn(embeddings[0], embeddings[1], hard_negatives, temperature=1.0 / self.scale, normalize=normalize,
-                  **options)
+                  check_finite=False, **options)
 
 
 class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):

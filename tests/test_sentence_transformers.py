@@ -150,6 +150,13 @@ def test_embeddings_at_kernel_size(similarity_fct):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
 
 
+def test_non_finite_embeddings_give_nan_as_sentence_transformers():
+    columns = [torch.randn(6, 8, dtype=torch.float64) for _ in range(3)]
+    columns[2][4, 1] = float("inf")
+    for cls in (fst.MultipleNegativesRankingLoss, st.MultipleNegativesRankingLoss):
+        assert torch.isnan(cls(None).compute_loss_from_embeddings(columns, None))
+
+
 # -------------------------------------------------------------- cached losses
 
 
