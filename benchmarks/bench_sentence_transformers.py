@@ -19,8 +19,8 @@ requiring grad), the loss and the embeddings' gradients out. For each
 
 Measured: the peak of torch's CPU allocations during one call, above what was allocated
 before it (the PyTorch profiler's allocator record; the returned gradients count), and
-the wall time of a call (median of a few after a warm-up; one call for slow ones, then
-timed under the profiler, which adds little to a few large operators: flagged). The loss
+the wall time of a call (after a warm-up call, which pays once for fresh memory pages and
+allocator growth, the median of a few calls; slow configurations: see ``measure``, flagged). The loss
 value of each call is recorded, and its relative difference from sentence-transformers'.
 
 Sizes an implementation would take too long or too much memory for (predicted from its
@@ -113,9 +113,27 @@ def quiet_stderr():
         os.close(saved)
 
 
+def allocation_peak(prof) -> int:
+    """Peak of torch's CPU allocations during a profiling session, above what existed at
+    its start. The profiler's running total is process-wide and carries over from earlier
+    sessions (and misses frees made between sessions), so it is taken relative to its
+    value before the session's first allocation event."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    memory = [e["args"] for e in events
+              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    if not memory:
+        raise RuntimeError("the profiler recorded no CPU allocations")
+    baseline = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(0, max(m["Total Allocated"] for m in memory) - baseline)
+
+
 def peak_bytes(fn) -> tuple[int, float, object]:
-    """(peak bytes of torch CPU allocations since the start of fn, seconds, fn's result).
-    The profiler's record counts from its start: what existed before is the baseline."""
+    """(peak bytes of torch CPU allocations during fn above what existed before it,
+    seconds, fn's result)."""
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -128,33 +146,35 @@ def peak_bytes(fn) -> tuple[int, float, object]:
     finally:
         with quiet_stderr():
             prof.stop()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    if not totals:
-        raise RuntimeError("the profiler recorded no CPU allocations")
-    return max(0, max(totals)), seconds, result
+    return allocation_peak(prof), seconds, result
 
 
-def measure(name: str, loss_fn, columns, slow_seconds: float, repeats: int) -> dict:
+def measure(name: str, loss_fn, columns, slow_seconds: float, repeats: int, warm_up: bool) -> dict:
+    """A warm-up call (the first call of a size pays for fresh memory pages and allocator
+    growth, which a training loop pays once), a profiled call for the peak, then timed
+    calls. A configuration predicted to be slow gets no warm-up and is timed by its
+    profiled call (the profiler adds little to a few large operators); one that turns out
+    slow is timed by the better of its warm-up and profiled calls."""
     gc.collect()
-    peak, first_s, value = peak_bytes(lambda: step(name, loss_fn, columns))
+    warm_s = None
+    if warm_up:
+        t0 = time.perf_counter()
+        step(name, loss_fn, columns)
+        warm_s = time.perf_counter() - t0
+    peak, profiled_s, value = peak_bytes(lambda: step(name, loss_fn, columns))
     grad_norm = float(torch.sqrt(sum((c.grad.double() ** 2).sum() for c in columns)))
-    if first_s > slow_seconds:  # one call only: the profiled one
-        return dict(status="ok", seconds=first_s, timed_calls=1, timed_under_profiler=True, peak_bytes=peak,
-                    loss=value, grad_norm=grad_norm)
+    row = dict(status="ok", peak_bytes=peak, loss=value, grad_norm=grad_norm, warm_up_seconds=warm_s,
+               profiled_seconds=profiled_s)
+    if warm_s is None or warm_s > slow_seconds:
+        calls = [profiled_s] + ([] if warm_s is None else [warm_s])
+        return dict(row, seconds=min(calls), timed_calls=len(calls), slow=True)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step(name, loss_fn, columns)
         times.append(time.perf_counter() - t0)
-    return dict(status="ok", seconds=statistics.median(times), timed_calls=len(times),
-                seconds_spread=[min(times), max(times)], timed_under_profiler=False, peak_bytes=peak,
-                loss=value, grad_norm=grad_norm)
+    return dict(row, seconds=statistics.median(times), timed_calls=len(times),
+                seconds_spread=[min(times), max(times)], slow=False)
 
 
 def predicted(previous: dict | None, n: int, d: int, k: int) -> tuple[float, float] | None:
@@ -207,7 +227,9 @@ def run(args) -> dict:
                         if columns is None:
                             columns = make_columns(n, dim, k, seed=n + dim + k)
                         try:
-                            row.update(measure(name, losses[name], columns, args.slow_seconds, args.repeats))
+                            warm_up = guess is None or guess[0] <= args.slow_seconds
+                            row.update(measure(name, losses[name], columns, args.slow_seconds, args.repeats,
+                                               warm_up))
                             last[name] = row
                         except NotImplementedError as error:
                             row.update(status="unsupported", reason=str(error))
@@ -229,7 +251,7 @@ def run(args) -> dict:
 def _fmt_time(row) -> str:
     if row.get("status") != "ok":
         return row.get("status", "")
-    mark = "*" if row["timed_under_profiler"] else ""
+    mark = "*" if row["slow"] else ""
     return f"{row['seconds'] * 1e3:,.0f}{mark}"
 
 
@@ -245,8 +267,9 @@ def write_markdown(report: dict, path: str) -> None:
         f"`{meta['command']}` on {meta['date']}: torch {meta['torch']}, sentence-transformers "
         f"{meta['sentence_transformers']}, fastcl {meta['fastcl']} ({meta['fastcl_cpu_backend']} CPU backend), "
         f"{meta['dtype']}, {meta['threads']} threads, scale {meta['scale']}.", "",
-        "Embeddings in (N x D per column), loss and embedding gradients out. Time: ms per call (median; `*`: "
-        "a single call, timed under the profiler). Peak: MiB of torch CPU allocations during the call above "
+        "Embeddings in (N x D per column), loss and embedding gradients out. Time: ms per call after a warm-up "
+        "call (median of 3; `*`: a slow configuration, timed by its profiled call, without warm-up when "
+        "predicted slow, else the better of the warm-up and profiled calls). Peak: MiB of torch CPU allocations during the call above "
         "the inputs (gradients included). `st_cached` is the loss stage of sentence-transformers' "
         "CachedMultipleNegativesRankingLoss (mini_batch_size 32). Relative difference of the loss: "
         "fastcl against sentence-transformers on the same inputs.", "",
@@ -393,13 +416,7 @@ def trainer_child(loss_name: str, args) -> dict:
             if self.prof is not None and self.peak is None:
                 with quiet_stderr():
                     self.prof.stop()
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = os.path.join(tmp, "trace.json")
-                    self.prof.export_chrome_trace(path)
-                    with open(path) as f:
-                        events = json.load(f)["traceEvents"]
-                self.peak = max(e["args"]["Total Allocated"] for e in events
-                                if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0)
+                self.peak = allocation_peak(self.prof)
 
     profiler = StepProfile(10)
     training_args = SentenceTransformerTrainingArguments(
@@ -489,9 +506,9 @@ def main(argv=None) -> int:
     parser.add_argument("--impls", type=lambda s: s.split(","), default=["st", "st_cached", "fastcl", "fastcl_cached"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--slow-seconds", type=float, default=20.0,
-                        help="a call slower than this is timed once (the profiled call)")
-    parser.add_argument("--max-call-seconds", type=float, default=300.0)
+    parser.add_argument("--slow-seconds", type=float, default=10.0,
+                        help="a call slower than this is not repeated (see measure)")
+    parser.add_argument("--max-call-seconds", type=float, default=240.0)
     parser.add_argument("--max-n", type=lambda s: {k: int(v) for k, v in (x.split("=") for x in s.split(",") if x)},
                         default={"st_cached": 4096, "fastcl_cached": 4096},
                         help="per implementation, the largest N to run (impl=N,...)")
