@@ -1,0 +1,305 @@
+"""sentence-transformers losses computed by fastcl: switch by changing one import.
+
+::
+
+    # from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from fastcl.sentence_transformers import MultipleNegativesRankingLoss
+
+    loss = MultipleNegativesRankingLoss(model, scale=20.0)
+    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=64)
+    loss = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model), [384, 256, 128, 64])
+
+Each class here is a subclass of the sentence-transformers (>= 6.2) class of the same
+name, with the same constructor, the same dataset columns ((anchor, positive) pairs or
+(anchor, positive, negative) triplets), the same ``get_config_dict`` and ``citation``
+(model cards are written as usual), the same loss value and the same gradients. Only the
+loss computation differs: it is :func:`fastcl.info_nce` (or, with
+``gather_across_devices=True`` under torch.distributed,
+:func:`fastcl.distributed.gathered_info_nce`), which never builds the batch x batch
+similarity matrix. ``MatryoshkaLoss`` wraps them exactly as it wraps the originals: it
+decorates the model's forward (plain losses) or ``calculate_loss`` (cached losses), and
+both keep their sentence-transformers structure here.
+
+Configurations that fastcl does not compute raise ``NotImplementedError`` naming the
+argument, at construction (``directions``, ``partition_mode``, ``hardness_mode``) or at
+the first batch (more than one negative column per anchor); ``similarity_fct`` other
+than ``cos_sim`` / ``dot_score`` raises ``ValueError``. Which keywords fastcl's loss
+accepts is read from its signature, so the mapping in :func:`loss_options` is the one
+place that decides what is passed on.
+
+This module imports sentence-transformers; ``import fastcl`` never does.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss as _STCachedMultipleNegativesRankingLoss,
+    )
+    from sentence_transformers.sentence_transformer.losses import (
+        MultipleNegativesRankingLoss as _STMultipleNegativesRankingLoss,
+    )
+    from sentence_transformers.util import cos_sim, dot_score, pytorch_cos_sim, similarity_fct_name
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "fastcl.sentence_transformers needs sentence-transformers >= 6.2: "
+        "pip install 'fastcl[sentence-transformers]'") from error
+
+from .distributed import gathered_info_nce
+from .loss import info_nce
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss",
+    "MultipleNegativesSymmetricRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss",
+    "loss_options",
+]
+
+SYMMETRIC_DIRECTIONS = ("query_to_doc", "doc_to_query")
+
+
+# ------------------------------------------------------------------ option mapping
+
+
+def normalize_for(similarity_fct: Callable) -> bool:
+    """fastcl's ``normalize`` for a sentence-transformers similarity function."""
+    if similarity_fct is cos_sim or similarity_fct is pytorch_cos_sim:
+        return True
+    if similarity_fct is dot_score:
+        return False
+    raise ValueError(
+        "similarity_fct must be sentence_transformers.util.cos_sim (fastcl's normalize=True) or "
+        "sentence_transformers.util.dot_score (normalize=False): fastcl computes no other similarity, "
+        f"got {similarity_fct_name(similarity_fct)}")
+
+
+@functools.cache
+def _keywords(fn: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+@functools.cache
+def _takes_negatives_per_anchor() -> bool:
+    """Whether :func:`fastcl.info_nce` accepts ``hard_negatives`` of shape N x K x D (K hard
+    negatives per anchor). Its signature cannot tell, so one 1 x 1 call does."""
+    x = torch.zeros(1, 1)
+    try:
+        info_nce(x, x, torch.zeros(1, 2, 1), normalize=False, check_finite=False)
+    except (TypeError, ValueError, NotImplementedError):
+        return False
+    return True
+
+
+def loss_options(directions: Sequence[str], partition_mode: str, hardness_mode: str | None,
+                 hardness_strength: float, fn: Callable = info_nce) -> dict:
+    """The keyword arguments of fastcl's loss ``fn`` for a sentence-transformers
+    ``MultipleNegativesRankingLoss`` configuration (``temperature`` and ``normalize`` aside).
+
+    ``("query_to_doc",)`` needs none. The pair ``("query_to_doc", "doc_to_query")`` with
+    ``partition_mode="per_direction"`` is fastcl's ``symmetric=True``. Every other direction
+    set, and a ``hardness_mode`` with ``hardness_strength > 0``, is passed on as the keyword
+    of the same name, and refused with ``NotImplementedError`` when ``fn`` does not take it.
+    """
+    accepted = _keywords(fn)
+    options: dict = {}
+    chosen = set(directions)
+    if chosen != {"query_to_doc"}:  # a single direction: joint and per_direction are one softmax
+        if "directions" in accepted:
+            options.update(directions=tuple(directions), partition_mode=partition_mode)
+        elif chosen == set(SYMMETRIC_DIRECTIONS) and partition_mode == "per_direction":
+            options["symmetric"] = True
+        else:
+            raise NotImplementedError(
+                f"directions={tuple(directions)!r} with partition_mode={partition_mode!r} is not computed by "
+                f"this version of fastcl.{fn.__name__}: it computes directions=('query_to_doc',) and "
+                "('query_to_doc', 'doc_to_query') with partition_mode='per_direction'. Use the "
+                "sentence_transformers loss for this configuration.")
+    if hardness_mode is not None and hardness_strength > 0.0:  # strength 0 adds nothing to any logit
+        if "hardness_mode" not in accepted:
+            raise NotImplementedError(
+                f"hardness_mode={hardness_mode!r} (with hardness_strength={hardness_strength}) is not computed by "
+                f"this version of fastcl.{fn.__name__}. Use the sentence_transformers loss for hardness weighting.")
+        options.update(hardness_mode=hardness_mode, hardness_strength=float(hardness_strength))
+    return options
+
+
+def _negatives(columns: list[Tensor]) -> Tensor | None:
+    """The negative columns as fastcl's ``hard_negatives``: None, N x D for one column,
+    N x K x D for K, whose candidate order ``[positives, column 1, .., column K]`` is
+    sentence-transformers' ``docs_all``."""
+    if not columns:
+        return None
+    if len(columns) == 1:
+        return columns[0]
+    if not _takes_negatives_per_anchor():
+        raise NotImplementedError(
+            f"the dataset has {len(columns)} negative columns (anchor, positive, negative_1 .. "
+            f"negative_{len(columns)}): this version of fastcl.info_nce takes one hard negative per anchor "
+            "(columns anchor, positive[, negative]). Keep one negative column, or use the sentence_transformers "
+            "loss for several.")
+    return torch.stack(columns, dim=1)
+
+
+@functools.cache
+def _warn_not_distributed() -> None:
+    logger.warning("gather_across_devices=True, but torch.distributed is not initialized: computing the loss "
+                   "over this process's batch only.")
+
+
+# ------------------------------------------------------------------------- losses
+
+
+class MultipleNegativesRankingLoss(_STMultipleNegativesRankingLoss):
+    """sentence-transformers' ``MultipleNegativesRankingLoss``, computed by fastcl.
+
+    The same arguments, columns, loss and gradients as the sentence-transformers class
+    (see its documentation); ``scale`` is fastcl's ``1 / temperature``, ``similarity_fct``
+    ``cos_sim`` or ``dot_score`` is ``normalize=True`` or ``False``, and no batch x batch
+    matrix is built. With ``gather_across_devices=True`` under torch.distributed every
+    rank's positives and negatives (and, for ``doc_to_query``, anchors) are gathered with
+    their gradients (:func:`fastcl.distributed.gathered_info_nce`); each rank returns the
+    mean loss of its own anchors, as sentence-transformers does.
+    """
+
+    def __init__(
+        self,
+        model,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+    ) -> None:
+        super().__init__(model, scale=scale, similarity_fct=similarity_fct,
+                         gather_across_devices=gather_across_devices, directions=directions,
+                         partition_mode=partition_mode, hardness_mode=hardness_mode,
+                         hardness_strength=hardness_strength)
+        # Refuse what fastcl cannot compute now, not at the first training step.
+        normalize_for(self.similarity_fct)
+        self._fastcl_options(gathered_info_nce if gather_across_devices else info_nce)
+
+    def _loss_function(self) -> Callable:
+        if not self.gather_across_devices:
+            return info_nce
+        if dist.is_available() and dist.is_initialized():
+            return gathered_info_nce
+        _warn_not_distributed()
+        return info_nce
+
+    def _fastcl_options(self, fn: Callable) -> dict:
+        return loss_options(self.directions, self.partition_mode, self.hardness_mode, self.hardness_strength, fn)
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
+        """The loss of the column embeddings ``[anchors, positives, negatives...]`` (each N x D);
+        ``labels`` are unused: anchor i's positive is row i of the positives."""
+        if len(embeddings) < 2:
+            raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+        fn = self._loss_function()
+        options = self._fastcl_options(fn)  # read per call: the attributes may have been reassigned
+        normalize = normalize_for(self.similarity_fct)
+        hard_negatives = _negatives(list(embeddings[2:]))
+        # check_finite=False: like sentence-transformers, a non-finite embedding gives a NaN loss
+        # (a step that fp16 loss scaling skips), not an exception, and no host sync is made.
+        return fn(embeddings[0], embeddings[1], hard_negatives, temperature=1.0 / self.scale, normalize=normalize,
+                  check_finite=False, **options)
+
+
+class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
+    """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (GradCache), computed
+    by fastcl.
+
+    The gradient caching is sentence-transformers' own (its ``CachedLossMixin``): the
+    mini-batches are embedded without gradients, the loss and the embeddings' gradients
+    are computed, then every mini-batch is embedded again under the same RNG state and
+    back-propagated with its cached gradient. The loss stage is one fastcl call over the
+    whole batch: with no score matrix there is nothing to chunk, so ``mini_batch_size``
+    and ``mini_batch_num_tokens`` bound the encoder's memory only. The wrapped loss
+    (``self.loss``) is fastcl's :class:`MultipleNegativesRankingLoss` and holds the
+    hyperparameters, as in sentence-transformers.
+    """
+
+    def __init__(
+        self,
+        model,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        show_progress_bar: bool = False,
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+    ) -> None:
+        # Built first: it validates (and warns about) every loss hyperparameter once.
+        inner = MultipleNegativesRankingLoss(
+            model, scale=scale, similarity_fct=similarity_fct, gather_across_devices=gather_across_devices,
+            directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength)
+        super().__init__(model, scale=scale, similarity_fct=similarity_fct, mini_batch_size=mini_batch_size,
+                         mini_batch_num_tokens=mini_batch_num_tokens, gather_across_devices=gather_across_devices,
+                         directions=directions, partition_mode=partition_mode,
+                         show_progress_bar=show_progress_bar)
+        self.loss = inner
+
+    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
+                       with_backward: bool = False) -> Tensor:
+        """The loss over the whole batch from the per-mini-batch embeddings (``reps[column]``
+        is the list of that column's mini-batches). With ``with_backward`` the gradients of
+        the embeddings are left in their ``.grad`` and the detached loss is returned."""
+        embeddings = [torch.cat(column) for column in reps]
+        loss = self.loss.compute_loss_from_embeddings(embeddings, labels)
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+
+class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
+    """sentence-transformers' ``MultipleNegativesSymmetricRankingLoss``: anchor -> candidates
+    and positive -> anchors, each with its own softmax, averaged (fastcl's ``symmetric=True``).
+    The same as ``MultipleNegativesRankingLoss(model, directions=("query_to_doc",
+    "doc_to_query"), partition_mode="per_direction")``."""
+
+    def __init__(
+        self,
+        model,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+        gather_across_devices: bool = False,
+    ) -> None:
+        super().__init__(model, scale=scale, similarity_fct=similarity_fct, gather_across_devices=gather_across_devices,
+                         directions=SYMMETRIC_DIRECTIONS, partition_mode="per_direction")
+
+
+class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRankingLoss):
+    """sentence-transformers' ``CachedMultipleNegativesSymmetricRankingLoss``: the symmetric
+    loss with GradCache (see :class:`CachedMultipleNegativesRankingLoss`)."""
+
+    def __init__(
+        self,
+        model,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        gather_across_devices: bool = False,
+        show_progress_bar: bool = False,
+    ) -> None:
+        super().__init__(model, scale=scale, similarity_fct=similarity_fct, mini_batch_size=mini_batch_size,
+                         mini_batch_num_tokens=mini_batch_num_tokens, gather_across_devices=gather_across_devices,
+                         directions=SYMMETRIC_DIRECTIONS, partition_mode="per_direction",
+                         show_progress_bar=show_progress_bar)
