@@ -30,19 +30,21 @@ def test_projection_kernel_stays_small_on_sm90():
         "from fastcl.ops.configs import KernelConfig\n"
         "from fastcl.ops.infonce_bwd_workspace import PROJECT_ROWS_BLOCKS, _project_rows_kernel\n"
         "blocks = dict(PROJECT_ROWS_BLOCKS); warps = blocks.pop('num_warps')\n"
-        "for g, x, acc in [('bf16', 'bf16', 'fp32'), ('fp32', 'bf16', 'fp32'), ('fp32', 'fp32', 'fp32'),\n"
-        "                  ('fp64', 'fp64', 'fp64')]:\n"
-        "    sig = dict(grad_ptr='*' + g, x_ptr='*' + x, dot_ptr='*' + acc, norm_ptr='*' + acc,\n"
-        "               params_ptr='*' + acc, n_rows='i32', dim='i32', stride_grad='i32', stride_x='i32',\n"
-        "               eps='fp32')\n"
+        "for o, g, x, acc in [('bf16', 'fp32', 'bf16', 'fp32'), ('fp16', 'fp32', 'fp16', 'fp32'),\n"
+        "                     ('fp32', 'fp32', 'fp32', 'fp32'), ('fp64', 'fp64', 'fp64', 'fp64')]:\n"
+        "  for normalized in (True, False):\n"
+        "    sig = dict(out_ptr='*' + o, grad_ptr='*' + g, x_ptr='*' + x, dot_ptr='*' + acc, norm_ptr='*' + acc,\n"
+        "               params_ptr='*' + acc, factor_ptr='*' + acc, n_rows='i32', dim='i32', stride_out='i32',\n"
+        "               stride_grad='i32', stride_x='i32', eps_ptr='*' + acc)\n"
         "    cfg = KernelConfig(32, 32, 32, 32, warps, 1)\n"
-        "    regs, spills, _, _ = _split(_compile(_project_rows_kernel, sig, blocks, cfg, 90))\n"
-        "    print(g, x, regs, spills)\n"
+        "    regs, spills, _, _ = _split(_compile(_project_rows_kernel, sig, dict(blocks, NORMALIZED=normalized),\n"
+        "                                         cfg, 90))\n"
+        "    print(o, normalized, regs, spills)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert len(lines) == 4, result.stdout
+    assert len(lines) == 8, result.stdout
     for g, x, regs, spills in lines:
         assert int(spills) == 0 and int(regs) <= 80, f"{g}/{x}: {regs} registers, {spills} bytes spilled"
