@@ -175,10 +175,11 @@ def _infonce_dlogits_kernel(
             tl.store(out2_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=ds2_ptr.dtype.element_ty), mask=out2_mask)
 
 
-#: Launch shape of _project_rows_kernel: 8 x 128 tiles on 4 warps take 40 registers on
-#: sm_90a (32 x 128 took all 255), so many blocks share an SM in this bandwidth-bound pass
-#: (tests/test_sm90_compile.py keeps it that way).
-PROJECT_ROWS_BLOCKS = dict(BLOCK_R=8, BLOCK_D=128, num_warps=4)
+#: Launch shape of _project_rows_kernel: 8 x 128 tiles on 8 warps (4 values a thread) take
+#: at most 66 registers on sm_90a in every dtype (on 4 warps, since it reads the products'
+#: fp32 results and writes a separate output, 80-96), so many blocks share an SM in this
+#: bandwidth-bound pass (tests/test_sm90_compile.py keeps it that way).
+PROJECT_ROWS_BLOCKS = dict(BLOCK_R=8, BLOCK_D=128, num_warps=8)
 
 
 @triton.jit
