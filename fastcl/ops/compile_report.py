@@ -118,9 +118,7 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
         sig["row_ranges_ptr"] = "*i32"
     sig.update(q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}")
     if kernel != "forward":
-        sig.update(operand_scales_ptr=f"*{acc}", q_pow2_ptr=f"*{acc}", k_pow2_ptr=f"*{acc}")
-        # float16 rows scaled by powers of two with the fused normalization (infonce_bwd.py).
-        flags["POW2"] = dtype == torch.float16 and flags["NORMALIZED"]
+        sig["operand_scales_ptr"] = f"*{acc}"
     sig["lse_ptr"] = f"*{acc}"
     segments = dict(hard_start="i32", n_hard="i32", gauss_start="i32", self_start="i32", n_self="i32",
                     eps_ptr=f"*{acc}")

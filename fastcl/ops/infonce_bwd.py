@@ -34,15 +34,13 @@ g_i r_i / max |g r|. Everything else multiplies the fp32 accumulator once, at th
     dq_i = [(1/tau) g_i r_i max(c) / 2^15] * sum_j (2^15 (P - onehot)_ij c_j / max c) k_j
     dk_j = [(1/tau) c_j max|g r| / 2^15] * sum_i (2^15 (P - onehot)_ij g_i r_i / max|g r|) q_i
 
-In float16 (POW2) the factor left in the operand must not spread with the row norms
-either (norms from 1e-3 to 1e4 in one batch would push small softmax entries of the
-largest rows below float16's normal range): each row of k (dq) or q (dk) is multiplied
-by a power of two p near its inverse norm, exactly, as the kernel loads it, and the
-operand keeps c_j / p_j or g_i r_i / p_i, which lie in [0.5, 1) times g.
-
 The only rounding left is the operand's own (relative 2^-11 in float16, 2^-8 in
 bfloat16), so the gradients are within a few units of roundoff of the input dtype
-(tests/test_adversarial.py states and checks the bound).
+(tests/test_adversarial.py states and checks the bound). In float16 an operand entry
+below 2^-29 of the largest (a softmax entry under 1e-2 of a column whose norm is 1e7
+times the smallest column norm of the batch, say) is subnormal and keeps fewer bits;
+such entries weigh little in the sums, and norms spread over seven decades in one batch
+stay within the bound.
 """
 
 from __future__ import annotations
@@ -74,9 +72,7 @@ def _infonce_bwd_dq_kernel(
     tile_ranges_ptr,  # GROUPED only: per row block, 3 intervals of column tiles to visit
     q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
     k_norm_ptr,
-    operand_scales_ptr,  # [max_j c_j / p_j, max_i |g_i r_i / p_i|]: see backward_operand_scales
-    q_pow2_ptr,  # POW2 only: powers of two p near the inverse norms of q's and k's rows
-    k_pow2_ptr,
+    operand_scales_ptr,  # [max_j c_j, max_i |g_i r_i|]: see backward_operand_scales
     lse_ptr,
     grad_rows_ptr,
     dq_ptr,
@@ -103,7 +99,6 @@ def _infonce_bwd_dq_kernel(
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -154,13 +149,7 @@ def _infonce_bwd_dq_kernel(
                 # The operand keeps only the per-column factor c_j / max c (in (0, 1]);
                 # 1/tau, g_i and r_i multiply the fp32 accumulator after the loop.
                 if NORMALIZED:
-                    if POW2:  # k_j * p_j exactly; the operand keeps c_j / p_j, in [0.5, 1)
-                        col_pow2 = tl.load(k_pow2_ptr + cols, mask=cols < n_cols, other=1.0)
-                        k_slab = k_slab * col_pow2.to(k_slab.dtype)[:, None]
-                        col_factor = col_scale / col_pow2
-                    else:
-                        col_factor = col_scale
-                    ds = p_minus * (col_factor * (GRAD_OPERAND_SCALE / col_scale_max))[None, :]
+                    ds = p_minus * (col_scale * (GRAD_OPERAND_SCALE / col_scale_max))[None, :]
                 else:
                     ds = p_minus * GRAD_OPERAND_SCALE
                 if UPCAST:
@@ -196,9 +185,7 @@ def _infonce_bwd_dk_kernel(
     row_ranges_ptr,  # GROUPED only: per column block, the interval of row tiles to visit
     q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
     k_norm_ptr,
-    operand_scales_ptr,  # [max_j c_j / p_j, max_i |g_i r_i / p_i|]: see backward_operand_scales
-    q_pow2_ptr,  # POW2 only: powers of two p near the inverse norms of q's and k's rows
-    k_pow2_ptr,
+    operand_scales_ptr,  # [max_j c_j, max_i |g_i r_i|]: see backward_operand_scales
     lse_ptr,
     grad_rows_ptr,
     dk_ptr,
@@ -224,7 +211,6 @@ def _infonce_bwd_dk_kernel(
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -278,10 +264,6 @@ def _infonce_bwd_dk_kernel(
             # 1/tau and c_j multiply the fp32 accumulator after the loop.
             if NORMALIZED:
                 row_weight = grad_rows * row_scale
-                if POW2:  # q_i * p_i exactly; the operand keeps g_i r_i / p_i
-                    row_pow2 = tl.load(q_pow2_ptr + rows, mask=row_in, other=1.0)
-                    q_slab = q_slab * row_pow2.to(q_slab.dtype)[:, None]
-                    row_weight = row_weight / row_pow2
                 col_dot += tl.sum(p_minus * s * grad_rows[:, None], 0)
             else:
                 row_weight = grad_rows
@@ -305,21 +287,11 @@ def _infonce_bwd_dk_kernel(
              mask=(cols[:, None] < n_grad_cols) & slab_in[None, :])
 
 
-def power_of_two_scales(norm: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per row, the power of two p with 1 / max(|x|, eps) = m p, m in [0.5, 1), clamped to
-    [2^-24, 2^15] (exact in float16). ``x * p`` is then exact in float16 and of norm near
-    1, whatever the row's own norm: the float16 backward multiplies rows by it so that
-    the factors left in its 16-bit operand (m) no longer spread with the row norms."""
-    _, exponent = torch.frexp(1.0 / norm.clamp_min(eps))
-    return torch.ldexp(torch.ones_like(norm), exponent.clamp(-24, 15))
-
-
 def backward_operand_scales(q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, grad_rows: torch.Tensor,
-                            normalize_eps: float | None, acc: torch.dtype,
-                            pow2: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``[max_j c_j / p_j, max_i |g_i r_i / p_i|]`` (c, r: inverse norms of k's and q's
-    rows, 1 without normalization; p: :func:`power_of_two_scales` of q's and k's rows, or
-    1; g: the incoming row gradients), in the accumulator dtype on the device.
+                            normalize_eps: float | None, acc: torch.dtype) -> torch.Tensor:
+    """``[max_j c_j, max_i |g_i r_i|]`` (c, r: inverse norms of k's and q's rows, 1
+    without normalization; g: the incoming row gradients), in the accumulator dtype on
+    the device.
 
     Dividing by them keeps the per-column (dq) or per-row (dk) factor inside a product's
     16-bit operand within [-1, 1]; the same maxima multiply the fp32 result. They are
@@ -333,8 +305,6 @@ def backward_operand_scales(q_norm: torch.Tensor | None, k_norm: torch.Tensor | 
     else:
         col = 1.0 / k_norm.clamp_min(normalize_eps)
         row = g / q_norm.clamp_min(normalize_eps)
-        if pow2 is not None:
-            row, col = row / pow2[0], col / pow2[1]
         col_max = _finite_max(col)
     row_max = _finite_max(row)
     return torch.stack([col_max.to(acc), row_max])
@@ -346,11 +316,7 @@ def _finite_max(values: torch.Tensor) -> torch.Tensor:
     return torch.where(largest > 0, largest, torch.ones_like(largest))
 
 
-def uses_power_of_two_scales(dtype: torch.dtype, normalize_eps: float | None) -> bool:
-    """float16's exponent range cannot hold a logit-gradient operand whose per-row or
-    per-column factor spreads with the row norms, so float16 rows are brought to norm ~1
-    by powers of two first (bfloat16, float32 and float64 have float32's range or more)."""
-    return dtype == torch.float16 and normalize_eps is not None
+
 
 
 def _launch_options(cfg) -> dict:
@@ -401,7 +367,6 @@ def infonce_backward(
         ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_for_interpreter(q.dtype),
-        POW2=uses_power_of_two_scales(q.dtype, normalize_eps),
     )
     targets_arg = targets if targets is not None else lse
     grouped = groups is not None
@@ -409,10 +374,7 @@ def infonce_backward(
     segments = (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
                 eps_tensor(normalize_eps, acc, q.device))
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
-    pow2 = ((power_of_two_scales(q_norm, normalize_eps), power_of_two_scales(k_norm, normalize_eps))
-            if flags["POW2"] else (lse, lse))
-    operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc,
-                                             pow2 if flags["POW2"] else None)
+    operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc)
 
     dq = row_dot = None
     if need_dq:
@@ -423,7 +385,7 @@ def infonce_backward(
         _infonce_bwd_dq_kernel[grid](
             q, k, params, targets_arg, row_groups, key_groups,
             row_block_tile_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if grouped else lse,
-            q_norm, k_norm, operand_scales, *pow2, lse, grad_rows, dq, row_dot,
+            q_norm, k_norm, operand_scales, lse, grad_rows, dq, row_dot,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
             *segments, **flags, **_launch_options(cfg),
         )
@@ -435,7 +397,7 @@ def infonce_backward(
         _infonce_bwd_dk_kernel[grid](
             q, k, params, targets_arg, row_groups, key_groups,
             column_block_row_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if grouped else lse,
-            q_norm, k_norm, operand_scales, *pow2, lse, grad_rows, dk,
+            q_norm, k_norm, operand_scales, lse, grad_rows, dk,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dk.stride(0),
             *segments, **flags, **_launch_options(cfg),
         )

@@ -19,10 +19,7 @@ six times. This backward forms it once. For each chunk of R rows:
 float16's exponent range cannot hold the per-row and the per-column factor in one
 operand when row norms spread widely, so for float16 the first kernel writes a second
 operand (n_grad wide) for dk: dq's keeps only c_j, dk's only g_i r_i, and the other
-factor multiplies the result row by row. With normalization the float16 products also
-take copies of q and k whose rows are multiplied by powers of two near their inverse
-norms (exact; (N + M) D more float16 values), so that even those single factors stay
-within [0.5, 1) whatever the norms.
+factor multiplies the result row by row.
 
 That is 6NMD of backward work (2 for S, 2 for dq, 2 for dk) instead of the slab path's
 ~2NMD x (slabs + 1) per gradient, at the price of writing the workspace once (float16:
@@ -39,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .configs import kernel_config
-from .infonce_bwd import backward_operand_scales, power_of_two_scales, uses_power_of_two_scales
+from .infonce_bwd import backward_operand_scales
 from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
 from .normalize import row_norms
@@ -63,9 +60,7 @@ def _infonce_dlogits_kernel(
     key_groups_ptr,
     q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
     k_norm_ptr,
-    operand_scales_ptr,  # [max_j c_j / p_j, max_i |g_i r_i / p_i|] (infonce_bwd.backward_operand_scales)
-    q_pow2_ptr,  # POW2 only: powers of two p near the inverse norms of q's and k's rows
-    k_pow2_ptr,
+    operand_scales_ptr,  # [max_j c_j, max_i |g_i r_i|] (infonce_bwd.backward_operand_scales)
     lse_ptr,
     grad_rows_ptr,
     ds_ptr,
@@ -99,7 +94,6 @@ def _infonce_dlogits_kernel(
     UPCAST: tl.constexpr,
     SPLIT: tl.constexpr,
     WRITE_DS2: tl.constexpr,
-    POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -152,9 +146,6 @@ def _infonce_dlogits_kernel(
             tl.atomic_add(col_dot_ptr + cols, tl.sum(dlogits * s, 0), mask=cols < n_grad_cols)
             row_factor = grad_rows * row_scale * (GRAD_OPERAND_SCALE / row_weight_max)
             col_factor = col_scale / col_scale_max
-            if POW2:  # the products take q_i p_i and k_j p_j (exact copies, made once)
-                row_factor = row_factor / tl.load(q_pow2_ptr + rows, mask=row_in, other=1.0)
-                col_factor = col_factor / tl.load(k_pow2_ptr + cols, mask=col_in, other=1.0)
         else:
             row_factor = grad_rows * (GRAD_OPERAND_SCALE / row_weight_max)
             col_factor = tl.full((BLOCK_N,), 1.0, dtype=acc_dtype)
@@ -305,14 +296,7 @@ def infonce_backward_workspace(
     normalized = normalize_eps is not None
     eps_arg = eps_tensor(normalize_eps, acc, q.device)
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
-    # float16 rows times powers of two near their inverse norms (exact) for the products,
-    # so that the operands' factors do not spread with the norms (infonce_bwd.py).
-    use_pow2 = uses_power_of_two_scales(q.dtype, normalize_eps)
-    pow2 = (power_of_two_scales(q_norm, normalize_eps), power_of_two_scales(k_norm, normalize_eps)) if use_pow2 \
-        else (lse, lse)
-    q_mm, k_mm = (q * pow2[0].to(q.dtype)[:, None], k * pow2[1].to(k.dtype)[:, None]) if use_pow2 else (q, k)
-    operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc,
-                                             pow2 if use_pow2 else None)
+    operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc)
     # What the products' results are multiplied by: (1/tau) max(c) max|g r| / 2^15 when
     # one operand holds both factors; when split, dq's result by (1/tau) max(c) / 2^15
     # and g_i r_i per row, dk's by (1/tau) max|g r| / 2^15 and c_j per column.
@@ -334,7 +318,7 @@ def infonce_backward_workspace(
         EXCLUDE_SELF=layout.n_self > 0, GROUPED=groups is not None, NORMALIZED=normalized,
         ACC_FP64=acc == torch.float64,
         PRECISION=dot_precision(q.dtype), UPCAST=upcast_for_interpreter(q.dtype), SPLIT=split,
-        WRITE_DS2=write_ds2, POW2=use_pow2, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
+        WRITE_DS2=write_ds2, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     for row0 in range(0, n_rows, chunk):
@@ -344,7 +328,7 @@ def infonce_backward_workspace(
         grid = (triton.cdiv(rows, cfg.BLOCK_M), triton.cdiv(layout.n_cols, cfg.BLOCK_N))
         _infonce_dlogits_kernel[grid](
             q, k, params, targets if targets is not None else lse, row_groups, key_groups, q_norm, k_norm,
-            operand_scales, *pow2, lse, grad_rows, ds, ds2, row_dot, col_dot if normalized else lse, row0, rows, n_rows,
+            operand_scales, lse, grad_rows, ds, ds2, row_dot, col_dot if normalized else lse, row0, rows, n_rows,
             layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), ds.stride(0), ds2.stride(0),
             layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
             eps_arg, **flags,
@@ -357,7 +341,7 @@ def infonce_backward_workspace(
                 torch.mm(ds, k, out=dq_chunk)
                 product = dq_chunk
             else:
-                product = _mm_fp32(ds, k_mm)
+                product = _mm_fp32(ds, k)
             _project_rows(dq_chunk, product, q_chunk, row_dot[row0:] if normalized else None, q_norm[row0:],
                           params, dq_factor, eps_arg,
                           dq_row_factors[row0:] if dq_row_factors is not None else None)
@@ -368,7 +352,7 @@ def infonce_backward_workspace(
             else:
                 dk.addmm_(ds[:, :n_grad].T, q_chunk)
         elif want_dk:
-            dk_acc += _mm_fp32((ds2 if split else ds[:, :n_grad]).T, q_mm[row0:row0 + rows])
+            dk_acc += _mm_fp32((ds2 if split else ds[:, :n_grad]).T, q_chunk)
     if want_dk:  # scale, the normalization's rank-1 terms, one rounding
         if not direct_dk:
             dk = torch.empty((n_grad, dim), dtype=q.dtype, device=q.device)
