@@ -140,6 +140,8 @@ def _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, 
 
     if torch.compiler.is_compiling():
         return {}  # value checks would need a host sync, which a compiled graph cannot hold
+    if anchors.device.type == "meta":
+        return {}  # no values to check: shapes only (e.g. working out output sizes)
     # Every value check becomes one boolean on the device; one transfer reads them all.
     checks: list[tuple[str, torch.Tensor]] = []
     magnitudes = {}
