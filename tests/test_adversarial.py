@@ -769,10 +769,12 @@ def test_gathered_and_ring_losses_with_extreme_rows():
                     assert _rel(grad.double() / world, ref) <= 2 * _rel(ref.double(), ref) + 1e-5 + 2 ** -10, name
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference", "torch", NATIVE])
+@pytest.mark.parametrize("backend", ["reference", NATIVE])
 def test_meta_tensors_give_shapes(backend):
     """Meta tensors carry no values: the value checks are skipped (they used to fail with
-    "Cannot copy out of meta tensor") and the loss and gradients come out as shapes."""
+    "Cannot copy out of meta tensor") and the loss and gradients come out as shapes on
+    the backends with shape-only kernels (the dense reference; the operators' fake
+    kernels). The chunked path and Triton need values."""
     a = torch.empty(300, 8, device="meta", requires_grad=True)
     p = torch.empty(300, 8, device="meta")
     loss = info_nce(a, p, backend=backend, reduction="none")
