@@ -17,8 +17,8 @@ from torch import nn
 
 from . import native
 from .numerics import (
-    TEMPERATURE_TENSOR_MESSAGE, RowMagnitudes, check_eps, check_flag, check_real, check_temperature_float,
-    logits_bound_ok, rescale_rows, temperature_tensor_ok,
+    MIN_TEMPERATURE, TEMPERATURE_TENSOR_MESSAGE, RowMagnitudes, check_eps, check_flag, check_real,
+    check_temperature_float, logits_overflow, rescale_rows, temperature_tensor_ok,
 )
 from .ops.infonce import FUSED_NORMALIZATION, InfoNCEFunction
 from .ops.layout import ColumnLayout
@@ -142,36 +142,44 @@ def _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, 
         return {}  # value checks would need a host sync, which a compiled graph cannot hold
     if anchors.device.type == "meta":
         return {}  # no values to check: shapes only (e.g. working out output sizes)
-    # Every value check becomes one boolean on the device; one transfer reads them all.
-    checks: list[tuple[str, torch.Tensor]] = []
-    magnitudes = {}
-    if check_finite:
-        magnitudes = {name: RowMagnitudes(x, eps) for name, x in named}
-        checks += [(f"{name} contains NaN or infinite values", m.finite) for name, m in magnitudes.items()]
-        if not normalize:
-            checks.append((f"the logits q.k / temperature can overflow {anchors.dtype}'s accumulator: without "
-                           "normalization the inputs' magnitudes (and 1/temperature) must be smaller",
-                           logits_bound_ok(list(magnitudes.values()), d, anchors.dtype, temperature)))
+    # Every value check becomes a scalar on the device; one transfer reads them all.
+    scalars: list[torch.Tensor] = []
+    magnitudes = {name: RowMagnitudes(x, eps) for name, x in named} if check_finite else {}
+    for m in magnitudes.values():
+        scalars += m.scalars
     if isinstance(temperature, torch.Tensor):
-        checks.append((TEMPERATURE_TENSOR_MESSAGE, temperature_tensor_ok(temperature)))
+        scalars.append(temperature.detach().reshape(()).double())
     if labels is not None:
         # int64 first: unsigned dtypes have no comparison kernels, and n_cols may not fit
         # the labels' own dtype.
         wide = labels.to(torch.int64)
-        checks.append((f"labels must lie in [0, {n_cols}): positives, hard and extra negatives",
-                       ((wide >= 0) & (wide < n_cols)).all()))
-    rescale = []  # (name, device boolean): rows of this input outside the safe range
-    if normalize:
-        rescale = [(name, m.too_large | m.too_small) for name, m in magnitudes.items()]
-    if not checks and not rescale:
+        scalars.append(((wide >= 0) & (wide < n_cols)).all().double())
+    if not scalars:
         return {}
-    ok = torch.stack([c for _, c in checks] + [c for _, c in rescale]).tolist()
-    for (message, _), passed in zip(checks, ok):
-        if not passed:
-            raise ValueError(message)
+    values = torch.stack(scalars).tolist()
+    outside, largest = [], 0.0
+    for name, m in magnitudes.items():
+        finite, out_of_range = m.judge(values[:len(m.scalars)])
+        if not finite:
+            raise ValueError(f"{name} contains NaN or infinite values")
+        largest = max(largest, values[0])
+        values = values[len(m.scalars):]
+        if out_of_range:
+            outside.append(name)
+    tau = temperature
+    if isinstance(temperature, torch.Tensor):
+        tau = values.pop(0)
+        if not (math.isfinite(tau) and tau >= MIN_TEMPERATURE):
+            raise ValueError(f"{TEMPERATURE_TENSOR_MESSAGE}, got {tau}")
+    if labels is not None and not values.pop(0):
+        raise ValueError(f"labels must lie in [0, {n_cols}): positives, hard and extra negatives")
+    if not normalize:
+        if magnitudes and logits_overflow(largest, d, anchors.dtype, tau):
+            raise ValueError(f"the logits q.k / temperature can overflow {anchors.dtype}'s accumulator: "
+                             "without normalization the inputs' magnitudes (and 1/temperature) must be smaller")
+        return {}
     tensors = dict(named)
-    return {name: rescale_rows(tensors[name], magnitudes[name].row_max, eps)
-            for (name, _), needed in zip(rescale, ok[len(checks):]) if needed}
+    return {name: rescale_rows(tensors[name], magnitudes[name].row_max, eps) for name in outside}
 
 
 # ------------------------------------------------------------------------- helpers

@@ -93,25 +93,37 @@ def safe_row_range(dtype: torch.dtype, dim: int) -> tuple[float, float]:
 
 
 class RowMagnitudes:
-    """Per-row largest |entry| of one input, and device booleans for the one sync."""
+    """Per-row largest |entry| of one input, and the device scalars the one value sync
+    reads: the largest row maximum (NaN or inf when any entry is) and, only when eps is
+    small enough for it to matter, the smallest row maximum of the rows that can exceed
+    eps (with eps at its default no row can be both above eps and in danger of
+    underflow, and the check costs nothing)."""
 
     def __init__(self, x: torch.Tensor, eps: float):
         # ord=inf: max |x| per row without an N x D temporary; NaN if the row holds a NaN.
         self.row_max = torch.linalg.vector_norm(x.detach(), ord=math.inf, dim=1)
-        low, high = safe_row_range(x.dtype, x.shape[1])
-        m = self.row_max.double()  # thresholds compared in float64, not rounded to x's dtype
-        self.finite = torch.isfinite(m).all()
-        self.too_large = (m > high).any()
-        # A row can exceed eps only if its largest entry exceeds eps / sqrt(D).
-        self.too_small = ((m < low) & (m > eps / math.sqrt(x.shape[1]))).any()
+        self.low, self.high = safe_row_range(x.dtype, x.shape[1])
+        m = self.row_max if self.row_max.dtype == torch.float64 else self.row_max.float()
+        if m.numel() == 0:  # no rows (an empty queue of extra negatives)
+            m = m.new_zeros(1)
+        parts = [m.amax()]
+        floor = eps / math.sqrt(x.shape[1])  # a row can exceed eps only if its max does
+        self.checks_small = floor < self.low
+        if self.checks_small:
+            parts.append(torch.where(m > floor, m, torch.full_like(m, math.inf)).amin())
+        self.scalars = [t.double() for t in parts]
+
+    def judge(self, values: list[float]) -> tuple[bool, bool]:
+        """(finite, some row outside the safe range) from the synced ``scalars``."""
+        largest = values[0]
+        smallest = values[1] if self.checks_small else math.inf
+        return math.isfinite(largest), largest > self.high or smallest < self.low
 
 
-def logits_bound_ok(magnitudes: list[RowMagnitudes], dim: int, dtype: torch.dtype, temperature) -> torch.Tensor:
-    """Without normalization: one device boolean, true when every logit q.k / tau stays
-    below a quarter of the accumulator's largest value (|q.k| <= D max|q| max|k|)."""
-    largest = torch.stack([m.row_max.amax().double() for m in magnitudes]).amax()
-    tau = temperature.detach().reshape(()).double() if isinstance(temperature, torch.Tensor) else temperature
-    return dim * largest * largest / tau <= torch.finfo(accumulator_dtype(dtype)).max / 4
+def logits_overflow(largest: float, dim: int, dtype: torch.dtype, temperature: float) -> bool:
+    """Without normalization: whether a logit q.k / tau can reach a quarter of the
+    accumulator's largest value (|q.k| <= D max|q| max|k|, ``largest`` the largest |entry|)."""
+    return dim * largest * largest / temperature > torch.finfo(accumulator_dtype(dtype)).max / 4
 
 
 def rescale_rows(x: torch.Tensor, row_max: torch.Tensor, eps: float) -> torch.Tensor:

@@ -313,6 +313,7 @@ EXTREMES = {
     "fp32_near_max": (torch.float32, [3e37] * 6, 1e-12),
     "fp32_mixed": (torch.float32, [1e30, 1e-20, 1.0, 0.0, 3e18, 2.0], 1e-12),
     "fp32_tiny_above_eps": (torch.float32, [1e-15] * 6, 1e-15),
+    "fp32_rows_near_eps": (torch.float32, [3.5e-16] * 6, 1e-15),  # some above eps, entries below 2^-50
     "fp32_below_eps": (torch.float32, [1e-40, 1e-17, 3e-16, 1e-40, 1.0, 0.0], 1e-15),
     "fp32_huge_with_large_eps": (torch.float32, [1e30, 1e30, 1.0, 1e20, 50.0, 3e3], 1e3),
     "fp64_norm_1e160": (torch.float64, [1e160] * 6, 1e-12),
