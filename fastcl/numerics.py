@@ -101,7 +101,9 @@ class RowMagnitudes:
 
     def __init__(self, x: torch.Tensor, eps: float):
         # ord=inf: max |x| per row without an N x D temporary; NaN if the row holds a NaN.
-        self.row_max = torch.linalg.vector_norm(x.detach(), ord=math.inf, dim=1)
+        # (no_grad rather than a detached view, which would share, and pin, x's storage.)
+        with torch.no_grad():
+            self.row_max = torch.linalg.vector_norm(x, ord=math.inf, dim=1)
         self.low, self.high = safe_row_range(x.dtype, x.shape[1])
         m = self.row_max if self.row_max.dtype == torch.float64 else self.row_max.float()
         if m.numel() == 0:  # no rows (an empty queue of extra negatives)
