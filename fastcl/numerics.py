@@ -9,13 +9,15 @@ backend:
 - ``eps``: a row below eps is divided by eps (as ``F.normalize`` does); 1/eps must be
   finite with room to spare, and rows that get rescaled (below) must stay above it, so
   eps must lie in :data:`EPS_RANGE`.
-- rows whose squared norm (or dot products) overflow the accumulator, e.g. float32 rows
-  of norm 1.8e19 and above, or whose squares underflow it (norms below about 1e-15 in
-  float32 while above eps): with ``normalize=True`` the loss depends on each row only
-  through its direction, so such a row is multiplied by a power of two that brings its
-  largest entry into [2, 4) (or just above eps, for eps above 1). That is exact (no rounding), the loss is unchanged, and
-  autograd carries the same power of two into the row's gradient. With
-  ``normalize=False`` the logits themselves would overflow, and the call is refused.
+- rows whose squared norm (or dot products) could overflow the accumulator (float32 and
+  bfloat16 rows whose largest entry exceeds sqrt(3.4e38 / (16 D)), 1.7e17 at D = 768;
+  float64 above 1.2e152 there), or whose squares could underflow it (largest entry
+  below 2^-50 in float32 while the norm is above eps): with ``normalize=True`` the loss
+  depends on each row only through its direction, so such a row is multiplied by a
+  power of two that brings its largest entry into [2, 4) (just above eps, for eps above
+  1). That is exact (no rounding), the loss is unchanged, and autograd carries the same
+  power of two into the row's gradient. With ``normalize=False`` the logits themselves
+  would overflow, and the call is refused.
 
 The magnitudes are read in the one device sync of the value checks (``check_finite``);
 ``check_finite=False`` (and torch.compile, which cannot hold a sync) skips them, so the

@@ -3,31 +3,33 @@
 The accuracy bound for float16 / bfloat16 inputs (``u`` is the input dtype's unit
 roundoff: 2^-11 for float16, 2^-8 for bfloat16). Every backend accumulates in float32;
 the gradients come back in the input dtype, so rounding the exact gradient to that dtype
-(``rep = ||fl(g) - g|| / ||g||``, at most u for normal numbers and more where the true
-gradient is subnormal in the input dtype) is a floor no backend can beat. Against the
-float64 reference on the same (rounded) inputs, with norm-wise relative errors:
+(``rep``) is a floor no backend can beat. Row by row, against the float64 reference on
+the same (rounded) inputs, for every gradient row x_i:
 
-    reference, torch, native:  err(gradient) <= rep + 0.1 u   (float32 throughout, one rounding)
-    triton (slab, workspace):  err(gradient) <= rep + 1.5 u   (+ the 16-bit logit-gradient
-                                                              operand of the tensor-core products)
+    reference, torch, native:  |dx_i - ref_i| <= rep_i + floor_i + 0.1 u |ref_i|
+    triton (slab, workspace):  |dx_i - ref_i| <= rep_i + floor_i + 2 u |ref_i|
+                               (the 16-bit logit-gradient operand of the tensor-core
+                               products is rounded once more)
     every backend:             |loss - ref| <= 1e-6 (|ref| + sqrt(rows) / tau)   (float32 loss)
-                               err(temperature gradient) <= 1e-5
+                               temperature gradient within 1e-5 (relative)
 
-with ``rep`` counted twice and 1 u more where autograd adds two gradients that each
-come back in the input dtype (symmetric: both directions; NT-Xent: each row as anchor
-and as candidate; the reference computes the whole graph in float32 and rounds once),
-plus the floor float32 logits allow (``_float32_floor``: about u32 g r / tau^2 per row,
-which only matters for confident rows, whose P - 1 at the target is below float32's
-resolution of 1/tau-sized logits), at row norms from 1e-3 to 1e4, with every option, near-duplicate positives, norms spread
-over seven decades in one batch, NT-Xent and groups. Measured worst excess over rep on
-this suite: 0.0 u for the float32 backends, below 0.9 u for Triton.
+rep_i = |fl(ref_i) - ref_i| (at most u |ref_i| for normal numbers, more where the true
+gradient is subnormal in the input dtype); floor_i = 16 u32 g r_i / tau^2 is what
+float32 logits allow (``_float32_floor``; it only matters for confident rows, whose
+P - 1 at the target is below float32's resolution of logits near 1/tau). Where autograd
+adds two gradients that each come back in the input dtype (symmetric: both directions;
+NT-Xent: each row as anchor and as candidate) rep counts twice and 1 u more is allowed;
+the reference computes the whole graph in float32 and rounds once. Checked at row norms
+from 1e-3 to 1e4, with every option, near-duplicate positives, norms spread over seven
+decades in one batch, NT-Xent and groups. Measured worst rows on this suite (beyond rep
+and floor): 0.0 u for the float32 backends; Triton 0.66 u in float16, 1.35 u in bfloat16.
 
 Triton runs in its interpreter here. Its bf16 tl.dot is wrong and its fp32 -> bf16 cast
 truncates, so with bf16 inputs the kernels upcast their operands and round the
 logit-gradient operand to bf16 by hand, to nearest even as the GPU does
 (tiles.matmul_operand; test_interpreter_bf16_rounding_matches_torch checks the rounding):
 the products then see the GPU's operand values, accumulated in fp32. The ``gpu`` tests at
-the end repeat the bound with the compiled kernels at real sizes.
+the end repeat the bound with the compiled kernels at N = 4096.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from .helpers import NATIVE
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 #: Allowed excess over rep, in units of u (module docstring).
-EXCESS = {"reference": 0.1, "torch": 0.1, "native": 0.1, "triton-slab": 1.5, "triton-workspace": 1.5}
+EXCESS = {"reference": 0.1, "torch": 0.1, "native": 0.1, "triton-slab": 2.0, "triton-workspace": 2.0}
 BACKENDS = ["reference", "torch", NATIVE, "triton-slab", "triton-workspace"]
 TAU = 0.05
 
@@ -699,11 +701,14 @@ def test_half_precision_bound_at_scale_on_gpu(d, scale, dtype_name, strategy, mo
     u = UNIT_ROUNDOFF[dtype]
     assert abs(loss.item() - ref_loss.item()) <= 1e-6 * (abs(ref_loss.item()) + 1 / TAU)
     for x, mine, ref in zip(rows, grads, ref_grads):
-        rep = _rel(ref.to(dtype), ref)
-        floor = 16 * 2.0 ** -24 / TAU ** 2 / n * (1 / x.double().norm(dim=1)).norm().item() / ref.norm().item()
-        err = _rel(mine, ref)
-        print(f"D={d} {dtype_name} scale={scale} {strategy}: excess {(err - rep - floor) / u:.2f} u")
-        assert err <= rep + floor + EXCESS["triton-slab"] * u, f"{err:.3g} > {rep:.3g} + {floor:.3g} + 1.5 u"
+        # Row by row, as in _check_bound (g = 1/N under the mean).
+        err = (mine.double() - ref).norm(dim=1)
+        rep = (ref.to(dtype).double() - ref).norm(dim=1)
+        size = ref.norm(dim=1)
+        floor = 16 * 2.0 ** -24 / TAU ** 2 / n / x.double().norm(dim=1)
+        excess = ((err - rep - floor) / (u * size)).max().item()
+        print(f"D={d} {dtype_name} scale={scale} {strategy}: worst row {excess:.2f} u")
+        assert excess <= EXCESS["triton-slab"], f"a row {excess:.2f} u beyond rounding and float32 floor"
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
