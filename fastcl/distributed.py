@@ -117,8 +117,13 @@ def gathered_info_nce(
     from .ops.infonce import InfoNCEFunction
     from .ops.layout import ColumnLayout
 
-    _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend)
-    _check_tensors(anchors, positives, hard_negatives, extra_negatives, None, temperature, symmetric, check_finite)
+    _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend, eps,
+                   symmetric=symmetric, normalize=normalize, check_finite=check_finite)
+    rescaled = _check_tensors(anchors, positives, hard_negatives, extra_negatives, None, temperature, symmetric,
+                              check_finite, normalize=normalize, eps=eps)
+    anchors, positives = rescaled.get("anchors", anchors), rescaled.get("positives", positives)
+    hard_negatives = rescaled.get("hard_negatives", hard_negatives)
+    extra_negatives = rescaled.get("extra_negatives", extra_negatives)
     import math
 
     world, rank = _world(group)
@@ -369,8 +374,13 @@ def ring_info_nce(
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_info_nce needs an initialized torch.distributed process group")
-    _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend)
-    _check_tensors(anchors, positives, hard_negatives, extra_negatives, None, temperature, symmetric, check_finite)
+    _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend, eps,
+                   symmetric=symmetric, normalize=normalize, check_finite=check_finite)
+    rescaled = _check_tensors(anchors, positives, hard_negatives, extra_negatives, None, temperature, symmetric,
+                              check_finite, normalize=normalize, eps=eps)
+    anchors, positives = rescaled.get("anchors", anchors), rescaled.get("positives", positives)
+    hard_negatives = rescaled.get("hard_negatives", hard_negatives)
+    extra_negatives = rescaled.get("extra_negatives", extra_negatives)
     import math
 
     world, rank = _world(group)

@@ -16,6 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
+from .numerics import (
+    MIN_TEMPERATURE, TEMPERATURE_TENSOR_MESSAGE, RowMagnitudes, check_eps, check_flag, check_real,
+    check_temperature_float, logits_overflow, rescale_rows, temperature_tensor_ok,
+)
 from .ops.infonce import FUSED_NORMALIZATION, InfoNCEFunction
 from .ops.layout import ColumnLayout
 from .ops.utils import SUPPORTED_DTYPES, accumulator_dtype, interpreting
@@ -43,26 +47,32 @@ def _check_matrix(name: str, x) -> None:
 
 
 def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = check_real(name, value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction,
-                   backend) -> None:
-    """Checks that need no tensor values: run at construction and at every call."""
+                   backend, eps=1e-12, **flags) -> None:
+    """Checks that need no tensor values: run at construction and at every call. ``flags``
+    are switches (symmetric=..., normalize=...) that must be bools."""
     if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1 or not temperature.is_floating_point():
+        if not temperature.is_floating_point():
+            raise TypeError("temperature must be a float or a one-element floating-point tensor, got "
+                            f"a {temperature.dtype} tensor")
+        if temperature.numel() != 1:
             raise ValueError("temperature must be a float or a one-element floating-point tensor, got "
-                             f"a {temperature.dtype} tensor of shape {tuple(temperature.shape)}")
+                             f"a tensor of shape {tuple(temperature.shape)}")
     else:
-        _check_positive("temperature", temperature)
+        check_temperature_float(temperature)
+    check_eps(eps)
+    for name, value in flags.items():
+        check_flag(name, value)
     _check_positive("hard_negative_weight", hard_negative_weight)
     _check_positive("gaussian_weight", gaussian_weight)
     if isinstance(gaussian_negatives, bool) or not isinstance(gaussian_negatives, numbers.Integral) \
-            or gaussian_negatives < 0:
-        raise ValueError(f"gaussian_negatives must be an int >= 0, got {gaussian_negatives!r}")
+            or not 0 <= gaussian_negatives < 2 ** 31:
+        raise ValueError(f"gaussian_negatives must be an int in [0, 2**31), got {gaussian_negatives!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
@@ -81,9 +91,14 @@ def _check_index_vector(name: str, x, n: int, device: torch.device, what: str) -
 
 
 def _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, temperature,
-                   symmetric, check_finite, groups=None, names=("anchors", "positives")) -> None:
+                   symmetric, check_finite, groups=None, names=("anchors", "positives"), normalize=True,
+                   eps=1e-12) -> dict[str, torch.Tensor]:
     """Shapes, dtypes and devices; then, in one device sync, the values. ``names`` are
-    what the first two inputs are called in messages (NT-Xent calls them z1 and z2)."""
+    what the first two inputs are called in messages (NT-Xent calls them z1 and z2).
+
+    Returns the inputs to use in place of the given ones, by name: with ``normalize``,
+    those holding rows of extreme magnitude, rescaled exactly (fastcl/numerics.py);
+    usually none."""
     first, second = names
     _check_matrix(first, anchors)
     n, d = anchors.shape
@@ -124,22 +139,47 @@ def _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, 
         _check_index_vector("groups", groups, n, anchors.device, "group id")
 
     if torch.compiler.is_compiling():
-        return  # value checks would need a host sync, which a compiled graph cannot hold
-    # Every value check becomes one boolean on the device; one transfer reads them all.
-    checks: list[tuple[str, torch.Tensor]] = []
-    if check_finite:
-        checks += [(f"{name} contains NaN or infinite values", torch.isfinite(x).all()) for name, x in named]
+        return {}  # value checks would need a host sync, which a compiled graph cannot hold
+    if anchors.device.type == "meta":
+        return {}  # no values to check: shapes only (e.g. working out output sizes)
+    # Every value check becomes a scalar on the device; one transfer reads them all.
+    scalars: list[torch.Tensor] = []
+    magnitudes = {name: RowMagnitudes(x, eps) for name, x in named} if check_finite else {}
+    for m in magnitudes.values():
+        scalars += m.scalars
     if isinstance(temperature, torch.Tensor):
-        checks.append(("temperature must be a finite number > 0", (temperature.detach() > 0).all()
-                       & torch.isfinite(temperature.detach()).all()))
+        scalars.append(temperature.detach().reshape(()).double())
     if labels is not None:
-        checks.append((f"labels must lie in [0, {n_cols}): positives, hard and extra negatives",
-                       ((labels >= 0) & (labels < n_cols)).all()))
-    if checks:
-        ok = torch.stack([c for _, c in checks]).tolist()
-        for (message, _), passed in zip(checks, ok):
-            if not passed:
-                raise ValueError(message)
+        # int64 first: unsigned dtypes have no comparison kernels, and n_cols may not fit
+        # the labels' own dtype.
+        wide = labels.to(torch.int64)
+        scalars.append(((wide >= 0) & (wide < n_cols)).all().double())
+    if not scalars:
+        return {}
+    values = torch.stack(scalars).tolist()
+    outside, largest = [], 0.0
+    for name, m in magnitudes.items():
+        finite, out_of_range = m.judge(values[:len(m.scalars)])
+        if not finite:
+            raise ValueError(f"{name} contains NaN or infinite values")
+        largest = max(largest, values[0])
+        values = values[len(m.scalars):]
+        if out_of_range:
+            outside.append(name)
+    tau = temperature
+    if isinstance(temperature, torch.Tensor):
+        tau = values.pop(0)
+        if not (math.isfinite(tau) and tau >= MIN_TEMPERATURE):
+            raise ValueError(f"{TEMPERATURE_TENSOR_MESSAGE}, got {tau}")
+    if labels is not None and not values.pop(0):
+        raise ValueError(f"labels must lie in [0, {n_cols}): positives, hard and extra negatives")
+    if not normalize:
+        if magnitudes and logits_overflow(largest, d, anchors.dtype, tau):
+            raise ValueError(f"the logits q.k / temperature can overflow {anchors.dtype}'s accumulator: "
+                             "without normalization the inputs' magnitudes (and 1/temperature) must be smaller")
+        return {}
+    tensors = dict(named)
+    return {name: rescale_rows(tensors[name], magnitudes[name].row_max, eps) for name in outside}
 
 
 # ------------------------------------------------------------------------- helpers
@@ -214,6 +254,7 @@ def info_nce(
             them, and receive no gradient (they are detached).
         temperature: tau, a float or a one-element tensor; a tensor that requires grad
             (a learnable temperature, e.g. ``1 / logit_scale.exp()``) gets its gradient.
+            Must be finite and >= 1e-6 (:data:`fastcl.numerics.MIN_TEMPERATURE`).
         hard_negative_weight: SimCSE's alpha, as a weight (not a logit offset): the logit
             of anchor i against its own hard negative gets ``log(hard_negative_weight)``
             added, so 1.0 means unweighted. (SimCSE's code adds its ``hard_negative_weight``
@@ -230,13 +271,18 @@ def info_nce(
             the in-batch block) and average the two losses per row, as CLIP does.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-row losses, length N).
         normalize: L2-normalize every row (cosine similarity); False uses raw dot products.
-        eps: the normalization's lower bound on a norm.
+        eps: the normalization's lower bound on a norm, in [1e-15, 1e15]
+            (:data:`fastcl.numerics.EPS_RANGE`).
         backend: ``"auto"`` (default: the dense reference for tiny batches, the Triton
             kernels on CUDA and under ``TRITON_INTERPRET=1``, on CPU the compiled native
             kernel when the extension is built, else the chunked PyTorch path), or
             ``"triton"``, ``"torch"``, ``"native"``, ``"reference"`` to force one.
         check_finite: check the inputs for NaN / inf before computing (one device sync
-            per call, shared with the label and temperature checks).
+            per call, shared with the label and temperature checks). The same sync finds
+            rows whose squares overflow or underflow the accumulator (float32 rows of norm
+            about 1e17 and above, say): with ``normalize`` they are rescaled exactly by a
+            power of two (the loss depends only on their direction), without it the call
+            is refused. False skips all of it: the caller vouches for the values.
         groups: optional N integer group ids (token-level InfoNCE, e.g. TaCL: one id per
             sequence). Anchor i's positives and hard negatives are then only those of rows
             in its own group; extra and Gaussian negatives stay shared by all groups.
@@ -252,11 +298,22 @@ def info_nce(
     Raises:
         TypeError / ValueError, before any kernel runs, for inputs it cannot compute:
         wrong ranks or shapes, empty batches, mixed devices or dtypes, integer dtypes,
-        non-finite values, temperature or weights <= 0, labels out of range.
+        non-finite values, temperature below 1e-6 or weights <= 0, eps outside
+        [1e-15, 1e15], switches that are not bools, labels out of range, and (without
+        normalization) inputs whose logits would overflow.
+
+    float16 and bfloat16 inputs are computed with float32 accumulation on every backend
+    and every batch size (norms, cosines, softmax, gradients); only the returned
+    gradients are rounded to the input dtype.
     """
-    _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend)
-    _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, temperature, symmetric,
-                   check_finite, groups)
+    _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend, eps,
+                   symmetric=symmetric, normalize=normalize, check_finite=check_finite)
+    rescaled = _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, temperature, symmetric,
+                              check_finite, groups, normalize=normalize, eps=eps)
+    anchors = rescaled.get("anchors", anchors)
+    positives = rescaled.get("positives", positives)
+    hard_negatives = rescaled.get("hard_negatives", hard_negatives)
+    extra_negatives = rescaled.get("extra_negatives", extra_negatives)
     n, dim = anchors.shape
     gaussian = _gaussian(gaussian_negatives, anchors, generator)
     n_hard = n if hard_negatives is not None else 0
@@ -329,7 +386,11 @@ def constant_rows(extra: torch.Tensor | None, gaussian: torch.Tensor | None, nor
 def inverse_temperature(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """1 / tau as a 0-dim tensor on ``like``'s device (differentiable if tau is)."""
     if isinstance(temperature, torch.Tensor):
-        return 1.0 / temperature.reshape(())
+        # In the wider of tau's dtype and the accumulator's: 1 / tau of a float16
+        # temperature below 1.5e-5 overflows float16, and a float32 temperature with
+        # float64 inputs must not round 1 / tau to float32.
+        tau = temperature.reshape(())
+        return 1.0 / tau.to(torch.promote_types(tau.dtype, accumulator_dtype(like.dtype)))
     # torch.full fills on the device; torch.tensor(..., device="cuda") would copy from the
     # host and wait for all queued work first.
     return torch.full((), 1.0 / temperature, dtype=accumulator_dtype(like.dtype), device=like.device)
@@ -442,10 +503,11 @@ class InfoNCELoss(nn.Module):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend)
+        _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend,
+                       eps, symmetric=symmetric, normalize=normalize, check_finite=check_finite)
         if isinstance(temperature, torch.Tensor) and not isinstance(temperature, nn.Parameter):
-            if bool((temperature.detach() <= 0).any()):
-                raise ValueError(f"temperature must be > 0, got {temperature.item()}")
+            if not bool(temperature_tensor_ok(temperature)):
+                raise ValueError(f"{TEMPERATURE_TENSOR_MESSAGE}, got {temperature.item()}")
         self.temperature = temperature
         self.hard_negative_weight = float(hard_negative_weight)
         self.gaussian_negatives = int(gaussian_negatives)

@@ -33,8 +33,10 @@ def nt_xent(
     """NT-Xent of two views: mean (``reduction="mean"``), sum or the 2N per-row losses
     (``"none"``, rows of z1 first). ``temperature`` as in :func:`fastcl.info_nce` (a
     tensor that requires grad gets its gradient); SimCLR's default is 0.1 here."""
-    _check_options(temperature, 1.0, 0, 1.0, reduction, backend)
-    _check_tensors(z1, z2, None, None, None, temperature, False, check_finite, names=("z1", "z2"))
+    _check_options(temperature, 1.0, 0, 1.0, reduction, backend, eps, normalize=normalize, check_finite=check_finite)
+    rescaled = _check_tensors(z1, z2, None, None, None, temperature, False, check_finite, names=("z1", "z2"),
+                              normalize=normalize, eps=eps)
+    z1, z2 = rescaled.get("z1", z1), rescaled.get("z2", z2)
     n = z1.shape[0]
     chosen = _choose_backend(backend, z1.device, (2 * n) ** 2)
     if chosen == "reference":
@@ -61,7 +63,8 @@ class NTXentLoss(nn.Module):
                  normalize: bool = True, eps: float = 1e-12, backend: str = "auto",
                  check_finite: bool = True) -> None:
         super().__init__()
-        _check_options(temperature, 1.0, 0, 1.0, reduction, backend)
+        _check_options(temperature, 1.0, 0, 1.0, reduction, backend, eps, normalize=normalize,
+                       check_finite=check_finite)
         self.temperature = temperature
         self.reduction, self.normalize, self.eps = reduction, bool(normalize), float(eps)
         self.backend, self.check_finite = backend, bool(check_finite)

@@ -8,6 +8,11 @@ matrix, so do not call it on large batches.
 Every argument means exactly what it means in :func:`fastcl.info_nce`, except that
 Gaussian negatives are passed as the already drawn G x D matrix ``gaussian_negatives``
 (so a test can hand the same draw to two implementations).
+
+float16 and bfloat16 inputs are computed in float32 (norms, cosines, the log-sum-exp
+and their gradients, which autograd casts back to the input dtype), as every fused
+backend does: a half-precision norm overflows above 65504 (fp16), and half-precision
+logits and softmax lose what the fused kernels keep. The result is float32.
 """
 
 from __future__ import annotations
@@ -16,6 +21,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _upcast(x: torch.Tensor | None) -> torch.Tensor | None:
+    """Half-precision rows in float32 (differentiable: the gradient comes back in the
+    input dtype); other dtypes unchanged."""
+    return x.float() if x is not None and x.dtype in _HALF else x
 
 
 def info_nce_reference(
@@ -49,6 +62,8 @@ def info_nce_reference(
     negatives stay visible to every group.
     """
     n = anchors.shape[0]
+    anchors, positives, hard_negatives, extra_negatives, gaussian_negatives = map(
+        _upcast, (anchors, positives, hard_negatives, extra_negatives, gaussian_negatives))
     if normalize:
         unit = lambda x: F.normalize(x, dim=-1, eps=eps)  # noqa: E731
     else:
@@ -79,7 +94,8 @@ def info_nce_reference(
         masked[:, : candidate_groups.shape[0]] = other_group
         logits = logits.masked_fill(masked, float("-inf"))
 
-    targets = labels if labels is not None else torch.arange(n, device=logits.device)
+    # int64: gather takes no other index dtype (int8 / uint8 labels are valid input).
+    targets = labels.to(torch.int64) if labels is not None else torch.arange(n, device=logits.device)
     row_loss = torch.logsumexp(logits, dim=1) - logits.gather(1, targets[:, None])[:, 0]
 
     if symmetric:
@@ -109,7 +125,7 @@ def nt_xent_reference(
     against the other 2N - 1 rows (itself excluded); the target of row i is its other
     view, ``(i + N) mod 2N``. ``"mean"`` averages over the 2N rows."""
     n = z1.shape[0]
-    z = torch.cat([z1, z2])
+    z = torch.cat([_upcast(z1), _upcast(z2)])
     if normalize:
         z = F.normalize(z, dim=-1, eps=eps)
     logits = z @ z.T / temperature

@@ -38,10 +38,18 @@ def _pair(n=8, d=4, device="cpu", dtype=torch.float32):
          "hard_negatives contains NaN"),
         (lambda f, a, p: f(a, p, extra_negatives=torch.full((3, 4), -math.inf)), ValueError,
          "extra_negatives contains NaN"),
-        (lambda f, a, p: f(a, p, temperature=0.0), ValueError, "temperature must be a finite number > 0"),
-        (lambda f, a, p: f(a, p, temperature=-0.1), ValueError, "temperature must be a finite number > 0"),
-        (lambda f, a, p: f(a, p, temperature=math.nan), ValueError, "temperature must be a finite number > 0"),
+        (lambda f, a, p: f(a, p, temperature=0.0), ValueError, "temperature must be a finite number >= 1e-06"),
+        (lambda f, a, p: f(a, p, temperature=-0.1), ValueError, "temperature must be a finite number >= 1e-06"),
+        (lambda f, a, p: f(a, p, temperature=math.nan), ValueError, "temperature must be a finite number >= 1e-06"),
+        (lambda f, a, p: f(a, p, temperature=1e-39), ValueError, "temperature must be a finite number >= 1e-06"),
         (lambda f, a, p: f(a, p, temperature=torch.tensor(-1.0)), ValueError, "temperature must be a finite"),
+        (lambda f, a, p: f(a, p, temperature=torch.tensor(1e-39)), ValueError, "temperature must be a finite"),
+        (lambda f, a, p: f(a, p, temperature=torch.tensor(2)), TypeError, "floating-point tensor"),
+        (lambda f, a, p: f(a, p, eps=math.nan), ValueError, r"eps must be a finite number in \[1e-15, 1e\+15\]"),
+        (lambda f, a, p: f(a, p, eps=0.0), ValueError, "eps must be a finite number"),
+        (lambda f, a, p: f(a, p, eps="1e-12"), TypeError, "eps must be a real number"),
+        (lambda f, a, p: f(a, p, symmetric="False"), TypeError, "symmetric must be True or False"),
+        (lambda f, a, p: f(a, p, normalize="no"), TypeError, "normalize must be True or False"),
         (lambda f, a, p: f(a, p, temperature=torch.tensor([0.1, 0.2])), ValueError, "one-element"),
         (lambda f, a, p: f(a, p, hard_negative_weight=0.0), ValueError, "hard_negative_weight must be"),
         (lambda f, a, p: f(a, p, gaussian_weight=-1.0), ValueError, "gaussian_weight must be"),
@@ -75,8 +83,12 @@ def test_hard_negative_labels_may_point_anywhere_in_range():
 def test_module_rejects_bad_options_at_construction():
     with pytest.raises(ValueError, match="temperature"):
         InfoNCELoss(temperature=0)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 1e-06"):
         InfoNCELoss(temperature=torch.tensor(-0.5))
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 1e-06"):
+        InfoNCELoss(temperature=torch.tensor(math.nan))
+    with pytest.raises(ValueError, match="eps"):
+        InfoNCELoss(eps=-1.0)
     with pytest.raises(ValueError, match="reduction"):
         InfoNCELoss(reduction="batchmean")
     with pytest.raises(ValueError, match="hard_negative_weight"):

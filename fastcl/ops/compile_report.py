@@ -116,8 +116,12 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
         sig["tile_ranges_ptr"] = "*i32"
     elif kernel == "backward_dk":
         sig["row_ranges_ptr"] = "*i32"
-    sig.update(q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}", lse_ptr=f"*{acc}")
-    segments = dict(hard_start="i32", n_hard="i32", gauss_start="i32", self_start="i32", n_self="i32", eps="fp32")
+    sig.update(q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}")
+    if kernel != "forward":
+        sig["operand_scales_ptr"] = f"*{acc}"
+    sig["lse_ptr"] = f"*{acc}"
+    segments = dict(hard_start="i32", n_hard="i32", gauss_start="i32", self_start="i32", n_self="i32",
+                    eps_ptr=f"*{acc}")
     sizes = dict(n_rows="i32", n_cols="i32", n_grad_cols="i32", dim="i32", stride_q="i32", stride_k="i32")
     blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
     if kernel == "forward":
@@ -134,8 +138,11 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
         blocks["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT
     elif kernel == "backward_ds":
         fn = _infonce_dlogits_kernel
-        sig.update(grad_rows_ptr=f"*{acc}", ds_ptr=f"*{t}", row_dot_ptr=f"*{acc}", col_dot_ptr=f"*{acc}", row0="i32",
-                   n_chunk_rows="i32", **sizes, stride_ds="i32", **segments)
+        sig.update(grad_rows_ptr=f"*{acc}", ds_ptr=f"*{t}", ds2_ptr=f"*{t}", row_dot_ptr=f"*{acc}",
+                   col_dot_ptr=f"*{acc}", row0="i32", n_chunk_rows="i32", **sizes, stride_ds="i32", stride_ds2="i32",
+                   **segments)
+        # float16 writes a second operand for dk (infonce_bwd_workspace.py).
+        flags.update(SPLIT=dtype == torch.float16, WRITE_DS2=dtype == torch.float16)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
     compiled = _compile(fn, sig, {**flags, **blocks}, cfg, arch)

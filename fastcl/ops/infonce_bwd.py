@@ -18,9 +18,29 @@ with respect to 1/tau is the sum of it, which is how a learnable temperature get
 gradient without another pass.
 
 With NORMALIZED the rows are raw: tiles are scaled to cosines by the rows' inverse
-norms, the products take G scaled the same way, and each program ends with the
-normalization's rank-1 correction of its slab, from that same row sum (dq) or the
-matching column sum (dk); see fastcl/ops/normalize.py.
+norms r_i and c_j, and each program ends with the normalization's rank-1 correction of
+its slab, from that same row sum (dq) or the matching column sum (dk); see
+fastcl/ops/normalize.py.
+
+Precision. With float16 / bfloat16 inputs the products take 16-bit operands (tensor
+cores), so the logit-gradient operand must hold its values without underflow or
+overflow: 1/tau, g_i (1/N under a mean) and the inverse norms, folded in, push it far
+below float16's smallest normal number at row norms of a few thousand, and above its
+largest at norms near 1e-3. So the operand is only ``P - onehot`` (in [-1, 1]) times
+the one factor that cannot leave the sum, normalized by its maximum and times 2^15
+(GRAD_OPERAND_SCALE): in dq's sum over columns, c_j / max c; in dk's sum over rows,
+g_i r_i / max |g r|. Everything else multiplies the fp32 accumulator once, at the end:
+
+    dq_i = [(1/tau) g_i r_i max(c) / 2^15] * sum_j (2^15 (P - onehot)_ij c_j / max c) k_j
+    dk_j = [(1/tau) c_j max|g r| / 2^15] * sum_i (2^15 (P - onehot)_ij g_i r_i / max|g r|) q_i
+
+The only rounding left is the operand's own (relative 2^-11 in float16, 2^-8 in
+bfloat16), so the gradients are within a few units of roundoff of the input dtype
+(tests/test_adversarial.py states and checks the bound). In float16 an operand entry
+below 2^-29 of the largest (a softmax entry under 1e-2 of a column whose norm is 1e7
+times the smallest column norm of the batch, say) is subnormal and keeps fewer bits;
+such entries weigh little in the sums, and norms spread over seven decades in one batch
+stay within the bound.
 """
 
 from __future__ import annotations
@@ -35,10 +55,10 @@ from .infonce_fwd import _check_rows_contiguous
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
-    column_interval, groups_overlap, load_groups, load_params, load_projections, load_scales, load_targets,
-    logit_grad_tile, logit_tile, similarity_tile,
+    GRAD_OPERAND_SCALE, column_interval, groups_overlap, load_groups, load_params, load_projections, load_scales,
+    load_targets, logit_tile, matmul_operand, similarity_tile, softmax_minus_target,
 )
-from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
+from .utils import accumulator_dtype, dot_precision, eps_tensor, upcast_for_interpreter
 
 
 @triton.jit
@@ -52,6 +72,7 @@ def _infonce_bwd_dq_kernel(
     tile_ranges_ptr,  # GROUPED only: per row block, 3 intervals of column tiles to visit
     q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
     k_norm_ptr,
+    operand_scales_ptr,  # [max_j c_j, max_i |g_i r_i|]: see backward_operand_scales
     lse_ptr,
     grad_rows_ptr,
     dq_ptr,
@@ -68,7 +89,7 @@ def _infonce_bwd_dq_kernel(
     gauss_start,
     self_start,
     n_self,
-    eps,  # the normalization's lower bound on a norm (NORMALIZED only)
+    eps_ptr,  # the normalization's lower bound on a norm, in the accumulator dtype (NORMALIZED only)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -84,6 +105,7 @@ def _infonce_bwd_dq_kernel(
     BLOCK_D_OUT: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    eps = tl.load(eps_ptr)  # from memory: a float argument would be rounded to fp32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     slab = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
     row_in = rows < n_rows
@@ -95,6 +117,7 @@ def _infonce_bwd_dq_kernel(
     targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
     row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
+    col_scale_max = tl.load(operand_scales_ptr)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=acc_dtype)
     row_dot = tl.zeros((BLOCK_M,), dtype=acc_dtype)
@@ -119,19 +142,27 @@ def _infonce_bwd_dq_kernel(
                 logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
                                     col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
                                     n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
-                dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
-                row_dot += tl.sum(dlogits * s, 1)
+                p_minus = softmax_minus_target(logits, lse, targets, cols)
+                row_dot += tl.sum(p_minus * s, 1)
                 k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
                                  mask=(cols[:, None] < n_cols) & slab_in[None, :], other=0.0)
-                ds = dlogits * inv_tau
+                # The operand keeps only the per-column factor c_j / max c (in (0, 1]);
+                # 1/tau, g_i and r_i multiply the fp32 accumulator after the loop.
                 if NORMALIZED:
-                    ds = ds * row_scale[:, None] * col_scale[None, :]
+                    ds = p_minus * (col_scale * (GRAD_OPERAND_SCALE / col_scale_max))[None, :]
+                else:
+                    ds = p_minus * GRAD_OPERAND_SCALE
                 if UPCAST:
                     k_slab = k_slab.to(tl.float32)
-                else:
-                    ds = ds.to(k_slab.dtype)
-                dq = tl.dot(ds, k_slab, dq, input_precision=PRECISION, out_dtype=acc_dtype)
+                dq = tl.dot(matmul_operand(ds, k_slab.dtype, UPCAST), k_slab, dq, input_precision=PRECISION,
+                            out_dtype=acc_dtype)
 
+    # Per-row factors, in the accumulator dtype: dq_i = (1/tau) g_i r_i sum_j G'_ij c_j k_j.
+    row_factor = inv_tau * grad_rows / GRAD_OPERAND_SCALE
+    if NORMALIZED:
+        row_factor = row_factor * row_scale * col_scale_max
+    dq = dq * row_factor[:, None]
+    row_dot = row_dot * grad_rows
     if NORMALIZED:  # dq_i -= (1/tau) row_dot_i proj_i q_i, on this slab
         proj = load_projections(q_norm_ptr, rows, n_rows, eps)
         q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
@@ -154,6 +185,7 @@ def _infonce_bwd_dk_kernel(
     row_ranges_ptr,  # GROUPED only: per column block, the interval of row tiles to visit
     q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
     k_norm_ptr,
+    operand_scales_ptr,  # [max_j c_j, max_i |g_i r_i|]: see backward_operand_scales
     lse_ptr,
     grad_rows_ptr,
     dk_ptr,
@@ -169,7 +201,7 @@ def _infonce_bwd_dk_kernel(
     gauss_start,
     self_start,
     n_self,
-    eps,  # the normalization's lower bound on a norm (NORMALIZED only)
+    eps_ptr,  # the normalization's lower bound on a norm, in the accumulator dtype (NORMALIZED only)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -185,6 +217,7 @@ def _infonce_bwd_dk_kernel(
     BLOCK_D_OUT: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    eps = tl.load(eps_ptr)  # from memory: a float argument would be rounded to fp32
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     slab = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
     slab_in = slab < dim
@@ -192,6 +225,7 @@ def _infonce_bwd_dk_kernel(
     # Every column here is a gradient column (< n_grad_cols), so it has a group.
     col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
     col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
+    row_weight_max = tl.load(operand_scales_ptr + 1)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D_OUT), dtype=acc_dtype)
     col_dot = tl.zeros((BLOCK_N,), dtype=acc_dtype)  # NORMALIZED: sum_i G_ij cos_ij
@@ -223,19 +257,27 @@ def _infonce_bwd_dk_kernel(
             logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
                                 col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
                                 n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
-            dlogits = logit_grad_tile(logits, lse, grad_rows, targets, cols)
+            p_minus = softmax_minus_target(logits, lse, targets, cols)
             q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
                              mask=row_in[:, None] & slab_in[None, :], other=0.0)
-            ds = dlogits * inv_tau
+            # The operand keeps only the per-row factor g_i r_i / max |g r| (in [-1, 1]);
+            # 1/tau and c_j multiply the fp32 accumulator after the loop.
             if NORMALIZED:
-                col_dot += tl.sum(dlogits * s, 0)
-                ds = ds * row_scale[:, None] * col_scale[None, :]
+                row_weight = grad_rows * row_scale
+                col_dot += tl.sum(p_minus * s * grad_rows[:, None], 0)
+            else:
+                row_weight = grad_rows
+            ds = p_minus * (row_weight * (GRAD_OPERAND_SCALE / row_weight_max))[:, None]
             if UPCAST:
                 q_slab = q_slab.to(tl.float32)
-            else:
-                ds = ds.to(q_slab.dtype)
-            dk = tl.dot(tl.trans(ds), q_slab, dk, input_precision=PRECISION, out_dtype=acc_dtype)
+            dk = tl.dot(tl.trans(matmul_operand(ds, q_slab.dtype, UPCAST)), q_slab, dk, input_precision=PRECISION,
+                        out_dtype=acc_dtype)
 
+    # Per-column factors, in the accumulator dtype: dk_j = (1/tau) c_j sum_i G'_ij g_i r_i q_i.
+    col_factor = inv_tau * row_weight_max / GRAD_OPERAND_SCALE + tl.zeros((BLOCK_N,), dtype=acc_dtype)
+    if NORMALIZED:
+        col_factor = col_factor * col_scale
+    dk = dk * col_factor[:, None]
     if NORMALIZED:  # dk_j -= (1/tau) col_dot_j proj_j k_j, on this slab
         proj = load_projections(k_norm_ptr, cols, n_grad_cols, eps)
         k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
@@ -243,6 +285,38 @@ def _infonce_bwd_dk_kernel(
         dk -= (inv_tau * col_dot * proj)[:, None] * k_slab
     tl.store(dk_ptr + cols[:, None] * stride_dk + slab[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=(cols[:, None] < n_grad_cols) & slab_in[None, :])
+
+
+def backward_operand_scales(q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, grad_rows: torch.Tensor,
+                            normalize_eps: float | None, acc: torch.dtype) -> torch.Tensor:
+    """``[max_j c_j, max_i |g_i r_i|]`` (c, r: inverse norms of k's and q's rows, 1
+    without normalization; g: the incoming row gradients), in the accumulator dtype on
+    the device.
+
+    Dividing by them keeps the per-column (dq) or per-row (dk) factor inside a product's
+    16-bit operand within [-1, 1]; the same maxima multiply the fp32 result. They are
+    taken over finite values only, so that a NaN or inf row (``check_finite=False``)
+    spoils its own results, not every row's; a zero maximum (all gradients 0) becomes 1,
+    so the division never makes a NaN."""
+    g = grad_rows.detach().to(acc).abs()
+    if normalize_eps is None:
+        col_max = torch.ones((), dtype=acc, device=g.device)
+        row = g
+    else:
+        col = 1.0 / k_norm.clamp_min(normalize_eps)
+        row = g / q_norm.clamp_min(normalize_eps)
+        col_max = _finite_max(col)
+    row_max = _finite_max(row)
+    return torch.stack([col_max.to(acc), row_max])
+
+
+def _finite_max(values: torch.Tensor) -> torch.Tensor:
+    """The largest finite value (all >= 0), 1 when there is none or it is 0."""
+    largest = torch.where(torch.isfinite(values), values, torch.zeros_like(values)).amax()
+    return torch.where(largest > 0, largest, torch.ones_like(largest))
+
+
+
 
 
 def _launch_options(cfg) -> dict:
@@ -298,8 +372,9 @@ def infonce_backward(
     grouped = groups is not None
     row_groups, key_groups = groups if grouped else (lse, lse)
     segments = (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
-                normalize_eps if normalized else 0.0)
+                eps_tensor(normalize_eps, acc, q.device))
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
+    operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc)
 
     dq = row_dot = None
     if need_dq:
@@ -310,7 +385,7 @@ def infonce_backward(
         _infonce_bwd_dq_kernel[grid](
             q, k, params, targets_arg, row_groups, key_groups,
             row_block_tile_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if grouped else lse,
-            q_norm, k_norm, lse, grad_rows, dq, row_dot,
+            q_norm, k_norm, operand_scales, lse, grad_rows, dq, row_dot,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
             *segments, **flags, **_launch_options(cfg),
         )
@@ -322,7 +397,7 @@ def infonce_backward(
         _infonce_bwd_dk_kernel[grid](
             q, k, params, targets_arg, row_groups, key_groups,
             column_block_row_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if grouped else lse,
-            q_norm, k_norm, lse, grad_rows, dk,
+            q_norm, k_norm, operand_scales, lse, grad_rows, dk,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dk.stride(0),
             *segments, **flags, **_launch_options(cfg),
         )

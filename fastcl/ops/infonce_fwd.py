@@ -22,7 +22,7 @@ from .normalize import row_norms
 from .tiles import (
     column_interval, groups_overlap, load_groups, load_params, load_scales, load_targets, logit_tile, similarity_tile,
 )
-from .utils import accumulator_dtype, dot_precision, upcast_for_interpreter
+from .utils import accumulator_dtype, dot_precision, eps_tensor, upcast_for_interpreter
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _infonce_fwd_kernel(
     gauss_start,
     self_start,
     n_self,
-    eps,  # the normalization's lower bound on a norm (NORMALIZED only)
+    eps_ptr,  # the normalization's lower bound on a norm, in the accumulator dtype (NORMALIZED only)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -64,6 +64,7 @@ def _infonce_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    eps = tl.load(eps_ptr)  # from memory: a float argument would be rounded to fp32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < n_rows
     inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
@@ -107,9 +108,14 @@ def _infonce_fwd_kernel(
 
 
 def _check_rows_contiguous(*tensors: torch.Tensor) -> None:
+    """Unit column stride, and element offsets that fit the kernels' 32-bit index
+    arithmetic (row index x row stride): past 2^31 they would wrap around silently."""
     for t in tensors:
         if t.stride(1) != 1:
             raise ValueError(f"kernel inputs need unit column stride, got strides {t.stride()}")
+        if t.shape[0] and (t.shape[0] - 1) * t.stride(0) + t.shape[1] >= 2 ** 31:
+            raise ValueError(f"a {tuple(t.shape)} input is too large for the Triton kernels (element offsets "
+                             "past 2**31); use backend='torch' or 'native', or fewer rows per call")
 
 
 def infonce_forward(
@@ -149,7 +155,7 @@ def infonce_forward(
         k_norm, lse, target_logit,
         n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0),
         layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
-        normalize_eps if normalized else 0.0,
+        eps_tensor(normalize_eps, acc, q.device),
         HAS_TARGETS=targets is not None,
         HARD_WEIGHTED=layout.hard_weighted,
         GAUSS_WEIGHTED=layout.gauss_weighted,

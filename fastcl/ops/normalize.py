@@ -18,9 +18,9 @@ rank-1 correction; dk is the same with rows and columns swapped (``col_dot_j = s
 G_ij cos_ij``). Memory: N + M norms instead of the 4 (N + M) D values of the unit rows
 and their gradients. The Triton kernels derive ``r`` and ``proj`` from the norms
 themselves (tiles.py), so normalizing costs one reduction launch per input; the
-chunked path uses :func:`row_scales`. (Triton passes Python floats as 32-bit scalars,
-so with float64 inputs the kernels clamp at eps rounded to fp32: a relative difference
-below 6e-8 in the threshold, which only rows with norms at eps can notice.)
+chunked path uses :func:`row_scales`. (The kernels read eps from memory in the
+accumulator dtype: a Python float argument would reach them as fp32, and rows below
+eps, zero rows included, are scaled by exactly 1 / eps.)
 """
 
 from __future__ import annotations

@@ -121,11 +121,12 @@ def load_groups(groups_ptr, idx, n_valid, GROUPED: tl.constexpr):
 
 @triton.jit
 def load_scales(norm_ptr, idx, n_valid, eps, NORMALIZED: tl.constexpr):
-    """Inverse norms ``1 / max(|x|, eps)`` of rows ``idx`` (1 past ``n_valid``) when the
-    kernel normalizes on the fly (fastcl/ops/normalize.py), from their L2 norms;
-    otherwise a placeholder that nothing reads."""
+    """Inverse norms ``1 / max(|x|, eps)`` of rows ``idx`` (0 past ``n_valid``: nothing
+    there may scale a gradient operand up) when the kernel normalizes on the fly
+    (fastcl/ops/normalize.py), from their L2 norms; otherwise a placeholder that nothing
+    reads."""
     if NORMALIZED:
-        norm = tl.load(norm_ptr + idx, mask=idx < n_valid, other=1.0)
+        norm = tl.load(norm_ptr + idx, mask=idx < n_valid, other=float("inf"))
         return 1.0 / tl.maximum(norm, eps)
     return idx.to(norm_ptr.dtype.element_ty)
 
@@ -165,8 +166,37 @@ def groups_overlap(row_groups, row_in, col_groups, col_in, col_all_visible, GROU
 
 
 @triton.jit
-def logit_grad_tile(logits, lse, grad_rows, targets, cols):
-    """d loss / d logit = g_i * (softmax_ij - [j == target_i]) for one tile."""
+def softmax_minus_target(logits, lse, targets, cols):
+    """softmax_ij - [j == target_i] for one tile: the logit gradient before the row's
+    incoming gradient g_i; every entry lies in [-1, 1]."""
     probs = tl.exp(logits - lse[:, None])
     is_target = cols[None, :] == targets[:, None]
-    return grad_rows[:, None] * tl.where(is_target, probs - 1.0, probs)
+    return tl.where(is_target, probs - 1.0, probs)
+
+
+@triton.jit
+def logit_grad_tile(logits, lse, grad_rows, targets, cols):
+    """d loss / d logit = g_i * (softmax_ij - [j == target_i]) for one tile."""
+    return grad_rows[:, None] * softmax_minus_target(logits, lse, targets, cols)
+
+
+#: The logit-gradient operand of the backward's matrix products is (softmax - onehot),
+#: in [-1, 1], times per-row or per-column factors in (0, 1], times this power of two: in
+#: float16 the operand then stays below 65504 and every entry from 2^-29 of the largest
+#: up is a normal number (full precision). 1/tau, g_i and the inverse norms are applied
+#: to the fp32 accumulator instead, so none of them can push the 16-bit operand into
+#: underflow or overflow (fastcl/ops/infonce_bwd.py).
+GRAD_OPERAND_SCALE: tl.constexpr = tl.constexpr(32768.0)
+
+
+@triton.jit
+def matmul_operand(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """An fp32 tile as a matrix-product operand of ``dtype`` (the inputs' dtype). Under
+    the interpreter with bf16 inputs (UPCAST: its bf16 tl.dot is wrong, and its bf16 cast
+    truncates), the tile is rounded to bf16 by hand, to nearest even as the GPU's cast
+    does, and kept in fp32: the product then sees exactly the GPU's operand values."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

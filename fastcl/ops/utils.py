@@ -32,6 +32,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def eps_tensor(eps: float | None, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The normalization's eps as a one-element tensor in the accumulator dtype, for the
+    kernels to read from memory: Triton passes a Python float as an fp32 scalar, which
+    would round eps for float64 inputs (rows below eps are scaled by exactly 1 / eps).
+    Filled on the device (no host copy, no sync); 0 when not normalizing."""
+    return torch.full((1,), 0.0 if eps is None else eps, dtype=acc, device=device)
+
+
 def upcast_for_interpreter(dtype: torch.dtype) -> bool:
     """The interpreter's tl.dot is silently wrong on bf16 operands (triton issue 11584):
     under the interpreter, bf16 tiles are upcast to fp32 before every product."""
