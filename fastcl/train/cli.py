@@ -26,7 +26,7 @@ import os
 import sys
 from dataclasses import fields
 
-from .model import MLP_MODES, POOLERS
+from ..sentence_model import MLP_MODES, POOLERS
 from .step import DISTRIBUTED_LOSSES
 from .trainer import TrainConfig, check_method_options
 

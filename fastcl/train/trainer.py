@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from .data import BatchPlan, DataError, drop_duplicates, local_slice, mask_tokens, read_training_file, tokenize_rows
-from .model import SentenceEncoder, inference_max_length, save_encoder
+from ..saved_model import inference_max_length, save_encoder
+from ..sentence_model import SentenceEncoder
 from .step import DISTRIBUTED_LOSSES, LossConfig, MoCo, compute_gradients
 
 
@@ -199,7 +200,8 @@ class Trainer:
 
     def setup(self, backbone=None, tokenizer=None) -> None:
         cfg = self.cfg
-        from .model import check_pooler, default_model_dir, load_backbone, pooler_from_directory, resolve_mlp
+        from ..saved_model import default_model_dir, load_backbone, pooler_from_directory
+        from ..sentence_model import check_pooler, resolve_mlp
 
         check_method_options(cfg)
 
@@ -458,8 +460,7 @@ class Trainer:
         tmp = directory.with_name(f".{directory.name}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        for warning in save_encoder(self.encoder, self.tokenizer, tmp, self.cfg.max_length):
-            self.log(f"note: {warning}")
+        save_encoder(self.encoder, self.tokenizer, tmp, self.cfg.max_length)
         replace_directory(tmp, directory)
 
     def save_checkpoint(self) -> None:
