@@ -28,7 +28,7 @@ from dataclasses import fields
 
 from ..sentence_model import MLP_MODES, POOLERS
 from .step import DISTRIBUTED_LOSSES
-from .trainer import TrainConfig, check_method_options
+from .config import TrainConfig, check_method_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-eval", action="store_true")
     e.add_argument("--save-steps", type=int, default=0, help="checkpoint every this many steps (0: at each eval)")
     e.add_argument("--logging-steps", type=int, default=50)
-    e.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
-    e.add_argument("--overwrite", action="store_true", help="start again in an output directory with a checkpoint")
+    e.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint/state.pt")
+    e.add_argument("--overwrite", action="store_true",
+                   help="train into a non-empty OUTPUT_DIR: the files of an earlier fastcl run there (model, best/, "
+                   "checkpoint/, logs, results) are replaced, other files are kept (without it, a non-empty "
+                   "directory is refused)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -152,6 +155,13 @@ def _check_numbers(parser, args) -> None:
                      "information)")
 
 
+def _error(e: BaseException, code: int) -> int:
+    """One line on stderr, no traceback."""
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -168,23 +178,37 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # loading / saving bars between the training bar's lines
 
+    from ..saved_model import SavedModelError
+    from .checkpoint import CheckpointError, WriteError
     from .data import DataError
+    from .output import OutputDirError
     from .trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+    trainer = None
     try:
+        if world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda") else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
         trainer = Trainer(cfg)
         trainer.setup()
         result = trainer.train()
-    except (DataError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (DataError, OutputDirError, CheckpointError, SavedModelError, FileNotFoundError, FileExistsError,
+            ValueError, ImportError) as e:
+        return _error(e, 2)
+    except WriteError as e:  # the run was going; what it wrote before is intact
+        return _error(e, 1)
+    except OSError as e:  # a model name the hub does not know, a folder that cannot be read, ...
+        return _error(e, 2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written after the last checkpoint (--resume continues from it, if there is "
+              "one)", file=sys.stderr)
+        return 130
     finally:
+        if trainer is not None:
+            trainer.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if result.get("interrupted"):
