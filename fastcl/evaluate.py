@@ -73,15 +73,26 @@ def _normalize_text(s: str) -> str:
     return " ".join(s.split())
 
 
+def utf8_error(path: Path) -> str | None:
+    """``"PATH:LINE: not valid UTF-8 at byte OFFSET (reason)"`` for the first bad byte of a
+    file (OFFSET counted from 0 over the whole file), or None if it decodes."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return f"{path}:{line}: not valid UTF-8 at byte {e.start} ({e.reason}); save the file as UTF-8"
+    return None
+
+
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read().splitlines()
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataFormatError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
+    except UnicodeDecodeError:
+        raise DataFormatError(utf8_error(path)) from None
 
 
 def _score(path: Path, lineno: int, text: str) -> float:
