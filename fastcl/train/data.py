@@ -60,7 +60,7 @@ def _open_text(path: Path):
 def _utf8_error(path: Path, e: UnicodeDecodeError) -> DataError:
     """The decoder reads in blocks, so ``e.start`` counts from the block: find the byte
     again in the whole file, with its line."""
-    from ..evaluate import utf8_error
+    from ..sts_data import utf8_error
 
     return DataError(utf8_error(path) or f"{path}: not valid UTF-8 ({e.reason})")
 

@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from pathlib import Path
 
+from ..paths import unwritable_reason
 from .checkpoint import TMP_MARK, fsync_directory
 
 LOCK = ".fastcl.lock"
@@ -72,19 +72,9 @@ def check_output_dir(out: Path, model: str | None, resume: bool, overwrite: bool
 
 def check_writable(out: Path) -> None:
     """Create ``out`` (and its parents) and write, flush and remove a file in it."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test{TMP_MARK}{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"fastcl")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        reason = e.strerror or str(e)
-        if e.errno == errno.EEXIST:
-            reason = "a file of that name is in the way"
-        raise OutputDirError(f"cannot write to output directory {out}: {reason}") from None
+    reason = unwritable_reason(out)
+    if reason:
+        raise OutputDirError(f"cannot write to output directory {out}: {reason}")
 
 
 class DirectoryLock:
