@@ -162,7 +162,32 @@ def _error(e: BaseException, code: int) -> int:
     return code
 
 
+def _interruption(e: BaseException | None) -> bool:
+    """Whether ``e`` is a Ctrl-C, or an error some library made of one (an import
+    interrupted in a class body turns it into a RuntimeError, for instance)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "AbortRun":
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (0 done, 1 a write failed, 2 a usage or
+    input error, 130 interrupted)."""
+    try:
+        return _main(argv)
+    except BaseException as e:  # noqa: BLE001 - only interruptions are handled here
+        if not _interruption(e):
+            raise
+        print("\ninterrupted: nothing written after the last checkpoint (--resume continues from it, if there is "
+              "one)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_numbers(parser, args)
@@ -202,10 +227,6 @@ def main(argv: list[str] | None = None) -> int:
         return _error(e, 1)
     except OSError as e:  # a model name the hub does not know, a folder that cannot be read, ...
         return _error(e, 2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing written after the last checkpoint (--resume continues from it, if there is "
-              "one)", file=sys.stderr)
-        return 130
     finally:
         if trainer is not None:
             trainer.close()

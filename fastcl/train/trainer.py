@@ -89,7 +89,7 @@ class Trainer:
         self.world = dist.get_world_size() if self.distributed else 1
         self.main = self.rank == 0
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-        self._stop = False
+        self._stop = self._aborting = False
         self._lock = None
         self._saved_step = None
         self.last_eval_step = None
@@ -410,7 +410,10 @@ class Trainer:
         previous = {}
 
         def handler(signum, frame):
+            if self._aborting:
+                return  # already on its way out
             if self._stop:  # the second one: stop where we are, write nothing
+                self._aborting = True
                 raise AbortRun
             self._stop = True
             self.log(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
