@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,9 @@ def read_checkpoint(path: Path) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"--resume: {path} is empty; {advice}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign file's pickle protocol: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - zip, pickle and EOF errors all mean the same to the user
         raise CheckpointError(f"--resume: {path} is not a readable checkpoint (truncated or damaged: "
                               f"{type(e).__name__}: {_reason(e)[:200]}); {advice}") from None
