@@ -52,6 +52,8 @@ class Encoder:
         """
         if isinstance(sentences, str):
             raise TypeError("encode takes a list of sentences, got a single str (wrap it in a list)")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         sentences = list(sentences)
         if not sentences:
             raise ValueError("encode got an empty list of sentences")

@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"spectrum plot: {plot}")
             except ImportError as e:
                 print(f"warning: {e}", file=sys.stderr)
+            except OSError as e:
+                print(f"error: could not write {plot} ({e.strerror or e})", file=sys.stderr)
+                return 1
     if output is not None:
         try:
             _write_json(output, results)

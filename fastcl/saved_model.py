@@ -90,6 +90,9 @@ def resolve_model(model: str | os.PathLike) -> str:
         raise SavedModelError(f"model {model} is a file, not a model directory")
     if not (path / "config.json").is_file():
         contents = "it is empty" if not any(path.iterdir()) else "it has no config.json"
+        if (path / "checkpoint").is_dir() or (path / "best").is_dir():
+            contents += (" (a training run's output directory: the model is written there when training ends; "
+                         f"{Path(model) / 'best'} holds the best model so far)")
         raise SavedModelError(f"{model} is not a model directory: {contents}")
     return str(path.resolve())
 

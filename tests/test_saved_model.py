@@ -137,3 +137,15 @@ def test_pipelines_fastcl_cannot_run_are_refused(workspace, tmp_path):
     (d / "fastcl_config.json").write_text('{"pooler": "max"}')
     with pytest.raises(SavedModelError, match="unknown pooler 'max'"):
         fastcl.load_encoder(d, device="cpu")
+
+
+def test_encode_checks_its_arguments_and_points_at_a_run_in_progress(workspace, tmp_path):
+    trainer, out = _train(workspace, "avg", "none", "args")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            fastcl.encode(out, SENTENCES, batch_size=bad)
+    running = tmp_path / "running"
+    (running / "checkpoint").mkdir(parents=True)
+    (running / "log.jsonl").write_text("")
+    with pytest.raises(SavedModelError, match=r"training run's output directory: .*best holds the best model so far"):
+        fastcl.encode(running, SENTENCES)

@@ -351,3 +351,24 @@ def test_a_second_ctrl_c_between_the_update_and_the_step_counter_writes_nothing(
     assert cli.main(_args(ws, out, "--resume")) == 0
     _assert_equal_weights(straight, out)
     assert _log_steps(out) == _log_steps(straight)  # steps 5 of the aborted run were cut from the log
+
+
+def test_resume_below_the_checkpoints_step_is_refused(ws, straight, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "done"
+    shutil.copytree(straight, out)
+    before = _tree(out)
+    assert cli.main(_args(ws, out, "--resume", steps=4)) == 2
+    assert "the checkpoint is at step 6, past the 4 steps asked for" in _error_line(capsys)
+    assert _tree(out) == before
+
+
+def test_a_failed_start_leaves_no_empty_directory_and_no_lock(ws, straight, tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sent0,sent1\na,b\n")
+    assert cli.main(_args(ws, out) + ["--train-file", str(bad)]) == 2
+    assert "batch size 8 is larger than the 1 rows" in _error_line(capsys)
+    assert not out.exists()
+    assert not (straight / ".fastcl.lock").exists()  # a finished run leaves the directory as it made it

@@ -120,6 +120,8 @@ def _plot_spectra(trainer, after: dict) -> None:
         plot_spectra(spectra, trainer.out / "spectrum.png", title="STS-B dev embeddings: singular spectrum")
     except ImportError as e:
         trainer.log(f"note: no spectrum plot ({e})")
+    except OSError as e:
+        raise WriteError(f"could not write {trainer.out / 'spectrum.png'} ({e.strerror or e})") from None
 
 
 def _after(trainer) -> dict:

@@ -34,12 +34,15 @@ def _real(path: Path) -> Path:
 
 
 def _listing(directory: Path) -> list[str]:
-    return sorted(e.name for e in directory.iterdir() if e.name != LOCK)
+    """What the directory holds, besides the lock and the temporaries of a killed run."""
+    return sorted(e.name for e in directory.iterdir()
+                  if e.name != LOCK and not (e.name.startswith(".") and TMP_MARK in e.name))
 
 
-def check_output_dir(out: Path, model: str | None, resume: bool, overwrite: bool) -> None:
+def check_output_dir(out: Path, model: str | None, resume: bool, overwrite: bool) -> bool:
     """Refuse (OutputDirError) any use of ``out`` that could destroy what the user did not
-    ask to destroy, or that would fail later; create it and test that it is writable."""
+    ask to destroy, or that would fail later; create it and test that it is writable.
+    Returns whether it was created."""
     if resume and overwrite:
         raise OutputDirError("--resume continues the run in the output directory and --overwrite starts it again: "
                              "pass one of them")
@@ -67,7 +70,20 @@ def check_output_dir(out: Path, model: str | None, resume: bool, overwrite: bool
         raise OutputDirError(f"output directory {out} is not empty ({shown}): pass --overwrite to write over it "
                              f"(the files of a fastcl run are replaced, others kept){also}, or choose another "
                              "--output-dir")
+    created = not out.exists()
     check_writable(out)
+    return created
+
+
+def remove_if_empty(out: Path) -> None:
+    """Remove a directory this run created if nothing was written into it."""
+    try:
+        if out.is_dir() and not _listing(out):
+            for entry in out.iterdir():
+                entry.unlink()
+            out.rmdir()
+    except OSError:
+        pass
 
 
 def check_writable(out: Path) -> None:
@@ -101,6 +117,10 @@ class DirectoryLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            try:
+                self.path.unlink()  # while still held: the directory is left as the run made it
+            except OSError:
+                pass
             os.close(self.fd)  # closing releases the lock
             self.fd = None
 

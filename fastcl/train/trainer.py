@@ -44,7 +44,7 @@ from .checkpoint import (
 )
 from .config import RESUME_MUST_MATCH, TrainConfig, check_method_options, resume_mismatches  # noqa: F401
 from .data import BatchPlan, DataError, drop_duplicates, local_slice, mask_tokens, read_training_file, tokenize_rows
-from .output import DirectoryLock, check_output_dir, remove_earlier_run
+from .output import DirectoryLock, check_output_dir, remove_earlier_run, remove_if_empty
 from .step import LossConfig, MoCo, compute_gradients
 
 PENDING = ".best.pending"
@@ -90,7 +90,7 @@ class Trainer:
         self.main = self.rank == 0
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self._stop = self._aborting = False
-        self._lock = None
+        self._lock, self._created_out = None, False
         self._saved_step = None
         self.last_eval_step = None
 
@@ -128,7 +128,7 @@ class Trainer:
         model_path = cfg.model or (None if backbone is not None else default_model_dir())
         self.model_path = resolve_model(model_path) if model_path else None
         if self.main:
-            check_output_dir(self.out, self.model_path, cfg.resume, cfg.overwrite)
+            self._created_out = check_output_dir(self.out, self.model_path, cfg.resume, cfg.overwrite)
             self._lock = DirectoryLock(self.out)
             self._lock.acquire()
         self.ckpt_dir = self.out / "checkpoint"
@@ -148,6 +148,9 @@ class Trainer:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.epochs * self.plan.steps_per_epoch))
+        if state is not None and state["step"] > self.total_steps:
+            raise CheckpointError(f"--resume: the checkpoint is at step {state['step']}, past the {self.total_steps} "
+                                  "steps asked for (--max-steps / --epochs); ask for more steps to train on")
         self.eval_sets = self._eval_sets()
 
         if cfg.pooler == "auto":
@@ -442,6 +445,13 @@ class Trainer:
         return bool(box[0])
 
     def train(self) -> dict:
+        """Run to the last step (or an interruption); the output directory is released after."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict:
         from .evaluation import evaluate_before, finish, maybe_evaluate
 
         cfg = self.cfg
@@ -559,5 +569,10 @@ class Trainer:
             raise WriteError(f"could not write {self.out / 'log.jsonl'} ({e.strerror or e})") from None
 
     def close(self) -> None:
+        """Release the output directory (a directory this run created and left empty, after
+        an error in set-up, is removed). :meth:`train` calls it when it returns."""
         if self._lock is not None:
             self._lock.release()
+            self._lock = None
+            if self._created_out:
+                remove_if_empty(self.out)
