@@ -39,10 +39,14 @@ import torch
 
 from .metrics import alignment, pearson, plot_spectra, singular_spectrum, spearman, uniformity
 from .paths import unwritable_reason
-from .sts_data import (  # noqa: F401 - the data loaders are part of this module's interface
+from .sts_data import (  # the data loaders are part of this module's interface
     STS_SUBSETS, TASKS, DataFormatError, IncompleteTask, PairSet, find_tasks, load_sick_split, load_sts_year,
     load_stsb_split, load_task, utf8_error,
 )
+
+__all__ = ["evaluate", "main", "present_tasks", "score_sets", "embedding_geometry", "memoize", "format_table",
+           "check_output_path", "default_data_dir", "STS_SUBSETS", "TASKS", "DataFormatError", "IncompleteTask",
+           "PairSet", "find_tasks", "load_sick_split", "load_sts_year", "load_stsb_split", "load_task", "utf8_error"]
 
 SHORT = {"STSBenchmark": "STSB", "SICKRelatedness": "SICKR"}
 ALIGN_THRESHOLD = 4.0

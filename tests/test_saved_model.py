@@ -83,7 +83,8 @@ def test_every_pooler_and_mlp_loads_to_the_trained_embeddings(workspace, pooler,
 
 def test_layer_mixes_are_the_poolers_averages():
     hidden = [torch.randn(2, 5, 4) for _ in range(4)]  # embeddings + 3 layers
-    for pooler, expected in (("avg_top2", (hidden[2] + hidden[3]) / 2), ("avg_first_last", (hidden[1] + hidden[3]) / 2)):
+    expected = {"avg_top2": (hidden[2] + hidden[3]) / 2, "avg_first_last": (hidden[1] + hidden[3]) / 2}
+    for pooler, expected in expected.items():
         start, w = layer_mix(pooler, 3)
         w = torch.tensor(w)
         mixed = (w[:, None, None, None] * torch.stack(hidden)[start:]).sum(0) / w.sum()

@@ -84,7 +84,8 @@ def _assert_equal_weights(a_dir, b_dir):
 
 
 def _log_steps(out):
-    return [(r["event"], r["step"], r.get("when")) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+    records = map(json.loads, (out / "log.jsonl").read_text().splitlines())
+    return [(r["event"], r["step"], r.get("when")) for r in records]
 
 
 # ------------------------------------------------------------------ the output directory

@@ -134,8 +134,10 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(workspace, monkeypatch, 
 
 
 def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from fastcl.train.checkpoint import atomic_torch_save
+
     path = tmp_path / "state.pt"
-    trainer_module.atomic_torch_save({"step": 1}, path)
+    atomic_torch_save({"step": 1}, path)
 
     def failing_save(obj, f):
         f.write(b"partial")
@@ -143,9 +145,10 @@ def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        trainer_module.atomic_torch_save({"step": 2}, path)
+        atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # the temporary file went too
 
 
 def test_bad_input_errors(workspace, tmp_path, capsys):

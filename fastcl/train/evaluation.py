@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ..saved_model import FASTCL_CONFIG, atomic_write_text
 from .checkpoint import TMP_MARK, WriteError, fsync_directory
+from .resume import PENDING, promote_best, save_checkpoint
 
 #: Copied last into the output directory: they declare the model whole.
 MARKERS = ("modules.json", FASTCL_CONFIG)
@@ -66,8 +67,6 @@ def maybe_evaluate(trainer, loss_avg: float | None) -> bool:
     and installs the pending model)."""
     if trainer.eval_sets is None:
         return False
-    from .trainer import PENDING
-
     improved = False
     if trainer.main:
         t0 = time.perf_counter()
@@ -143,8 +142,6 @@ def _after(trainer) -> dict:
 
 def finish(trainer, wall_seconds: float) -> dict:
     """Last evaluation, the final model into OUT, STS-B test with it, results.json."""
-    from .trainer import PENDING
-
     cfg, out = trainer.cfg, trainer.out
     if trainer.eval_sets is not None:
         best_missing = not (out / "best").is_dir() and not (out / PENDING).is_dir()
@@ -152,8 +149,8 @@ def finish(trainer, wall_seconds: float) -> dict:
             if best_missing:
                 trainer.best = -math.inf  # the best model is gone: the last one is evaluated afresh
             if maybe_evaluate(trainer, None):  # the last steps count too
-                trainer.save_checkpoint()
-                trainer._promote_best()
+                save_checkpoint(trainer)
+                promote_best(trainer)
     results = {}
     if trainer.main:
         staging = None

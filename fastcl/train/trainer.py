@@ -26,56 +26,29 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..saved_model import inference_max_length, read_json, resolve_model, save_encoder
+from ..saved_model import inference_max_length, resolve_model, save_encoder
 from ..sentence_model import SentenceEncoder
-from .checkpoint import (
-    FORMAT, TMP_MARK, CheckpointError, WriteError, atomic_torch_save, read_checkpoint, recover_directory,
-    remove_temporaries, replace_directory, rng_state, set_rng_state,
-)
+from .checkpoint import TMP_MARK, CheckpointError, WriteError, read_checkpoint, replace_directory
 from .config import RESUME_MUST_MATCH, TrainConfig, check_method_options, resume_mismatches  # noqa: F401
 from .data import BatchPlan, DataError, drop_duplicates, local_slice, mask_tokens, read_training_file, tokenize_rows
-from .output import DirectoryLock, check_output_dir, remove_earlier_run, remove_if_empty
+from .output import DirectoryLock, check_output_dir, remove_if_empty
+from .resume import apply_checkpoint, parameter_groups, promote_best, save_checkpoint, start_fresh
 from .step import LossConfig, MoCo, compute_gradients
-
-PENDING = ".best.pending"
 
 
 class AbortRun(BaseException):
     """A second Ctrl-C: stop at once and write nothing (a BaseException, so no
     ``except Exception`` on the way swallows it)."""
-
-
-def parameter_groups(encoder) -> list[tuple[list[str], list[torch.nn.Parameter], bool]]:
-    """The optimizer's two groups of trainable parameters, ``(names, params, decay)``:
-    weight decay for weights, none for biases and norms. Their concatenation is the
-    order in which optimizer state dicts number the parameters."""
-    decay, no_decay = ([], []), ([], [])
-    for name, p in encoder.named_parameters():
-        if not p.requires_grad:
-            continue
-        group = no_decay if name.endswith("bias") or "LayerNorm" in name or "norm" in name.lower() else decay
-        group[0].append(name)
-        group[1].append(p)
-    return [(decay[0], decay[1], True), (no_decay[0], no_decay[1], False)]
-
-
-def _training_step_of(model_dir: Path) -> int | None:
-    """The training step a saved model records (None if it records none or is unreadable)."""
-    try:
-        step = read_json(model_dir / "fastcl_config.json").get("training", {}).get("step")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return step if isinstance(step, int) else None
 
 
 class Trainer:
@@ -222,9 +195,9 @@ class Trainer:
         self.before = None
 
         if state is not None:
-            self._apply_checkpoint(state)
+            apply_checkpoint(self, state)
         elif self.main:
-            self._start_fresh()
+            start_fresh(self)
         else:  # dropout differs per rank (seeded after the shared initialization above)
             pass
         if state is None:
@@ -244,21 +217,6 @@ class Trainer:
                 from .fisher import child_tuning_masks
 
                 self.optimizer.set_masks(child_tuning_masks(self))
-
-    def _start_fresh(self) -> None:
-        """An empty directory, or --overwrite: remove what an earlier fastcl run wrote there."""
-        model_files = set()
-        results = self.out / "results.json"
-        try:
-            model_files.update(read_json(results).get("model_files", []) if results.is_file() else [])
-        except (ValueError, AttributeError):
-            pass
-        for staged in (self.out / "best", self.out / PENDING):
-            if staged.is_dir():
-                model_files.update(e.name for e in staged.iterdir())
-        removed = remove_earlier_run(self.out, sorted(model_files))
-        if removed:
-            self.log(f"--overwrite: removed {', '.join(removed)} of an earlier run in {self.out}")
 
     def _eval_sets(self):
         from ..evaluate import default_data_dir, find_tasks, load_stsb_split
@@ -282,8 +240,6 @@ class Trainer:
     def save_model(self, directory: Path, training: dict | None = None) -> None:
         """The inference model, written to a temporary directory and renamed into place;
         on any failure the temporary directory goes and ``directory`` is as it was."""
-        import shutil
-
         tmp = directory.with_name(f".{directory.name.lstrip('.')}{TMP_MARK}")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -295,91 +251,6 @@ class Trainer:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-
-    def save_checkpoint(self) -> None:
-        """One file with every rank's random states (gathered to rank 0), written atomically."""
-        mine = {"rng": rng_state(), "mlm_gen": self.mlm_gen.get_state()}
-        ranks = [mine]
-        if self.distributed:
-            ranks = [None] * self.world
-            dist.all_gather_object(ranks, mine)
-        if self.main:
-            log = self.out / "log.jsonl"
-            state = {
-                "format": FORMAT, "step": self.step, "epoch": self.epoch, "index": self.index, "world": self.world,
-                "model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "gauss_gen": self.gauss_gen.get_state(), "best": self.best, "best_step": self.best_step,
-                "last_eval_step": self.last_eval_step, "before": self.before,
-                "sentences_seen": self.sentences_seen, "train_seconds": self.train_seconds,
-                "config": asdict(self.cfg), "moco": self.moco.state_dict() if self.moco is not None else None,
-                # which parameter each optimizer state index (and Child-Tuning-D mask) belongs to
-                "optimizer_param_names": [n for names, _, _ in parameter_groups(self.encoder) for n in names],
-                "ranks": ranks, "log_bytes": log.stat().st_size if log.is_file() else 0,
-            }
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(state, self.ckpt_dir / "state.pt")
-        self._saved_step = self.step
-
-    def _apply_checkpoint(self, state: dict) -> None:
-        path = self.ckpt_dir / "state.pt"
-        try:
-            self.encoder.load_state_dict(state["model"])
-        except RuntimeError as e:
-            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise CheckpointError(f"--resume: {path} does not fit the model of --model {self.cfg.model or 'default'} "
-                                  f"({first[:160]}); was it trained from another model?") from None
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"--resume: {path}: its optimizer state does not fit this run ({e})") from None
-        if self.moco is not None:
-            if state.get("moco") is None:
-                raise CheckpointError(f"--resume: {path} holds no MoCo state (key encoder and queue)")
-            self.moco.load_state_dict(state["moco"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.gauss_gen.set_state(state["gauss_gen"])
-        self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
-        self.best, self.best_step, self.before = state["best"], state["best_step"], state["before"]
-        self.last_eval_step = state.get("last_eval_step")
-        self.sentences_seen, self.train_seconds = state["sentences_seen"], state["train_seconds"]
-        self._saved_step = self.step
-        ranks = state.get("ranks")
-        if ranks is not None and state["world"] == self.world:
-            set_rng_state(ranks[self.rank]["rng"])
-            self.mlm_gen.set_state(ranks[self.rank]["mlm_gen"])
-        else:
-            why = f"made by {state['world']} processes, now {self.world}" if ranks else "from an older fastcl"
-            self.log(f"warning: the checkpoint is {why}: random states reseeded (the run goes on, not bit-exactly)")
-            torch.manual_seed(self.cfg.seed + 1000 * self.rank + self.step)
-        if self.main:
-            self._recover_outputs(state)
-        self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.index})")
-
-    def _recover_outputs(self, state: dict) -> None:
-        """After a kill: a pending best model the checkpoint records is installed, one it
-        does not is dropped; temporaries go; the log is cut back to the checkpoint's step."""
-        pending = self.out / PENDING
-        if pending.is_dir():
-            if state["best_step"] is not None and _training_step_of(pending) == state["best_step"]:
-                replace_directory(pending, self.out / "best")
-            else:
-                import shutil
-
-                shutil.rmtree(pending)
-        recover_directory(self.out / "best")
-        for directory in (self.out, self.ckpt_dir):
-            remove_temporaries(directory)
-        for stale in self.ckpt_dir.glob("rng-rank*.pt"):  # an older fastcl's second checkpoint file
-            stale.unlink()
-        log, size = self.out / "log.jsonl", state.get("log_bytes")
-        if isinstance(size, int) and log.is_file() and log.stat().st_size > size:
-            os.truncate(log, size)
-
-    def _promote_best(self) -> None:
-        if self.main and (self.out / PENDING).is_dir():
-            replace_directory(self.out / PENDING, self.out / "best")
 
     # ---------------------------------------------------------- the loop
 
@@ -534,8 +405,8 @@ class Trainer:
                 improved = bool(cfg.eval_steps and self.step % cfg.eval_steps == 0) and maybe_evaluate(self, loss_avg)
                 save_every = cfg.save_steps or cfg.eval_steps
                 if improved or (save_every and self.step % save_every == 0):
-                    self.save_checkpoint()  # the checkpoint that names a new best comes before it is installed
-                self._promote_best()
+                    save_checkpoint(self)  # the checkpoint that names a new best comes before it is installed
+                promote_best(self)
         except (AbortRun, KeyboardInterrupt):
             aborted = True
         finally:
@@ -550,7 +421,7 @@ class Trainer:
                                                      if last is not None else " (no checkpoint yet)"))
             return {"interrupted": True, "aborted": True, "step": last}
         if self._saved_step != self.step:
-            self.save_checkpoint()
+            save_checkpoint(self)
         if interrupted:
             self.log(f"checkpoint saved at step {self.step} in {self.ckpt_dir}; continue with --resume")
             return {"interrupted": True, "step": self.step}
