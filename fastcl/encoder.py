@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .saved_model import FASTCL_CONFIG, default_model_dir, inference_max_length, load_sentence_encoder
-from .sentence_model import SentenceEncoder
+from .sentence_model import SentenceEncoder, check_device
 
 #: Used when neither the caller nor the directory names a pooler.
 FALLBACK_POOLER = "cls_before_pooler"
@@ -94,9 +94,8 @@ def load_encoder(model: str | Path | None = None, pooler: str | None = None,
     pooler, the MLP head and the inference length are what the directory declares
     (:mod:`fastcl.saved_model`); a pipeline fastcl cannot run exactly is refused.
     """
+    device = check_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     model = str(model) if model is not None else default_model_dir()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     note = (lambda m: print(m, file=sys.stderr)) if verbose else None
     encoder, tokenizer, max_length = load_sentence_encoder(model, pooler, FALLBACK_POOLER, note)
     return Encoder(encoder.to(device), tokenizer, device, max_length)

@@ -340,6 +340,16 @@ def _copy_head(mlp: MLPHead, weight: torch.Tensor, bias: torch.Tensor, where: st
         mlp.dense.bias.copy_(bias)
 
 
+def load_head(mlp: MLPHead, head_file: Path) -> None:
+    """The MLP head's weights from a sentence-transformers Dense file."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(head_file))
+    if "linear.weight" not in state or "linear.bias" not in state:
+        raise SavedModelError(f"{head_file}: no linear.weight / linear.bias")
+    _copy_head(mlp, state["linear.weight"], state["linear.bias"], str(head_file))
+
+
 def load_sentence_encoder(model: str, pooler: str | None = None, fallback_pooler: str = "cls_before_pooler",
                           note=None) -> tuple[SentenceEncoder, object, int]:
     """(encoder in eval mode, tokenizer, inference max length) for a directory or hub name.
@@ -347,8 +357,6 @@ def load_sentence_encoder(model: str, pooler: str | None = None, fallback_pooler
     The directory's declaration decides the pooler and the head. A ``pooler`` given by
     hand that differs from it takes no saved head; by hand, ``cls`` means SimCSE's
     evaluation of a foreign model: the backbone's own pooler layer over [CLS]."""
-    from safetensors.torch import load_file
-
     model = resolve_model(model)
     try:
         declared = declared_head(model) if Path(model).is_dir() else None
@@ -368,10 +376,7 @@ def load_sentence_encoder(model: str, pooler: str | None = None, fallback_pooler
     use_mlp = head_file is not None or (chosen == "cls" and not own_head)
     encoder = SentenceEncoder(backbone, chosen, mlp_train=False, mlp_eval=use_mlp)
     if head_file is not None:
-        state = load_file(str(head_file))
-        if "linear.weight" not in state or "linear.bias" not in state:
-            raise SavedModelError(f"{head_file}: no linear.weight / linear.bias")
-        _copy_head(encoder.mlp, state["linear.weight"], state["linear.bias"], str(head_file))
+        load_head(encoder.mlp, head_file)
     elif use_mlp:
         dense = getattr(getattr(backbone, "pooler", None), "dense", None)
         if not isinstance(dense, nn.Linear):

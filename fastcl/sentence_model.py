@@ -30,6 +30,22 @@ def check_pooler(pooler: str) -> str:
     return pooler
 
 
+def check_device(device: str | torch.device, flag: str = "device") -> torch.device:
+    """``device`` as a torch.device, refused (ValueError naming ``flag``) when it is not a
+    device name or names a GPU this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{flag} {device!r} is not a device ({e})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{flag} {device}: no CUDA device is available here; use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{flag} {device}: there are {count} CUDA devices (0 to {count - 1})")
+    return dev
+
+
 def needs_hidden_states(pooler: str) -> bool:
     return pooler in ("avg_top2", "avg_first_last")
 

@@ -373,3 +373,36 @@ def test_a_failed_start_leaves_no_empty_directory_and_no_lock(ws, straight, tmp_
     assert "batch size 8 is larger than the 1 rows" in _error_line(capsys)
     assert not out.exists()
     assert not (straight / ".fastcl.lock").exists()  # a finished run leaves the directory as it made it
+
+
+def test_a_changed_training_file_or_a_missing_device_is_refused(ws, straight, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "changed"
+    shutil.copytree(straight, out)
+    data = tmp_path / "wiki.txt"
+    data.write_text((ws / "wiki40.txt").read_text() + "one more line\n")
+    args = _args(ws, out, "--resume", steps=8)
+    args[args.index("--train-file") + 1] = str(data)
+    state = read_checkpoint(out / "checkpoint" / "state.pt")
+    state["config"]["train_file"] = str(data)  # the same path, other content
+    torch.save(state, out / "checkpoint" / "state.pt")
+    assert cli.main(args) == 2
+    assert "has changed since the checkpoint (40 rows" in _error_line(capsys)
+    for device, message in (("gpu", "--device 'gpu' is not a device"), ("cuda:7", "--device cuda:7: ")):
+        if device.startswith("cuda") and torch.cuda.device_count() > 7:
+            continue
+        assert cli.main(_args(ws, tmp_path / "dev", "--device", device)) == 2
+        assert message in _error_line(capsys)
+
+
+def test_training_on_from_a_saved_model_starts_from_its_head(ws, straight, tmp_path):
+    """The "before" scores of a run that trains on from a saved model are that model's
+    "after" scores: the same embeddings, its MLP head included (not a fresh one)."""
+    first = tmp_path / "first"
+    assert cli.main(_args(ws, first, steps=3) + ["--mlp", "auto"]) == 0  # cls with its MLP at inference
+    second = tmp_path / "second"
+    assert cli.main(_args(ws, second, steps=1, model=first) + ["--mlp", "auto"]) == 0
+    after, before = (json.loads((d / "results.json").read_text()) for d in (first, second))
+    assert before["before"]["stsb_dev"] == pytest.approx(after["after"]["stsb_dev"], abs=1e-9)
+    assert before["before"]["stsb_test"] == pytest.approx(after["after"]["stsb_test"], abs=1e-9)

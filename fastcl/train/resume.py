@@ -82,7 +82,7 @@ def save_checkpoint(trainer) -> None:
             "config": asdict(trainer.cfg), "moco": trainer.moco.state_dict() if trainer.moco is not None else None,
             # which parameter each optimizer state index (and Child-Tuning-D mask) belongs to
             "optimizer_param_names": [n for names, _, _ in parameter_groups(trainer.encoder) for n in names],
-            "ranks": ranks, "log_bytes": log.stat().st_size if log.is_file() else 0,
+            "ranks": ranks, "log_bytes": log.stat().st_size if log.is_file() else 0, "data": trainer.data_size,
         }
         trainer.ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(state, trainer.ckpt_dir / "state.pt")

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..saved_model import inference_max_length, resolve_model, save_encoder
-from ..sentence_model import SentenceEncoder
+from ..sentence_model import SentenceEncoder, check_device
 from .checkpoint import TMP_MARK, CheckpointError, WriteError, read_checkpoint, replace_directory
 from .config import RESUME_MUST_MATCH, TrainConfig, check_method_options, resume_mismatches  # noqa: F401
 from .data import BatchPlan, DataError, drop_duplicates, local_slice, mask_tokens, read_training_file, tokenize_rows
@@ -86,7 +86,7 @@ class Trainer:
 
         check_method_options(cfg)
         if cfg.device:
-            self.device = torch.device(cfg.device)
+            self.device = check_device(cfg.device, "--device")
         elif torch.cuda.is_available():
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         else:
@@ -121,6 +121,12 @@ class Trainer:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.epochs * self.plan.steps_per_epoch))
+        self.data_size = {"rows": len(self.data), "bytes": os.path.getsize(cfg.train_file)}
+        then = state.get("data") if state is not None else None
+        if then is not None and then != self.data_size:
+            raise CheckpointError(f"--resume: {cfg.train_file} has changed since the checkpoint ({then['rows']} rows, "
+                                  f"{then['bytes']} bytes then; {self.data_size['rows']} rows, "
+                                  f"{self.data_size['bytes']} bytes now): its batches would not be the same")
         if state is not None and state["step"] > self.total_steps:
             raise CheckpointError(f"--resume: the checkpoint is at step {state['step']}, past the {self.total_steps} "
                                   "steps asked for (--max-steps / --epochs); ask for more steps to train on")
@@ -140,8 +146,9 @@ class Trainer:
         self.tokenizer = tokenizer
         self.max_length = inference_max_length(backbone, tokenizer, self.model_path if self.model_path and Path(
             self.model_path).is_dir() else None)
-        self.encoder = SentenceEncoder(backbone, self.pooler, mlp_train, mlp_eval, cfg.do_mlm).to(self.device)
-        self.encoder.train()
+        self.encoder = SentenceEncoder(backbone, self.pooler, mlp_train, mlp_eval, cfg.do_mlm)
+        self._start_from_saved_head()
+        self.encoder.to(self.device).train()
         self.moco = None
         if cfg.moco_queue:
             # A copy of the encoder made before DDP wraps it; identical on every rank.
@@ -217,6 +224,18 @@ class Trainer:
                 from .fisher import child_tuning_masks
 
                 self.optimizer.set_masks(child_tuning_masks(self))
+
+    def _start_from_saved_head(self) -> None:
+        """Training on from a saved sentence model: its MLP head, when it has one for this
+        pooler, is where the new head starts (not a fresh one)."""
+        from ..saved_model import declared_head, load_head
+
+        if self.encoder.mlp is None or not self.model_path or not Path(self.model_path).is_dir():
+            return
+        declared = declared_head(self.model_path)
+        if declared and declared["head"] is not None and declared["pooler"] == self.pooler:
+            load_head(self.encoder.mlp, declared["head"])
+            self.log(f"MLP head: from {declared['head']}")
 
     def _eval_sets(self):
         from ..evaluate import default_data_dir, find_tasks, load_stsb_split
