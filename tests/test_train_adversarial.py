@@ -254,7 +254,13 @@ def test_damaged_or_foreign_checkpoints_fail_in_one_line(ws, tmp_path, capsys, m
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(wide)
     tokenizer().save_pretrained(wide)
     assert cli.main(_args(ws, out, "--resume", steps=4, model=wide)) == 2
-    assert "does not fit the model of --model" in _error_line(capsys)
+    assert f"does not fit the model of --model {wide}" in _error_line(capsys)
+    other = tmp_path / "other-tokenizer"  # the same architecture, another vocabulary
+    save_tiny_bert(other)
+    vocab = (other / "tokenizer.json").read_text().replace('"[unused0]"', '"[unused-zero]"')
+    (other / "tokenizer.json").write_text(vocab)
+    assert cli.main(_args(ws, out, "--resume", steps=4, model=other)) == 2
+    assert f"was trained from {ws / 'tiny'}, whose tokenizer differs" in _error_line(capsys)
     assert path.read_bytes() == good
     assert cli.main(_args(ws, out, "--resume", steps=4)) == 0  # the checkpoint is still usable
 

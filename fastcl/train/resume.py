@@ -83,6 +83,7 @@ def save_checkpoint(trainer) -> None:
             # which parameter each optimizer state index (and Child-Tuning-D mask) belongs to
             "optimizer_param_names": [n for names, _, _ in parameter_groups(trainer.encoder) for n in names],
             "ranks": ranks, "log_bytes": log.stat().st_size if log.is_file() else 0, "data": trainer.data_size,
+            "tokenizer": trainer.tokenizer_digest,
         }
         trainer.ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(state, trainer.ckpt_dir / "state.pt")
@@ -91,12 +92,16 @@ def save_checkpoint(trainer) -> None:
 
 def apply_checkpoint(trainer, state: dict) -> None:
     path = trainer.ckpt_dir / "state.pt"
+    then = state["config"].get("model") or "the default model"
+    if state.get("tokenizer") not in (None, trainer.tokenizer_digest):
+        raise CheckpointError(f"--resume: the checkpoint was trained from {then}, whose tokenizer differs from that "
+                              f"of --model {trainer.cfg.model or '(default)'}; pass --model {then}")
     try:
         trainer.encoder.load_state_dict(state["model"])
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise CheckpointError(f"--resume: {path} does not fit the model of --model {trainer.cfg.model or 'default'} "
-                              f"({first[:160]}); was it trained from another model?") from None
+        raise CheckpointError(f"--resume: {path} does not fit the model of --model {trainer.cfg.model or '(default)'} "
+                              f"({first[:160]}); it was trained from {then}") from None
     try:
         trainer.optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as e:

@@ -51,6 +51,19 @@ class AbortRun(BaseException):
     ``except Exception`` on the way swallows it)."""
 
 
+def _vocabulary_digest(tokenizer) -> str | None:
+    """A digest of the tokenizer's vocabulary: a checkpoint resumed with another
+    tokenizer would train on other token ids."""
+    import hashlib
+    import json
+
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return None
+    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`train` runs it."""
 
@@ -144,6 +157,7 @@ class Trainer:
         if backbone is None:
             backbone, tokenizer = load_backbone(self.model_path)
         self.tokenizer = tokenizer
+        self.tokenizer_digest = _vocabulary_digest(tokenizer)
         self.max_length = inference_max_length(backbone, tokenizer, self.model_path if self.model_path and Path(
             self.model_path).is_dir() else None)
         self.encoder = SentenceEncoder(backbone, self.pooler, mlp_train, mlp_eval, cfg.do_mlm)
