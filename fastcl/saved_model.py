@@ -94,6 +94,10 @@ def resolve_model(model: str | os.PathLike) -> str:
             contents += (" (a training run's output directory: the model is written there when training ends; "
                          f"{Path(model) / 'best'} holds the best model so far)")
         raise SavedModelError(f"{model} is not a model directory: {contents}")
+    if (path / "checkpoint").is_dir() and not (path / FASTCL_CONFIG).is_file():
+        raise SavedModelError(f"{model} is a training run's output directory whose final model is not all there "
+                              "(the run stopped while writing it): --resume finishes it; "
+                              f"{Path(model) / 'best'} holds the best model so far")
     return str(path.resolve())
 
 

@@ -150,3 +150,6 @@ def test_encode_checks_its_arguments_and_points_at_a_run_in_progress(workspace, 
     (running / "log.jsonl").write_text("")
     with pytest.raises(SavedModelError, match=r"training run's output directory: .*best holds the best model so far"):
         fastcl.encode(running, SENTENCES)
+    (running / "config.json").write_text((out / "config.json").read_text())  # stopped while writing the model
+    with pytest.raises(SavedModelError, match=r"final model is not all there .*--resume finishes it"):
+        fastcl.encode(running, SENTENCES)
