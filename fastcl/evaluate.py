@@ -276,6 +276,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .paths import run_command
+    from .interrupts import run_command
 
     run_command(main)

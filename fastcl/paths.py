@@ -27,37 +27,3 @@ def unwritable_reason(directory: Path) -> str | None:
                 break
         return e.strerror or str(e)
     return None
-
-
-def interrupt_once() -> None:
-    """For a command's process: the first Ctrl-C raises KeyboardInterrupt, later ones are
-    ignored, so a Ctrl-C pressed again while the command winds down cannot interrupt its
-    clean exit with a traceback. (Code that installs its own handler, such as the
-    training loop, puts this one back when it is done.)"""
-    import signal
-
-    raised = []
-
-    def handler(signum, frame):
-        if not raised:
-            raised.append(signum)
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
-
-
-def run_command(main) -> None:
-    """Exit with ``main()``'s status; a Ctrl-C as it returns gives 130, and one during the
-    interpreter's shutdown (which restores the default handler) is held back, so a
-    finished command never dies of it."""
-    import signal
-    import sys
-
-    interrupt_once()
-    try:
-        code = main()
-    except KeyboardInterrupt:
-        code = 130
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    sys.exit(code)

@@ -412,3 +412,30 @@ def test_training_on_from_a_saved_model_starts_from_its_head(ws, straight, tmp_p
     after, before = (json.loads((d / "results.json").read_text()) for d in (first, second))
     assert before["before"]["stsb_dev"] == pytest.approx(after["after"]["stsb_dev"], abs=1e-9)
     assert before["before"]["stsb_test"] == pytest.approx(after["after"]["stsb_test"], abs=1e-9)
+
+
+def test_a_second_ctrl_c_during_a_checkpoint_write_lets_the_file_finish(ws, straight, capsys, monkeypatch):
+    """Inside torch.save an exception raised by a signal handler breaks its zip writer (a
+    RuntimeError): the second Ctrl-C waits for the file to be whole, then the run stops."""
+    out = ws / "ctrl-c-in-save"
+    real = checkpoint_module.torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the checkpoint of step 3 (after 2: every 2 steps, and at each new best)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    assert cli.main(_args(ws, out)) == 130
+    err = capsys.readouterr().err
+    assert "aborted: nothing written; --resume continues from the checkpoint of step 3" in err, err
+    monkeypatch.undo()
+    assert read_checkpoint(out / "checkpoint" / "state.pt")["step"] == 3
+    assert [p.name for p in (out / "checkpoint").iterdir()] == ["state.pt"]
+    assert (out / "best").is_dir() and not (out / ".best.pending").exists()  # the checkpoint names it
+    assert cli.main(_args(ws, out, "--resume")) == 0
+    _assert_equal_weights(straight, out)
+    assert _log_steps(out) == _log_steps(straight)

@@ -1,6 +1,6 @@
 """``python -m fastcl.train``: see :mod:`fastcl.train.cli`."""
 
-from ..paths import run_command
+from ..interrupts import run_command
 from .cli import main
 
 run_command(main)

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..interrupts import deferred
+
 #: 2: one file with every rank's random states and the log length.
 FORMAT = 2
 REQUIRED = ("step", "epoch", "index", "world", "model", "optimizer", "scheduler", "scaler", "gauss_gen", "best",
@@ -62,12 +64,12 @@ def atomic_torch_save(obj, path: Path) -> None:
     any error, the temporary file is removed and the old file stays."""
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with deferred(), open(tmp, "wb") as f:  # a Ctrl-C inside torch.save would break the zip writer
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
+            os.replace(tmp, path)
+            fsync_directory(path.parent)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         raise WriteError(f"could not write {path} ({_reason(e)}); the previous checkpoint is intact") from None
     finally:

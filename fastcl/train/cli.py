@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "../shared/data/sts)")
     e.add_argument("--eval-batch-size", type=int, default=128)
     e.add_argument("--no-eval", action="store_true")
-    e.add_argument("--save-steps", type=int, default=0, help="checkpoint every this many steps (0: at each eval)")
+    e.add_argument("--save-steps", type=int, default=0, help="checkpoint every this many steps (0: at each eval); "
+                   "also whenever the best model changes")
     e.add_argument("--logging-steps", type=int, default=50)
     e.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint/state.pt")
     e.add_argument("--overwrite", action="store_true",

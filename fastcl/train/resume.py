@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..interrupts import deferred
 from ..saved_model import read_json
 from .checkpoint import (
     FORMAT, CheckpointError, atomic_torch_save, recover_directory, remove_temporaries, replace_directory, rng_state,
@@ -86,8 +87,11 @@ def save_checkpoint(trainer) -> None:
             "tokenizer": trainer.tokenizer_digest,
         }
         trainer.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(state, trainer.ckpt_dir / "state.pt")
-    trainer._saved_step = trainer.step
+        with deferred():  # an interruption during the write stops the run once the file is whole and counted
+            atomic_torch_save(state, trainer.ckpt_dir / "state.pt")
+            trainer._saved_step = trainer.step
+    else:
+        trainer._saved_step = trainer.step
 
 
 def apply_checkpoint(trainer, state: dict) -> None:

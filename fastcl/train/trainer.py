@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..interrupts import deferred, interrupt
 from ..saved_model import inference_max_length, resolve_model, save_encoder
 from ..sentence_model import SentenceEncoder, check_device
 from .checkpoint import TMP_MARK, CheckpointError, WriteError, read_checkpoint, replace_directory
@@ -277,8 +278,9 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
-            save_encoder(self.encoder, self.tokenizer, tmp, self.cfg.max_length, self.max_length, training)
-            replace_directory(tmp, directory)
+            with deferred():  # a Ctrl-C waits for the model to be whole
+                save_encoder(self.encoder, self.tokenizer, tmp, self.cfg.max_length, self.max_length, training)
+                replace_directory(tmp, directory)
         except OSError as e:
             raise WriteError(f"could not write the model to {directory} ({e.strerror or e})") from None
         finally:
@@ -319,9 +321,10 @@ class Trainer:
         def handler(signum, frame):
             if self._aborting:
                 return  # already on its way out
-            if self._stop:  # the second one: stop where we are, write nothing
+            if self._stop:  # the second one: stop where we are, write nothing (or finish the file being written)
                 self._aborting = True
-                raise AbortRun
+                interrupt(AbortRun())
+                return
             self._stop = True
             self.log(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
                      "(again to abort at once, keeping the last checkpoint)")
@@ -450,6 +453,8 @@ class Trainer:
                 self._bar = None
         if aborted:
             last = self._saved_step
+            if last is not None and last == self.best_step:  # its checkpoint is written: install it (a rename)
+                promote_best(self)
             self.log("\naborted: nothing written" + (f"; --resume continues from the checkpoint of step {last}"
                                                      if last is not None else " (no checkpoint yet)"))
             return {"interrupted": True, "aborted": True, "step": last}
