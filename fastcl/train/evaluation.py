@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,26 @@ from .resume import PENDING, promote_best, save_checkpoint
 
 #: Copied last into the output directory: they declare the model whole.
 MARKERS = ("modules.json", FASTCL_CONFIG)
+
+
+def load_eval_sets(trainer):
+    """The STS-B dev and test sets the run evaluates on, or None (``--no-eval``, or not found
+    without ``--eval-data-dir``)."""
+    from ..evaluate import default_data_dir, find_tasks, load_stsb_split
+
+    if trainer.cfg.no_eval:
+        return None
+    data_dir = Path(trainer.cfg.eval_data_dir) if trainer.cfg.eval_data_dir else default_data_dir()
+    tasks = find_tasks(data_dir) if data_dir.is_dir() else {}
+    if "STSBenchmark" not in tasks or not (tasks["STSBenchmark"] / "sts-dev.csv").is_file():
+        if trainer.cfg.eval_data_dir:
+            raise FileNotFoundError(f"no STSBenchmark/sts-dev.csv and sts-test.csv under {data_dir} "
+                                    "(also looked in STS/, sts/)")
+        trainer.log(f"warning: STS-B not found under {data_dir}: training without evaluation "
+                 "(pass --eval-data-dir DIR with STSBenchmark/sts-{dev,test}.csv)")
+        return None
+    d = tasks["STSBenchmark"]
+    return {"dev": load_stsb_split(d / "sts-dev.csv"), "test": load_stsb_split(d / "sts-test.csv")}
 
 
 def evaluate_live(trainer, splits=("dev",), geometry: bool = True) -> dict:

@@ -19,23 +19,10 @@ from .checkpoint import (
     FORMAT, CheckpointError, atomic_torch_save, recover_directory, remove_temporaries, replace_directory, rng_state,
     set_rng_state,
 )
+from .optimizer import parameter_groups
 from .output import remove_earlier_run
 
 PENDING = ".best.pending"
-
-
-def parameter_groups(encoder) -> list[tuple[list[str], list[torch.nn.Parameter], bool]]:
-    """The optimizer's two groups of trainable parameters, ``(names, params, decay)``:
-    weight decay for weights, none for biases and norms. Their concatenation is the
-    order in which optimizer state dicts number the parameters."""
-    decay, no_decay = ([], []), ([], [])
-    for name, p in encoder.named_parameters():
-        if not p.requires_grad:
-            continue
-        group = no_decay if name.endswith("bias") or "LayerNorm" in name or "norm" in name.lower() else decay
-        group[0].append(name)
-        group[1].append(p)
-    return [(decay[0], decay[1], True), (no_decay[0], no_decay[1], False)]
 
 
 def _training_step_of(model_dir: Path) -> int | None:
@@ -157,3 +144,29 @@ def recover_outputs(trainer, state: dict) -> None:
 def promote_best(trainer) -> None:
     if trainer.main and (trainer.out / PENDING).is_dir():
         replace_directory(trainer.out / PENDING, trainer.out / "best")
+
+
+def vocabulary_digest(tokenizer) -> str | None:
+    """A digest of the tokenizer's vocabulary: a checkpoint resumed with another
+    tokenizer would train on other token ids."""
+    import hashlib
+    import json
+
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return None
+    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+
+
+def start_from_saved_head(trainer) -> None:
+    """Training on from a saved sentence model: its MLP head, when it has one for this
+    pooler, is where the new head starts (not a fresh one)."""
+    from ..saved_model import declared_head, load_head
+
+    if trainer.encoder.mlp is None or not trainer.model_path or not Path(trainer.model_path).is_dir():
+        return
+    declared = declared_head(trainer.model_path)
+    if declared and declared["head"] is not None and declared["pooler"] == trainer.pooler:
+        load_head(trainer.encoder.mlp, declared["head"])
+        trainer.log(f"MLP head: from {declared['head']}")

@@ -43,26 +43,17 @@ from .checkpoint import TMP_MARK, CheckpointError, WriteError, read_checkpoint, 
 from .config import RESUME_MUST_MATCH, TrainConfig, check_method_options, resume_mismatches  # noqa: F401
 from .data import BatchPlan, DataError, drop_duplicates, local_slice, mask_tokens, read_training_file, tokenize_rows
 from .output import DirectoryLock, check_output_dir, remove_if_empty
-from .resume import apply_checkpoint, parameter_groups, promote_best, save_checkpoint, start_fresh
+from .evaluation import load_eval_sets
+from .optimizer import build_optimizer
+from .resume import (
+    apply_checkpoint, promote_best, save_checkpoint, start_fresh, start_from_saved_head, vocabulary_digest,
+)
 from .step import LossConfig, MoCo, compute_gradients
 
 
 class AbortRun(BaseException):
     """A second Ctrl-C: stop at once and write nothing (a BaseException, so no
     ``except Exception`` on the way swallows it)."""
-
-
-def _vocabulary_digest(tokenizer) -> str | None:
-    """A digest of the tokenizer's vocabulary: a checkpoint resumed with another
-    tokenizer would train on other token ids."""
-    import hashlib
-    import json
-
-    try:
-        vocab = tokenizer.get_vocab()
-    except (AttributeError, NotImplementedError):
-        return None
-    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
 
 
 class Trainer:
@@ -144,7 +135,7 @@ class Trainer:
         if state is not None and state["step"] > self.total_steps:
             raise CheckpointError(f"--resume: the checkpoint is at step {state['step']}, past the {self.total_steps} "
                                   "steps asked for (--max-steps / --epochs); ask for more steps to train on")
-        self.eval_sets = self._eval_sets()
+        self.eval_sets = load_eval_sets(self)
 
         if cfg.pooler == "auto":
             declared = pooler_from_directory(self.model_path)[0] if self.model_path and Path(
@@ -158,11 +149,11 @@ class Trainer:
         if backbone is None:
             backbone, tokenizer = load_backbone(self.model_path)
         self.tokenizer = tokenizer
-        self.tokenizer_digest = _vocabulary_digest(tokenizer)
+        self.tokenizer_digest = vocabulary_digest(tokenizer)
         self.max_length = inference_max_length(backbone, tokenizer, self.model_path if self.model_path and Path(
             self.model_path).is_dir() else None)
         self.encoder = SentenceEncoder(backbone, self.pooler, mlp_train, mlp_eval, cfg.do_mlm)
-        self._start_from_saved_head()
+        start_from_saved_head(self)
         self.encoder.to(self.device).train()
         self.moco = None
         if cfg.moco_queue:
@@ -180,29 +171,7 @@ class Trainer:
         else:
             self.model = self.encoder
 
-        groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
-                  for _, params, decay in parameter_groups(self.encoder)]
-        if cfg.child_tuning:
-            from ..optim import ChildTuningAdamW
-
-            # The same seed on every rank: the task-free masks must agree across DDP ranks.
-            # Task-driven masks are set after the Fisher estimate (or loaded on --resume).
-            self.optimizer = ChildTuningAdamW(
-                groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-                mode=cfg.child_tuning, reserve_p=cfg.child_tuning_p, masks={} if cfg.child_tuning == "d" else None,
-                seed=cfg.seed)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
-        total = self.total_steps
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup  # the first step trains at lr / warmup, not 0
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        self.warmup = warmup
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.optimizer, self.scheduler, self.warmup = build_optimizer(self.encoder, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         self.loss_cfg = LossConfig(cfg.temperature, cfg.hard_negative_weight, cfg.gaussian_negatives,
                                    cfg.gaussian_weight, cfg.mlm_weight, cfg.loss_backend, cfg.distributed_loss)
@@ -239,35 +208,6 @@ class Trainer:
                 from .fisher import child_tuning_masks
 
                 self.optimizer.set_masks(child_tuning_masks(self))
-
-    def _start_from_saved_head(self) -> None:
-        """Training on from a saved sentence model: its MLP head, when it has one for this
-        pooler, is where the new head starts (not a fresh one)."""
-        from ..saved_model import declared_head, load_head
-
-        if self.encoder.mlp is None or not self.model_path or not Path(self.model_path).is_dir():
-            return
-        declared = declared_head(self.model_path)
-        if declared and declared["head"] is not None and declared["pooler"] == self.pooler:
-            load_head(self.encoder.mlp, declared["head"])
-            self.log(f"MLP head: from {declared['head']}")
-
-    def _eval_sets(self):
-        from ..evaluate import default_data_dir, find_tasks, load_stsb_split
-
-        if self.cfg.no_eval:
-            return None
-        data_dir = Path(self.cfg.eval_data_dir) if self.cfg.eval_data_dir else default_data_dir()
-        tasks = find_tasks(data_dir) if data_dir.is_dir() else {}
-        if "STSBenchmark" not in tasks or not (tasks["STSBenchmark"] / "sts-dev.csv").is_file():
-            if self.cfg.eval_data_dir:
-                raise FileNotFoundError(f"no STSBenchmark/sts-dev.csv and sts-test.csv under {data_dir} "
-                                        "(also looked in STS/, sts/)")
-            self.log(f"warning: STS-B not found under {data_dir}: training without evaluation "
-                     "(pass --eval-data-dir DIR with STSBenchmark/sts-{dev,test}.csv)")
-            return None
-        d = tasks["STSBenchmark"]
-        return {"dev": load_stsb_split(d / "sts-dev.csv"), "test": load_stsb_split(d / "sts-test.csv")}
 
     # ---------------------------------------------------------- checkpoints
 
