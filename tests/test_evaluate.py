@@ -163,3 +163,94 @@ def test_minilm_anchor_stsb_test(capsys):
     assert "pooler: avg" in printed.err  # read from the package's 1_Pooling/config.json
     value = float(printed.out.splitlines()[2].split("|")[1])
     assert abs(value - 82.03) <= 0.05, value
+
+
+def test_a_task_with_a_file_missing_is_incomplete_and_the_others_are_evaluated(tmp_path, capsys):
+    """SimCSE's "all" over fewer subsets would be another number: the task is not scored."""
+    data = tmp_path / "data"
+    y12 = write_sts_year(data, "STS12", ["MSRpar", "MSRvid"])
+    (y12 / "STS.gs.MSRvid.txt").unlink()
+    y13 = write_sts_year(data, "STS13", ["FNWN", "headlines"])
+    (y13 / "STS.input.headlines.txt").unlink()
+    write_sts_year(data, "STS14", ["images"])
+    write_stsb(data)
+    results = evaluate(bag_of_words, data, log=lambda m: None)
+    assert set(results["tasks"]) == {"STS14", "STSBenchmark"} and results["average_over"] == 2
+    assert set(results["incomplete"]) == {"STS12", "STS13"}
+    assert results["incomplete"]["STS12"].endswith("STS.gs.MSRvid.txt missing")
+    assert results["incomplete"]["STS13"].endswith("STS.input.headlines.txt missing")
+    assert "geometry" in results
+    model = save_tiny_bert(tmp_path / "tiny")
+    assert main(["--model", str(model), "--data-dir", str(data), "--pooler", "avg", "--no-geometry"]) == 0
+    printed = capsys.readouterr().out
+    assert "incomplete (not evaluated): STS12: " in printed and "STS14 |   STSB | Avg.(2) |" in printed
+    # Nothing left to evaluate: one line naming why.
+    with pytest.raises(DataFormatError, match="no task could be evaluated: STS12: .*STS.gs.MSRvid.txt missing"):
+        evaluate(bag_of_words, data, tasks=["STS12"], log=lambda m: None)
+
+
+@pytest.mark.parametrize("flag", ["--output", "--plot"])
+def test_an_output_that_cannot_be_written_is_refused_before_evaluating(tmp_path, capsys, monkeypatch, flag):
+    import fastcl.encoder
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(fastcl.encoder, "load_encoder", never)
+    data = tmp_path / "data"
+    write_stsb(data)
+    (tmp_path / "a-file").write_text("x")
+    for target, message in ((tmp_path / "a-file" / "r.json", f"cannot write there ({tmp_path / 'a-file'} is a file"),
+                            (tmp_path, "is a directory; give a file name")):
+        assert main(["--data-dir", str(data), flag, str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} {target}") and message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_model_folder_errors_are_one_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_stsb(data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    (weights_only / "model.safetensors").write_bytes(b"")
+    for model, message in ((empty, "is not a model directory: it is empty"),
+                           (weights_only, "is not a model directory: it has no config.json"),
+                           (weights_only / "model.safetensors", "is a file, not a model directory"),
+                           (tmp_path / "nowhere", "does not exist")):
+        assert main(["--model", str(model), "--data-dir", str(data)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_invalid_utf8_in_an_sts_file_names_line_and_byte(tmp_path):
+    d = write_stsb(tmp_path, rows=PAIRS * 300)  # ~ 100 KB
+    path = d / "sts-test.csv"
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    k = 1505  # a line with "guitar" (PAIRS[0])
+    lines[k] = lines[k].replace(b"guitar", b"guit\xe4r")
+    path.write_bytes(b"\n".join(lines))
+    offset = len(b"\n".join(lines[:k])) + 1 + lines[k].index(b"\xe4")
+    assert offset > 8192
+    with pytest.raises(DataFormatError, match=rf"sts-test\.csv:{k + 1}: not valid UTF-8 at byte {offset} "):
+        load_stsb_split(path)
+
+
+def test_ctrl_c_during_evaluation_writes_nothing(tmp_path, capsys, monkeypatch):
+    import fastcl.encoder
+
+    data = tmp_path / "data"
+    write_stsb(data)
+    model = save_tiny_bert(tmp_path / "tiny")
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastcl.encoder.Encoder, "encode", interrupted)
+    out = tmp_path / "r.json"
+    assert main(["--model", str(model), "--data-dir", str(data), "--pooler", "avg", "--output", str(out)]) == 130
+    assert "interrupted: nothing written" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))

@@ -50,7 +50,22 @@ def test_errors_name_the_file_and_line(tmp_path, name, content, message):
 def test_invalid_utf8(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\u00e9\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.txt: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"latin1\.txt:1: not valid UTF-8 at byte 3 \(invalid continuation"):
+        read_training_file(path)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv"])
+def test_invalid_utf8_far_into_the_file_names_its_line_and_byte(tmp_path, suffix):
+    """Files are decoded in blocks of 8 KB: the offset must count from the file's start."""
+    rows = [f"sentence number {i} \u00e9t\u00e9,its pair {i}" for i in range(3000)]
+    head = ("sent0,sent1\n" if suffix == ".csv" else "") + "\n".join(rows[:1234]) + "\n"
+    data = head.encode() + b"caf\xe9 au lait,x\n" + ("\n".join(rows[1234:]) + "\n").encode()
+    path = tmp_path / f"big{suffix}"
+    path.write_bytes(data)
+    offset = len(head.encode()) + 3
+    assert offset > 40000 and data[offset] == 0xE9
+    line = head.count("\n") + 1
+    with pytest.raises(DataError, match=rf"big\{suffix}:{line}: not valid UTF-8 at byte {offset} "):
         read_training_file(path)
 
 

@@ -37,11 +37,14 @@ def _records(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("pooler", ["cls", "avg"])
-def test_train_evaluate_save_and_load(workspace, pooler):
-    out = workspace / f"run-{pooler}"
+@pytest.mark.parametrize("pooler,mlp", [("cls", "auto"), ("avg", "auto"), ("cls", "train-only"), ("avg", "always")])
+def test_train_evaluate_save_and_load(workspace, pooler, mlp):
+    """The "after training" scores are those of the best model as it was evaluated live:
+    the saved model loads with the head it was trained with (SimCSE's --mlp-only-train
+    included)."""
+    out = workspace / f"run-{pooler}-{mlp}"
     code = cli.main(["--train-file", str(workspace / "wiki40.txt"), "--model", str(workspace / "tiny"),
-                     "--output-dir", str(out), "--pooler", pooler, "--batch-size", "8", "--chunk-size", "3",
+                     "--output-dir", str(out), "--pooler", pooler, "--mlp", mlp, "--batch-size", "8", "--chunk-size", "3",
                      "--max-steps", "4", "--eval-steps", "2", "--logging-steps", "2", "--learning-rate", "1e-3",
                      "--eval-data-dir", str(workspace / "sts"), "--no-progress"])
     assert code == 0
@@ -53,6 +56,8 @@ def test_train_evaluate_save_and_load(workspace, pooler):
     assert [r["step"] for r in train] == [2, 4] and all(r["sentences_per_s"] > 0 and r["loss"] > 0 for r in train)
     best = max(evals[1:3], key=lambda r: r["stsb_dev"])
     assert evals[-1]["stsb_dev"] == pytest.approx(best["stsb_dev"], abs=1e-6)  # OUT holds the best model
+    for key in ("alignment", "uniformity"):
+        assert evals[-1][key] == pytest.approx(best[key], rel=1e-5)
     results = json.loads((out / "results.json").read_text())
     assert results["before"]["stsb_test"] == evals[0]["stsb_test"] and results["after"]["stsb_dev"] == evals[-1]["stsb_dev"]
     assert results["steps"] == 4 and results["sentences_per_s"] > 0 and results["best_step"] == best["step"]
@@ -73,13 +78,15 @@ def test_train_evaluate_save_and_load(workspace, pooler):
     auto, tok = AutoModel.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
     with torch.no_grad():
         o = auto(**tok(SENTENCES_FOR_CHECK, padding=True, return_tensors="pt"))
-    if pooler == "cls":  # the MLP used at evaluation is BERT's pooler in the saved model
+    if mlp == "auto" and pooler == "cls":  # the MLP used at evaluation is BERT's pooler in the saved model
         assert json.loads((out / "fastcl_config.json").read_text())["mlp_eval"] is True
         assert (out / "2_Dense" / "model.safetensors").exists()
         torch.testing.assert_close(torch.nn.functional.normalize(o.pooler_output, dim=1), mine, atol=1e-5, rtol=1e-4)
     else:
-        assert not (out / "2_Dense").exists()
-        assert json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
+        assert (out / "2_Dense").exists() == (mlp == "always")
+        assert json.loads((out / "fastcl_config.json").read_text())["mlp_eval"] is (mlp == "always")
+        mode = "pooling_mode_mean_tokens" if pooler == "avg" else "pooling_mode_cls_token"
+        assert json.loads((out / "1_Pooling" / "config.json").read_text())[mode] is True
 
 
 def _run(workspace, out, *extra):
@@ -127,8 +134,10 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(workspace, monkeypatch, 
 
 
 def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from fastcl.train.checkpoint import atomic_torch_save
+
     path = tmp_path / "state.pt"
-    trainer_module.atomic_torch_save({"step": 1}, path)
+    atomic_torch_save({"step": 1}, path)
 
     def failing_save(obj, f):
         f.write(b"partial")
@@ -136,9 +145,10 @@ def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        trainer_module.atomic_torch_save({"step": 2}, path)
+        atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # the temporary file went too
 
 
 def test_bad_input_errors(workspace, tmp_path, capsys):
@@ -161,8 +171,8 @@ def test_bad_input_errors(workspace, tmp_path, capsys):
 
 def test_supervised_with_every_option(workspace):
     """The real SNLI triplets with MLM, dedup, Gaussian and weighted hard negatives,
-    gradient caching and the avg_first_last pooler (which sentence-transformers cannot
-    express: no modules.json, but fastcl.encode loads it)."""
+    gradient caching and the avg_first_last pooler (sentence-transformers averages the
+    same two layers with its WeightedLayerPooling)."""
     from .train_support import NLI
 
     lines = NLI.read_text(encoding="utf-8").splitlines()[:33]
@@ -185,7 +195,10 @@ def test_supervised_with_every_option(workspace):
     results = json.loads((out / "results.json").read_text())
     assert results["kind"] == "triplets" and results["sentences_per_s"] > 0
     assert results["after"] is None  # no evaluation asked for
-    assert not (out / "modules.json").exists()
     assert json.loads((out / "fastcl_config.json").read_text())["pooler"] == "avg_first_last"
     emb = fastcl.encode(out, SENTENCES_FOR_CHECK)
     assert emb.shape == (3, 32) and torch.isfinite(emb).all()
+    from sentence_transformers import SentenceTransformer
+
+    theirs = torch.as_tensor(SentenceTransformer(str(out), device="cpu").encode(SENTENCES_FOR_CHECK))
+    torch.testing.assert_close(theirs, emb, rtol=0, atol=2e-6)  # the same layer average, not plain mean pooling

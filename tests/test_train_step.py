@@ -6,7 +6,7 @@ import torch
 
 from fastcl.train import step as step_module
 from fastcl.train.data import mask_tokens, tokenize_rows
-from fastcl.train.model import SentenceEncoder, pool, resolve_mlp
+from fastcl.sentence_model import SentenceEncoder, pool, resolve_mlp
 from fastcl.train.step import LossConfig, _flat, compute_gradients, contrastive_loss
 
 from .train_support import tiny_bert, tokenizer
@@ -134,7 +134,7 @@ def test_gradient_caching_with_mlm_equals_one_pass():
 
 
 def test_half_precision_checkpoint_loads_as_float32(tmp_path):
-    from fastcl.train.model import load_backbone
+    from fastcl.saved_model import load_backbone
 
     tiny_bert(dtype=torch.float16).save_pretrained(tmp_path)
     tokenizer().save_pretrained(tmp_path)

@@ -1,7 +1,6 @@
 """``python -m fastcl.train``: see :mod:`fastcl.train.cli`."""
 
-import sys
-
+from ..interrupts import run_command
 from .cli import main
 
-sys.exit(main())
+run_command(main)

@@ -26,9 +26,9 @@ import os
 import sys
 from dataclasses import fields
 
-from .model import MLP_MODES, POOLERS
+from ..sentence_model import MLP_MODES, POOLERS
 from .step import DISTRIBUTED_LOSSES
-from .trainer import TrainConfig, check_method_options
+from .config import TrainConfig, check_method_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,10 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "../shared/data/sts)")
     e.add_argument("--eval-batch-size", type=int, default=128)
     e.add_argument("--no-eval", action="store_true")
-    e.add_argument("--save-steps", type=int, default=0, help="checkpoint every this many steps (0: at each eval)")
+    e.add_argument("--save-steps", type=int, default=0, help="checkpoint every this many steps (0: at each eval); "
+                   "also whenever the best model changes")
     e.add_argument("--logging-steps", type=int, default=50)
-    e.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
-    e.add_argument("--overwrite", action="store_true", help="start again in an output directory with a checkpoint")
+    e.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint/state.pt")
+    e.add_argument("--overwrite", action="store_true",
+                   help="train into a non-empty OUTPUT_DIR: the files of an earlier fastcl run there (model, best/, "
+                   "checkpoint/, logs, results) are replaced, other files are kept (without it, a non-empty "
+                   "directory is refused)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -152,7 +156,39 @@ def _check_numbers(parser, args) -> None:
                      "information)")
 
 
+def _error(e: BaseException, code: int) -> int:
+    """One line on stderr, no traceback."""
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _interruption(e: BaseException | None) -> bool:
+    """Whether ``e`` is a Ctrl-C, or an error some library made of one (an import
+    interrupted in a class body turns it into a RuntimeError, for instance)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "AbortRun":
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (0 done, 1 a write failed, 2 a usage or
+    input error, 130 interrupted)."""
+    try:
+        return _main(argv)
+    except BaseException as e:  # noqa: BLE001 - only interruptions are handled here
+        if not _interruption(e):
+            raise
+        print("\ninterrupted: nothing written after the last checkpoint (--resume continues from it, if there is "
+              "one)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_numbers(parser, args)
@@ -168,23 +204,33 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # loading / saving bars between the training bar's lines
 
+    from ..saved_model import SavedModelError
+    from .checkpoint import CheckpointError, WriteError
     from .data import DataError
+    from .output import OutputDirError
     from .trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+    trainer = None
     try:
+        if world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda") else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
         trainer = Trainer(cfg)
         trainer.setup()
         result = trainer.train()
-    except (DataError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (DataError, OutputDirError, CheckpointError, SavedModelError, FileNotFoundError, FileExistsError,
+            ValueError, ImportError) as e:
+        return _error(e, 2)
+    except WriteError as e:  # the run was going; what it wrote before is intact
+        return _error(e, 1)
+    except OSError as e:  # a model name the hub does not know, a folder that cannot be read, ...
+        return _error(e, 2)
     finally:
+        if trainer is not None:
+            trainer.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if result.get("interrupted"):

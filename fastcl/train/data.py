@@ -58,7 +58,11 @@ def _open_text(path: Path):
 
 
 def _utf8_error(path: Path, e: UnicodeDecodeError) -> DataError:
-    return DataError(f"{path}: not valid UTF-8 near byte {e.start} ({e.reason})")
+    """The decoder reads in blocks, so ``e.start`` counts from the block: find the byte
+    again in the whole file, with its line."""
+    from ..sts_data import utf8_error
+
+    return DataError(utf8_error(path) or f"{path}: not valid UTF-8 ({e.reason})")
 
 
 def read_sentences(path: str | Path) -> TrainingData:

@@ -221,7 +221,7 @@ def compute_gradients(model, batch: dict[str, torch.Tensor], cfg: LossConfig, *,
     """Accumulate into ``.grad`` the gradients of ``loss + mlm_weight * mlm_loss`` for one
     batch, and return the (global) loss values.
 
-    ``model`` is a :class:`~fastcl.train.model.SentenceEncoder`, or a DDP wrapper of one.
+    ``model`` is a :class:`~fastcl.sentence_model.SentenceEncoder`, or a DDP wrapper of one.
     ``batch`` holds (B, V, L) ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``),
     and with MLM ``mlm_input_ids`` / ``mlm_labels``. ``chunk_size`` 0 (or >= B) is the
     plain step; otherwise rows are encoded ``chunk_size`` at a time (gradient caching).
