@@ -46,7 +46,6 @@ the CPU kernel is missing then.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -57,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+from .native_build import BUILD_RECORD, EXTRA_CFLAGS, EXTRA_LDFLAGS, SOURCE_DIR, source_digest, source_files
 from .ops.layout import ColumnLayout
 from .ops.utils import accumulator_dtype
 
@@ -76,29 +76,11 @@ SCHEMAS = {
 }
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-SOURCE_DIR = PACKAGE_DIR.parent / "csrc"
-#: Compiler flags of both builds (setup.py keeps its own copy; a test checks they agree).
-#: -fopenmp matters: at::parallel_for is a header template that runs its body serially
-#: unless the extension itself is compiled with OpenMP (torch's own build uses it).
-EXTRA_CFLAGS = ["-O3", "-fopenmp"]
-EXTRA_LDFLAGS = ["-fopenmp"]
 JIT_NAME = "fastcl_native"
-BUILD_RECORD = "_C.build.json"
 
-
-def source_files(source_dir: Path = SOURCE_DIR) -> list[Path]:
-    return sorted(p for p in source_dir.glob("*") if p.suffix in (".cpp", ".h"))
-
-
-def source_digest(source_dir: Path = SOURCE_DIR) -> str | None:
-    """sha256 of the C++ sources and flags (None when the sources are not shipped)."""
-    files = source_files(source_dir)
-    if not files:
-        return None
-    digest = hashlib.sha256(" ".join(EXTRA_CFLAGS + EXTRA_LDFLAGS).encode())
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+__all__ = ["BUILD_RECORD", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "SOURCE_DIR", "NativeStatus", "SCHEMAS", "available",
+           "build", "cache_dir", "main", "operator_backward", "operator_forward", "source_digest", "source_files",
+           "status"]
 
 
 @dataclass

@@ -5,6 +5,7 @@ Without the extension these tests are skipped, except in CI, where .ci/run sets
 FASTCL_REQUIRE_NATIVE=1 so that a broken build fails instead of skipping.
 """
 
+import ast
 import importlib.util
 import json
 import os
@@ -47,14 +48,20 @@ def test_cpp_schemas_match_python_schemas():
         assert str(loaded) == str(torch._C.parse_schema(f"fastcl::{schema}"))
 
 
-def test_setup_py_and_loader_agree_on_sources_and_flags():
+def test_setup_py_reads_the_loaders_build_constants():
+    # setup.py loads fastcl/native_build.py by its path and never imports fastcl: one set
+    # of flags, one build record name and one source digest for both builds.
     spec = importlib.util.spec_from_file_location("fastcl_setup", REPO / "setup.py")
     setup_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup_module)  # setup() itself only runs as __main__
-    assert setup_module.EXTRA_CFLAGS == native.EXTRA_CFLAGS
-    assert setup_module.EXTRA_LDFLAGS == native.EXTRA_LDFLAGS
-    assert setup_module.BUILD_RECORD == native.BUILD_RECORD
-    assert setup_module.source_digest() == native.source_digest() is not None
+    assert Path(setup_module.BUILD.__file__).resolve() == (REPO / "fastcl" / "native_build.py").resolve()
+    assert setup_module.BUILD.EXTRA_CFLAGS == native.EXTRA_CFLAGS
+    assert setup_module.BUILD.source_digest() == native.source_digest() is not None
+    imported = {alias.name for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    imported |= {node.module for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not any(name.split(".")[0] == "fastcl" for name in imported), imported
 
 
 # ------------------------------------------------------------- against the reference
