@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from fastcl import draw_gaussian_negatives, info_nce, info_nce_reference, native
+from fastcl.ops.dispatch import kernels
+from fastcl.plan import choose_backend, choose_strategy
 
 
 @dataclass(frozen=True)
@@ -102,3 +104,11 @@ def run_both(case: Case, backend: str, device, dtype=torch.float64, seed: int = 
 NATIVE = pytest.param("native", marks=pytest.mark.skipif(
     not native.available() and os.environ.get("FASTCL_REQUIRE_NATIVE") != "1",
     reason=f"native extension unavailable: {native.status().reason}"))
+
+
+def kernel_pair(backend: str, device: torch.device = torch.device("cpu"), dtype=torch.float64, dim: int = 8):
+    """The (forward, backward) kernels that ``backend`` (any name info_nce takes, "auto"
+    strategy) runs on ``device``, as the dispatch table holds them."""
+    name = choose_backend(backend, device, 1 << 30)
+    strategy = choose_strategy("auto", name, torch.empty(0, dim, dtype=dtype, device=device))
+    return kernels(device.type, name, strategy)

@@ -18,8 +18,9 @@ import torch
 from torch.autograd import gradcheck
 
 from fastcl import info_nce, info_nce_reference, native
-from fastcl.loss import _choose_backend
+from fastcl.ops import operators
 from fastcl.ops.layout import ColumnLayout
+from fastcl.plan import choose_backend as _choose_backend
 
 from .helpers import Case, relative_error, run_both
 from .test_kernels import CASES as SMALL_CASES
@@ -41,9 +42,9 @@ def test_extension_is_loaded_when_required():
 
 @needs_native
 def test_cpp_schemas_match_python_schemas():
-    # registration.cpp and native.SCHEMAS must describe the same operators: without the
+    # registration.cpp and operators.SCHEMAS must describe the same operators: without the
     # extension the Python strings define them, and the CUDA / fake kernels assume them.
-    for name, schema in native.SCHEMAS.items():
+    for name, schema in operators.SCHEMAS.items():
         loaded = getattr(torch.ops.fastcl, name).default._schema
         assert str(loaded) == str(torch._C.parse_schema(f"fastcl::{schema}"))
 
@@ -338,8 +339,8 @@ def test_cuda_dispatch_normalization_matches_the_fused_cpu_kernel():
                                               normalize_eps=eps)
         lse_t, target_logit_t, theirs = lse_t.cpu(), target_logit_t.cpu(), [t.cpu() for t in theirs]
     else:  # the same Python kernel functions, run by the interpreter on CPU tensors
-        lse_t, target_logit_t = native._cuda_forward(*args, eps)
-        theirs = native._cuda_backward(*args, lse, grad_rows, True, True, eps)
+        lse_t, target_logit_t = operators._cuda_forward(*args, eps)
+        theirs = operators._cuda_backward(*args, lse, grad_rows, True, True, eps)
     assert relative_error(lse_t, lse) < 1e-12 and relative_error(target_logit_t, target_logit) < 1e-12
     for name, o, t in zip(("dq", "dk", "row_dot"), ours, theirs):
         assert relative_error(t, o) < 1e-10, name
@@ -420,14 +421,14 @@ def test_opcheck_backward(variant, need_dq, need_dk, normalize_eps):
 @needs_native
 def test_operator_outputs_follow_the_backend_contract():
     q, k, params, targets, layout, _ = _operator_inputs(torch.bfloat16, True, True, True)
-    lse, target_logit = native.operator_forward(q, k, params, targets, layout)
+    lse, target_logit = operators.operator_forward(q, k, params, targets, layout)
     assert lse.dtype == target_logit.dtype == torch.float32 and lse.shape == (q.shape[0],)
     grad_rows = torch.ones(q.shape[0])
-    dq, dk, row_dot = native.operator_backward(q, k, params, targets, layout, lse, grad_rows, True, True)
+    dq, dk, row_dot = operators.operator_backward(q, k, params, targets, layout, lse, grad_rows, True, True)
     assert dq.shape == q.shape and dq.dtype == torch.bfloat16
     assert dk.shape == (layout.n_grad_cols, q.shape[1]) and dk.dtype == torch.bfloat16
     assert row_dot.shape == (q.shape[0],) and row_dot.dtype == torch.float32
-    dq, dk, row_dot = native.operator_backward(q, k, params, targets, layout, lse, grad_rows, False, True)
+    dq, dk, row_dot = operators.operator_backward(q, k, params, targets, layout, lse, grad_rows, False, True)
     assert dq is None and row_dot is None and dk is not None
 
 
@@ -459,10 +460,10 @@ def test_operator_rejects_bad_arguments(mutation, message):
 def test_auto_backend_takes_native_on_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     big = 1 << 20
-    expected = "native" if native.available() else "torch"
+    expected = "cpp" if native.available() else "chunked"
     assert _choose_backend("auto", torch.device("cpu"), big) == expected
     monkeypatch.setattr(native, "_status", native.NativeStatus(False, "", None, "pretend"))
-    assert _choose_backend("auto", torch.device("cpu"), big) == "torch"
+    assert _choose_backend("auto", torch.device("cpu"), big) == "chunked"
     with pytest.raises(RuntimeError, match="pretend"):
         info_nce(torch.randn(300, 8), torch.randn(300, 8), backend="native")
 
@@ -494,7 +495,8 @@ def test_prebuilt_library_for_this_torch_is_chosen(tmp_path, monkeypatch):
 _PROBE = """
 import torch, fastcl
 from fastcl import info_nce, info_nce_reference, native
-from fastcl.loss import _choose_backend
+from fastcl.ops import operators
+from fastcl.plan import choose_backend as _choose_backend
 s = native.status()
 print("STATUS", s.available, s.source, s.reason)
 print("AUTO", _choose_backend("auto", torch.device("cpu"), 1 << 20))
@@ -503,7 +505,7 @@ ref = info_nce(a, p, backend="reference")
 print("ERR", abs(info_nce(a, p).item() - ref.item()))
 # Without the extension the schemas come from Python: the operators exist either way.
 print("SCHEMAS", all(str(getattr(torch.ops.fastcl, name).default._schema)
-                     == str(torch._C.parse_schema("fastcl::" + schema)) for name, schema in native.SCHEMAS.items()))
+                     == str(torch._C.parse_schema("fastcl::" + schema)) for name, schema in operators.SCHEMAS.items()))
 if not s.available:
     try:
         info_nce(a, p, backend="native")
@@ -529,7 +531,7 @@ def test_failed_build_falls_back_with_exactly_one_warning(tmp_path):
     lines, stderr = _probe(tmp_path, FASTCL_NATIVE="jit", CXX=str(tmp_path / "no-such-compiler"))
     assert lines["STATUS"].startswith("False")
     assert stderr.count("the native CPU extension is unavailable") == 1, stderr[-3000:]
-    assert lines["AUTO"] == "torch"
+    assert lines["AUTO"] == "chunked"
     assert float(lines["ERR"]) < 1e-12
     assert lines["NATIVE_REFUSED"] == "True"
     assert lines["SCHEMAS"] == "True"
@@ -542,7 +544,7 @@ def test_just_in_time_build_then_cache(tmp_path):
     lines, stderr = _probe(tmp_path, FASTCL_NATIVE="jit")
     assert lines["STATUS"].startswith("True jit build"), stderr[-3000:]
     assert "the native CPU extension is unavailable" not in stderr
-    assert lines["AUTO"] == "native" and float(lines["ERR"]) < 1e-12 and lines["SCHEMAS"] == "True"
+    assert lines["AUTO"] == "cpp" and float(lines["ERR"]) < 1e-12 and lines["SCHEMAS"] == "True"
     lines, _ = _probe(tmp_path, FASTCL_NATIVE="jit")
     assert lines["STATUS"].startswith("True jit cache")
 
@@ -551,4 +553,4 @@ def test_disabled_native_gives_no_warning(tmp_path):
     lines, stderr = _probe(tmp_path, FASTCL_NATIVE="0")
     assert lines["STATUS"].startswith("False") and "FASTCL_NATIVE=0" in lines["STATUS"]
     assert "the native CPU extension is unavailable" not in stderr
-    assert lines["AUTO"] == "torch" and float(lines["ERR"]) < 1e-12
+    assert lines["AUTO"] == "chunked" and float(lines["ERR"]) < 1e-12

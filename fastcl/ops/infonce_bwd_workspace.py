@@ -1,6 +1,6 @@
 """Workspace backward: logit gradients of a chunk of rows in a bounded buffer, then GEMMs.
 
-The slab backward (infonce_bwd.py) recomputes every similarity tile once per D slab of
+The slab backward (infonce_bwd_slab.py) recomputes every similarity tile once per D slab of
 each gradient, so at D = 768 with 256-wide slabs it does the 2NMD similarity product
 six times. This backward forms it once. For each chunk of R rows:
 
@@ -12,7 +12,7 @@ six times. This backward forms it once. For each chunk of R rows:
 2. ``dq_R = E @ k`` and ``dk += E[:, :n_grad]^T q_R`` are two plain matrix products
    (cuBLAS on the GPU), with results in fp32 for 16-bit inputs;
 3. a small kernel multiplies each result by what E leaves out (1/tau and the maxima
-   that normalize E's factors, see infonce_bwd.py "Precision"), subtracts the
+   that normalize E's factors, see infonce_bwd_slab.py "Precision"), subtracts the
    normalization's rank-1 term of each row (fastcl/ops/normalize.py, with the column
    sums ``sum_i G_ij cos_ij`` the first kernel also adds) and rounds once.
 
@@ -135,7 +135,7 @@ def _infonce_dlogits_kernel(
         tl.atomic_add(row_dot_ptr + rows, tl.sum(dlogits * s, 1), mask=row_in)
         # The operands hold P - onehot times the factors that cannot leave the products'
         # sums, each normalized by its maximum; 1/tau and the rest multiply the fp32
-        # products afterwards (infonce_bwd.py, "Precision"). One operand serves both
+        # products afterwards (infonce_bwd_slab.py, "Precision"). One operand serves both
         # products when it can hold both factors (bf16, fp32, fp64: fp32's exponent
         # range); float16's range cannot hold the product of both spreads, so with SPLIT
         # the dq operand keeps c_j only and a second one, for dk, keeps g_i r_i only.
@@ -265,7 +265,7 @@ def infonce_backward_workspace(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Same contract as :func:`fastcl.ops.infonce_bwd.infonce_backward`."""
+    """Same contract as :func:`fastcl.ops.infonce_bwd_slab.infonce_backward_slab`."""
     n_rows, dim = q.shape
     check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)

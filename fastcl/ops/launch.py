@@ -23,7 +23,7 @@ def check_rows_contiguous(*tensors: torch.Tensor) -> None:
             raise ValueError(f"kernel inputs need unit column stride, got strides {t.stride()}")
         if t.shape[0] and (t.shape[0] - 1) * t.stride(0) + t.shape[1] >= 2 ** 31:
             raise ValueError(f"a {tuple(t.shape)} input is too large for the Triton kernels (element offsets "
-                             "past 2**31); use backend='torch' or 'native', or fewer rows per call")
+                             "past 2**31); use backend='chunked' or 'cpp', or fewer rows per call")
 
 
 def layout_switches(dtype: torch.dtype, targets: torch.Tensor | None, layout: ColumnLayout, grouped: bool,

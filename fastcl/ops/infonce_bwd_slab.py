@@ -1,4 +1,4 @@
-"""Backward kernels: gradients of the per-row losses with respect to queries and keys.
+"""Slab backward: gradients of the per-row losses with respect to queries and keys.
 
 With P the row softmax, g_i the incoming gradient of loss_i and t_i the target column,
 the gradient of loss_i with respect to logit[i, j] is ``G[i, j] = g_i (P[i, j] - [j ==
@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import backward_strategy, kernel_config
+from .configs import kernel_config
 from .group_ranges import column_block_row_ranges, row_block_tile_ranges
 from .launch import backward_operand_scales, block_options, check_rows_contiguous, layout_segments, layout_switches
 from .layout import ColumnLayout
@@ -287,7 +287,7 @@ def _infonce_bwd_dk_kernel(
              mask=(cols[:, None] < n_grad_cols) & slab_in[None, :])
 
 
-def infonce_backward(
+def infonce_backward_slab(
     q: torch.Tensor,
     k: torch.Tensor,
     params: torch.Tensor,
@@ -300,23 +300,16 @@ def infonce_backward(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward kernels.
+    """Launch the slab backward kernels.
 
     Arguments as for :func:`~fastcl.ops.infonce_fwd.infonce_forward`, plus the forward's
-    ``lse`` and the incoming per-row gradient ``grad_rows``. Runs the slab kernels below
-    or, when :func:`~fastcl.ops.configs.backward_strategy` says so, the workspace
-    backward. Returns ``(dq, dk,
+    ``lse`` and the incoming per-row gradient ``grad_rows``. Returns ``(dq, dk,
     row_dot)``: dq is N x D (None unless ``need_dq``), dk is ``layout.n_grad_cols`` x D
     (None unless ``need_dk``), both in the input dtype; row_dot (accumulator dtype,
     length N, computed with dq) sums to the gradient of the loss with respect to 1/tau.
     With ``normalize_eps`` the gradients are with respect to the raw rows.
     """
     n_rows, dim = q.shape
-    if backward_strategy(q.dtype, dim, q.device, grouped=groups is not None) == "workspace":
-        from .infonce_bwd_workspace import infonce_backward_workspace
-
-        return infonce_backward_workspace(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups,
-                                          normalize_eps)
     check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
