@@ -22,7 +22,7 @@ from fastcl.ops import operators
 from fastcl.ops.layout import ColumnLayout
 from fastcl.plan import choose_backend as _choose_backend
 
-from .helpers import Case, relative_error, run_both
+from .helpers import Case, check_groups_stay_apart, relative_error, run_both
 from .test_kernels import CASES as SMALL_CASES
 from .test_kernels import DTYPE_TOLERANCE
 
@@ -172,16 +172,7 @@ def test_native_skips_blocks_without_a_common_group(monkeypatch):
     # (0 * NaN in the gradient product) if group 0's rows visited its block.
     monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "16")
     monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "16")
-    groups = torch.arange(48) // 16
-    a, p = torch.randn(48, 8, requires_grad=True), torch.randn(48, 8, requires_grad=True)
-    with torch.no_grad():
-        p[20] = float("nan")   # a positive (candidate) of group 1
-        a[40] = float("nan")   # an anchor (query) of group 2
-    out = info_nce(a, p, groups=groups, backend="native", reduction="none", check_finite=False)
-    out.sum().backward()
-    assert torch.isfinite(out[:16]).all() and torch.isnan(out[16:32]).all()
-    assert torch.isfinite(a.grad[:16]).all(), "the dq pass visited a block of another group"
-    assert torch.isfinite(p.grad[:16]).all(), "the dk pass visited a block of another group"
+    check_groups_stay_apart("native", dtype=torch.float32)
 
 
 @needs_native
