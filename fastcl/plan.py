@@ -53,9 +53,10 @@ from .ops.layout import ColumnLayout
 from .ops.utils import accumulator_dtype, interpreting
 
 BACKENDS = ("auto", "triton", "cpp", "chunked", "dense")
-#: Older backend names, still accepted: "native" means the compiled operators (resolved
-#: by device), "torch" the chunked path, "reference" the dense one.
-BACKEND_ALIASES = {"native": "native", "torch": "chunked", "reference": "dense"}
+#: Older backend names, still accepted: "native" (the compiled operators: the C++ kernel
+#: on CPU tensors, the Triton kernels on CUDA tensors), "torch" (chunked) and "reference"
+#: (dense).
+BACKEND_ALIASES = ("native", "torch", "reference")
 BACKWARD_STRATEGIES = ("auto",) + TRITON_STRATEGIES
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -115,7 +116,7 @@ class LossOptions(NamedTuple):
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 0 <= count < 2 ** 31:
             raise ValueError(f"gaussian_negatives must be an int in [0, 2**31), got {count!r}")
         _check_name("reduction", self.reduction, REDUCTIONS)
-        _check_name("backend", self.backend, BACKENDS + tuple(BACKEND_ALIASES))
+        _check_name("backend", self.backend, BACKENDS + BACKEND_ALIASES)
         _check_name("backward_strategy", self.backward_strategy, BACKWARD_STRATEGIES)
         backend, strategy = _canonical(self.backend), self.backward_strategy
         if backend == "dense" and strategy != "auto":
@@ -141,8 +142,11 @@ def _check_name(argument: str, value, allowed: tuple[str, ...]) -> None:
 # --------------------------------------------------------- backend and backward strategy
 
 
-def _canonical(backend: str) -> str:
-    return BACKEND_ALIASES.get(backend, backend)
+def _canonical(backend: str, device: torch.device | None = None) -> str:
+    """``backend`` by its current name; "native" depends on the device (None: not known yet)."""
+    if backend == "native":
+        return backend if device is None else ("triton" if device.type == "cuda" else "cpp")
+    return {"torch": "chunked", "reference": "dense"}.get(backend, backend)
 
 
 def choose_backend(backend: str, device: torch.device, n_logits: int, strategy: str = "auto",
@@ -151,9 +155,7 @@ def choose_backend(backend: str, device: torch.device, n_logits: int, strategy: 
     for ``n_logits`` logits on ``device`` (see the module docstring). ``dense=False``
     (the distributed losses: the dense loss knows no ranks) takes the chunked path
     instead of the dense one."""
-    backend = _canonical(backend)
-    if backend == "native":
-        return "triton" if device.type == "cuda" else "cpp"
+    backend = _canonical(backend, device)
     if backend == "dense" and not dense:
         return "chunked"
     if backend != "auto":
