@@ -14,7 +14,7 @@ A failed compilation never fails the install: the extension is optional, and fas
 falls back to its pure-Python path with one warning that says why.
 """
 
-import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -23,21 +23,18 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-SOURCE_DIR = ROOT / "csrc"
-# Must match fastcl/native.py (EXTRA_CFLAGS, source_digest); tests/test_native.py checks.
-EXTRA_CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for is serial without it
-EXTRA_LDFLAGS = ["-fopenmp"]
-BUILD_RECORD = "_C.build.json"
 
 
-def source_digest(source_dir: Path = SOURCE_DIR) -> str | None:
-    files = sorted(p for p in source_dir.glob("*") if p.suffix in (".cpp", ".h"))
-    if not files:
-        return None
-    digest = hashlib.sha256(" ".join(EXTRA_CFLAGS + EXTRA_LDFLAGS).encode())
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+def _build_constants():
+    """fastcl/native_build.py, loaded by path: the flags, build record and source digest
+    that fastcl/native.py uses too, without importing fastcl (or torch)."""
+    spec = importlib.util.spec_from_file_location("fastcl_native_build", ROOT / "fastcl" / "native_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _build_constants()
 
 
 def _extension_options() -> dict:
@@ -70,14 +67,14 @@ def _extension_options() -> dict:
             for ext in self.extensions:
                 library = Path(self.get_ext_fullpath(ext.name))
                 if library.exists():
-                    record = {"torch": torch.__version__, "sources": source_digest()}
-                    (library.parent / BUILD_RECORD).write_text(json.dumps(record) + "\n")
+                    record = {"torch": torch.__version__, "sources": BUILD.source_digest()}
+                    (library.parent / BUILD.BUILD_RECORD).write_text(json.dumps(record) + "\n")
 
     extension = CppExtension(
         "fastcl._C",
-        sources=[str(p.relative_to(ROOT)) for p in sorted(SOURCE_DIR.glob("*.cpp"))],
-        extra_compile_args=EXTRA_CFLAGS,
-        extra_link_args=EXTRA_LDFLAGS,
+        sources=[str(p.relative_to(ROOT)) for p in BUILD.source_files() if p.suffix == ".cpp"],
+        extra_compile_args=BUILD.EXTRA_CFLAGS,
+        extra_link_args=BUILD.EXTRA_LDFLAGS,
         optional=True,  # a compile error is reported, and the install goes on without it
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildWithRecord}}

@@ -43,7 +43,6 @@ before and after (fastcl.evaluate). Results: ``<out>/trainer.json``, ``trainer.m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import gc
 import json
@@ -53,8 +52,12 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import allocated_above_start, allocation_records, quiet_stderr  # noqa: E402 - after the path
 
 
 def parse_ints(text: str) -> list[int]:
@@ -99,36 +102,10 @@ def step(name: str, loss_fn, columns: list[torch.Tensor]) -> float:
     return float(value.detach())
 
 
-@contextlib.contextmanager
-def quiet_stderr():
-    """The profiler writes a line to stderr at its start and stop."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def allocation_peak(prof) -> int:
     """Peak of torch's CPU allocations during a profiling session, above what existed at
-    its start. The profiler's running total is process-wide and carries over from earlier
-    sessions (and misses frees made between sessions), so it is taken relative to its
-    value before the session's first allocation event."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    memory = [e["args"] for e in events
-              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    if not memory:
-        raise RuntimeError("the profiler recorded no CPU allocations")
-    baseline = memory[0]["Total Allocated"] - memory[0]["Bytes"]
-    return max(0, max(m["Total Allocated"] for m in memory) - baseline)
+    its start."""
+    return max(0, max(allocated_above_start(allocation_records(prof))))
 
 
 def peak_bytes(fn) -> tuple[int, float, object]:

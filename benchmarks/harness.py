@@ -189,19 +189,34 @@ def profiler_memory(fn) -> tuple[int, int]:
         with quiet_stderr():
             prof.stop()
     del out
+    totals = allocated_above_start(allocation_records(prof))
+    return max(0, max(totals)), max(0, totals[-1])
+
+
+def allocation_records(prof) -> list[dict]:
+    """The CPU allocation events of a finished ``torch.profiler`` session (made with
+    ``profile_memory=True``), in time order: each with ``"Bytes"`` (this allocation,
+    negative for a free) and ``"Total Allocated"`` (the allocator's running total after
+    it). Raises RuntimeError when there is none: the measurement is broken then."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    records = sorted((e["ts"], e["args"]) for e in events
-                     if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0)
+    records = sorted(((e["ts"], e["args"]) for e in events
+                      if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+                     key=lambda record: record[0])
     if not records:
         raise RuntimeError("the profiler recorded no CPU allocations: the measurement is broken")
-    first = records[0][1]
-    baseline = first["Total Allocated"] - first["Bytes"]
-    totals = [args["Total Allocated"] - baseline for _, args in records]
-    return max(0, max(totals)), max(0, totals[-1])
+    return [args for _, args in records]
+
+
+def allocated_above_start(records: list[dict]) -> list[int]:
+    """Bytes allocated after each record, above the level before the first one. The
+    profiler's running total is process-wide and carries over from earlier sessions (and
+    misses frees made between sessions), so only differences within a session count."""
+    baseline = records[0]["Total Allocated"] - records[0]["Bytes"]
+    return [args["Total Allocated"] - baseline for args in records]
 
 
 @contextlib.contextmanager

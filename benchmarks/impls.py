@@ -256,7 +256,7 @@ def _group_flops(impl_backend: str) -> Callable[[Spec], float | None]:
 
     def real(spec: Spec) -> float | None:
         chosen = chosen_backend(impl_backend, spec.device, spec.n_logits())
-        return {"torch": 8.0, "reference": 6.0}.get(chosen, 0) * spec.n * spec.n * spec.d or None
+        return {"chunked": 8.0, "dense": 6.0}.get(chosen, 0) * spec.n * spec.n * spec.d or None
 
     return real
 

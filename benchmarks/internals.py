@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-#: Forces the Triton backend's backward strategy (read at every backward call).
+#: Forces the Triton backend's backward strategy under backward_strategy="auto" (read at
+#: every call).
 BACKWARD_ENV = "FASTCL_BACKWARD"
 #: Logit elements per chunk of the chunked PyTorch backend (read at every call).
 CHUNK_ENV = "FASTCL_CHUNK_ELEMENTS"
@@ -30,9 +31,9 @@ def backward_strategies() -> tuple[str, ...]:
 def chosen_backend(backend: str, device, n_logits: int) -> str | None:
     """The backend ``backend`` resolves to for a call with ``n_logits`` logits."""
     try:
-        from fastcl.loss import _choose_backend
+        from fastcl.plan import choose_backend
 
-        return _choose_backend(backend, device, n_logits)
+        return choose_backend(backend, device, n_logits)
     except Exception:
         return None
 

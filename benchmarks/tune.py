@@ -98,7 +98,7 @@ def _triton_version() -> str:
 def _problem(kernel: str, dtype: torch.dtype, n: int, dim: int, seed: int = 0):
     """Inputs of one kernel launch at N = M = n: raw rows, normalized in the kernels, as
     the loss's default (normalize=True) runs them."""
-    from fastcl.ops.infonce import kernel_params
+    from fastcl.ops.function import kernel_params
     from fastcl.ops.infonce_fwd import infonce_forward
     from fastcl.ops.layout import ColumnLayout
 
@@ -113,7 +113,7 @@ def _problem(kernel: str, dtype: torch.dtype, n: int, dim: int, seed: int = 0):
 
 
 def _runner(kernel: str, problem):
-    from fastcl.ops.infonce_bwd import infonce_backward
+    from fastcl.ops.infonce_bwd_slab import infonce_backward_slab
     from fastcl.ops.infonce_bwd_workspace import infonce_backward_workspace
     from fastcl.ops.infonce_fwd import infonce_forward
 
@@ -122,13 +122,11 @@ def _runner(kernel: str, problem):
         return lambda: infonce_forward(q, k, params, None, layout, normalize_eps=EPS)[0]
     if kernel == "backward_ds":  # timed with the two products it feeds: the whole workspace backward
         return lambda: infonce_backward_workspace(q, k, params, None, layout, lse, grad_rows, normalize_eps=EPS)[0]
-    # The slab kernels are timed through infonce_backward with the slab strategy forced.
-    os.environ["FASTCL_BACKWARD"] = "slab"
     if kernel == "backward_dq":
-        return lambda: infonce_backward(q, k, params, None, layout, lse, grad_rows, need_dq=True, need_dk=False,
-                                        normalize_eps=EPS)[0]
-    return lambda: infonce_backward(q, k, params, None, layout, lse, grad_rows, need_dq=False, need_dk=True,
-                                    normalize_eps=EPS)[1]
+        return lambda: infonce_backward_slab(q, k, params, None, layout, lse, grad_rows, need_dq=True, need_dk=False,
+                                             normalize_eps=EPS)[0]
+    return lambda: infonce_backward_slab(q, k, params, None, layout, lse, grad_rows, need_dq=False, need_dk=True,
+                                         normalize_eps=EPS)[1]
 
 
 def _warm(args):

@@ -1,5 +1,5 @@
 // Native CPU kernels of the fused InfoNCE loss: the two backend functions that the
-// Triton kernels (fastcl/ops/infonce_fwd.py, infonce_bwd.py) and the chunked PyTorch
+// Triton kernels (fastcl/ops/infonce_fwd.py, infonce_bwd_slab.py) and the chunked PyTorch
 // path (fastcl/ops/chunked.py) implement, with the same arguments and outputs.
 #pragma once
 

@@ -1,217 +1,21 @@
-"""The public loss: argument checks, normalization, candidate assembly, dispatch.
+"""The InfoNCE loss: the functional form :func:`info_nce` and the module :class:`InfoNCELoss`.
 
-Everything heavy happens in :class:`fastcl.ops.infonce.InfoNCEFunction`; this module
-turns the user's arguments into its inputs, and fails early, with a message that names
-the argument, on anything it cannot compute.
+Both hand their arguments to :mod:`fastcl.plan`, which checks them and decides what
+runs; the autograd Function (:mod:`fastcl.ops.function`) runs it.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
-import numbers
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from .numerics import (
-    MIN_TEMPERATURE, TEMPERATURE_TENSOR_MESSAGE, RowMagnitudes, check_eps, check_flag, check_real,
-    check_temperature_float, logits_overflow, rescale_rows, temperature_tensor_ok,
-)
-from .ops.infonce import FUSED_NORMALIZATION, InfoNCEFunction
-from .ops.layout import ColumnLayout
-from .ops.utils import SUPPORTED_DTYPES, accumulator_dtype, interpreting
+from .gaussian import draw_gaussian_negatives, generator_of
+from .numerics import TEMPERATURE_TENSOR_MESSAGE, temperature_tensor_ok
+from .ops.function import InfoNCEFunction
+from .plan import LossOptions, output_dtype, plan_info_nce, reduce_rows
 from .reference import info_nce_reference
 
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch", "native", "reference")
-
-#: Below this many logits (N x M) the "auto" backend takes the dense reference: one
-#: small matrix product beats any sequence of kernel launches, and 64 K elements is a
-#: quarter of a megabyte.
-TINY_LOGITS = 1 << 16
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def _check_matrix(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows x embedding dim), got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-
-
-def _check_positive(name: str, value) -> None:
-    value = check_real(name, value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction,
-                   backend, eps=1e-12, **flags) -> None:
-    """Checks that need no tensor values: run at construction and at every call. ``flags``
-    are switches (symmetric=..., normalize=...) that must be bools."""
-    if isinstance(temperature, torch.Tensor):
-        if not temperature.is_floating_point():
-            raise TypeError("temperature must be a float or a one-element floating-point tensor, got "
-                            f"a {temperature.dtype} tensor")
-        if temperature.numel() != 1:
-            raise ValueError("temperature must be a float or a one-element floating-point tensor, got "
-                             f"a tensor of shape {tuple(temperature.shape)}")
-    else:
-        check_temperature_float(temperature)
-    check_eps(eps)
-    for name, value in flags.items():
-        check_flag(name, value)
-    _check_positive("hard_negative_weight", hard_negative_weight)
-    _check_positive("gaussian_weight", gaussian_weight)
-    if isinstance(gaussian_negatives, bool) or not isinstance(gaussian_negatives, numbers.Integral) \
-            or not 0 <= gaussian_negatives < 2 ** 31:
-        raise ValueError(f"gaussian_negatives must be an int in [0, 2**31), got {gaussian_negatives!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _check_index_vector(name: str, x, n: int, device: torch.device, what: str) -> None:
-    """A 1-D integer tensor with one entry per anchor, on the anchors' device."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.shape[0] != n:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a 1-D tensor with one {what} per anchor ({n}), got {shape}")
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
-    if x.device != device:
-        raise ValueError(f"{name} are on {x.device} but anchors are on {device}")
-
-
-def _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, temperature,
-                   symmetric, check_finite, groups=None, names=("anchors", "positives"), normalize=True,
-                   eps=1e-12) -> dict[str, torch.Tensor]:
-    """Shapes, dtypes and devices; then, in one device sync, the values. ``names`` are
-    what the first two inputs are called in messages (NT-Xent calls them z1 and z2).
-
-    Returns the inputs to use in place of the given ones, by name: with ``normalize``,
-    those holding rows of extreme magnitude, rescaled exactly (fastcl/numerics.py);
-    usually none."""
-    first, second = names
-    _check_matrix(first, anchors)
-    n, d = anchors.shape
-    if n == 0 or d == 0:
-        raise ValueError(f"empty batch: {first} has shape {tuple(anchors.shape)}; "
-                         "need at least one row and one column")
-    named = [(first, anchors), (second, positives)]
-    if hard_negatives is not None:
-        named.append(("hard_negatives", hard_negatives))
-    if extra_negatives is not None:
-        named.append(("extra_negatives", extra_negatives))
-    for name, x in named[1:]:
-        _check_matrix(name, x)
-        if name != "extra_negatives" and x.shape != anchors.shape:
-            raise ValueError(f"{name} must have the shape of {first} {tuple(anchors.shape)} "
-                             f"(row i pairs with row i), got {tuple(x.shape)}")
-        if x.shape[1] != d:
-            raise ValueError(f"{name} has embedding dim {x.shape[1]}, {first} have {d}")
-        if x.device != anchors.device:
-            raise ValueError(f"{name} is on {x.device} but {first} are on {anchors.device}")
-        if x.dtype != anchors.dtype:
-            raise TypeError(f"{name} is {x.dtype} but {first} are {anchors.dtype}; "
-                            "cast them to one dtype")
-    if isinstance(temperature, torch.Tensor) and temperature.device != anchors.device:
-        raise ValueError(f"temperature is on {temperature.device} but {first} are on {anchors.device}")
-
-    n_cols = n + (n if hard_negatives is not None else 0)
-    n_cols += extra_negatives.shape[0] if extra_negatives is not None else 0
-    if labels is not None:
-        if symmetric:
-            raise ValueError("labels are not supported with symmetric=True: the column direction "
-                             "pairs positive i with anchor i")
-        if groups is not None:
-            raise ValueError("labels are not supported with groups: each anchor's target is its "
-                             "own positive, inside its group")
-        _check_index_vector("labels", labels, n, anchors.device, "target column")
-    if groups is not None:
-        _check_index_vector("groups", groups, n, anchors.device, "group id")
-
-    if torch.compiler.is_compiling():
-        return {}  # value checks would need a host sync, which a compiled graph cannot hold
-    if anchors.device.type == "meta":
-        return {}  # no values to check: shapes only (e.g. working out output sizes)
-    # Every value check becomes a scalar on the device; one transfer reads them all.
-    scalars: list[torch.Tensor] = []
-    magnitudes = {name: RowMagnitudes(x, eps) for name, x in named} if check_finite else {}
-    for m in magnitudes.values():
-        scalars += m.scalars
-    if isinstance(temperature, torch.Tensor):
-        scalars.append(temperature.detach().reshape(()).double())
-    if labels is not None:
-        # int64 first: unsigned dtypes have no comparison kernels, and n_cols may not fit
-        # the labels' own dtype.
-        wide = labels.to(torch.int64)
-        scalars.append(((wide >= 0) & (wide < n_cols)).all().double())
-    if not scalars:
-        return {}
-    values = torch.stack(scalars).tolist()
-    outside, largest = [], 0.0
-    for name, m in magnitudes.items():
-        finite, out_of_range = m.judge(values[:len(m.scalars)])
-        if not finite:
-            raise ValueError(f"{name} contains NaN or infinite values")
-        largest = max(largest, values[0])
-        values = values[len(m.scalars):]
-        if out_of_range:
-            outside.append(name)
-    tau = temperature
-    if isinstance(temperature, torch.Tensor):
-        tau = values.pop(0)
-        if not (math.isfinite(tau) and tau >= MIN_TEMPERATURE):
-            raise ValueError(f"{TEMPERATURE_TENSOR_MESSAGE}, got {tau}")
-    if labels is not None and not values.pop(0):
-        raise ValueError(f"labels must lie in [0, {n_cols}): positives, hard and extra negatives")
-    if not normalize:
-        if magnitudes and logits_overflow(largest, d, anchors.dtype, tau):
-            raise ValueError(f"the logits q.k / temperature can overflow {anchors.dtype}'s accumulator: "
-                             "without normalization the inputs' magnitudes (and 1/temperature) must be smaller")
-        return {}
-    tensors = dict(named)
-    return {name: rescale_rows(tensors[name], magnitudes[name].row_max, eps) for name in outside}
-
-
-# ------------------------------------------------------------------------- helpers
-
-
-def draw_gaussian_negatives(count: int, dim: int, dtype: torch.dtype, device: torch.device,
-                            generator: torch.Generator | None = None) -> torch.Tensor:
-    """``count`` vectors from N(0, I) (GS-InfoNCE's negatives), always drawn in fp32 and
-    then cast, so the same generator state gives the same vectors in every dtype."""
-    return torch.randn(count, dim, dtype=torch.float32, device=device, generator=generator).to(dtype)
-
-
-def _choose_backend(backend: str, device: torch.device, n_logits: int) -> str:
-    if backend != "auto":
-        return backend
-    if n_logits <= TINY_LOGITS:
-        return "reference"
-    if device.type == "cuda":
-        return "triton"
-    # The interpreter runs the Triton kernels on CPU for tests; a compiled graph cannot
-    # hold an interpreted launch, so under torch.compile the CPU takes the operator.
-    if interpreting() and not torch.compiler.is_compiling():
-        return "triton"
-    return "native" if native.available() else "torch"
-
-
-def _output_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Like F.cross_entropy under autocast, half-precision inputs give an fp32 loss.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-# ------------------------------------------------------------------------ the loss
+__all__ = ["InfoNCELoss", "draw_gaussian_negatives", "info_nce"]
 
 
 def info_nce(
@@ -231,6 +35,7 @@ def info_nce(
     normalize: bool = True,
     eps: float = 1e-12,
     backend: str = "auto",
+    backward_strategy: str = "auto",
     check_finite: bool = True,
     groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -273,10 +78,23 @@ def info_nce(
         normalize: L2-normalize every row (cosine similarity); False uses raw dot products.
         eps: the normalization's lower bound on a norm, in [1e-15, 1e15]
             (:data:`fastcl.numerics.EPS_RANGE`).
-        backend: ``"auto"`` (default: the dense reference for tiny batches, the Triton
-            kernels on CUDA and under ``TRITON_INTERPRET=1``, on CPU the compiled native
-            kernel when the extension is built, else the chunked PyTorch path), or
-            ``"triton"``, ``"torch"``, ``"native"``, ``"reference"`` to force one.
+        backend: what computes the loss. ``"auto"`` (default): the dense path for tiny
+            batches (below 65,536 logits), the Triton kernels on CUDA (and on CPU under
+            ``TRITON_INTERPRET=1``), on CPU the native C++ kernel when the extension is
+            built, else the chunked PyTorch path. Or one of them: ``"triton"``,
+            ``"cpp"`` (the native C++ CPU kernel), ``"chunked"`` (PyTorch, a chunk of
+            rows at a time), ``"dense"`` (the N x M reference, differentiated by
+            autograd). Older names stay accepted: ``"native"`` (the C++ kernel on CPU,
+            the Triton kernels on CUDA), ``"torch"`` (= ``"chunked"``), ``"reference"``
+            (= ``"dense"``).
+        backward_strategy: how the fused backends form the gradients. ``"auto"``
+            (default; for Triton, ``"slab"`` with groups or when one gradient slab spans
+            D, else ``"workspace"``; the environment variable ``FASTCL_BACKWARD``
+            overrides this choice), ``"slab"`` (Triton only: each slab of D recomputes
+            its similarity tiles, no buffer) or ``"workspace"`` (the logit gradients of
+            a block of rows in a bounded buffer, then matrix products; every fused
+            backend). With ``backend="auto"`` an explicit strategy picks a fused backend
+            that offers it, also for tiny batches. Not for ``backend="dense"``.
         check_finite: check the inputs for NaN / inf before computing (one device sync
             per call, shared with the label and temperature checks). The same sync finds
             rows whose squares overflow or underflow the accumulator (float32 rows of norm
@@ -299,167 +117,31 @@ def info_nce(
         TypeError / ValueError, before any kernel runs, for inputs it cannot compute:
         wrong ranks or shapes, empty batches, mixed devices or dtypes, integer dtypes,
         non-finite values, temperature below 1e-6 or weights <= 0, eps outside
-        [1e-15, 1e15], switches that are not bools, labels out of range, and (without
-        normalization) inputs whose logits would overflow.
+        [1e-15, 1e15], switches that are not bools, labels out of range, unknown
+        backends or strategies (or a strategy the backend does not offer), and
+        (without normalization) inputs whose logits would overflow.
 
     float16 and bfloat16 inputs are computed with float32 accumulation on every backend
     and every batch size (norms, cosines, softmax, gradients); only the returned
     gradients are rounded to the input dtype.
     """
-    _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend, eps,
-                   symmetric=symmetric, normalize=normalize, check_finite=check_finite)
-    rescaled = _check_tensors(anchors, positives, hard_negatives, extra_negatives, labels, temperature, symmetric,
-                              check_finite, groups, normalize=normalize, eps=eps)
-    anchors = rescaled.get("anchors", anchors)
-    positives = rescaled.get("positives", positives)
-    hard_negatives = rescaled.get("hard_negatives", hard_negatives)
-    extra_negatives = rescaled.get("extra_negatives", extra_negatives)
-    n, dim = anchors.shape
-    gaussian = _gaussian(gaussian_negatives, anchors, generator)
-    n_hard = n if hard_negatives is not None else 0
-    n_extra = extra_negatives.shape[0] if extra_negatives is not None else 0
-    n_cols = n + n_hard + n_extra + gaussian_negatives
-    chosen = _choose_backend(backend, anchors.device, n * n_cols)
-    if chosen == "reference":
+    options = LossOptions(
+        temperature=temperature, hard_negative_weight=hard_negative_weight, gaussian_negatives=gaussian_negatives,
+        gaussian_weight=gaussian_weight, symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps,
+        backend=backend, backward_strategy=backward_strategy, check_finite=check_finite).checked()
+    plan = plan_info_nce(options, anchors, positives, hard_negatives, extra_negatives, labels=labels, groups=groups,
+                         generator=generator)
+    x = plan.inputs
+    if plan.rows is None:  # the dense path
         loss = info_nce_reference(
-            anchors, positives, hard_negatives, extra_negatives, gaussian, temperature=temperature,
+            x.anchors, x.positives, x.hard_negatives, x.extra_negatives, plan.gaussian, temperature=temperature,
             hard_negative_weight=hard_negative_weight, gaussian_weight=gaussian_weight, labels=labels,
             symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps, groups=groups)
-        return loss.to(_output_dtype(anchors.dtype))
-
-    normalize_here, fused_eps = split_normalization(normalize, eps, chosen)
-    q = unit_rows(anchors, normalize_here, eps)
-    k_grad = unit_rows(positives if hard_negatives is None else torch.cat([positives, hard_negatives]),
-                       normalize_here, eps)
-    layout = ColumnLayout(
-        n_cols=n_cols, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard, gauss_start=n + n_hard + n_extra,
-        log_hard_weight=math.log(hard_negative_weight), log_gauss_weight=math.log(gaussian_weight))
-    inv_tau = inverse_temperature(temperature, anchors)
-    targets = labels.to(torch.int64).contiguous() if labels is not None else None
-    row_groups = group_ids = None
-    if groups is not None:
-        # (row groups, candidate groups): positives and hard negatives share their row's group.
-        row_groups = groups.to(torch.int64).contiguous()
-        group_ids = (row_groups, row_groups if n_hard == 0 else torch.cat([row_groups, row_groups]))
-
-    per_row = InfoNCEFunction.apply(q, k_grad, constant_rows(extra_negatives, gaussian, normalize_here, eps),
-                                    inv_tau, targets, layout, chosen, group_ids, fused_eps)
-    if symmetric:
-        # Column direction of the in-batch block: positive j against every anchor.
-        per_col = InfoNCEFunction.apply(k_grad[:n], q, None, inv_tau, None, ColumnLayout.plain(n), chosen,
-                                        None if groups is None else (row_groups, row_groups), fused_eps)
-        per_row = (per_row + per_col) / 2
-    return reduce_rows(per_row, reduction, anchors.dtype)
-
-
-# Building blocks shared with fastcl.distributed.
-
-
-def split_normalization(normalize: bool, eps: float, backend: str) -> tuple[bool, float | None]:
-    """Where the rows get normalized: ``(normalize them here, normalize_eps for the kernels)``.
-
-    The kernel backends (Triton, native, chunked) normalize on the fly, one inverse norm
-    per row, so the unit rows and their gradients, 4 (N + M) D values, never exist; only
-    the dense reference takes rows normalized beforehand.
-    """
-    if normalize and backend in FUSED_NORMALIZATION:
-        return False, eps
-    return normalize, None
-
-
-def unit_rows(x: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
-    """Rows L2-normalized (or not), contiguous. The kernels read rows with unit column
-    stride; F.normalize keeps the strides of a transposed input, so contiguity is asked
-    for after it."""
-    return (F.normalize(x, dim=-1, eps=eps) if normalize else x).contiguous()
-
-
-def constant_rows(extra: torch.Tensor | None, gaussian: torch.Tensor | None, normalize: bool,
-                  eps: float) -> torch.Tensor | None:
-    """The candidates that get no gradient, ``[extra; gaussian]``, detached, or None."""
-    parts = [unit_rows(x.detach(), normalize, eps) for x in (extra, gaussian) if x is not None]
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def inverse_temperature(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """1 / tau as a 0-dim tensor on ``like``'s device (differentiable if tau is)."""
-    if isinstance(temperature, torch.Tensor):
-        # In the wider of tau's dtype and the accumulator's: 1 / tau of a float16
-        # temperature below 1.5e-5 overflows float16, and a float32 temperature with
-        # float64 inputs must not round 1 / tau to float32.
-        tau = temperature.reshape(())
-        return 1.0 / tau.to(torch.promote_types(tau.dtype, accumulator_dtype(like.dtype)))
-    # torch.full fills on the device; torch.tensor(..., device="cuda") would copy from the
-    # host and wait for all queued work first.
-    return torch.full((), 1.0 / temperature, dtype=accumulator_dtype(like.dtype), device=like.device)
-
-
-def reduce_rows(per_row: torch.Tensor, reduction: str, input_dtype: torch.dtype) -> torch.Tensor:
-    per_row = per_row.to(_output_dtype(input_dtype))
-    if reduction == "mean":
-        return per_row.mean()
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row
-
-
-def _gaussian(count: int, anchors: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
-    if not count:
-        return None
-    if torch.compiler.is_compiling():
-        # A torch.Generator cannot enter a compiled graph, and the compiler's own random
-        # numbers differ from eager ones: draw inside an opaque operator that makes
-        # exactly the eager call, on the same generator (so the same numbers).
-        return torch.ops.fastcl.gaussian_negatives(anchors.detach(), count, _generator_slot(generator))
-    if generator is not None and generator.device.type != anchors.device.type:
-        raise ValueError(f"generator is on {generator.device} but anchors are on {anchors.device}")
-    return draw_gaussian_negatives(count, anchors.shape[1], anchors.dtype, anchors.device, generator)
-
-
-#: What compiled graphs draw from, by slot (id): a torch.Generator, or an InfoNCELoss
-#: whose generator is made from its seed at the first draw (a Generator cannot be
-#: created inside a graph). Slot -1 is PyTorch's global generator. Filled while tracing
-#: only, so it holds the generators of compiled graphs and no others.
-_GENERATORS: dict[int, object] = {}
-
-
-@torch.compiler.assume_constant_result  # run for real while tracing; the graph keeps the int
-def _generator_slot(source) -> int:
-    if source is None:
-        return -1
-    _GENERATORS[id(source)] = source
-    return id(source)
-
-
-# torch.library.custom_op takes tags from torch 2.5 on.
-_SEEDED = ({"tags": (torch.Tag.nondeterministic_seeded,)}
-           if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
-
-
-@torch.library.custom_op("fastcl::gaussian_negatives", mutates_args=(), **_SEEDED)
-def _gaussian_negatives_op(like: torch.Tensor, count: int, generator_slot: int) -> torch.Tensor:
-    """``count`` x D draws on ``like``'s device and dtype from the generator in the slot.
-
-    Tagged nondeterministic_seeded so that the compiler never recomputes it in the
-    backward (which would draw different numbers). Two draws with identical arguments
-    in one compiled graph could still be merged by common-subexpression elimination;
-    a loss makes one draw per call, from its own anchors."""
-    if generator_slot != -1 and generator_slot not in _GENERATORS:
-        raise RuntimeError("this graph was traced in another process: the generator of its Gaussian negatives "
-                           "does not exist here. Trace (or export) it again in this process.")
-    generator = None if generator_slot == -1 else _GENERATORS[generator_slot]
-    if isinstance(generator, InfoNCELoss):
-        generator = generator._generator_for(like.device)
-    if generator is not None and generator.device.type != like.device.type:
-        raise ValueError(f"generator is on {generator.device} but anchors are on {like.device}")
-    return draw_gaussian_negatives(count, like.shape[1], like.dtype, like.device, generator)
-
-
-@_gaussian_negatives_op.register_fake
-def _(like: torch.Tensor, count: int, generator_slot: int) -> torch.Tensor:
-    return like.new_empty((count, like.shape[1]))
+        return loss.to(output_dtype(x.anchors.dtype))
+    per_row = InfoNCEFunction.apply(*plan.rows)
+    if plan.columns is not None:
+        per_row = (per_row + InfoNCEFunction.apply(*plan.columns)) / 2
+    return reduce_rows(per_row, reduction, x.anchors.dtype)
 
 
 class InfoNCELoss(nn.Module):
@@ -500,11 +182,14 @@ class InfoNCELoss(nn.Module):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         backend: str = "auto",
+        backward_strategy: str = "auto",
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        _check_options(temperature, hard_negative_weight, gaussian_negatives, gaussian_weight, reduction, backend,
-                       eps, symmetric=symmetric, normalize=normalize, check_finite=check_finite)
+        LossOptions(temperature=temperature, hard_negative_weight=hard_negative_weight,
+                    gaussian_negatives=gaussian_negatives, gaussian_weight=gaussian_weight, symmetric=symmetric,
+                    reduction=reduction, normalize=normalize, eps=eps, backend=backend,
+                    backward_strategy=backward_strategy, check_finite=check_finite).checked()
         if isinstance(temperature, torch.Tensor) and not isinstance(temperature, nn.Parameter):
             if not bool(temperature_tensor_ok(temperature)):
                 raise ValueError(f"{TEMPERATURE_TENSOR_MESSAGE}, got {temperature.item()}")
@@ -519,14 +204,8 @@ class InfoNCELoss(nn.Module):
         self.seed = seed
         self.generator = generator
         self.backend = backend
+        self.backward_strategy = backward_strategy
         self.check_finite = bool(check_finite)
-
-    def _generator_for(self, device: torch.device) -> torch.Generator | None:
-        if self.generator is not None or self.seed is None:
-            return self.generator
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(self.seed)
-        return self.generator
 
     def forward(
         self,
@@ -542,14 +221,14 @@ class InfoNCELoss(nn.Module):
         elif torch.compiler.is_compiling():
             generator = self  # resolved inside the drawing operator, outside the graph
         else:
-            generator = self._generator_for(anchors.device)
+            generator = generator_of(self, anchors.device)
         return info_nce(
             anchors, positives, hard_negatives, extra_negatives,
             temperature=self.temperature, hard_negative_weight=self.hard_negative_weight,
             gaussian_negatives=self.gaussian_negatives, gaussian_weight=self.gaussian_weight,
             generator=generator, labels=labels, symmetric=self.symmetric, reduction=self.reduction,
-            normalize=self.normalize, eps=self.eps, backend=self.backend, check_finite=self.check_finite,
-            groups=groups)
+            normalize=self.normalize, eps=self.eps, backend=self.backend, backward_strategy=self.backward_strategy,
+            check_finite=self.check_finite, groups=groups)
 
     def extra_repr(self) -> str:
         tau = self.temperature if not isinstance(self.temperature, torch.Tensor) else "learnable"

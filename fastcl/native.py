@@ -1,30 +1,8 @@
-"""fastcl's compiled half: the C++ extension built from ``csrc/`` and the operators.
+"""The loader of fastcl's compiled half: the C++ extension built from ``csrc/``.
 
-Two dispatcher operators carry the fused loss, one per backend function (the same
-arguments and outputs as :func:`fastcl.ops.infonce_fwd.infonce_forward` and
-:func:`fastcl.ops.infonce_bwd.infonce_backward`, the layout flattened into its nine
-fields, the optional ``groups`` pair into two optional tensors)::
-
-    torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups,
-                                 normalize_eps=None) -> (lse, target_logit)
-    torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
-                                 lse, grad_rows, need_dq, need_dk, normalize_eps=None)
-        -> (dq, dk, row_dot)
-
-``normalize_eps`` (when not None) makes the operators take raw rows and score their
-cosines, as if every row of q and k had gone through ``F.normalize(x, dim=-1,
-eps=normalize_eps)``; the backward then returns the gradients with respect to the raw
-rows. Both the CPU kernel and the Triton kernels fuse this: one scale per row from its
-norm, no normalized copies (fastcl/ops/normalize.py).
-
-On CPU tensors they run the native C++ kernel (csrc/infonce_cpu.cpp: tiled, BLAS block
-products, softmax fused per block, ATen's thread pool); on CUDA tensors the Triton
-kernels; under torch.compile / torch.export the fake kernels below give output shapes,
-so a compiled graph holds each as one opaque call. A gradient the backward is not asked
-for comes back as an empty tensor (a schema cannot return None); the wrappers
-:func:`operator_forward` / :func:`operator_backward` turn those into None.
-
-Loading happens once, when fastcl is imported:
+The extension registers the CPU kernels of the operators ``torch.ops.fastcl.infonce_fwd``
+and ``infonce_bwd`` (their schemas, CUDA and fake kernels live with the launchers, in
+:mod:`fastcl.ops.operators`). Loading happens once, when fastcl is imported:
 
 1. a library built by ``setup.py`` (``fastcl/_C*.so``, when torch was importable at
    install time, e.g. ``pip install --no-build-isolation -e .``), if its build record
@@ -38,15 +16,13 @@ Loading happens once, when fastcl is imported:
 3. else the pure-Python path (chunked PyTorch on CPU, Triton on CUDA), with one
    RuntimeWarning that says why. ``FASTCL_NATIVE=0`` skips 1 and 2 without a warning.
 
-Without the extension this module defines the same two schemas itself, so the CUDA
-(Triton) and fake kernels, and therefore torch.compile on GPUs, work either way; only
-the CPU kernel is missing then.
+The compiler flags, the build record and the source digest come from
+:mod:`fastcl.native_build`, which setup.py reads too.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -57,48 +33,13 @@ from pathlib import Path
 
 import torch
 
-from .ops.layout import ColumnLayout
-from .ops.utils import accumulator_dtype
-
-#: The operators' schemas; csrc/registration.cpp defines the same strings (a test checks).
-SCHEMAS = {
-    "infonce_fwd": (
-        "infonce_fwd(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, int n_grad_cols, "
-        "int hard_start, int n_hard, int gauss_start, float log_hard_weight, float log_gauss_weight, "
-        "int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, float? normalize_eps=None) "
-        "-> (Tensor lse, Tensor target_logit)"),
-    "infonce_bwd": (
-        "infonce_bwd(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, int n_grad_cols, "
-        "int hard_start, int n_hard, int gauss_start, float log_hard_weight, float log_gauss_weight, "
-        "int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, "
-        "Tensor lse, Tensor grad_rows, bool need_dq, bool need_dk, float? normalize_eps=None) "
-        "-> (Tensor dq, Tensor dk, Tensor row_dot)"),
-}
+from .native_build import BUILD_RECORD, EXTRA_CFLAGS, EXTRA_LDFLAGS, SOURCE_DIR, source_digest, source_files
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-SOURCE_DIR = PACKAGE_DIR.parent / "csrc"
-#: Compiler flags of both builds (setup.py keeps its own copy; a test checks they agree).
-#: -fopenmp matters: at::parallel_for is a header template that runs its body serially
-#: unless the extension itself is compiled with OpenMP (torch's own build uses it).
-EXTRA_CFLAGS = ["-O3", "-fopenmp"]
-EXTRA_LDFLAGS = ["-fopenmp"]
 JIT_NAME = "fastcl_native"
-BUILD_RECORD = "_C.build.json"
 
-
-def source_files(source_dir: Path = SOURCE_DIR) -> list[Path]:
-    return sorted(p for p in source_dir.glob("*") if p.suffix in (".cpp", ".h"))
-
-
-def source_digest(source_dir: Path = SOURCE_DIR) -> str | None:
-    """sha256 of the C++ sources and flags (None when the sources are not shipped)."""
-    files = source_files(source_dir)
-    if not files:
-        return None
-    digest = hashlib.sha256(" ".join(EXTRA_CFLAGS + EXTRA_LDFLAGS).encode())
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+__all__ = ["BUILD_RECORD", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "SOURCE_DIR", "NativeStatus", "available", "build",
+           "cache_dir", "main", "source_digest", "source_files", "status"]
 
 
 @dataclass
@@ -210,116 +151,14 @@ def _load() -> NativeStatus:
     return NativeStatus(True, "jit cache" if cached else "jit build", str(path), None)
 
 
-# ---------------------------------------------------------------------- operators
-
-
-N_LAYOUT_FIELDS = len(ColumnLayout._fields)
-
-
-def _forward_args(rest):
-    """(layout, groups, normalize_eps) from the arguments after ``targets``."""
-    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
-    row_groups, key_groups, *tail = rest[N_LAYOUT_FIELDS:]
-    return layout, _groups_pair(row_groups, key_groups), (tail[0] if tail else None)
-
-
-def _backward_args(rest):
-    """(layout, groups, lse, grad_rows, need_dq, need_dk, normalize_eps) likewise."""
-    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
-    row_groups, key_groups, lse, grad_rows, need_dq, need_dk, *tail = rest[N_LAYOUT_FIELDS:]
-    return (layout, _groups_pair(row_groups, key_groups), lse, grad_rows, need_dq, need_dk,
-            (tail[0] if tail else None))
-
-
-def _fake_forward(q, k, params, targets, *rest):
-    acc = accumulator_dtype(q.dtype)
-    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
-
-
-def _fake_backward(q, k, params, targets, *rest):
-    layout, _, _, _, need_dq, need_dk, _ = _backward_args(rest)
-    n_grad_cols = layout.n_grad_cols
-    n_rows, dim = q.shape
-    acc = accumulator_dtype(q.dtype)
-    dq = q.new_empty((n_rows if need_dq else 0, dim))
-    dk = q.new_empty((n_grad_cols if need_dk and n_grad_cols > 0 else 0, dim))
-    return dq, dk, q.new_empty(n_rows if need_dq else 0, dtype=acc)
-
-
-def _groups_pair(row_groups, key_groups):
-    return None if row_groups is None else (row_groups, key_groups)
-
-
-def _cuda_forward(q, k, params, targets, *rest):
-    from .ops.infonce_fwd import infonce_forward
-
-    layout, groups, eps = _forward_args(rest)
-    return infonce_forward(q.contiguous(), k.contiguous(), params, targets, layout, groups=groups,
-                           normalize_eps=eps)
-
-
-def _cuda_backward(q, k, params, targets, *rest):
-    from .ops.infonce_bwd import infonce_backward
-
-    layout, groups, lse, grad_rows, need_dq, need_dk, eps = _backward_args(rest)
-    dq, dk, row_dot = infonce_backward(q.contiguous(), k.contiguous(), params, targets, layout, lse, grad_rows,
-                                       need_dq=need_dq, need_dk=need_dk, groups=groups, normalize_eps=eps)
-    dim = q.shape[1]
-    return (dq if dq is not None else q.new_empty((0, dim)),
-            dk if dk is not None else q.new_empty((0, dim)),
-            row_dot if row_dot is not None else q.new_empty(0, dtype=accumulator_dtype(q.dtype)))
-
-
-_python_library = None  # the schemas' owner when the C++ library is not loaded
-
-
-def _register_operators(native_loaded: bool) -> None:
-    global _python_library
-    if not native_loaded:
-        _python_library = torch.library.Library("fastcl", "DEF")
-        for schema in SCHEMAS.values():
-            _python_library.define(schema)
-    torch.library.register_fake("fastcl::infonce_fwd")(_fake_forward)
-    torch.library.register_fake("fastcl::infonce_bwd")(_fake_backward)
-    torch.library.register_kernel("fastcl::infonce_fwd", "cuda")(_cuda_forward)
-    torch.library.register_kernel("fastcl::infonce_bwd", "cuda")(_cuda_backward)
-
-
-def _require_kernel(q: torch.Tensor) -> None:
-    if q.device.type == "cpu" and not status().available:
-        raise RuntimeError("backend='native' needs fastcl's compiled CPU extension, which is unavailable: "
-                           f"{status().reason}. See README, 'Building the extension'.")
-
-
-def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None):
-    """``(lse, target_logit)`` from ``torch.ops.fastcl.infonce_fwd`` (any device);
-    ``groups`` is None or ``(row_groups, key_groups)``, as for the Triton launcher;
-    ``normalize_eps`` (None: rows scored as given) normalizes the rows on the fly."""
-    _require_kernel(q)
-    row_groups, key_groups = groups if groups is not None else (None, None)
-    return torch.ops.fastcl.infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups, normalize_eps)
-
-
-def operator_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
-                      need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None):
-    """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd``, None where not asked for."""
-    _require_kernel(q)
-    row_groups, key_groups = groups if groups is not None else (None, None)
-    dq, dk, row_dot = torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
-                                                   lse, grad_rows, need_dq, need_dk, normalize_eps)
-    return ((dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
-            (row_dot if need_dq else None))
-
-
 def _initialize() -> None:
     global _status
     if _status is not None:
         return
     _status = _load()
-    _register_operators(_status.available)
     if not _status.available and _status.reason != "disabled by FASTCL_NATIVE=0":
         warnings.warn(f"fastcl: the native CPU extension is unavailable ({_status.reason}); CPU losses use the "
-                      "chunked PyTorch path. See README, 'Building the extension'.", RuntimeWarning, stacklevel=3)
+                      "chunked PyTorch path. See docs/building.md.", RuntimeWarning, stacklevel=3)
 
 
 _initialize()

@@ -11,45 +11,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .loss import (
-    _check_options, _check_tensors, _choose_backend, inverse_temperature, reduce_rows, split_normalization, unit_rows,
-)
-from .ops.infonce import InfoNCEFunction
-from .ops.layout import ColumnLayout
+from .ops.function import InfoNCEFunction
+from .plan import LossOptions, plan_nt_xent, reduce_rows
 from .reference import nt_xent_reference
 
 
-def nt_xent(
-    z1: torch.Tensor,
-    z2: torch.Tensor,
-    *,
-    temperature: float | torch.Tensor = 0.1,
-    reduction: str = "mean",
-    normalize: bool = True,
-    eps: float = 1e-12,
-    backend: str = "auto",
-    check_finite: bool = True,
-) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float | torch.Tensor = 0.1, reduction: str = "mean",
+            normalize: bool = True, eps: float = 1e-12, backend: str = "auto", backward_strategy: str = "auto",
+            check_finite: bool = True) -> torch.Tensor:
     """NT-Xent of two views: mean (``reduction="mean"``), sum or the 2N per-row losses
     (``"none"``, rows of z1 first). ``temperature`` as in :func:`fastcl.info_nce` (a
-    tensor that requires grad gets its gradient); SimCLR's default is 0.1 here."""
-    _check_options(temperature, 1.0, 0, 1.0, reduction, backend, eps, normalize=normalize, check_finite=check_finite)
-    rescaled = _check_tensors(z1, z2, None, None, None, temperature, False, check_finite, names=("z1", "z2"),
-                              normalize=normalize, eps=eps)
-    z1, z2 = rescaled.get("z1", z1), rescaled.get("z2", z2)
-    n = z1.shape[0]
-    chosen = _choose_backend(backend, z1.device, (2 * n) ** 2)
-    if chosen == "reference":
+    tensor that requires grad gets its gradient); SimCLR's default is 0.1 here. The
+    other arguments mean what they mean for :func:`fastcl.info_nce`."""
+    options = LossOptions(temperature=temperature, reduction=reduction, normalize=normalize, eps=eps, backend=backend,
+                          backward_strategy=backward_strategy, check_finite=check_finite).checked()
+    plan = plan_nt_xent(options, z1, z2)
+    z1, z2 = plan.inputs.anchors, plan.inputs.positives
+    if plan.rows is None:  # the dense path
         loss = nt_xent_reference(z1, z2, temperature=temperature, reduction=reduction, normalize=normalize, eps=eps)
         return reduce_rows(loss, "none", z1.dtype)
-    normalize_here, fused_eps = split_normalization(normalize, eps, chosen)
-    z = unit_rows(torch.cat([z1, z2]), normalize_here, eps)
-    layout = ColumnLayout(n_cols=2 * n, n_grad_cols=2 * n, gauss_start=2 * n, self_start=0, n_self=2 * n)
-    targets = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
-    # z is both the queries and the candidates: autograd adds the two gradients.
-    per_row = InfoNCEFunction.apply(z, z, None, inverse_temperature(temperature, z1), targets, layout, chosen, None,
-                                    fused_eps)
-    return reduce_rows(per_row, reduction, z1.dtype)
+    return reduce_rows(InfoNCEFunction.apply(*plan.rows), reduction, z1.dtype)
 
 
 class NTXentLoss(nn.Module):
@@ -61,17 +42,18 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, temperature: float | torch.Tensor = 0.1, *, reduction: str = "mean",
                  normalize: bool = True, eps: float = 1e-12, backend: str = "auto",
-                 check_finite: bool = True) -> None:
+                 backward_strategy: str = "auto", check_finite: bool = True) -> None:
         super().__init__()
-        _check_options(temperature, 1.0, 0, 1.0, reduction, backend, eps, normalize=normalize,
-                       check_finite=check_finite)
+        LossOptions(temperature=temperature, reduction=reduction, normalize=normalize, eps=eps, backend=backend,
+                    backward_strategy=backward_strategy, check_finite=check_finite).checked()
         self.temperature = temperature
         self.reduction, self.normalize, self.eps = reduction, bool(normalize), float(eps)
-        self.backend, self.check_finite = backend, bool(check_finite)
+        self.backend, self.backward_strategy, self.check_finite = backend, backward_strategy, bool(check_finite)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return nt_xent(z1, z2, temperature=self.temperature, reduction=self.reduction, normalize=self.normalize,
-                       eps=self.eps, backend=self.backend, check_finite=self.check_finite)
+                       eps=self.eps, backend=self.backend, backward_strategy=self.backward_strategy,
+                       check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         tau = self.temperature if not isinstance(self.temperature, torch.Tensor) else "learnable"

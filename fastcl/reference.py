@@ -1,4 +1,4 @@
-"""Dense PyTorch implementation of the InfoNCE contract (DESIGN.md section 1).
+"""Dense PyTorch implementation of the InfoNCE contract (docs/design.md section 1).
 
 This is the oracle every fused backend is tested against, and the path fastcl takes
 for tiny batches, where one small matrix product is cheaper than any kernel launch

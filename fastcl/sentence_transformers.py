@@ -268,19 +268,18 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         return loss
 
 
+# The symmetric classes are sentence-transformers' aliases of the two losses above with
+# both directions, each with its own softmax (fastcl's ``symmetric=True``); their
+# constructors are sentence-transformers' (the same arguments, without directions).
+
+
 class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
     """sentence-transformers' ``MultipleNegativesSymmetricRankingLoss``: anchor -> candidates
-    and positive -> anchors, each with its own softmax, averaged (fastcl's ``symmetric=True``).
-    The same as ``MultipleNegativesRankingLoss(model, directions=("query_to_doc",
-    "doc_to_query"), partition_mode="per_direction")``."""
+    and positive -> anchors, averaged. The same as ``MultipleNegativesRankingLoss(model,
+    directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")``."""
 
-    def __init__(
-        self,
-        model,
-        scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
-        gather_across_devices: bool = False,
-    ) -> None:
+    def __init__(self, model, scale: float = 20.0, similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+                 gather_across_devices: bool = False) -> None:
         super().__init__(model, scale=scale, similarity_fct=similarity_fct, gather_across_devices=gather_across_devices,
                          directions=SYMMETRIC_DIRECTIONS, partition_mode="per_direction")
 
@@ -289,16 +288,9 @@ class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRanking
     """sentence-transformers' ``CachedMultipleNegativesSymmetricRankingLoss``: the symmetric
     loss with GradCache (see :class:`CachedMultipleNegativesRankingLoss`)."""
 
-    def __init__(
-        self,
-        model,
-        scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
-        mini_batch_size: int = 32,
-        mini_batch_num_tokens: int | None = None,
-        gather_across_devices: bool = False,
-        show_progress_bar: bool = False,
-    ) -> None:
+    def __init__(self, model, scale: float = 20.0, similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+                 mini_batch_size: int = 32, mini_batch_num_tokens: int | None = None,
+                 gather_across_devices: bool = False, show_progress_bar: bool = False) -> None:
         super().__init__(model, scale=scale, similarity_fct=similarity_fct, mini_batch_size=mini_batch_size,
                          mini_batch_num_tokens=mini_batch_num_tokens, gather_across_devices=gather_across_devices,
                          directions=SYMMETRIC_DIRECTIONS, partition_mode="per_direction",

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from fastcl import draw_gaussian_negatives, info_nce, info_nce_reference, native
+from fastcl.ops.dispatch import kernels
+from fastcl.plan import choose_backend, choose_strategy
 
 
 @dataclass(frozen=True)
@@ -102,3 +107,50 @@ def run_both(case: Case, backend: str, device, dtype=torch.float64, seed: int = 
 NATIVE = pytest.param("native", marks=pytest.mark.skipif(
     not native.available() and os.environ.get("FASTCL_REQUIRE_NATIVE") != "1",
     reason=f"native extension unavailable: {native.status().reason}"))
+
+
+def kernel_pair(backend: str, device: torch.device = torch.device("cpu"), dtype=torch.float64, dim: int = 8):
+    """The (forward, backward) kernels that ``backend`` (any name info_nce takes, "auto"
+    strategy) runs on ``device``, as the dispatch table holds them."""
+    name = choose_backend(backend, device, 1 << 30)
+    strategy = choose_strategy("auto", name, torch.empty(0, dim, dtype=dtype, device=device))
+    return kernels(device.type, name, strategy)
+
+
+def check_groups_stay_apart(backend: str, device=torch.device("cpu"), dtype=torch.float64) -> None:
+    """48 rows in groups of 16 (aligned with 16-row tiles or chunks), a NaN candidate in
+    group 1 and a NaN anchor in group 2, values unchecked: group 0's losses and gradients
+    stay finite only if its rows never visit a block of another group (0 * NaN in a
+    gradient product), and group 1's losses are NaN (its candidate is)."""
+    groups = (torch.arange(48) // 16).to(device)
+    a, p = (torch.randn(48, 8, dtype=dtype, device=device).requires_grad_() for _ in range(2))
+    with torch.no_grad():
+        p[20] = float("nan")   # a positive (candidate) of group 1
+        a[40] = float("nan")   # an anchor (query) of group 2
+    out = info_nce(a, p, groups=groups, backend=backend, reduction="none", check_finite=False)
+    out.sum().backward()
+    assert torch.isfinite(out[:16]).all() and torch.isnan(out[16:32]).all()
+    assert torch.isfinite(a.grad[:16]).all(), "the dq pass visited a block of another group"
+    assert torch.isfinite(p.grad[:16]).all(), "the dk pass visited a block of another group"
+
+
+# ------------------------------------------------------------------ process groups
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """Inside the block, this process is rank ``rank`` of a gloo process group of
+    ``world`` processes on localhost (the workers that ``mp.spawn`` starts)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -50,7 +50,7 @@ from fastcl import (
 from fastcl.ops.tiles import matmul_operand
 
 from .conftest import DEVICE
-from .helpers import NATIVE
+from .helpers import NATIVE, free_port, gloo_group
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
@@ -728,13 +728,9 @@ DIST_CASES = {"fp32_mixed": EXTREMES["fp32_mixed"], "fp16_norm_above_65504": EXT
 
 
 def _dist_worker(rank, world, port, results):
-    import torch.distributed as dist
-
     from fastcl.distributed import gathered_info_nce, ring_info_nce
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         out = {}
         for case, (dtype, scales, eps) in DIST_CASES.items():
             full = _extreme_case(dtype, scales)
@@ -745,21 +741,14 @@ def _dist_worker(rank, world, port, results):
                 loss.backward()
                 out[(case, fn.__name__)] = (loss.detach(), [x.grad for x in leaves])
         results[rank] = out
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gathered_and_ring_losses_with_extreme_rows():
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     world = 2
     results = mp.Manager().dict()
-    mp.spawn(_dist_worker, args=(world, port, results), nprocs=world, join=True)
+    mp.spawn(_dist_worker, args=(world, free_port(), results), nprocs=world, join=True)
     for case, (dtype, scales, eps) in DIST_CASES.items():
         full = [x.to(dtype).clone().requires_grad_() for x in _extreme_case(dtype, scales)]
         expected = info_nce(*full, eps=eps, backend="torch", reduction="sum")

@@ -3,7 +3,7 @@
 The oracle at scale is the chunked PyTorch backend in float64 on the very same (rounded)
 inputs: it is held to the dense reference at 1e-10 in test_kernels.py, and unlike the
 dense reference it fits in memory at N = 65536. Errors are ||out - ref|| / ||ref|| over
-the loss and every gradient, against DESIGN.md section 4's tolerances.
+the loss and every gradient, against the tolerances of docs/design.md section 5.
 
 On the H100:  python -m pytest tests/test_at_scale.py -m gpu -v
 """
@@ -16,7 +16,7 @@ from fastcl import info_nce
 from .conftest import DEVICE
 from .helpers import relative_error
 
-# fp32 "highest" runs full fp32 products; "high" allows tf32 (DESIGN.md: ~3e-4).
+# fp32 "highest" runs full fp32 products; "high" allows tf32 (docs/design.md section 5: ~3e-4).
 TOLERANCE = {
     ("bf16", "highest"): 2e-2,
     ("fp16", "highest"): 5e-3,

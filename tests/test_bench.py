@@ -83,7 +83,7 @@ def test_real_implementations_agree_and_are_timed(bench_run):
             assert r["peak_extra_bytes"] > 0 and r["peak_method"]
             # what the call leaves allocated: at least the two input gradients
             assert 2 * n * 32 * 4 <= r["retained_bytes"] <= r["peak_extra_bytes"]
-    assert _result(data, "fastcl-torch", 96)["backend"] == "torch"
+    assert _result(data, "fastcl-torch", 96)["backend"] == "chunked"
     assert _result(data, "dense", 96)["tflops_real"] == pytest.approx(_result(data, "dense", 96)["tflops_8nmd"] * 6 / 8)
 
 
@@ -226,7 +226,7 @@ def test_nt_xent_json_and_agreement(nt_xent_run):
             assert r["status"] == "unsupported" and "own column" in r["reason"] and r["time_ms"] is None
         # memeff has NT-Xent (q-q negatives), but only on CUDA
         assert _result(data, "memeff", n)["status"] in ("unavailable", "unsupported")
-    assert _result(data, "fastcl-torch", NT_SIZES[-1])["backend"] == "torch"
+    assert _result(data, "fastcl-torch", NT_SIZES[-1])["backend"] == "chunked"
     md = (out / "test-run.md").read_text()
     assert "NT-Xent" in md and "| N | rows 2N |" in md and f"| {NT_SIZES[-1]} | {2 * NT_SIZES[-1]} |" in md
     assert "TFLOP/s(8(2N)^2D)" in proc.stdout

@@ -3,24 +3,16 @@
 Real process groups: gloo on CPU, 2 and 3 processes (3 with unequal local batches).
 """
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastcl import info_nce
 from fastcl.distributed import all_gather_with_grad, gathered_info_nce
 
+from .helpers import free_port, gloo_group
+
 D = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_inputs(sizes, hard):
@@ -30,9 +22,7 @@ def _global_inputs(sizes, hard):
 
 
 def _worker(rank, world, port, sizes, options, backend, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         hard = options.get("hard", False)
         start = sum(sizes[:rank])
         local = [x[start:start + sizes[rank]].clone().requires_grad_() for x in _global_inputs(sizes, hard)]
@@ -40,14 +30,12 @@ def _worker(rank, world, port, sizes, options, backend, results):
         loss = gathered_info_nce(local[0], local[1], local[2] if hard else None, backend=backend, **kwargs)
         loss.backward()
         results[rank] = (loss.detach(), [x.grad for x in local])
-    finally:
-        dist.destroy_process_group()
 
 
 def _run(world, sizes, options, backend="torch"):
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(world, _free_port(), sizes, options, backend, results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), sizes, options, backend, results), nprocs=world, join=True)
     return dict(results)
 
 
@@ -82,21 +70,17 @@ def test_gathered_loss_equals_single_process(world, sizes, options, backend):
 
 
 def _gather_worker(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         x = torch.full((rank + 1, 2), float(rank), requires_grad=True)
         gathered = all_gather_with_grad(x)
         (gathered * torch.arange(1, gathered.shape[0] + 1)[:, None]).sum().backward()
         results[rank] = (gathered.detach(), x.grad)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_all_gather_with_grad_orders_rows_and_sums_gradients():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_gather_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(2, free_port(), results), nprocs=2, join=True)
     expected = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     for rank in range(2):
         assert torch.equal(results[rank][0], expected)

@@ -1,5 +1,5 @@
 """torch.autograd.gradcheck in float64 through the Triton kernels (full mode, not fast mode:
-fast mode missed a planted 0.1% error in dK that full mode caught, DESIGN.md section 4).
+fast mode missed a planted 0.1% error in dK that full mode caught, docs/design.md section 6).
 
 Sizes are small for the interpreter, yet N = 17 spans two row tiles and D = 3 is below
 any block, so the masks are exercised too.

@@ -7,7 +7,7 @@ import torch
 from fastcl import info_nce, info_nce_reference, token_info_nce
 from fastcl.ops.configs import KernelConfig, override_config
 
-from .helpers import NATIVE, relative_error
+from .helpers import NATIVE, check_groups_stay_apart, relative_error
 
 D = 8
 
@@ -76,17 +76,8 @@ def test_kernels_skip_tiles_without_a_common_group(device):
     # 16-row tiles, groups of 16 aligned with them: a NaN candidate in group 1 would turn
     # group 0's gradients to NaN (0 * NaN in the gradient product) if its tile were visited.
     tile = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_D_OUT=16, num_warps=1, num_stages=1)
-    groups = (torch.arange(48) // 16).to(device)
-    a, p = _rand(48, device), _rand(48, device)
-    with torch.no_grad():
-        p[20] = float("nan")   # a positive (candidate) of group 1
-        a[40] = float("nan")   # an anchor (query) of group 2
     with override_config(tile):
-        out = info_nce(a, p, groups=groups, backend="triton", reduction="none", check_finite=False)
-        out.sum().backward()
-    assert torch.isfinite(out[:16]).all() and torch.isnan(out[16:32]).all()
-    assert torch.isfinite(a.grad[:16]).all(), "dq visited a tile of another group"
-    assert torch.isfinite(p.grad[:16]).all(), "dk visited a tile of another group"
+        check_groups_stay_apart("triton", device)
 
 
 @pytest.mark.parametrize("backend", ["triton-slab", "triton-workspace", "torch", NATIVE])
@@ -171,15 +162,7 @@ def test_chunked_path_computes_only_its_groups_columns(monkeypatch):
     # groups of 16. A NaN candidate of group 1 would reach group 0's gradients if group
     # 0's chunk computed its column.
     monkeypatch.setattr("fastcl.ops.chunked.GROUPED_CHUNK_ROWS", 16)
-    groups = torch.arange(48) // 16
-    a, p = _rand(48, "cpu"), _rand(48, "cpu")
-    with torch.no_grad():
-        p[20] = float("nan")   # a positive (candidate) of group 1
-        a[40] = float("nan")   # an anchor (query) of group 2
-    out = info_nce(a, p, groups=groups, backend="torch", reduction="none", check_finite=False)
-    out.sum().backward()
-    assert torch.isfinite(out[:16]).all() and torch.isnan(out[16:32]).all()
-    assert torch.isfinite(a.grad[:16]).all() and torch.isfinite(p.grad[:16]).all()
+    check_groups_stay_apart("torch")
 
 
 def test_token_info_nce_equals_per_sequence_losses(device):

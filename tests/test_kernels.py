@@ -69,7 +69,7 @@ def test_float64_matches_reference(name, backend, device, monkeypatch):
     _assert_close(ours, ref, 1e-10, f"{name}/{backend}")
 
 
-# Tolerances from DESIGN.md section 4 (relative error against the float64 reference).
+# Tolerances from docs/design.md section 5 (relative error against the float64 reference).
 DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 

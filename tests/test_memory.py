@@ -8,15 +8,13 @@ room for one, yet plenty for the inputs' gradients and the kernels' per-row vect
 On a GPU the allocator's peak is checked at N = M = 65536, D = 768.
 """
 
-import json
-import os
-import tempfile
 import tracemalloc
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.harness import allocated_above_start, allocation_records
 from fastcl import info_nce
 from fastcl.ops.configs import KernelConfig, override_config
 
@@ -35,15 +33,7 @@ def _peak_cpu_bytes(fn) -> int:
             _, python_peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-    assert totals, "the profiler recorded no allocations: the measurement is broken"
-    return max(totals) + python_peak
+    return max(args["Total Allocated"] for args in allocation_records(prof)) + python_peak
 
 
 def _step(backend, **options):
@@ -87,16 +77,7 @@ def _transient_cpu_bytes(fn) -> tuple[int, int]:
     prepare()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    records = sorted((e["ts"], e["args"]) for e in events
-                     if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
-    assert records, "the profiler recorded no allocations: the measurement is broken"
-    baseline = records[0][1]["Total Allocated"] - records[0][1]["Bytes"]
-    totals = [args["Total Allocated"] - baseline for _, args in records]
+    totals = allocated_above_start(allocation_records(prof))
     return max(totals) - totals[-1], totals[-1]
 
 

@@ -1,17 +1,16 @@
 """MoCo pieces: the momentum encoder's EMA and the key queue's order, wrap-around, state
 and its all-ranks enqueue under torch.distributed (gloo, 2 processes)."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from fastcl import info_nce
 from fastcl.moco import KeyQueue, MomentumEncoder
+
+from .helpers import free_port, gloo_group
 
 
 class _Encoder(nn.Module):
@@ -157,16 +156,8 @@ def test_queue_feeds_info_nce_as_extra_negatives():
     assert with_queue > info_nce(a, p, backend="reference")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _queue_worker(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         queue = KeyQueue(7, 3, all_ranks=True)
         history = []
         # Unequal batches: rank 0 enqueues 2 rows, rank 1 enqueues 3, values tell who and when.
@@ -176,14 +167,12 @@ def _queue_worker(rank, world, port, results):
             queue.enqueue(keys)
             history.append(queue.keys()[:, 0].tolist())
         results[rank] = history
-    finally:
-        dist.destroy_process_group()
 
 
 def test_queue_all_ranks_enqueues_every_ranks_keys_identically():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_queue_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_queue_worker, args=(2, free_port(), results), nprocs=2, join=True)
     assert results[0] == results[1]
     step_keys = [[100 * s + 0, 100 * s + 1, 100 * s + 10, 100 * s + 11, 100 * s + 12] for s in range(3)]
     assert results[0][0] == step_keys[0]

@@ -5,6 +5,7 @@ Without the extension these tests are skipped, except in CI, where .ci/run sets
 FASTCL_REQUIRE_NATIVE=1 so that a broken build fails instead of skipping.
 """
 
+import ast
 import importlib.util
 import json
 import os
@@ -17,10 +18,11 @@ import torch
 from torch.autograd import gradcheck
 
 from fastcl import info_nce, info_nce_reference, native
-from fastcl.loss import _choose_backend
+from fastcl.ops import operators
 from fastcl.ops.layout import ColumnLayout
+from fastcl.plan import choose_backend as _choose_backend
 
-from .helpers import Case, relative_error, run_both
+from .helpers import Case, check_groups_stay_apart, relative_error, run_both
 from .test_kernels import CASES as SMALL_CASES
 from .test_kernels import DTYPE_TOLERANCE
 
@@ -40,21 +42,27 @@ def test_extension_is_loaded_when_required():
 
 @needs_native
 def test_cpp_schemas_match_python_schemas():
-    # registration.cpp and native.SCHEMAS must describe the same operators: without the
+    # registration.cpp and operators.SCHEMAS must describe the same operators: without the
     # extension the Python strings define them, and the CUDA / fake kernels assume them.
-    for name, schema in native.SCHEMAS.items():
+    for name, schema in operators.SCHEMAS.items():
         loaded = getattr(torch.ops.fastcl, name).default._schema
         assert str(loaded) == str(torch._C.parse_schema(f"fastcl::{schema}"))
 
 
-def test_setup_py_and_loader_agree_on_sources_and_flags():
+def test_setup_py_reads_the_loaders_build_constants():
+    # setup.py loads fastcl/native_build.py by its path and never imports fastcl: one set
+    # of flags, one build record name and one source digest for both builds.
     spec = importlib.util.spec_from_file_location("fastcl_setup", REPO / "setup.py")
     setup_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup_module)  # setup() itself only runs as __main__
-    assert setup_module.EXTRA_CFLAGS == native.EXTRA_CFLAGS
-    assert setup_module.EXTRA_LDFLAGS == native.EXTRA_LDFLAGS
-    assert setup_module.BUILD_RECORD == native.BUILD_RECORD
-    assert setup_module.source_digest() == native.source_digest() is not None
+    assert Path(setup_module.BUILD.__file__).resolve() == (REPO / "fastcl" / "native_build.py").resolve()
+    assert setup_module.BUILD.EXTRA_CFLAGS == native.EXTRA_CFLAGS
+    assert setup_module.BUILD.source_digest() == native.source_digest() is not None
+    imported = {alias.name for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    imported |= {node.module for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not any(name.split(".")[0] == "fastcl" for name in imported), imported
 
 
 # ------------------------------------------------------------- against the reference
@@ -164,16 +172,7 @@ def test_native_skips_blocks_without_a_common_group(monkeypatch):
     # (0 * NaN in the gradient product) if group 0's rows visited its block.
     monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "16")
     monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "16")
-    groups = torch.arange(48) // 16
-    a, p = torch.randn(48, 8, requires_grad=True), torch.randn(48, 8, requires_grad=True)
-    with torch.no_grad():
-        p[20] = float("nan")   # a positive (candidate) of group 1
-        a[40] = float("nan")   # an anchor (query) of group 2
-    out = info_nce(a, p, groups=groups, backend="native", reduction="none", check_finite=False)
-    out.sum().backward()
-    assert torch.isfinite(out[:16]).all() and torch.isnan(out[16:32]).all()
-    assert torch.isfinite(a.grad[:16]).all(), "the dq pass visited a block of another group"
-    assert torch.isfinite(p.grad[:16]).all(), "the dk pass visited a block of another group"
+    check_groups_stay_apart("native", dtype=torch.float32)
 
 
 @needs_native
@@ -331,8 +330,8 @@ def test_cuda_dispatch_normalization_matches_the_fused_cpu_kernel():
                                               normalize_eps=eps)
         lse_t, target_logit_t, theirs = lse_t.cpu(), target_logit_t.cpu(), [t.cpu() for t in theirs]
     else:  # the same Python kernel functions, run by the interpreter on CPU tensors
-        lse_t, target_logit_t = native._cuda_forward(*args, eps)
-        theirs = native._cuda_backward(*args, lse, grad_rows, True, True, eps)
+        lse_t, target_logit_t = operators._cuda_forward(*args, eps)
+        theirs = operators._cuda_backward(*args, lse, grad_rows, True, True, eps)
     assert relative_error(lse_t, lse) < 1e-12 and relative_error(target_logit_t, target_logit) < 1e-12
     for name, o, t in zip(("dq", "dk", "row_dot"), ours, theirs):
         assert relative_error(t, o) < 1e-10, name
@@ -413,14 +412,14 @@ def test_opcheck_backward(variant, need_dq, need_dk, normalize_eps):
 @needs_native
 def test_operator_outputs_follow_the_backend_contract():
     q, k, params, targets, layout, _ = _operator_inputs(torch.bfloat16, True, True, True)
-    lse, target_logit = native.operator_forward(q, k, params, targets, layout)
+    lse, target_logit = operators.operator_forward(q, k, params, targets, layout)
     assert lse.dtype == target_logit.dtype == torch.float32 and lse.shape == (q.shape[0],)
     grad_rows = torch.ones(q.shape[0])
-    dq, dk, row_dot = native.operator_backward(q, k, params, targets, layout, lse, grad_rows, True, True)
+    dq, dk, row_dot = operators.operator_backward(q, k, params, targets, layout, lse, grad_rows, True, True)
     assert dq.shape == q.shape and dq.dtype == torch.bfloat16
     assert dk.shape == (layout.n_grad_cols, q.shape[1]) and dk.dtype == torch.bfloat16
     assert row_dot.shape == (q.shape[0],) and row_dot.dtype == torch.float32
-    dq, dk, row_dot = native.operator_backward(q, k, params, targets, layout, lse, grad_rows, False, True)
+    dq, dk, row_dot = operators.operator_backward(q, k, params, targets, layout, lse, grad_rows, False, True)
     assert dq is None and row_dot is None and dk is not None
 
 
@@ -452,10 +451,10 @@ def test_operator_rejects_bad_arguments(mutation, message):
 def test_auto_backend_takes_native_on_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     big = 1 << 20
-    expected = "native" if native.available() else "torch"
+    expected = "cpp" if native.available() else "chunked"
     assert _choose_backend("auto", torch.device("cpu"), big) == expected
     monkeypatch.setattr(native, "_status", native.NativeStatus(False, "", None, "pretend"))
-    assert _choose_backend("auto", torch.device("cpu"), big) == "torch"
+    assert _choose_backend("auto", torch.device("cpu"), big) == "chunked"
     with pytest.raises(RuntimeError, match="pretend"):
         info_nce(torch.randn(300, 8), torch.randn(300, 8), backend="native")
 
@@ -487,7 +486,8 @@ def test_prebuilt_library_for_this_torch_is_chosen(tmp_path, monkeypatch):
 _PROBE = """
 import torch, fastcl
 from fastcl import info_nce, info_nce_reference, native
-from fastcl.loss import _choose_backend
+from fastcl.ops import operators
+from fastcl.plan import choose_backend as _choose_backend
 s = native.status()
 print("STATUS", s.available, s.source, s.reason)
 print("AUTO", _choose_backend("auto", torch.device("cpu"), 1 << 20))
@@ -496,7 +496,7 @@ ref = info_nce(a, p, backend="reference")
 print("ERR", abs(info_nce(a, p).item() - ref.item()))
 # Without the extension the schemas come from Python: the operators exist either way.
 print("SCHEMAS", all(str(getattr(torch.ops.fastcl, name).default._schema)
-                     == str(torch._C.parse_schema("fastcl::" + schema)) for name, schema in native.SCHEMAS.items()))
+                     == str(torch._C.parse_schema("fastcl::" + schema)) for name, schema in operators.SCHEMAS.items()))
 if not s.available:
     try:
         info_nce(a, p, backend="native")
@@ -522,7 +522,7 @@ def test_failed_build_falls_back_with_exactly_one_warning(tmp_path):
     lines, stderr = _probe(tmp_path, FASTCL_NATIVE="jit", CXX=str(tmp_path / "no-such-compiler"))
     assert lines["STATUS"].startswith("False")
     assert stderr.count("the native CPU extension is unavailable") == 1, stderr[-3000:]
-    assert lines["AUTO"] == "torch"
+    assert lines["AUTO"] == "chunked"
     assert float(lines["ERR"]) < 1e-12
     assert lines["NATIVE_REFUSED"] == "True"
     assert lines["SCHEMAS"] == "True"
@@ -535,7 +535,7 @@ def test_just_in_time_build_then_cache(tmp_path):
     lines, stderr = _probe(tmp_path, FASTCL_NATIVE="jit")
     assert lines["STATUS"].startswith("True jit build"), stderr[-3000:]
     assert "the native CPU extension is unavailable" not in stderr
-    assert lines["AUTO"] == "native" and float(lines["ERR"]) < 1e-12 and lines["SCHEMAS"] == "True"
+    assert lines["AUTO"] == "cpp" and float(lines["ERR"]) < 1e-12 and lines["SCHEMAS"] == "True"
     lines, _ = _probe(tmp_path, FASTCL_NATIVE="jit")
     assert lines["STATUS"].startswith("True jit cache")
 
@@ -544,4 +544,4 @@ def test_disabled_native_gives_no_warning(tmp_path):
     lines, stderr = _probe(tmp_path, FASTCL_NATIVE="0")
     assert lines["STATUS"].startswith("False") and "FASTCL_NATIVE=0" in lines["STATUS"]
     assert "the native CPU extension is unavailable" not in stderr
-    assert lines["AUTO"] == "torch" and float(lines["ERR"]) < 1e-12
+    assert lines["AUTO"] == "chunked" and float(lines["ERR"]) < 1e-12

@@ -6,8 +6,6 @@ the runs are shared by the tests of this module. Also: targets of -1 (the ring's
 "target not in this block") match no column in both kernel backends.
 """
 
-import os
-import socket
 import weakref
 
 import pytest
@@ -19,10 +17,10 @@ from torch.utils._pytree import tree_flatten
 
 from fastcl import info_nce
 from fastcl.distributed import gathered_info_nce, ring_info_nce
-from fastcl.ops.infonce import _backend
 from fastcl.ops.layout import ColumnLayout
 
-from .helpers import NATIVE
+from .helpers import NATIVE, free_port, gloo_group
+from .helpers import kernel_pair as _backend
 
 D = 6
 GAUSS_SEED = 7
@@ -68,12 +66,6 @@ def test_minus_one_targets_match_no_column(backend):
 
 
 # ------------------------------------------------------------------ process groups
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_inputs(sizes, options, seed=0):
@@ -180,19 +172,15 @@ def _measure_memory(rank, world):
 
 
 def _worker(rank, world, port, sizes, cases, backend, measure, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         out = [_ring_case(rank, sizes, options, backend) for options in cases]
         results[rank] = (out, _measure_memory(rank, world) if measure else None)
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(world, sizes, cases, backend="torch", measure=False):
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(world, _free_port(), sizes, cases, backend, measure, results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), sizes, cases, backend, measure, results), nprocs=world, join=True)
     return [results[r] for r in range(world)]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import inspect
 import os
-import socket
 import subprocess
 import sys
 import tomllib
@@ -20,7 +19,6 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer import losses as st
@@ -29,6 +27,7 @@ from sentence_transformers.util import cos_sim, dot_score, manhattan_sim
 import fastcl
 import fastcl.sentence_transformers as fst
 
+from .helpers import free_port, gloo_group
 from .train_support import NLI, REPO, save_tiny_bert
 
 N = 9  # rows per batch: ragged against every mini-batch size below
@@ -392,16 +391,8 @@ GATHERED = {
 WORLD, LOCAL = 2, 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank, port, path, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         model = load(path)
         rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
         out = {}
@@ -409,13 +400,11 @@ def _gather_worker(rank, port, path, results):
             loss_fn = getattr(fst, name)(model, gather_across_devices=True, **options)
             out[case] = loss_and_grads(model, loss_fn, n_columns, rows=rows)
         results[rank] = out
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gather_across_devices_equals_one_process(model_dirs, model):
     results = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(_free_port(), model_dirs[0.0], results), nprocs=WORLD, join=True)
+    mp.spawn(_gather_worker, args=(free_port(), model_dirs[0.0], results), nprocs=WORLD, join=True)
     for case, (name, options, n_columns) in GATHERED.items():
         # One process over the whole batch (2 x LOCAL rows), sentence-transformers' loss.
         whole = loss_and_grads(model, getattr(st, name)(model, **options), n_columns, rows=slice(0, WORLD * LOCAL))

@@ -1,6 +1,6 @@
 """Chunked PyTorch forward and backward: the path for CPU tensors without Triton.
 
-Same interface and arithmetic as the Triton kernels (infonce_fwd.py, infonce_bwd.py),
+Same interface and arithmetic as the Triton kernels (infonce_fwd.py, infonce_bwd_slab.py),
 but a block of rows at a time with ordinary tensor ops: a chunk of C rows holds one
 C x M logit block, and C is chosen so that block stays under a fixed element budget
 whatever N and M are. Peak extra memory is therefore O(budget + (N + M) * D), never

@@ -100,7 +100,7 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
     """Compile one kernel (a name of configs.KERNELS) for one dtype and dot
     precision, with every option off ("plain"), only the fused normalization on
     ("normalized": the default loss) or every option on ("all"), at ``cfg``."""
-    from .infonce_bwd import _infonce_bwd_dk_kernel, _infonce_bwd_dq_kernel
+    from .infonce_bwd_slab import _infonce_bwd_dk_kernel, _infonce_bwd_dq_kernel
     from .infonce_bwd_workspace import _infonce_dlogits_kernel
     from .infonce_fwd import _infonce_fwd_kernel
 

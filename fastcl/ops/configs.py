@@ -141,7 +141,7 @@ def kernel_config(kernel: str, dtype: torch.dtype, dim: int, device: torch.devic
     return config if kernel in ("forward", "backward_ds") else _fit_d_out(config, dim)
 
 
-#: Backward strategies of the Triton backend: "slab" (infonce_bwd.py: two kernels, the
+#: Backward strategies of the Triton backend: "slab" (infonce_bwd_slab.py: two kernels, the
 #: similarity recomputed once per D slab) and "workspace" (infonce_bwd_workspace.py: logit
 #: gradients of a chunk of rows in a capped buffer, then two matrix products).
 BACKWARD_STRATEGIES = ("slab", "workspace")

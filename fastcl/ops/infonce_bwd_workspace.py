@@ -1,6 +1,6 @@
 """Workspace backward: logit gradients of a chunk of rows in a bounded buffer, then GEMMs.
 
-The slab backward (infonce_bwd.py) recomputes every similarity tile once per D slab of
+The slab backward (infonce_bwd_slab.py) recomputes every similarity tile once per D slab of
 each gradient, so at D = 768 with 256-wide slabs it does the 2NMD similarity product
 six times. This backward forms it once. For each chunk of R rows:
 
@@ -12,7 +12,7 @@ six times. This backward forms it once. For each chunk of R rows:
 2. ``dq_R = E @ k`` and ``dk += E[:, :n_grad]^T q_R`` are two plain matrix products
    (cuBLAS on the GPU), with results in fp32 for 16-bit inputs;
 3. a small kernel multiplies each result by what E leaves out (1/tau and the maxima
-   that normalize E's factors, see infonce_bwd.py "Precision"), subtracts the
+   that normalize E's factors, see infonce_bwd_slab.py "Precision"), subtracts the
    normalization's rank-1 term of each row (fastcl/ops/normalize.py, with the column
    sums ``sum_i G_ij cos_ij`` the first kernel also adds) and rounds once.
 
@@ -36,15 +36,14 @@ import triton
 import triton.language as tl
 
 from .configs import kernel_config
-from .infonce_bwd import backward_operand_scales
-from .infonce_fwd import _check_rows_contiguous
+from .launch import backward_operand_scales, block_options, check_rows_contiguous, layout_segments, layout_switches
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
     GRAD_OPERAND_SCALE, groups_overlap, load_groups, load_params, load_projections, load_scales, load_targets,
     logit_tile, matmul_operand, similarity_tile, softmax_minus_target,
 )
-from .utils import accumulator_dtype, dot_precision, eps_tensor, upcast_for_interpreter
+from .utils import accumulator_dtype
 
 #: Default cap on the workspace (bytes); FASTCL_WORKSPACE_BYTES overrides it.
 DEFAULT_WORKSPACE_BYTES = 1 << 30
@@ -60,7 +59,7 @@ def _infonce_dlogits_kernel(
     key_groups_ptr,
     q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
     k_norm_ptr,
-    operand_scales_ptr,  # [max_j c_j, max_i |g_i r_i|] (infonce_bwd.backward_operand_scales)
+    operand_scales_ptr,  # [max_j c_j, max_i |g_i r_i|] (launch.backward_operand_scales)
     lse_ptr,
     grad_rows_ptr,
     ds_ptr,
@@ -136,7 +135,7 @@ def _infonce_dlogits_kernel(
         tl.atomic_add(row_dot_ptr + rows, tl.sum(dlogits * s, 1), mask=row_in)
         # The operands hold P - onehot times the factors that cannot leave the products'
         # sums, each normalized by its maximum; 1/tau and the rest multiply the fp32
-        # products afterwards (infonce_bwd.py, "Precision"). One operand serves both
+        # products afterwards (infonce_bwd_slab.py, "Precision"). One operand serves both
         # products when it can hold both factors (bf16, fp32, fp64: fp32's exponent
         # range); float16's range cannot hold the product of both spreads, so with SPLIT
         # the dq operand keeps c_j only and a second one, for dk, keeps g_i r_i only.
@@ -266,9 +265,9 @@ def infonce_backward_workspace(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Same contract as :func:`fastcl.ops.infonce_bwd.infonce_backward`."""
+    """Same contract as :func:`fastcl.ops.infonce_bwd_slab.infonce_backward_slab`."""
     n_rows, dim = q.shape
-    _check_rows_contiguous(q, k)
+    check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
     # The workspace holds the logit-gradient operand in the input dtype (fp32 for fp32,
@@ -294,7 +293,8 @@ def infonce_backward_workspace(
     cfg = kernel_config("backward_ds", q.dtype, dim, q.device)
     row_groups, key_groups = groups if groups is not None else (lse, lse)
     normalized = normalize_eps is not None
-    eps_arg = eps_tensor(normalize_eps, acc, q.device)
+    segments = layout_segments(layout, normalize_eps, acc, q.device)
+    eps_arg = segments[-1]
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
     operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc)
     # What the products' results are multiplied by: (1/tau) max(c) max|g r| / 2^15 when
@@ -313,14 +313,7 @@ def infonce_backward_workspace(
         dq_row_factors = dk_row_factors = None
     # The kernel adds column sums whenever it normalizes (they are only read for dk).
     col_dot = torch.zeros(layout.n_grad_cols if normalized else 0, dtype=acc, device=q.device)
-    flags = dict(
-        HAS_TARGETS=targets is not None, HARD_WEIGHTED=layout.hard_weighted, GAUSS_WEIGHTED=layout.gauss_weighted,
-        EXCLUDE_SELF=layout.n_self > 0, GROUPED=groups is not None, NORMALIZED=normalized,
-        ACC_FP64=acc == torch.float64,
-        PRECISION=dot_precision(q.dtype), UPCAST=upcast_for_interpreter(q.dtype), SPLIT=split,
-        WRITE_DS2=write_ds2, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    switches = layout_switches(q.dtype, targets, layout, groups is not None, normalized)
     for row0 in range(0, n_rows, chunk):
         rows = min(chunk, n_rows - row0)
         ds = workspace[:rows]
@@ -330,8 +323,7 @@ def infonce_backward_workspace(
             q, k, params, targets if targets is not None else lse, row_groups, key_groups, q_norm, k_norm,
             operand_scales, lse, grad_rows, ds, ds2, row_dot, col_dot if normalized else lse, row0, rows, n_rows,
             layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), ds.stride(0), ds2.stride(0),
-            layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
-            eps_arg, **flags,
+            *segments, **switches, SPLIT=split, WRITE_DS2=write_ds2, **block_options(cfg),
         )
         q_chunk = q[row0:row0 + rows]
         if need_dq:

@@ -17,12 +17,13 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .group_ranges import row_block_tile_ranges
+from .launch import block_options, check_rows_contiguous, layout_segments, layout_switches
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
     column_interval, groups_overlap, load_groups, load_params, load_scales, load_targets, logit_tile, similarity_tile,
 )
-from .utils import accumulator_dtype, dot_precision, eps_tensor, upcast_for_interpreter
+from .utils import accumulator_dtype
 
 
 @triton.jit
@@ -107,17 +108,6 @@ def _infonce_fwd_kernel(
     tl.store(target_logit_ptr + rows, target_logit, mask=row_in)
 
 
-def _check_rows_contiguous(*tensors: torch.Tensor) -> None:
-    """Unit column stride, and element offsets that fit the kernels' 32-bit index
-    arithmetic (row index x row stride): past 2^31 they would wrap around silently."""
-    for t in tensors:
-        if t.stride(1) != 1:
-            raise ValueError(f"kernel inputs need unit column stride, got strides {t.stride()}")
-        if t.shape[0] and (t.shape[0] - 1) * t.stride(0) + t.shape[1] >= 2 ** 31:
-            raise ValueError(f"a {tuple(t.shape)} input is too large for the Triton kernels (element offsets "
-                             "past 2**31); use backend='torch' or 'native', or fewer rows per call")
-
-
 def infonce_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -139,7 +129,7 @@ def infonce_forward(
     Returns ``(lse, target_logit)``, each of length N in the accumulator dtype.
     """
     n_rows, dim = q.shape
-    _check_rows_contiguous(q, k)
+    check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
@@ -154,18 +144,7 @@ def infonce_forward(
         q, k, params, targets if targets is not None else lse, row_groups, key_groups, tile_ranges, q_norm,
         k_norm, lse, target_logit,
         n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0),
-        layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
-        eps_tensor(normalize_eps, acc, q.device),
-        HAS_TARGETS=targets is not None,
-        HARD_WEIGHTED=layout.hard_weighted,
-        GAUSS_WEIGHTED=layout.gauss_weighted,
-        EXCLUDE_SELF=layout.n_self > 0,
-        GROUPED=groups is not None,
-        NORMALIZED=normalized,
-        ACC_FP64=acc == torch.float64,
-        PRECISION=dot_precision(q.dtype),
-        UPCAST=upcast_for_interpreter(q.dtype),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        *layout_segments(layout, normalize_eps, acc, q.device),
+        **layout_switches(q.dtype, targets, layout, groups is not None, normalized), **block_options(cfg),
     )
     return lse, target_logit

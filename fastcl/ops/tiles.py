@@ -185,7 +185,7 @@ def logit_grad_tile(logits, lse, grad_rows, targets, cols):
 #: float16 the operand then stays below 65504 and every entry from 2^-29 of the largest
 #: up is a normal number (full precision). 1/tau, g_i and the inverse norms are applied
 #: to the fp32 accumulator instead, so none of them can push the 16-bit operand into
-#: underflow or overflow (fastcl/ops/infonce_bwd.py).
+#: underflow or overflow (fastcl/ops/infonce_bwd_slab.py).
 GRAD_OPERAND_SCALE: tl.constexpr = tl.constexpr(32768.0)
 
 

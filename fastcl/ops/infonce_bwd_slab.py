@@ -1,4 +1,4 @@
-"""Backward kernels: gradients of the per-row losses with respect to queries and keys.
+"""Slab backward: gradients of the per-row losses with respect to queries and keys.
 
 With P the row softmax, g_i the incoming gradient of loss_i and t_i the target column,
 the gradient of loss_i with respect to logit[i, j] is ``G[i, j] = g_i (P[i, j] - [j ==
@@ -49,16 +49,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import backward_strategy, kernel_config
+from .configs import kernel_config
 from .group_ranges import column_block_row_ranges, row_block_tile_ranges
-from .infonce_fwd import _check_rows_contiguous
+from .launch import backward_operand_scales, block_options, check_rows_contiguous, layout_segments, layout_switches
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
     GRAD_OPERAND_SCALE, column_interval, groups_overlap, load_groups, load_params, load_projections, load_scales,
     load_targets, logit_tile, matmul_operand, similarity_tile, softmax_minus_target,
 )
-from .utils import accumulator_dtype, dot_precision, eps_tensor, upcast_for_interpreter
+from .utils import accumulator_dtype
 
 
 @triton.jit
@@ -287,44 +287,7 @@ def _infonce_bwd_dk_kernel(
              mask=(cols[:, None] < n_grad_cols) & slab_in[None, :])
 
 
-def backward_operand_scales(q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, grad_rows: torch.Tensor,
-                            normalize_eps: float | None, acc: torch.dtype) -> torch.Tensor:
-    """``[max_j c_j, max_i |g_i r_i|]`` (c, r: inverse norms of k's and q's rows, 1
-    without normalization; g: the incoming row gradients), in the accumulator dtype on
-    the device.
-
-    Dividing by them keeps the per-column (dq) or per-row (dk) factor inside a product's
-    16-bit operand within [-1, 1]; the same maxima multiply the fp32 result. They are
-    taken over finite values only, so that a NaN or inf row (``check_finite=False``)
-    spoils its own results, not every row's; a zero maximum (all gradients 0) becomes 1,
-    so the division never makes a NaN."""
-    g = grad_rows.detach().to(acc).abs()
-    if normalize_eps is None:
-        col_max = torch.ones((), dtype=acc, device=g.device)
-        row = g
-    else:
-        col = 1.0 / k_norm.clamp_min(normalize_eps)
-        row = g / q_norm.clamp_min(normalize_eps)
-        col_max = _finite_max(col)
-    row_max = _finite_max(row)
-    return torch.stack([col_max.to(acc), row_max])
-
-
-def _finite_max(values: torch.Tensor) -> torch.Tensor:
-    """The largest finite value (all >= 0), 1 when there is none or it is 0."""
-    largest = torch.where(torch.isfinite(values), values, torch.zeros_like(values)).amax()
-    return torch.where(largest > 0, largest, torch.ones_like(largest))
-
-
-
-
-
-def _launch_options(cfg) -> dict:
-    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, BLOCK_D_OUT=cfg.BLOCK_D_OUT,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def infonce_backward(
+def infonce_backward_slab(
     q: torch.Tensor,
     k: torch.Tensor,
     params: torch.Tensor,
@@ -337,42 +300,25 @@ def infonce_backward(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward kernels.
+    """Launch the slab backward kernels.
 
-    Arguments as for :func:`infonce_forward`, plus the forward's ``lse`` and the
-    incoming per-row gradient ``grad_rows``. Runs the slab kernels below or, when
-    :func:`~fastcl.ops.configs.backward_strategy` says so, the workspace backward. Returns ``(dq, dk, row_dot)``: dq is N x D
-    (None unless ``need_dq``), dk is ``layout.n_grad_cols`` x D (None unless
-    ``need_dk``), both in the input dtype; row_dot (accumulator dtype, length N, computed
-    with dq) sums to the gradient of the loss with respect to 1/tau. With
-    ``normalize_eps`` the gradients are with respect to the raw rows.
+    Arguments as for :func:`~fastcl.ops.infonce_fwd.infonce_forward`, plus the forward's
+    ``lse`` and the incoming per-row gradient ``grad_rows``. Returns ``(dq, dk,
+    row_dot)``: dq is N x D (None unless ``need_dq``), dk is ``layout.n_grad_cols`` x D
+    (None unless ``need_dk``), both in the input dtype; row_dot (accumulator dtype,
+    length N, computed with dq) sums to the gradient of the loss with respect to 1/tau.
+    With ``normalize_eps`` the gradients are with respect to the raw rows.
     """
     n_rows, dim = q.shape
-    if backward_strategy(q.dtype, dim, q.device, grouped=groups is not None) == "workspace":
-        from .infonce_bwd_workspace import infonce_backward_workspace
-
-        return infonce_backward_workspace(q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups,
-                                          normalize_eps)
-    _check_rows_contiguous(q, k)
+    check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
     normalized = normalize_eps is not None
-    flags = dict(
-        HAS_TARGETS=targets is not None,
-        HARD_WEIGHTED=layout.hard_weighted,
-        GAUSS_WEIGHTED=layout.gauss_weighted,
-        EXCLUDE_SELF=layout.n_self > 0,
-        GROUPED=groups is not None,
-        NORMALIZED=normalized,
-        ACC_FP64=acc == torch.float64,
-        PRECISION=dot_precision(q.dtype),
-        UPCAST=upcast_for_interpreter(q.dtype),
-    )
-    targets_arg = targets if targets is not None else lse
     grouped = groups is not None
+    switches = layout_switches(q.dtype, targets, layout, grouped, normalized)
+    targets_arg = targets if targets is not None else lse
     row_groups, key_groups = groups if grouped else (lse, lse)
-    segments = (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
-                eps_tensor(normalize_eps, acc, q.device))
+    segments = layout_segments(layout, normalize_eps, acc, q.device)
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
     operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc)
 
@@ -387,7 +333,7 @@ def infonce_backward(
             row_block_tile_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if grouped else lse,
             q_norm, k_norm, operand_scales, lse, grad_rows, dq, row_dot,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
-            *segments, **flags, **_launch_options(cfg),
+            *segments, **switches, **block_options(cfg, slab=True),
         )
     dk = None
     if need_dk and layout.n_grad_cols > 0:
@@ -399,6 +345,6 @@ def infonce_backward(
             column_block_row_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if grouped else lse,
             q_norm, k_norm, operand_scales, lse, grad_rows, dk,
             n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dk.stride(0),
-            *segments, **flags, **_launch_options(cfg),
+            *segments, **switches, **block_options(cfg, slab=True),
         )
     return dq, dk, row_dot

@@ -1,0 +1,172 @@
+"""The dispatcher operators ``torch.ops.fastcl.*``: schemas, fake kernels, CUDA kernels.
+
+One operator per kernel family, with the arguments and outputs of its launcher (the
+layout flattened into its nine fields, the optional ``groups`` pair into two optional
+tensors: a schema takes no tuples)::
+
+    infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups, normalize_eps=None)
+        -> (lse, target_logit)                       CPU: csrc/, CUDA: infonce_fwd.py
+    infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
+                lse, grad_rows, need_dq, need_dk, normalize_eps=None)
+        -> (dq, dk, row_dot)                         CPU: csrc/, CUDA: infonce_bwd_slab.py
+    infonce_bwd_workspace(same arguments as infonce_bwd)
+        -> (dq, dk, row_dot)                         CUDA: infonce_bwd_workspace.py
+
+``normalize_eps`` (when not None) makes the operators take raw rows and score their
+cosines, as if every row of q and k had gone through ``F.normalize(x, dim=-1,
+eps=normalize_eps)``; the backward then returns the gradients with respect to the raw
+rows (fastcl/ops/normalize.py).
+
+The CPU kernels come from the native extension (csrc/, loaded by :mod:`fastcl.native`),
+which also defines the first two schemas (csrc/registration.cpp holds the same strings
+as :data:`SCHEMAS`; a test checks); without it the schemas are defined here, so the CUDA
+and fake kernels, and torch.compile on GPUs, work either way. Under torch.compile /
+torch.export the fake kernels give output shapes, so a compiled graph holds each
+operator as one opaque call. A gradient the backward is not asked for comes back as an
+empty tensor (a schema cannot return None); the wrappers :func:`operator_forward`,
+:func:`operator_backward` and :func:`operator_backward_workspace` turn those into None.
+Triton is imported only when a CUDA kernel runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import native
+from .layout import ColumnLayout
+from .utils import accumulator_dtype
+
+_LAYOUT_SCHEMA = ("int n_cols, int n_grad_cols, int hard_start, int n_hard, int gauss_start, float log_hard_weight, "
+                  "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups")
+_BACKWARD_SCHEMA = (f"(Tensor q, Tensor k, Tensor params, Tensor? targets, {_LAYOUT_SCHEMA}, Tensor lse, "
+                    "Tensor grad_rows, bool need_dq, bool need_dk, float? normalize_eps=None) "
+                    "-> (Tensor dq, Tensor dk, Tensor row_dot)")
+
+#: The schemas of the operators with a CPU kernel; csrc/registration.cpp defines the same
+#: strings when the extension is loaded.
+SCHEMAS = {
+    "infonce_fwd": (f"infonce_fwd(Tensor q, Tensor k, Tensor params, Tensor? targets, {_LAYOUT_SCHEMA}, "
+                    "float? normalize_eps=None) -> (Tensor lse, Tensor target_logit)"),
+    "infonce_bwd": "infonce_bwd" + _BACKWARD_SCHEMA,
+}
+#: Operators with CUDA kernels only, always defined here.
+CUDA_ONLY_SCHEMAS = {"infonce_bwd_workspace": "infonce_bwd_workspace" + _BACKWARD_SCHEMA}
+
+N_LAYOUT_FIELDS = len(ColumnLayout._fields)
+
+
+def _layout_and_groups(rest) -> tuple[ColumnLayout, tuple | None, list]:
+    """The operator's arguments after ``targets`` as the launchers take them: the layout,
+    the groups pair (None without groups) and the arguments that follow."""
+    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
+    row_groups, key_groups, *tail = rest[N_LAYOUT_FIELDS:]
+    return layout, (None if row_groups is None else (row_groups, key_groups)), tail
+
+
+# ------------------------------------------------------------------ fake and CUDA kernels
+
+
+def _fake_forward(q, k, params, targets, *rest):
+    acc = accumulator_dtype(q.dtype)
+    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
+
+
+def _fake_backward(q, k, params, targets, *rest):
+    layout, _, (_, _, need_dq, need_dk, *_) = _layout_and_groups(rest)
+    n_rows, dim = q.shape
+    dq = q.new_empty((n_rows if need_dq else 0, dim))
+    dk = q.new_empty((layout.n_grad_cols if need_dk and layout.n_grad_cols > 0 else 0, dim))
+    return dq, dk, q.new_empty(n_rows if need_dq else 0, dtype=accumulator_dtype(q.dtype))
+
+
+def _cuda_forward(q, k, params, targets, *rest):
+    from .infonce_fwd import infonce_forward
+
+    layout, groups, tail = _layout_and_groups(rest)
+    return infonce_forward(q.contiguous(), k.contiguous(), params, targets, layout, groups=groups,
+                           normalize_eps=tail[0] if tail else None)
+
+
+def _run_backward(launcher, q, k, params, targets, rest):
+    """A backward launcher's results with the schema's empty tensors for None."""
+    layout, groups, (lse, grad_rows, need_dq, need_dk, *tail) = _layout_and_groups(rest)
+    dq, dk, row_dot = launcher(q.contiguous(), k.contiguous(), params, targets, layout, lse, grad_rows,
+                               need_dq=need_dq, need_dk=need_dk, groups=groups, normalize_eps=tail[0] if tail else None)
+    dim = q.shape[1]
+    return (dq if dq is not None else q.new_empty((0, dim)),
+            dk if dk is not None else q.new_empty((0, dim)),
+            row_dot if row_dot is not None else q.new_empty(0, dtype=accumulator_dtype(q.dtype)))
+
+
+def _cuda_backward(q, k, params, targets, *rest):
+    from .infonce_bwd_slab import infonce_backward_slab
+
+    return _run_backward(infonce_backward_slab, q, k, params, targets, rest)
+
+
+def _cuda_backward_workspace(q, k, params, targets, *rest):
+    from .infonce_bwd_workspace import infonce_backward_workspace
+
+    return _run_backward(infonce_backward_workspace, q, k, params, targets, rest)
+
+
+_library = torch.library.Library("fastcl", "FRAGMENT")  # the schemas this module defines
+
+
+def _register() -> None:
+    defined_here = dict(CUDA_ONLY_SCHEMAS, **({} if native.available() else SCHEMAS))
+    for schema in defined_here.values():
+        _library.define(schema)
+    for name, fake, cuda in (("infonce_fwd", _fake_forward, _cuda_forward),
+                             ("infonce_bwd", _fake_backward, _cuda_backward),
+                             ("infonce_bwd_workspace", _fake_backward, _cuda_backward_workspace)):
+        torch.library.register_fake(f"fastcl::{name}", lib=_library)(fake)
+        torch.library.register_kernel(f"fastcl::{name}", "cuda", lib=_library)(cuda)
+
+
+_register()
+
+
+# ------------------------------------------------------------------------ the wrappers
+
+
+def _require_kernel(q: torch.Tensor) -> None:
+    if q.device.type == "cpu" and not native.available():
+        raise RuntimeError("backend 'cpp' (the native CPU kernel, also backend='native' on CPU tensors) needs "
+                           f"fastcl's compiled extension, which is unavailable: {native.status().reason}. "
+                           "See docs/building.md.")
+
+
+def _call(op, q, k, params, targets, layout: ColumnLayout, groups, *tail):
+    row_groups, key_groups = groups if groups is not None else (None, None)
+    return op(q, k, params, targets, *layout, row_groups, key_groups, *tail)
+
+
+def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None):
+    """``(lse, target_logit)`` from ``torch.ops.fastcl.infonce_fwd`` (any device), with
+    the arguments of :func:`~fastcl.ops.infonce_fwd.infonce_forward`."""
+    _require_kernel(q)
+    return _call(torch.ops.fastcl.infonce_fwd, q, k, params, targets, layout, groups, normalize_eps)
+
+
+def _backward(op, q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups, normalize_eps):
+    dq, dk, row_dot = _call(op, q, k, params, targets, layout, groups, lse, grad_rows, need_dq, need_dk,
+                            normalize_eps)
+    return ((dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
+            (row_dot if need_dq else None))
+
+
+def operator_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
+                      need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None):
+    """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd`` (the native kernel on
+    CPU, the slab kernels on CUDA), None where not asked for."""
+    _require_kernel(q)
+    return _backward(torch.ops.fastcl.infonce_bwd, q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk,
+                     groups, normalize_eps)
+
+
+def operator_backward_workspace(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
+                                need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None):
+    """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd_workspace`` (CUDA)."""
+    return _backward(torch.ops.fastcl.infonce_bwd_workspace, q, k, params, targets, layout, lse, grad_rows, need_dq,
+                     need_dk, groups, normalize_eps)

@@ -1,0 +1,352 @@
+"""From a loss call's arguments to what runs: the plan.
+
+The loss modules (loss.py, nt_xent.py, token_level.py, distributed.py) hand their
+arguments down here and get back one object per call: the checked options and inputs,
+the column layout, the backend and the backward strategy, and the arguments of the
+autograd Function (:class:`~fastcl.ops.function.InfoNCEFunction`), whose
+:class:`~fastcl.ops.dispatch.KernelPlan` selects the kernels in the dispatch table.
+
+Backends, by what runs (``backend=``):
+
+- ``"auto"``: the dense path below :data:`TINY_LOGITS` logits; else the Triton kernels
+  on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``), on CPU tensors the
+  native C++ kernel when the extension is built, else the chunked PyTorch path;
+- ``"triton"``, ``"cpp"`` (the native C++ CPU kernel), ``"chunked"`` (chunked PyTorch),
+  ``"dense"`` (the dense PyTorch loss of :mod:`fastcl.reference`, differentiated by
+  autograd: N x M memory).
+
+Older names stay accepted (:data:`BACKEND_ALIASES`): ``"native"`` is the compiled
+operators, i.e. the C++ kernel on CPU tensors and the Triton kernels on CUDA tensors;
+``"torch"`` is ``"chunked"`` and ``"reference"`` is ``"dense"``.
+
+Backward strategies (``backward_strategy=``), for the fused backends:
+
+- ``"auto"``: for Triton, ``"slab"`` with groups or when one gradient slab spans D,
+  else ``"workspace"`` (:func:`fastcl.ops.configs.backward_strategy`; the environment
+  variable ``FASTCL_BACKWARD`` overrides this choice); ``"workspace"`` for the others;
+- ``"slab"`` (Triton only): every gradient slab recomputes its similarity tiles, no
+  buffer;
+- ``"workspace"``: the logit gradients of a block of rows in a bounded buffer, then
+  matrix products (Triton, and how the native kernel and the chunked path work).
+
+With ``backend="auto"`` an explicit strategy narrows the choice to the fused backends
+that offer it. The dense path has no strategy (autograd differentiates it).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from . import native
+from .checks import Inputs, check_inputs
+from .gaussian import gaussian_negatives
+from .numerics import check_eps, check_flag, check_real, check_temperature_float
+from .ops import dispatch
+from .ops.configs import BACKWARD_STRATEGIES as TRITON_STRATEGIES
+from .ops.configs import backward_strategy as auto_triton_strategy
+from .ops.dispatch import KernelPlan
+from .ops.layout import ColumnLayout
+from .ops.utils import accumulator_dtype, interpreting
+
+BACKENDS = ("auto", "triton", "cpp", "chunked", "dense")
+#: Older backend names, still accepted: "native" (the compiled operators: the C++ kernel
+#: on CPU tensors, the Triton kernels on CUDA tensors), "torch" (chunked) and "reference"
+#: (dense).
+BACKEND_ALIASES = ("native", "torch", "reference")
+BACKWARD_STRATEGIES = ("auto",) + TRITON_STRATEGIES
+REDUCTIONS = ("mean", "sum", "none")
+
+#: Below this many logits (N x M) the "auto" backend takes the dense path: one small
+#: matrix product beats any sequence of kernel launches, and 64 K elements is a quarter
+#: of a megabyte.
+TINY_LOGITS = 1 << 16
+
+
+# ------------------------------------------------------------------------ the options
+
+
+class LossOptions(NamedTuple):
+    """The scalar arguments of a loss call (see :func:`fastcl.info_nce`, whose defaults
+    these are); :meth:`checked` raises a TypeError or ValueError naming the argument."""
+
+    temperature: float | torch.Tensor = 0.05
+    hard_negative_weight: float = 1.0
+    gaussian_negatives: int = 0
+    gaussian_weight: float = 1.0
+    symmetric: bool = False
+    reduction: str = "mean"
+    normalize: bool = True
+    eps: float = 1e-12
+    backend: str = "auto"
+    backward_strategy: str = "auto"
+    check_finite: bool = True
+
+    @classmethod
+    def from_keywords(cls, function: str, keywords: dict) -> LossOptions:
+        """The checked options of ``function(**keywords)``; an unknown keyword is a
+        TypeError, as Python raises it."""
+        for name in keywords:
+            if name not in cls._fields:
+                raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+        return cls(**keywords).checked()
+
+    def checked(self) -> LossOptions:
+        """These options, once every check that needs no tensor values has passed (run
+        at construction of a loss module and at every call)."""
+        temperature = self.temperature
+        if isinstance(temperature, torch.Tensor):
+            if not temperature.is_floating_point():
+                raise TypeError("temperature must be a float or a one-element floating-point tensor, got "
+                                f"a {temperature.dtype} tensor")
+            if temperature.numel() != 1:
+                raise ValueError("temperature must be a float or a one-element floating-point tensor, got "
+                                 f"a tensor of shape {tuple(temperature.shape)}")
+        else:
+            check_temperature_float(temperature)
+        check_eps(self.eps)
+        for name in ("symmetric", "normalize", "check_finite"):
+            check_flag(name, getattr(self, name))
+        _check_positive("hard_negative_weight", self.hard_negative_weight)
+        _check_positive("gaussian_weight", self.gaussian_weight)
+        count = self.gaussian_negatives
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 0 <= count < 2 ** 31:
+            raise ValueError(f"gaussian_negatives must be an int in [0, 2**31), got {count!r}")
+        _check_name("reduction", self.reduction, REDUCTIONS)
+        _check_name("backend", self.backend, BACKENDS + BACKEND_ALIASES)
+        _check_name("backward_strategy", self.backward_strategy, BACKWARD_STRATEGIES)
+        backend, strategy = _canonical(self.backend), self.backward_strategy
+        if backend == "dense" and strategy != "auto":
+            raise ValueError(f"backward_strategy={strategy!r} needs a fused backend: the dense backend has none "
+                             "(autograd differentiates it)")
+        if backend in ("cpp", "chunked") and strategy not in ("auto",) + dispatch.strategies_of(backend):
+            raise ValueError(f"backward_strategy={strategy!r} is not offered by backend {backend!r} "
+                             f"(it offers {dispatch.strategies_of(backend)})")
+        return self
+
+
+def _check_positive(name: str, value) -> None:
+    value = check_real(name, value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_name(argument: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{argument} must be one of {allowed}, got {value!r}")
+
+
+# --------------------------------------------------------- backend and backward strategy
+
+
+def _canonical(backend: str, device: torch.device | None = None) -> str:
+    """``backend`` by its current name; "native" depends on the device (None: not known yet)."""
+    if backend == "native":
+        return backend if device is None else ("triton" if device.type == "cuda" else "cpp")
+    return {"torch": "chunked", "reference": "dense"}.get(backend, backend)
+
+
+def choose_backend(backend: str, device: torch.device, n_logits: int, strategy: str = "auto",
+                   dense: bool = True) -> str:
+    """The backend that runs: ``backend`` with its alias resolved, or what "auto" picks
+    for ``n_logits`` logits on ``device`` (see the module docstring). ``dense=False``
+    (the distributed losses: the dense loss knows no ranks) takes the chunked path
+    instead of the dense one."""
+    backend = _canonical(backend, device)
+    if backend == "dense" and not dense:
+        return "chunked"
+    if backend != "auto":
+        return backend
+    if n_logits <= TINY_LOGITS and strategy == "auto":
+        return "dense" if dense else "chunked"
+    if device.type == "cuda":
+        return "triton"
+    # The interpreter runs the Triton kernels on CPU for tests; a compiled graph cannot
+    # hold an interpreted launch, so under torch.compile the CPU takes the operator.
+    if interpreting() and not torch.compiler.is_compiling():
+        return "triton"
+    if strategy == "slab":
+        raise ValueError("backward_strategy='slab' is a strategy of the Triton kernels, which run on CUDA tensors "
+                         f"(or on CPU tensors under TRITON_INTERPRET=1), not on {device.type} tensors")
+    return "cpp" if native.available() else "chunked"
+
+
+def choose_strategy(strategy: str, backend: str, x: torch.Tensor, grouped: bool = False,
+                    reduced: bool = True) -> str:
+    """The backward strategy ``backend`` runs for queries like ``x``: ``strategy``, or
+    what "auto" picks (module docstring). A strategy that forms the gradients in the
+    forward only serves losses reduced to a scalar (``reduced``)."""
+    device = x.device.type
+    if backend == "triton" and device == "cpu" and not interpreting():
+        raise ValueError("backend 'triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)")
+    offered = [s for s in dispatch.strategies(device, backend)
+               if reduced or s not in dispatch.GRADIENTS_IN_FORWARD]
+    if strategy == "auto":
+        if backend == "triton":
+            return auto_triton_strategy(x.dtype, x.shape[1], x.device, grouped=grouped)
+        return offered[0] if offered else "workspace"  # a missing entry is reported by the dispatch
+    if strategy not in offered:
+        raise ValueError(f"backward_strategy={strategy!r} is not offered by backend {backend!r} on {device} tensors"
+                         + (f" (it offers {tuple(offered)})" if offered else ""))
+    return strategy
+
+
+# ------------------------------------------------------------------------- the plan
+
+
+class FunctionArgs(NamedTuple):
+    """The arguments of :class:`~fastcl.ops.function.InfoNCEFunction`, in order."""
+
+    q: torch.Tensor
+    k_grad: torch.Tensor
+    k_const: torch.Tensor | None
+    inv_tau: torch.Tensor
+    targets: torch.Tensor | None
+    groups: tuple[torch.Tensor, torch.Tensor] | None
+    plan: KernelPlan
+
+
+class LossPlan(NamedTuple):
+    """One call of a loss, checked and decided: its options, its inputs after the checks
+    and its Gaussian negatives; then ``rows`` (and, for ``symmetric``, ``columns``, the
+    column direction), the Function's arguments, or None for the dense path, which takes
+    ``inputs`` and ``gaussian``."""
+
+    options: LossOptions
+    inputs: Inputs
+    gaussian: torch.Tensor | None
+    rows: FunctionArgs | None = None
+    columns: FunctionArgs | None = None
+
+
+def check_call(options: LossOptions, anchors, positives, hard_negatives=None, extra_negatives=None, *, labels=None,
+               groups=None, generator=None, names=("anchors", "positives")) -> tuple[Inputs, torch.Tensor | None]:
+    """A call's inputs after the checks, and its Gaussian negatives, drawn."""
+    inputs = check_inputs(options, anchors, positives, hard_negatives, extra_negatives, labels, groups, names)
+    return inputs, gaussian_negatives(options.gaussian_negatives, inputs.anchors, generator)
+
+
+def candidate_layout(options: LossOptions, n_grad_cols: int, hard_start: int, n_hard: int,
+                     n_extra: int) -> ColumnLayout:
+    """The layout of ``[candidates with a gradient; extra negatives; Gaussian negatives]``:
+    row i < ``n_hard`` has its own hard negative at column ``hard_start + i``."""
+    return ColumnLayout(
+        n_cols=n_grad_cols + n_extra + options.gaussian_negatives, n_grad_cols=n_grad_cols, hard_start=hard_start,
+        n_hard=n_hard, gauss_start=n_grad_cols + n_extra, log_hard_weight=math.log(options.hard_negative_weight),
+        log_gauss_weight=math.log(options.gaussian_weight))
+
+
+def kernel_plan(options: LossOptions, layout: ColumnLayout, x: torch.Tensor, n_logits: int, *, grouped: bool = False,
+                dense: bool = True, reduced: bool | None = None) -> KernelPlan | None:
+    """What runs for queries like ``x`` against ``layout``'s columns (``n_logits`` in
+    all): the backend and its backward strategy, or None for the dense path. ``dense``
+    False (the distributed losses) never takes the dense path; ``reduced`` (default:
+    the reduction is not "none") allows strategies that form the gradients in the
+    forward."""
+    backend = choose_backend(options.backend, x.device, n_logits, options.backward_strategy, dense)
+    if backend == "dense":
+        return None
+    reduced = options.reduction != "none" if reduced is None else reduced
+    strategy = choose_strategy(options.backward_strategy, backend, x, grouped, reduced)
+    return KernelPlan(layout, backend, strategy, options.eps if options.normalize else None)
+
+
+def plan_info_nce(options: LossOptions, anchors, positives, hard_negatives=None, extra_negatives=None, *,
+                  labels=None, groups=None, generator=None) -> LossPlan:
+    """The plan of :func:`fastcl.info_nce`: candidates ``[positives; hard; extra; gaussian]``."""
+    x, gaussian = check_call(options, anchors, positives, hard_negatives, extra_negatives, labels=labels,
+                             groups=groups, generator=generator)
+    n = x.anchors.shape[0]
+    n_hard = n if x.hard_negatives is not None else 0
+    n_extra = x.extra_negatives.shape[0] if x.extra_negatives is not None else 0
+    layout = candidate_layout(options, n + n_hard, n, n_hard, n_extra)
+    grouped = groups is not None
+    plan = kernel_plan(options, layout, x.anchors, n * layout.n_cols, grouped=grouped)
+    if plan is None:
+        return LossPlan(options, x, gaussian)
+    q = x.anchors.contiguous()
+    k_grad = (x.positives if n_hard == 0 else torch.cat([x.positives, x.hard_negatives])).contiguous()
+    targets = x.labels.to(torch.int64).contiguous() if x.labels is not None else None
+    row_groups = x.groups.to(torch.int64).contiguous() if grouped else None
+    # (row groups, candidate groups): positives and hard negatives share their row's group.
+    group_ids = (row_groups, row_groups if n_hard == 0 else torch.cat([row_groups, row_groups])) if grouped else None
+    inv_tau = inverse_temperature(options.temperature, x.anchors)
+    rows = FunctionArgs(q, k_grad, constant_rows(x.extra_negatives, gaussian), inv_tau, targets, group_ids, plan)
+    columns = None
+    if options.symmetric:
+        # Column direction of the in-batch block: positive j against every anchor.
+        columns = FunctionArgs(k_grad[:n], q, None, inv_tau, None, (row_groups, row_groups) if grouped else None,
+                               plan._replace(layout=ColumnLayout.plain(n)))
+    return LossPlan(options, x, gaussian, rows, columns)
+
+
+def plan_nt_xent(options: LossOptions, z1, z2) -> LossPlan:
+    """The plan of :func:`fastcl.nt_xent`: queries and candidates are the same 2N rows
+    ``[z1; z2]``, each row's own column masked, the target of row i its other view."""
+    x, _ = check_call(options, z1, z2, names=("z1", "z2"))
+    n = x.anchors.shape[0]
+    layout = ColumnLayout(n_cols=2 * n, n_grad_cols=2 * n, gauss_start=2 * n, self_start=0, n_self=2 * n)
+    plan = kernel_plan(options, layout, x.anchors, (2 * n) ** 2)
+    if plan is None:
+        return LossPlan(options, x, None)
+    z = torch.cat([x.anchors, x.positives]).contiguous()
+    targets = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    # z is both the queries and the candidates: autograd adds the two gradients.
+    rows = FunctionArgs(z, z, None, inverse_temperature(options.temperature, z), targets, None, plan)
+    return LossPlan(options, x, None, rows)
+
+
+# ------------------------------------------------------------- pieces of the kernels' inputs
+
+
+def constant_rows(extra: torch.Tensor | None, gaussian: torch.Tensor | None) -> torch.Tensor | None:
+    """The candidates that get no gradient, ``[extra; gaussian]``, detached, or None."""
+    parts = [x.detach() for x in (extra, gaussian) if x is not None]
+    if not parts:
+        return None
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
+
+
+def inverse_temperature(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """1 / tau as a 0-dim tensor on ``like``'s device (differentiable if tau is)."""
+    if isinstance(temperature, torch.Tensor):
+        # In the wider of tau's dtype and the accumulator's: 1 / tau of a float16
+        # temperature below 1.5e-5 overflows float16, and a float32 temperature with
+        # float64 inputs must not round 1 / tau to float32.
+        tau = temperature.reshape(())
+        return 1.0 / tau.to(torch.promote_types(tau.dtype, accumulator_dtype(like.dtype)))
+    # torch.full fills on the device; torch.tensor(..., device="cuda") would copy from the
+    # host and wait for all queued work first.
+    return torch.full((), 1.0 / temperature, dtype=accumulator_dtype(like.dtype), device=like.device)
+
+
+# ------------------------------------------------------------------------ reductions
+
+
+def output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Like F.cross_entropy under autocast, half-precision inputs give an fp32 loss."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def reduce_rows(per_row: torch.Tensor, reduction: str, input_dtype: torch.dtype) -> torch.Tensor:
+    per_row = per_row.to(output_dtype(input_dtype))
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+def reduce_for_ddp(per_row: torch.Tensor, reduction: str, input_dtype: torch.dtype, world: int,
+                   n_global: int) -> torch.Tensor:
+    """The distributed losses' reduction, scaled for DistributedDataParallel, which
+    averages gradients over the ``world`` ranks: "mean" is ``world / n_global`` times the
+    local sum, "sum" ``world`` times it (so DDP's average is the gradient of the global
+    mean or sum), "none" the local rows unscaled."""
+    if reduction == "none":
+        return reduce_rows(per_row, "none", input_dtype)
+    scale = world / n_global if reduction == "mean" else world
+    return reduce_rows(per_row, "sum", input_dtype) * scale
