@@ -15,9 +15,9 @@ interrupted one continues from its checkpoint with ``--resume``. Run outputs go 
 
 Every recipe gets the same budget of training sentences (:data:`BUDGET`; supervised rows
 count their three sentences), so batch 4096 makes one step where batch 64 makes 64. The
-learning rate (unsupervised, on ``unsup-avg``; supervised, on ``sup-a1``) and the
-supervised hard-negative weight are chosen on STS-B dev with seed 42 (:data:`TUNING`);
-every recipe then runs with each of :data:`SEEDS`.
+learning rate (on ``unsup-avg``; every recipe uses it) and then the supervised
+hard-negative weight are chosen on STS-B dev with seed 42 (:data:`TUNING`); every recipe
+then runs with each of :data:`SEEDS`.
 
 Adding a method is one :class:`Recipe` line in :data:`RECIPES` (its flags; ``data="sup"``
 for the triplets), e.g. ``Recipe("tacl", "TaCL: token-level contrast", ("--method", "tacl"))``.
@@ -44,9 +44,9 @@ SUP = "../shared/data/nli/snli_devtest_triplets.csv"
 #: Training sentences per run (the smallest budget in which batch 4096 makes a step).
 BUDGET = 4096
 SEEDS = (42, 43)
-#: Grids searched on STS-B dev (seed 42): unsupervised and supervised learning rates, then
-#: the supervised hard-negative weight at the chosen supervised rate.
-TUNING = {"unsup_lr": (1e-5, 3e-5, 1e-4), "sup_lr": (1e-5, 3e-5, 1e-4), "alpha": (0.5, 1.0, 2.0)}
+#: Grids searched on STS-B dev (seed 42): the learning rate (on unsup-avg), then the
+#: supervised hard-negative weight at that rate.
+TUNING = {"lr": (1e-5, 3e-5, 1e-4), "alpha": (0.5, 1.0, 2.0)}
 #: GS-InfoNCE as its authors ran it on BERT-base (caskcsg/sentemb, gsInfoNCE/run.sh):
 #: 192 Gaussian vectors, no weight on them (lambda 1); their standard deviation does not
 #: matter under cosine similarity.
@@ -152,23 +152,20 @@ def choices(dry: bool = False) -> tuple[list[tuple[str, list[str]]], dict]:
         elif dry:
             chosen[key] = None
 
-    grid = [(lr, command(base, 42, lr)) for lr in TUNING["unsup_lr"]]
+    grid = [(lr, command(base, 42, lr)) for lr in TUNING["lr"]]
     runs += [c for _, c in grid]
-    pick([(lr, c[0]) for lr, c in grid], "unsup_lr")
-    grid = [(lr, command(sup, 42, lr)) for lr in TUNING["sup_lr"]]
-    runs += [c for _, c in grid]
-    pick([(lr, c[0]) for lr, c in grid], "sup_lr")
-    if "sup_lr" in chosen:
-        lr = chosen["sup_lr"] or TUNING["sup_lr"][0]
+    pick([(lr, c[0]) for lr, c in grid], "lr")
+    if "lr" in chosen:
+        lr = chosen["lr"] or TUNING["lr"][0]
         grid = [(a, command(sup, 42, lr) if a == 1.0 else command(BY_NAME["sup-tuned"], 42, lr, a))
                 for a in TUNING["alpha"]]
-        runs += [c for a, c in grid if a != 1.0]
+        runs += [c for _, c in grid]
         pick([(a, c[0]) for a, c in grid], "alpha")
     return runs, chosen
 
 
 def recipe_command(recipe: Recipe, seed: int, chosen: dict) -> tuple[str, list[str]] | None:
-    lr = chosen.get("sup_lr" if recipe.data == "sup" else "unsup_lr")
+    lr = chosen.get("lr")
     if lr is None:
         return None
     if recipe.tuned_alpha:
@@ -199,7 +196,7 @@ def plan(dry: bool = False) -> tuple[list[tuple[str, list[str]]], dict, bool]:
 
 
 def _first(key: str):
-    return {"unsup_lr": TUNING["unsup_lr"][0], "sup_lr": TUNING["sup_lr"][0], "alpha": TUNING["alpha"][0]}[key]
+    return TUNING[key][0]
 
 
 def shell(name: str, args: list[str]) -> str:
@@ -302,7 +299,7 @@ def main(argv=None) -> int:
     if a.what == "report":
         from study_report import report
 
-        return report(plan, finished, schedule, BY_NAME, RECIPES, SEEDS, SWEEP, shell, run_dir, RESULTS, BUDGET)
+        return report()
     return {"list": cmd_list, "status": cmd_status, "run": lambda: cmd_run(a.stop_on_failure)}[a.what]()
 
 

@@ -9,7 +9,8 @@ Output directory layout (``--output-dir OUT``)::
     OUT/checkpoint/state.pt  one file: model, optimizer with any Child-Tuning masks and
                            generators, scheduler, scaler, MoCo key encoder and queue, every
                            rank's random states, data position (see :mod:`.checkpoint`)
-    OUT/log.jsonl          one JSON object per evaluation and per logging interval
+    OUT/log.jsonl          one JSON object per evaluation, logging interval and
+                           --geometry-steps record (alignment, uniformity on STS-B dev)
     OUT/results.json       before / after numbers, throughput, wall time, peak memory
     OUT/spectrum.png       singular spectrum of STS-B dev embeddings before and after
 
