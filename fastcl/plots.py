@@ -183,13 +183,15 @@ def plot_spectra_before_after(runs: list[Run], path: str | Path,
                               title: str = "STS-B dev embeddings: normalized singular spectrum") -> Path:
     """Singular values of the STS-B dev embedding matrix divided by the largest: after
     training one solid line per run (its color); before training dashed, one line per
-    distinct starting point (runs from one model and pooler share it)."""
+    distinct starting point (runs from one model and pooler share it). Below, each run's
+    after / before ratio index by index: above 1 where training flattened the spectrum."""
     with_spectra = [r for r in runs if r.spectra.get("after") or r.spectra.get("before")]
     if not with_spectra:
         raise ValueError("no run has spectra (results.json is written when a run with evaluation finishes): "
                          + ", ".join(str(r.path) for r in runs))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=130)
+    fig, (ax, ratio_ax) = plt.subplots(2, 1, figsize=(7.5, 7.0), dpi=130, sharex=True,
+                                       gridspec_kw={"height_ratios": [3, 2]})
     lowest = 1.0
     for n, (values, labels) in enumerate(_groups(with_spectra, "before")):
         names = labels[0] if len(labels) == 1 else (f"{len(labels)} runs" if len(labels) > 2 else " and ".join(labels))
@@ -197,19 +199,29 @@ def plot_spectra_before_after(runs: list[Run], path: str | Path,
                 label=f"before ({names})")
         lowest = min(lowest, min(values))
     for run, color in zip(runs, _colors(len(runs))):
-        values = run.spectra.get("after")
-        if values:
-            ax.plot(np.arange(1, len(values) + 1), values, "-", color=color, lw=1.0, label=f"after: {run.label}")
-            lowest = min(lowest, min(values))
+        after, before = run.spectra.get("after"), run.spectra.get("before")
+        if not after:
+            continue
+        ax.plot(np.arange(1, len(after) + 1), after, "-", color=color, lw=1.0, label=f"after: {run.label}")
+        lowest = min(lowest, min(after))
+        if before and len(before) == len(after):
+            b, a = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+            keep = b >= 1e-3  # the ratio of two values at rounding level says nothing
+            ratio_ax.plot(np.arange(1, len(a) + 1)[keep], a[keep] / b[keep], "-", color=color, lw=1.0,
+                          label=run.label)
     ax.set_yscale("log")
+    ax.set_ylim(top=1.3)
     if lowest < 1e-3:  # a dimension the model never uses would stretch the axis over many decades
         ax.set_ylim(bottom=1e-3)
         ax.text(0.02, 0.03, "values below 1e-3 clipped", transform=ax.transAxes, fontsize=7)
-    ax.set_xlabel("index (largest first)")
     ax.set_ylabel("singular value / largest")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ratio_ax.axhline(1.0, color="black", lw=0.8)
+    ratio_ax.set_xlabel("index (largest first)")
+    ratio_ax.set_ylabel("after / before")
+    ratio_ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
 

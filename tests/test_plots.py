@@ -134,6 +134,9 @@ def test_spectra_plot_shares_one_before_line_per_starting_point(tmp_path, captur
     assert labelled == {"before (a and b)": [1, 0.5, 0.1], "before (c)": [1, 0.2, 0.01], "after: a": [1, 0.6, 0.2],
                         "after: b": [1, 0.7, 0.3], "after: c": [1, 0.4, 0.05]}
     assert ax.get_yscale() == "log"
+    ratios = {line.get_label(): list(line.get_ydata()) for line in captured[0].axes[1].lines
+              if not line.get_label().startswith("_")}  # the unlabelled line is the reference at 1
+    assert ratios == {"a": pytest.approx([1, 1.2, 2]), "b": pytest.approx([1, 1.4, 3]), "c": pytest.approx([1, 2, 5])}
 
 
 def test_cli_runs_table_and_plots(tmp_path, capsys):
