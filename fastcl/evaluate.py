@@ -24,6 +24,14 @@ seven when all are present.
 Also: alignment and uniformity (Wang and Isola) on STS-B (positives: pairs scored above
 4; uniformity over all its sentences), and the singular spectrum of the embedding
 matrix of those sentences, with a PNG plot (``--plot``).
+
+Training runs, from their logs (nothing is encoded; :mod:`fastcl.plots`)::
+
+    python -m fastcl.evaluate --runs runs/unsup "sup=runs/sup" --plot au.png --plot-spectra spectra.png
+
+draws the alignment-uniformity trajectories of the runs along training in one plot
+(SimCSE's Figure 2) and their normalized singular spectra before and after training in
+another, and prints a table of the runs' before / after numbers.
 """
 
 from __future__ import annotations
@@ -45,8 +53,8 @@ from .sts_data import (  # the data loaders are part of this module's interface
 )
 
 __all__ = ["evaluate", "main", "present_tasks", "score_sets", "embedding_geometry", "memoize", "format_table",
-           "check_output_path", "default_data_dir", "STS_SUBSETS", "TASKS", "DataFormatError", "IncompleteTask",
-           "PairSet", "find_tasks", "load_sick_split", "load_sts_year", "load_stsb_split", "load_task", "utf8_error"]
+           "check_output_path", "default_data_dir", "plot_runs", "STS_SUBSETS", "TASKS", "DataFormatError",
+           "IncompleteTask", "PairSet", "find_tasks", "load_sick_split", "load_sts_year", "load_stsb_split", "load_task", "utf8_error"]
 
 SHORT = {"STSBenchmark": "STSB", "SICKRelatedness": "SICKR"}
 ALIGN_THRESHOLD = 4.0
@@ -198,6 +206,36 @@ def _write_json(path: Path, results: dict) -> None:
             tmp.unlink()
 
 
+def plot_runs(specs: list[str], plot: str | None, plot_spectra: str | None) -> int:
+    """``--runs``: print the runs' table and draw the requested plots; the exit status."""
+    from .plots import load_run, plot_alignment_uniformity, plot_spectra_before_after, runs_table
+
+    try:
+        au_path, spectra_path = check_output_path(plot, "--plot"), check_output_path(plot_spectra, "--plot-spectra")
+        runs = [load_run(spec) for spec in specs]
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(runs_table(runs))
+    for path, draw, what in ((au_path, plot_alignment_uniformity, "alignment-uniformity plot"),
+                             (spectra_path, plot_spectra_before_after, "spectrum plot")):
+        if path is None:
+            continue
+        try:
+            draw(runs, path)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except ImportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"error: could not write {path} ({e.strerror or e})", file=sys.stderr)
+            return 1
+        print(f"{what}: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastcl.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,10 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-geometry", action="store_true", help="skip alignment / uniformity / spectrum")
     parser.add_argument("--output", default=None, help="write the full results as JSON here")
-    parser.add_argument("--plot", default=None, help="write the singular-spectrum plot (PNG) here; needs matplotlib")
+    parser.add_argument("--plot", default=None, help="write the singular-spectrum plot (PNG) here; with --runs, the "
+                        "alignment-uniformity trajectories; needs matplotlib")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="[LABEL=]RUN_DIR",
+                        help="training output directories (python -m fastcl.train) to draw from their logs instead "
+                        "of evaluating a model: a table of their numbers, --plot and --plot-spectra")
+    parser.add_argument("--plot-spectra", default=None, help="with --runs: the normalized singular spectra before "
+                        "and after training (PNG)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.runs is not None:
+        if args.model is not None or args.tasks is not None or args.output is not None:
+            parser.error("--runs draws from training logs; --model, --tasks and --output evaluate a model: "
+                         "one or the other")
+        return plot_runs(args.runs, args.plot, args.plot_spectra)
+    if args.plot_spectra is not None:
+        parser.error("--plot-spectra draws training runs' spectra: it needs --runs (--plot writes this model's)")
 
     from transformers.utils import logging as hf_logging
 

@@ -202,3 +202,38 @@ def test_supervised_with_every_option(workspace):
 
     theirs = torch.as_tensor(SentenceTransformer(str(out), device="cpu").encode(SENTENCES_FOR_CHECK))
     torch.testing.assert_close(theirs, emb, rtol=0, atol=2e-6)  # the same layer average, not plain mean pooling
+
+
+def test_geometry_steps_log_the_live_model_without_changing_training(workspace, capsys):
+    """--geometry-steps N logs alignment / uniformity / STS-B dev every N steps (not at an
+    evaluation's step, which records them from its own encoding, nor at the last step,
+    which the final evaluation covers); the numbers are the live model's (equal to an
+    evaluation at that step) and training is unchanged (the same final weights)."""
+    def run(out, *extra):
+        return cli.main(["--train-file", str(workspace / "wiki40.txt"), "--model", str(workspace / "tiny"),
+                         "--output-dir", str(out), "--batch-size", "8", "--max-steps", "5", "--learning-rate", "1e-3",
+                         "--eval-data-dir", str(workspace / "sts"), "--logging-steps", "0", "--no-progress", *extra])
+
+    geo, plain, every = workspace / "geo", workspace / "geo-plain", workspace / "geo-every"
+    assert run(geo, "--eval-steps", "3", "--geometry-steps", "1") == 0
+    assert run(plain, "--eval-steps", "3") == 0
+    assert run(every, "--eval-steps", "1") == 0
+    records = _records(geo)
+    geometry = [r for r in records if r["event"] == "geometry"]
+    assert [r["step"] for r in geometry] == [1, 2, 4]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [0, 3, 5, 5]  # before, step 3, last, after
+    evals = {r["step"]: r for r in _records(every) if r["event"] == "eval" and r.get("when") is None}
+    for r in geometry:
+        for key in ("stsb_dev", "alignment", "uniformity", "spectrum_top1_energy", "spectrum_effective_rank"):
+            assert r[key] == evals[r["step"]][key], key
+    assert [r for r in _records(plain) if r["event"] == "geometry"] == []
+    assert (geo / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+    from fastcl.plots import load_run
+
+    assert [p["step"] for p in load_run(geo).points] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(SystemExit) as e:
+        run(workspace / "geo-bad", "--geometry-steps", "2", "--no-eval")
+    assert e.value.code == 2 and "--geometry-steps measures on STS-B dev" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(workspace / "geo-bad", "--geometry-steps", "-1")
+    assert "--geometry-steps must be >= 0" in capsys.readouterr().err

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--device", default=None)
     e = p.add_argument_group("evaluation, checkpoints, logs")
     e.add_argument("--eval-steps", type=int, default=125, help="STS-B dev every this many steps (0: at the end only)")
+    e.add_argument("--geometry-steps", type=int, default=0, metavar="N",
+                   help="alignment and uniformity (and the STS-B dev score) of the live model every N steps, into "
+                   "log.jsonl, for the alignment-uniformity plot (python -m fastcl.evaluate --runs OUT --plot ...); "
+                   "one encoding of STS-B dev each, shared with an evaluation at the same step (0: off)")
     e.add_argument("--eval-data-dir", default=None,
                    help="directory holding STSBenchmark/sts-{dev,test}.csv (default: $FASTCL_DATA_DIR/sts, "
                    "../shared/data/sts)")
@@ -139,9 +143,12 @@ def _check_numbers(parser, args) -> None:
             parser.error(f"{name} must be > 0, got {value}")
     for name, value in {"--chunk-size": args.chunk_size, "--gaussian-negatives": args.gaussian_negatives,
                         "--max-steps": args.max_steps, "--eval-steps": args.eval_steps,
+                        "--geometry-steps": args.geometry_steps,
                         "--warmup-steps": args.warmup_steps, "--save-steps": args.save_steps}.items():
         if value < 0:
             parser.error(f"{name} must be >= 0, got {value}")
+    if args.geometry_steps and args.no_eval:
+        parser.error("--geometry-steps measures on STS-B dev: it needs the evaluation (drop --no-eval)")
     if not 0 < args.mlm_probability < 1:
         parser.error(f"--mlm-probability must be in (0, 1), got {args.mlm_probability}")
     if args.moco_momentum is not None and not args.moco_queue:

@@ -36,6 +36,7 @@ class TrainConfig:
     precision: str = "auto"
     max_grad_norm: float = 1.0
     eval_steps: int = 125
+    geometry_steps: int = 0
     eval_data_dir: str | None = None
     eval_batch_size: int = 128
     no_eval: bool = False

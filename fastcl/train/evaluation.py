@@ -82,6 +82,21 @@ def evaluate_before(trainer) -> None:
         dist.barrier()
 
 
+def log_geometry(trainer) -> None:
+    """``--geometry-steps``: alignment, uniformity, the spectrum's summary and the STS-B dev
+    score of the live model (one encoding of STS-B dev), as a ``geometry`` record of the
+    log; nothing else changes (no best model, no checkpoint). The last step is left to the
+    final evaluation, which records the same numbers from its own encoding."""
+    if trainer.eval_sets is None or not trainer.main or trainer.step >= trainer.total_steps:
+        return
+    t0 = time.perf_counter()
+    r = evaluate_live(trainer, ("dev",))
+    trainer.write_log({"event": "geometry", "step": trainer.step, "epoch": trainer.epoch, **r,
+                       "geometry_seconds": time.perf_counter() - t0})
+    trainer.log(f"step {trainer.step}: alignment {r['alignment']:.4g}, uniformity {r['uniformity']:.4g} "
+                f"(STS-B dev {r['stsb_dev']:.2f})")
+
+
 def maybe_evaluate(trainer, loss_avg: float | None) -> bool:
     """Evaluate on STS-B dev (rank 0); a new best is written as the pending best model.
     Returns, on every rank, whether it improved (then the caller writes a checkpoint

@@ -9,7 +9,8 @@ Output directory layout (``--output-dir OUT``)::
     OUT/checkpoint/state.pt  one file: model, optimizer with any Child-Tuning masks and
                            generators, scheduler, scaler, MoCo key encoder and queue, every
                            rank's random states, data position (see :mod:`.checkpoint`)
-    OUT/log.jsonl          one JSON object per evaluation and per logging interval
+    OUT/log.jsonl          one JSON object per evaluation, logging interval and
+                           --geometry-steps record (alignment, uniformity on STS-B dev)
     OUT/results.json       before / after numbers, throughput, wall time, peak memory
     OUT/spectrum.png       singular spectrum of STS-B dev embeddings before and after
 
@@ -299,7 +300,7 @@ class Trainer:
             self.close()
 
     def _train(self) -> dict:
-        from .evaluation import evaluate_before, finish, maybe_evaluate
+        from .evaluation import evaluate_before, finish, log_geometry, maybe_evaluate
 
         cfg = self.cfg
         wall0 = time.perf_counter()
@@ -378,7 +379,10 @@ class Trainer:
                     interval_loss, interval_n, interval_t, interval_sent = 0.0, 0, 0.0, 0
                 else:
                     loss_avg = stats["loss"]
-                improved = bool(cfg.eval_steps and self.step % cfg.eval_steps == 0) and maybe_evaluate(self, loss_avg)
+                eval_now = bool(cfg.eval_steps and self.step % cfg.eval_steps == 0)
+                if cfg.geometry_steps and self.step % cfg.geometry_steps == 0 and not eval_now:
+                    log_geometry(self)  # an evaluation at this step records the same numbers
+                improved = eval_now and maybe_evaluate(self, loss_avg)
                 save_every = cfg.save_steps or cfg.eval_steps
                 if improved or (save_every and self.step % save_every == 0):
                     save_checkpoint(self)  # the checkpoint that names a new best comes before it is installed
