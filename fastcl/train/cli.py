@@ -17,6 +17,10 @@ Examples::
 
     # Child-Tuning-D: update only the 30% of weights with the most Fisher information
     python -m fastcl.train --train-file nli_for_simcse.csv --child-tuning d --child-tuning-p 0.3
+
+    # other methods: SG-BERT, TaCL, VaSCL, DCLR (DCLR weighs negatives with a SimCSE model)
+    python -m fastcl.train --train-file wiki1m_for_simcse.txt --method sgbert
+    python -m fastcl.train --train-file wiki1m_for_simcse.txt --method dclr --dclr-model runs/unsup
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import fields
 from ..sentence_model import MLP_MODES, POOLERS
 from .step import DISTRIBUTED_LOSSES
 from .config import TrainConfig, check_method_options
+from .methods.options import METHODS, OWN_TEMPERATURE, SGBERT_OBJECTIVES, SGBERT_POOLINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dedup", action="store_true",
                    help="drop rows that repeat a sentence already in the batch (duplicates are false negatives)")
     l = p.add_argument_group("loss")
-    l.add_argument("--temperature", type=float, default=0.05)
+    l.add_argument("--temperature", type=float, default=None,
+                   help="SimCSE's temperature (default 0.05; also VaSCL's and DCLR's)")
     l.add_argument("--hard-negative-weight", type=float, default=1.0,
                    help="SimCSE's alpha as a weight (log(alpha) is added to the hard negative's logit); "
                    "SimCSE's own --hard_negative_weight w is exp(w) here")
@@ -82,6 +88,43 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--child-tuning-fisher-batches", type=int, default=None, metavar="N",
                    help="Child-Tuning-D: training batches the Fisher information is estimated on (default 32, at "
                    "most one epoch)")
+    t = p.add_argument_group("methods (each paper's defaults; see docs/methods.md)")
+    t.add_argument("--method", default="simcse", choices=METHODS,
+                   help="simcse (default; also GS-InfoNCE, MoCo, Child-Tuning), sgbert (Kim et al. 2021), tacl (Su et al. "
+                   "2022), vascl (Zhang et al. 2022), dclr (Zhou et al. 2022)")
+    t.add_argument("--sgbert-objective", default="opt", choices=SGBERT_OBJECTIVES,
+                   help="SG-OPT (the paper's redesigned NT-Xent over every layer; default) or SG (NT-Xent with one "
+                   "layer drawn uniformly per sentence)")
+    t.add_argument("--sgbert-temperature", type=float, default=0.01)
+    t.add_argument("--sgbert-lambda", type=float, default=0.1,
+                   help="weight of the regularizer ||theta - theta_frozen||^2")
+    t.add_argument("--sgbert-pooling", default="max", choices=SGBERT_POOLINGS,
+                   help="pooling of the frozen copy's layers over tokens")
+    t.add_argument("--sgbert-projection-dim", type=int, default=4096,
+                   help="width of the projection head (two Linear + GELU layers, training only)")
+    t.add_argument("--sgbert-train-embeddings", action="store_true",
+                   help="also train the embedding layer (frozen by default, as the paper's code does)")
+    t.add_argument("--tacl-temperature", type=float, default=0.01)
+    t.add_argument("--tacl-mlm-weight", type=float, default=1.0)
+    t.add_argument("--tacl-mask-probability", type=float, default=0.15)
+    t.add_argument("--vascl-neighbours", type=int, default=16, metavar="K", help="in-batch nearest neighbours")
+    t.add_argument("--vascl-radius", type=float, default=15.0, help="norm of the virtual augmentation")
+    t.add_argument("--vascl-feature-dim", type=int, default=128, help="output width of the contrast head")
+    t.add_argument("--vascl-head-lr-scale", type=float, default=100.0,
+                   help="the contrast head's learning rate is --learning-rate times this")
+    t.add_argument("--vascl-encoder-gradient", action="store_true",
+                   help="let the virtual-augmentation term reach the encoder (the paper's code trains only the "
+                   "contrast head with it)")
+    t.add_argument("--dclr-model", default=None, metavar="DIR",
+                   help="DCLR's complementary model: a frozen SimCSE-trained encoder (required with --method dclr)")
+    t.add_argument("--dclr-threshold", type=float, default=0.9, metavar="PHI",
+                   help="in-batch negatives the complementary model scores above this cosine get weight 0")
+    t.add_argument("--dclr-noise-times", type=float, default=1.0,
+                   help="noise-based negatives per batch row")
+    t.add_argument("--dclr-noise-steps", type=int, default=4, help="gradient steps moving the noise negatives")
+    t.add_argument("--dclr-noise-step-size", type=float, default=1e-3)
+    t.add_argument("--dclr-block-rows", type=int, default=256,
+                   help="rows per block of the weighted loss (memory: block x columns)")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch-size", type=int, default=64, help="global batch (rows) across all processes")
     o.add_argument("--chunk-size", type=int, default=0,
@@ -123,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    for optional in ("moco_momentum", "child_tuning_p", "child_tuning_fisher_batches"):
+    for optional in ("moco_momentum", "child_tuning_p", "child_tuning_fisher_batches", "temperature"):
         if values.get(optional) is None:  # not given: the TrainConfig default
             values.pop(optional, None)
     values["progress"] = not args.no_progress
@@ -134,7 +177,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _check_numbers(parser, args) -> None:
-    positive = {"--batch-size": args.batch_size, "--max-length": args.max_length, "--temperature": args.temperature,
+    if args.temperature is not None and args.method in OWN_TEMPERATURE:
+        parser.error(f"--temperature is SimCSE's; --method {args.method} takes {OWN_TEMPERATURE[args.method]}")
+    positive = {"--batch-size": args.batch_size, "--max-length": args.max_length,
+                "--temperature": 0.05 if args.temperature is None else args.temperature,
                 "--learning-rate": args.learning_rate, "--hard-negative-weight": args.hard_negative_weight,
                 "--gaussian-weight": args.gaussian_weight, "--epochs": args.epochs,
                 "--eval-batch-size": args.eval_batch_size}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .methods.options import check_method
 from .step import DISTRIBUTED_LOSSES
 
 
@@ -52,6 +53,28 @@ class TrainConfig:
     child_tuning: str | None = None
     child_tuning_p: float = 0.3
     child_tuning_fisher_batches: int = 32
+    # --method and each method's own flags (fastcl/train/methods/); defaults are the papers'
+    method: str = "simcse"
+    sgbert_objective: str = "opt"
+    sgbert_temperature: float = 0.01
+    sgbert_lambda: float = 0.1
+    sgbert_pooling: str = "max"
+    sgbert_projection_dim: int = 4096
+    sgbert_train_embeddings: bool = False
+    tacl_temperature: float = 0.01
+    tacl_mlm_weight: float = 1.0
+    tacl_mask_probability: float = 0.15
+    vascl_neighbours: int = 16
+    vascl_radius: float = 15.0
+    vascl_feature_dim: int = 128
+    vascl_head_lr_scale: float = 100.0
+    vascl_encoder_gradient: bool = False
+    dclr_model: str | None = None
+    dclr_threshold: float = 0.9
+    dclr_noise_times: float = 1.0
+    dclr_noise_steps: int = 4
+    dclr_noise_step_size: float = 1e-3
+    dclr_block_rows: int = 256
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -60,7 +83,9 @@ class TrainConfig:
 #: decay live in the optimizer's saved state: a new value would be silently ignored.
 #: Anything else may change (--max-steps to train longer, --eval-steps, ...).
 RESUME_MUST_MATCH = ("train_file", "batch_size", "seed", "pooler", "mlp", "do_mlm", "moco_queue", "moco_momentum",
-                     "child_tuning", "child_tuning_p", "learning_rate", "weight_decay")
+                     "child_tuning", "child_tuning_p", "learning_rate", "weight_decay", "method",
+                     "sgbert_projection_dim", "sgbert_train_embeddings", "vascl_feature_dim", "vascl_head_lr_scale",
+                     "dclr_model")
 
 
 def resume_mismatches(then: dict, now: TrainConfig) -> list[str]:
@@ -77,7 +102,8 @@ def resume_mismatches(then: dict, now: TrainConfig) -> list[str]:
 
 
 def check_method_options(cfg: TrainConfig) -> None:
-    """Ranges of the MoCo, Child-Tuning and distributed-loss options (ValueError naming the flag)."""
+    """Ranges of the MoCo, Child-Tuning, distributed-loss and method options, and the combinations a
+    method refuses (ValueError naming the flag)."""
     def number(x) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -96,3 +122,4 @@ def check_method_options(cfg: TrainConfig) -> None:
     if cfg.distributed_loss not in DISTRIBUTED_LOSSES:
         raise ValueError(f"--distributed-loss must be one of {', '.join(DISTRIBUTED_LOSSES)}, got "
                          f"{cfg.distributed_loss!r}")
+    check_method(cfg)

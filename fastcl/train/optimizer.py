@@ -24,8 +24,20 @@ def parameter_groups(encoder) -> list[tuple[list[str], list[torch.nn.Parameter],
 
 def build_optimizer(encoder, cfg: TrainConfig, total_steps: int):
     """(optimizer, scheduler, warm-up steps) for ``encoder``'s trainable parameters."""
-    groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
-              for _, params, decay in parameter_groups(encoder)]
+    # A method's own head (``encoder.method_head``, registered last, so splitting keeps
+    # the parameter order) may train at a multiple of the learning rate (VaSCL's).
+    scale = float(getattr(encoder, "head_lr_scale", 1.0))
+    groups = []
+    for names, params, decay in parameter_groups(encoder):
+        wd = cfg.weight_decay if decay else 0.0
+        head = [p for n, p in zip(names, params) if n.startswith("method_head.")]
+        if scale == 1.0 or not head:
+            groups.append({"params": params, "weight_decay": wd})
+            continue
+        body = [p for n, p in zip(names, params) if not n.startswith("method_head.")]
+        if body:
+            groups.append({"params": body, "weight_decay": wd})
+        groups.append({"params": head, "weight_decay": wd, "lr": cfg.learning_rate * scale})
     if cfg.child_tuning:
         from ..optim import ChildTuningAdamW
 

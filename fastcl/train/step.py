@@ -217,7 +217,8 @@ class MoCo(nn.Module):
 
 def compute_gradients(model, batch: dict[str, torch.Tensor], cfg: LossConfig, *, chunk_size: int = 0,
                       generator: torch.Generator | None = None, autocast=None, scaler=None,
-                      device=None, check_replay: bool = True, moco: MoCo | None = None) -> dict[str, float]:
+                      device=None, check_replay: bool = True, moco: MoCo | None = None,
+                      method=None) -> dict[str, float]:
     """Accumulate into ``.grad`` the gradients of ``loss + mlm_weight * mlm_loss`` for one
     batch, and return the (global) loss values.
 
@@ -227,8 +228,12 @@ def compute_gradients(model, batch: dict[str, torch.Tensor], cfg: LossConfig, *,
     plain step; otherwise rows are encoded ``chunk_size`` at a time (gradient caching).
     With ``moco``, views 1.. are encoded by its key encoder (first, without a graph), the
     model encodes view 0 only, and the queue adds negatives; the caller runs
-    ``moco.after_step(encoder)`` after the optimizer's step.
+    ``moco.after_step(encoder)`` after the optimizer's step. With ``method`` (one of
+    :mod:`fastcl.train.methods`), that method's step computes the gradients instead.
     """
+    if method is not None:
+        return method.compute_gradients(model, batch, autocast=autocast or contextlib.nullcontext, scaler=scaler,
+                                        device=device or next(model.parameters()).device)
     distributed = _distributed()
     device = device or next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext

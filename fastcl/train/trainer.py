@@ -49,6 +49,7 @@ from .optimizer import build_optimizer
 from .resume import (
     apply_checkpoint, promote_best, save_checkpoint, start_fresh, start_from_saved_head, vocabulary_digest,
 )
+from .methods import LABELS, auto_pooler, build_method
 from .step import LossConfig, MoCo, compute_gradients
 
 
@@ -141,7 +142,7 @@ class Trainer:
         if cfg.pooler == "auto":
             declared = pooler_from_directory(self.model_path)[0] if self.model_path and Path(
                 self.model_path).is_dir() else None
-            self.pooler = declared or "cls"
+            self.pooler = auto_pooler(cfg.method, declared)
         else:
             self.pooler = check_pooler(cfg.pooler)
         mlp_train, mlp_eval = resolve_mlp(cfg.mlp, self.pooler)
@@ -156,6 +157,7 @@ class Trainer:
         self.encoder = SentenceEncoder(backbone, self.pooler, mlp_train, mlp_eval, cfg.do_mlm)
         start_from_saved_head(self)
         self.encoder.to(self.device).train()
+        self.method = build_method(self)  # before the optimizer: a method may add a head to the encoder
         self.moco = None
         if cfg.moco_queue:
             # A copy of the encoder made before DDP wraps it; identical on every rank.
@@ -180,6 +182,8 @@ class Trainer:
         # local constants; equal draws keep the ranks' losses those of one process).
         self.gauss_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.mlm_gen = torch.Generator().manual_seed(cfg.seed + 2 + self.rank)
+        if self.method is not None:  # its random draws (noise, directions, layers): checkpointed with gauss_gen
+            self.method.generator = self.gauss_gen
 
         self.step, self.epoch, self.index = 0, 0, 0
         self.best, self.best_step = -math.inf, None
@@ -248,6 +252,8 @@ class Trainer:
             masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], self.tokenizer,
                                          self.cfg.mlm_probability, mlm_gen or self.mlm_gen)
             batch["mlm_input_ids"], batch["mlm_labels"] = masked, labels
+        if self.method is not None:
+            batch = self.method.prepare(batch, mlm_gen or self.mlm_gen)
         return batch, n_global
 
     def _autocast(self):
@@ -309,13 +315,14 @@ class Trainer:
         if self.eval_sets is not None and self.before is None and self.step == 0:
             evaluate_before(self)
         kind = {"unsupervised": "unsupervised", "pairs": "supervised (pairs)", "triplets": "supervised (triplets)"}
-        self.log(f"training {kind[self.data.kind]} SimCSE on {len(self.data)} rows of {cfg.train_file}: "
+        self.log(f"training {kind[self.data.kind]} {LABELS[cfg.method]} on {len(self.data)} rows of {cfg.train_file}: "
                  f"{self.total_steps} steps of batch {cfg.batch_size}"
                  + (f" in chunks of {cfg.chunk_size}" if cfg.chunk_size else "")
                  + (f" over {self.world} processes" if self.world > 1 else "")
                  + (" (ring loss)" if self.world > 1 and cfg.distributed_loss == "ring" else "")
                  + (f", MoCo (queue {cfg.moco_queue}, momentum {cfg.moco_momentum})" if self.moco is not None else "")
                  + (f", Child-Tuning-{cfg.child_tuning.upper()} (p {cfg.child_tuning_p})" if cfg.child_tuning else "")
+                 + (f", {self.method.describe()}" if self.method is not None else "")
                  + f", pooler {self.pooler}, {self.precision}, device {self.device}")
 
         bar = None
@@ -340,7 +347,7 @@ class Trainer:
                 stats = compute_gradients(self.model, batch, self.loss_cfg, chunk_size=cfg.chunk_size,
                                           generator=self.gauss_gen if cfg.gaussian_negatives else None,
                                           autocast=self._autocast, scaler=self.scaler if self.precision == "fp16"
-                                          else None, device=self.device, moco=self.moco)
+                                          else None, device=self.device, moco=self.moco, method=self.method)
                 if self.precision == "fp16":
                     self.scaler.unscale_(self.optimizer)
                 if cfg.max_grad_norm > 0:

@@ -1,0 +1,62 @@
+"""Pieces the methods share: frozen copies, one view of a batch as model inputs, the
+logged values."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that never trains: no gradients, evaluation mode (no dropout),
+    so it gives every sentence the same vectors at every step (and after ``--resume``)."""
+    frozen = copy.deepcopy(module)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen.eval()
+
+
+def view_inputs(batch: dict[str, torch.Tensor], view: int | None, device) -> dict[str, torch.Tensor]:
+    """Model inputs of one view of a (B, V, L) batch (``view`` None: every view, row-major),
+    trimmed to the longest sentence (less padding, same result)."""
+    width = max(int(batch["attention_mask"].sum(-1).max()), 1)
+    out = {}
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        if key in batch:
+            x = batch[key][..., :width]
+            x = x[:, view] if view is not None else x.reshape(-1, width)
+            out[key] = x.to(device, non_blocking=True)
+    return out
+
+
+def backbone_outputs(backbone: nn.Module, inputs: dict[str, torch.Tensor], hidden_states: bool = False):
+    return backbone(**inputs, return_dict=True, output_hidden_states=hidden_states)
+
+
+def logged(**values) -> dict[str, float]:
+    return {k: float(v.detach().double()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
+
+
+class Method:
+    """What every method has: the trainer's encoder, device and settings; ``generator``
+    (set by the trainer: its checkpointed Gaussian generator) for random draws."""
+
+    def __init__(self, trainer) -> None:
+        self.cfg = trainer.cfg
+        self.encoder = trainer.encoder
+        self.device = trainer.device
+        self.tokenizer = trainer.tokenizer
+        self.backend = trainer.cfg.loss_backend
+        self.generator: torch.Generator | None = None
+
+    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return batch
+
+    def describe(self) -> str:
+        return ""
+
+    @staticmethod
+    def backward(total: torch.Tensor, scaler) -> None:
+        (scaler.scale(total) if scaler is not None else total).backward()

@@ -1,0 +1,177 @@
+"""DCLR: Zhou, Zhang, Zhao, Wen, "Debiased Contrastive Learning of Unsupervised Sentence
+Representations", ACL 2022.
+
+SimCSE's two dropout views z_i, z'_i, and:
+
+- noise-based negatives: M = noise_times x B vectors drawn from N(0, I), then moved by
+  ``steps`` (4) normalized gradient-ascent steps of size 1e-3 on the (unweighted)
+  InfoNCE of the anchors against [positives; noise], toward the points the
+  representations crowd (non-uniform); constants of the loss afterwards;
+- instance weighting: a complementary model (a frozen SimCSE-trained encoder, no
+  dropout) embeds the batch's sentences; an in-batch negative j of anchor i whose
+  complementary cosine exceeds phi (0.9) gets weight 0 (a likely false negative). The
+  positive and the noise negatives always weigh 1::
+
+      L = mean_i -log e^{s(z_i, z'_i)} / (sum_j a_ij e^{s(z_i, z'_j)} + sum_k e^{s(z_i, n_k)})
+      a_ij = 0 if j != i and cos(g_i, g_j) > phi else 1
+
+The weights need a second model's similarities per (row, column): that is a "guide"
+mask of the loss, :func:`dclr_loss`. Computed blockwise in PyTorch here (rows in blocks
+of ``--dclr-block-rows`` against all columns, each block's logits recomputed in the
+backward: memory block x columns, never B x columns at once) until fastcl's fused
+kernels take guide embeddings; :func:`dclr_loss` then hands the loss to them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ...loss import info_nce
+from ...saved_model import load_sentence_encoder
+from ..resume import vocabulary_digest
+from .common import Method, logged, view_inputs
+
+
+def _guided_by_kernels() -> bool:
+    return "guide_anchors" in inspect.signature(info_nce).parameters
+
+
+def _block_loss(a, c, noise, ga, gc, own, threshold: float, temperature: float):
+    """Summed losses of a block of rows (unit rows in; ``own`` their positive columns)."""
+    logits = a @ c.T / temperature
+    dropped = (ga @ gc.T) > threshold
+    dropped[torch.arange(a.shape[0], device=a.device), own] = False  # the positive always counts
+    positive = logits.gather(1, own[:, None])[:, 0]
+    parts = [logits.masked_fill(dropped, float("-inf"))]
+    if noise is not None:
+        parts.append(a @ noise.T / temperature)
+    return (torch.cat(parts, 1).logsumexp(1) - positive).sum()
+
+
+def dclr_loss(anchors: torch.Tensor, positives: torch.Tensor, noise: torch.Tensor | None, guide_anchors: torch.Tensor,
+              guide_candidates: torch.Tensor, threshold: float, temperature: float = 0.05, block_rows: int = 256,
+              backend: str = "auto") -> torch.Tensor:
+    """DCLR's weighted InfoNCE, mean over the N anchors.
+
+    Columns: the N ``positives`` (in-batch; gradient) then the M ``noise`` negatives
+    (constants). Row i's target is column i. Entry (i, j), j < N, j != i, is dropped
+    from row i's softmax when ``cos(guide_anchors_i, guide_candidates_j) > threshold``;
+    the target and the noise columns are never dropped; no gradient flows through the
+    guides. Logits are cosines over ``temperature``.
+
+    With fastcl's fused guide mask (``info_nce(..., guide_anchors=, guide_candidates=,
+    guide_threshold=)``) the kernels compute it; otherwise rows go in blocks of
+    ``block_rows`` against all columns, each block recomputed in the backward
+    (checkpointed), so memory stays block x (N + M).
+    """
+    if _guided_by_kernels():
+        return info_nce(anchors, positives, extra_negatives=noise, temperature=temperature,
+                        guide_anchors=guide_anchors, guide_candidates=guide_candidates, guide_threshold=threshold,
+                        backend=backend)
+    n = anchors.shape[0]
+    if positives.shape[0] != n or guide_anchors.shape[0] != n or guide_candidates.shape[0] != n:
+        raise ValueError("dclr_loss: anchors, positives, guide_anchors and guide_candidates need one row per anchor")
+    wide = torch.promote_types(anchors.dtype, torch.float32)
+    a = F.normalize(anchors.to(wide), dim=-1)
+    c = F.normalize(positives.to(wide), dim=-1)
+    u = F.normalize(noise.detach().to(wide), dim=-1) if noise is not None else None
+    ga = F.normalize(guide_anchors.detach().to(wide), dim=-1)
+    gc = F.normalize(guide_candidates.detach().to(wide), dim=-1)
+    total = a.new_zeros(())
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        own = torch.arange(start, stop, device=a.device)
+        total = total + checkpoint(_block_loss, a[start:stop], c, u, ga[start:stop], gc, own, threshold, temperature,
+                                   use_reentrant=False)
+    return total / n
+
+
+def dclr_loss_reference(anchors, positives, noise, guide_anchors, guide_candidates, threshold: float,
+                        temperature: float = 0.05) -> torch.Tensor:
+    """:func:`dclr_loss` densely (the N x (N + M) logits at once), for tests."""
+    a, c = F.normalize(anchors, dim=-1), F.normalize(positives, dim=-1)
+    n = a.shape[0]
+    weights = (F.normalize(guide_anchors, dim=-1) @ F.normalize(guide_candidates, dim=-1).T <= threshold).to(a.dtype)
+    weights.fill_diagonal_(1.0)
+    exp_batch = torch.exp(a @ c.T / temperature) * weights
+    denominator = exp_batch.sum(1)
+    if noise is not None:
+        denominator = denominator + torch.exp(a @ F.normalize(noise, dim=-1).T / temperature).sum(1)
+    positive = torch.exp((a * c).sum(-1) / temperature)
+    return -(positive / denominator).log().sum() / n
+
+
+@torch.no_grad()
+def dropped_per_row(guide: torch.Tensor, threshold: float, block_rows: int = 256) -> float:
+    """Mean number of in-batch negatives per row that the guide drops (logged)."""
+    g = F.normalize(guide.float(), dim=-1)
+    n, dropped = g.shape[0], 0
+    for start in range(0, n, block_rows):
+        sim = g[start:start + block_rows] @ g.T
+        rows = torch.arange(sim.shape[0], device=g.device)
+        sim[rows, rows + start] = float("-inf")
+        dropped += int((sim > threshold).sum())
+    return dropped / n
+
+
+def ascend_noise(anchors: torch.Tensor, positives: torch.Tensor, noise: torch.Tensor, steps: int, step_size: float,
+                 temperature: float, backend: str = "auto") -> torch.Tensor:
+    """DCLR's noise negatives after ``steps`` normalized gradient-ascent steps on the
+    InfoNCE of ``anchors`` against ``[positives; noise]`` (the noise's gradient only;
+    NaN entries become 0, as in the paper's code)."""
+    anchors, positives = anchors.detach(), positives.detach()
+    n, m = anchors.shape[0], noise.shape[0]
+    # The noise must be gradient columns: give it dummy anchor rows (their losses unused).
+    rows = torch.cat([anchors, anchors[torch.arange(m, device=anchors.device) % n]])
+    for _ in range(steps):
+        noise = noise.detach().requires_grad_()
+        per_row = info_nce(rows, torch.cat([positives, noise]), temperature=temperature, reduction="none",
+                           backend=backend)
+        (grad,) = torch.autograd.grad(per_row[:n].mean(), noise)
+        noise = noise + step_size * grad / grad.norm(dim=-1, keepdim=True)
+        noise = torch.where(torch.isnan(noise), torch.zeros_like(noise), noise)
+    return noise.detach()
+
+
+class DCLR(Method):
+    def __init__(self, trainer) -> None:
+        super().__init__(trainer)
+        path = self.cfg.dclr_model
+        complementary, tokenizer, _ = load_sentence_encoder(path)
+        if vocabulary_digest(tokenizer) != vocabulary_digest(self.tokenizer):
+            raise ValueError(f"--dclr-model {path}: its tokenizer differs from that of the model being trained; the "
+                             "complementary model must read the same token ids")
+        first = next(self.encoder.backbone.parameters())
+        self.complementary = complementary.to(self.device, first.dtype).eval()
+        for p in self.complementary.parameters():
+            p.requires_grad_(False)
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"DCLR (phi {c.dclr_threshold}, {c.dclr_noise_times:g}x noise negatives, {c.dclr_noise_steps} steps "
+                f"of {c.dclr_noise_step_size:g}, complementary model {c.dclr_model})")
+
+    def compute_gradients(self, model, batch, *, autocast, scaler, device) -> dict[str, float]:
+        cfg = self.cfg
+        n = batch["input_ids"].shape[0]
+        with autocast():
+            emb, _, _ = model(**view_inputs(batch, None, device))
+            with torch.no_grad():
+                guide, _, _ = self.complementary(**view_inputs(batch, 0, device))
+        emb = emb.view(n, 2, -1)
+        z1, z2 = emb[:, 0], emb[:, 1]
+        wide = torch.promote_types(z1.dtype, torch.float32)
+        m = max(1, int(n * cfg.dclr_noise_times))
+        noise = torch.randn(m, z1.shape[-1], generator=self.generator, dtype=torch.float32,
+                            device=self.generator.device if self.generator is not None else None).to(device, wide)
+        noise = ascend_noise(z1.to(wide), z2.to(wide), noise, cfg.dclr_noise_steps, cfg.dclr_noise_step_size,
+                             cfg.temperature, self.backend)
+        guide = guide.to(wide)
+        loss = dclr_loss(z1, z2, noise, guide, guide, cfg.dclr_threshold, cfg.temperature, cfg.dclr_block_rows,
+                         self.backend)
+        self.backward(loss, scaler)
+        return logged(loss=loss, dropped_negatives=dropped_per_row(guide, cfg.dclr_threshold, cfg.dclr_block_rows))
