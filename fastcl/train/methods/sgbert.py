@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...loss import _choose_backend, inverse_temperature, split_normalization, unit_rows
 from ...nt_xent import nt_xent
-from ...ops.infonce import InfoNCEFunction
+from ...ops.function import InfoNCEFunction
 from ...ops.layout import ColumnLayout
+from ...plan import LossOptions, inverse_temperature, kernel_plan
 from .common import Method, backbone_outputs, frozen_copy, logged, view_inputs
 
 
@@ -69,18 +69,18 @@ def others_logsumexp(anchors: torch.Tensor, columns: torch.Tensor, temperature: 
     n = anchors.shape[0]
     if n < 2 or columns.shape[0] != n:
         raise ValueError(f"others_logsumexp needs N >= 2 anchors and as many columns, got {n} and {columns.shape[0]}")
-    chosen = _choose_backend(backend, anchors.device, n * n)
-    wide = torch.promote_types(anchors.dtype, torch.float32)
-    if chosen == "reference":
+    options = LossOptions(temperature=temperature, reduction="none", eps=eps, backend=backend).checked()
+    layout = ColumnLayout(n_cols=n, n_grad_cols=n, gauss_start=n, self_start=0, n_self=n)
+    plan = kernel_plan(options, layout, anchors, n * n)
+    if plan is None:  # the dense path
+        wide = torch.promote_types(anchors.dtype, torch.float32)
         logits = F.normalize(anchors.to(wide), dim=-1, eps=eps) @ F.normalize(columns.to(wide), dim=-1, eps=eps).T
         own = torch.eye(n, dtype=torch.bool, device=anchors.device)
         return (logits / temperature).masked_fill(own, float("-inf")).logsumexp(1)
-    normalize_here, fused_eps = split_normalization(True, eps, chosen)
-    q, k = unit_rows(anchors, normalize_here, eps), unit_rows(columns, normalize_here, eps)
-    layout = ColumnLayout(n_cols=n, n_grad_cols=n, gauss_start=n, self_start=0, n_self=n)
     targets = (torch.arange(n, device=anchors.device) + 1) % n  # any column but the masked own one
-    per_row = InfoNCEFunction.apply(q, k, None, inverse_temperature(temperature, anchors), targets, layout, chosen,
-                                    None, fused_eps)
+    # Normalization is fused into the kernels (plan.normalize_eps).
+    per_row = InfoNCEFunction.apply(anchors.contiguous(), columns.contiguous(), None,
+                                    inverse_temperature(temperature, anchors), targets, None, plan)
     # per_row = lse_i - logit[i, target_i]: add the target's logit back.
     target = (F.normalize(anchors.to(per_row.dtype), dim=-1, eps=eps)
               * F.normalize(columns[targets].to(per_row.dtype), dim=-1, eps=eps)).sum(-1) / temperature
