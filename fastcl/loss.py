@@ -18,6 +18,7 @@ from torch import nn
 from . import native
 from .ops.infonce import FUSED_NORMALIZATION, InfoNCEFunction
 from .ops.layout import ColumnLayout
+from .ops.one_pass import needs_gradient, one_pass_loss, plan_one_pass
 from .ops.utils import SUPPORTED_DTYPES, accumulator_dtype, interpreting
 from .reference import info_nce_reference
 
@@ -285,6 +286,14 @@ def info_nce(
         row_groups = groups.to(torch.int64).contiguous()
         group_ids = (row_groups, row_groups if n_hard == 0 else torch.cat([row_groups, row_groups]))
 
+    # One pass (fastcl/ops/one_pass.py): a reduced loss gets its gradients in the forward.
+    plan = plan_one_pass(reduction=reduction, needs_grad=needs_gradient(anchors, positives, hard_negatives, inv_tau),
+                         backend=chosen, device=anchors.device, n_rows=n, n_cols=n_cols, n_grad_cols=n + n_hard,
+                         dim=dim, dtype=anchors.dtype, grouped=groups is not None)
+    if plan.one_pass:
+        return one_pass_loss(q, k_grad, constant_rows(extra_negatives, gaussian, normalize_here, eps), inv_tau,
+                             targets, layout, chosen, group_ids, fused_eps, reduction, plan, symmetric,
+                             None if groups is None else (row_groups, row_groups))
     per_row = InfoNCEFunction.apply(q, k_grad, constant_rows(extra_negatives, gaussian, normalize_here, eps),
                                     inv_tau, targets, layout, chosen, group_ids, fused_eps)
     if symmetric:

@@ -1,6 +1,6 @@
 """fastcl's compiled half: the C++ extension built from ``csrc/`` and the operators.
 
-Two dispatcher operators carry the fused loss, one per backend function (the same
+Three dispatcher operators carry the fused loss, one per backend function (the same
 arguments and outputs as :func:`fastcl.ops.infonce_fwd.infonce_forward` and
 :func:`fastcl.ops.infonce_bwd.infonce_backward`, the layout flattened into its nine
 fields, the optional ``groups`` pair into two optional tensors)::
@@ -10,8 +10,13 @@ fields, the optional ``groups`` pair into two optional tensors)::
     torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
                                  lse, grad_rows, need_dq, need_dk, normalize_eps=None)
         -> (dq, dk, row_dot)
+    torch.ops.fastcl.infonce_fwd_grad(q, k, params, targets, *layout, row_groups, key_groups,
+                                      row_weight, need_dq, need_dk, block_rows, block_cols,
+                                      normalize_eps=None) -> (loss_rows, dq, dk, row_dot)
 
-``normalize_eps`` (when not None) makes the operators take raw rows and score their
+The third is the one-pass form for a reduced loss (fastcl/ops/one_pass.py): the per-row
+losses together with the gradients for every row's incoming gradient ``row_weight``, in
+the accumulator dtype. ``normalize_eps`` (when not None) makes the operators take raw rows and score their
 cosines, as if every row of q and k had gone through ``F.normalize(x, dim=-1,
 eps=normalize_eps)``; the backward then returns the gradients with respect to the raw
 rows. Both the CPU kernel and the Triton kernels fuse this: one scale per row from its
@@ -38,7 +43,7 @@ Loading happens once, when fastcl is imported:
 3. else the pure-Python path (chunked PyTorch on CPU, Triton on CUDA), with one
    RuntimeWarning that says why. ``FASTCL_NATIVE=0`` skips 1 and 2 without a warning.
 
-Without the extension this module defines the same two schemas itself, so the CUDA
+Without the extension this module defines the same schemas itself, so the CUDA
 (Triton) and fake kernels, and therefore torch.compile on GPUs, work either way; only
 the CPU kernel is missing then.
 """
@@ -73,6 +78,12 @@ SCHEMAS = {
         "int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, "
         "Tensor lse, Tensor grad_rows, bool need_dq, bool need_dk, float? normalize_eps=None) "
         "-> (Tensor dq, Tensor dk, Tensor row_dot)"),
+    "infonce_fwd_grad": (
+        "infonce_fwd_grad(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, int n_grad_cols, "
+        "int hard_start, int n_hard, int gauss_start, float log_hard_weight, float log_gauss_weight, "
+        "int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, "
+        "float row_weight, bool need_dq, bool need_dk, int block_rows, int block_cols, float? normalize_eps=None) "
+        "-> (Tensor loss_rows, Tensor dq, Tensor dk, Tensor row_dot)"),
 }
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -246,6 +257,31 @@ def _fake_backward(q, k, params, targets, *rest):
     return dq, dk, q.new_empty(n_rows if need_dq else 0, dtype=acc)
 
 
+def _one_pass_args(rest):
+    """(layout, groups, row_weight, need_dq, need_dk, block_rows, block_cols, normalize_eps)."""
+    layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
+    row_groups, key_groups, row_weight, need_dq, need_dk, block_rows, block_cols, *tail = rest[N_LAYOUT_FIELDS:]
+    return (layout, _groups_pair(row_groups, key_groups), row_weight, need_dq, need_dk, block_rows, block_cols,
+            (tail[0] if tail else None))
+
+
+def _fake_forward_grad(q, k, params, targets, *rest):
+    layout, _, _, need_dq, need_dk, _, _, _ = _one_pass_args(rest)
+    n_rows, dim = q.shape
+    acc = accumulator_dtype(q.dtype)
+    n_grad = layout.n_grad_cols if need_dk else 0
+    return (q.new_empty(n_rows, dtype=acc), q.new_empty((n_rows if need_dq else 0, dim), dtype=acc),
+            q.new_empty((n_grad, dim), dtype=acc), q.new_empty(n_rows if need_dq else 0, dtype=acc))
+
+
+def _cuda_forward_grad(q, k, params, targets, *rest):
+    from .ops.infonce_one_pass import infonce_forward_grad
+
+    layout, groups, row_weight, need_dq, need_dk, block_rows, _, eps = _one_pass_args(rest)
+    return infonce_forward_grad(q.contiguous(), k.contiguous(), params, targets, layout, row_weight, need_dq, need_dk,
+                                groups=groups, normalize_eps=eps, chunk_rows=block_rows)
+
+
 def _groups_pair(row_groups, key_groups):
     return None if row_groups is None else (row_groups, key_groups)
 
@@ -283,6 +319,8 @@ def _register_operators(native_loaded: bool) -> None:
     torch.library.register_fake("fastcl::infonce_bwd")(_fake_backward)
     torch.library.register_kernel("fastcl::infonce_fwd", "cuda")(_cuda_forward)
     torch.library.register_kernel("fastcl::infonce_bwd", "cuda")(_cuda_backward)
+    torch.library.register_fake("fastcl::infonce_fwd_grad")(_fake_forward_grad)
+    torch.library.register_kernel("fastcl::infonce_fwd_grad", "cuda")(_cuda_forward_grad)
 
 
 def _require_kernel(q: torch.Tensor) -> None:
@@ -308,6 +346,20 @@ def operator_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_row
     dq, dk, row_dot = torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
                                                    lse, grad_rows, need_dq, need_dk, normalize_eps)
     return ((dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
+            (row_dot if need_dq else None))
+
+
+def operator_forward_grad(q, k, params, targets, layout: ColumnLayout, row_weight: float, need_dq: bool = True,
+                          need_dk: bool = True, groups=None, normalize_eps=None, block_rows: int = 0,
+                          block_cols: int = 0):
+    """``(loss_rows, dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_fwd_grad`` (one pass
+    for a reduced loss, every row's gradient ``row_weight``), None where not asked for."""
+    _require_kernel(q)
+    row_groups, key_groups = groups if groups is not None else (None, None)
+    loss_rows, dq, dk, row_dot = torch.ops.fastcl.infonce_fwd_grad(
+        q, k, params, targets, *layout, row_groups, key_groups, float(row_weight), need_dq, need_dk, block_rows,
+        block_cols, normalize_eps)
+    return (loss_rows, (dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
             (row_dot if need_dq else None))
 
 
