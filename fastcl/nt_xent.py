@@ -16,6 +16,7 @@ from .loss import (
 )
 from .ops.infonce import InfoNCEFunction
 from .ops.layout import ColumnLayout
+from .ops.one_pass import needs_gradient, one_pass_loss, plan_one_pass
 from .reference import nt_xent_reference
 
 
@@ -44,9 +45,14 @@ def nt_xent(
     z = unit_rows(torch.cat([z1, z2]), normalize_here, eps)
     layout = ColumnLayout(n_cols=2 * n, n_grad_cols=2 * n, gauss_start=2 * n, self_start=0, n_self=2 * n)
     targets = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    inv_tau = inverse_temperature(temperature, z1)
+    # One pass (fastcl/ops/one_pass.py): a reduced loss gets its gradients in the forward.
+    plan = plan_one_pass(reduction=reduction, needs_grad=needs_gradient(z1, z2, inv_tau), backend=chosen,
+                         device=z.device, n_rows=2 * n, n_cols=2 * n, n_grad_cols=2 * n, dim=z.shape[1], dtype=z.dtype)
+    if plan.one_pass:
+        return one_pass_loss(z, z, None, inv_tau, targets, layout, chosen, None, fused_eps, reduction, plan)
     # z is both the queries and the candidates: autograd adds the two gradients.
-    per_row = InfoNCEFunction.apply(z, z, None, inverse_temperature(temperature, z1), targets, layout, chosen, None,
-                                    fused_eps)
+    per_row = InfoNCEFunction.apply(z, z, None, inv_tau, targets, layout, chosen, None, fused_eps)
     return reduce_rows(per_row, reduction, z1.dtype)
 
 

@@ -143,8 +143,10 @@ def kernel_config(kernel: str, dtype: torch.dtype, dim: int, device: torch.devic
 
 #: Backward strategies of the Triton backend: "slab" (infonce_bwd.py: two kernels, the
 #: similarity recomputed once per D slab) and "workspace" (infonce_bwd_workspace.py: logit
-#: gradients of a chunk of rows in a capped buffer, then two matrix products).
-BACKWARD_STRATEGIES = ("slab", "workspace")
+#: gradients of a chunk of rows in a capped buffer, then two matrix products), and
+#: "one_pass" (infonce_one_pass.py: for a reduced loss, the gradients formed in the
+#: forward; fastcl/ops/one_pass.py decides where it applies).
+BACKWARD_STRATEGIES = ("slab", "workspace", "one_pass")
 
 
 def backward_strategy(dtype: torch.dtype, dim: int, device: torch.device | None = None, grouped: bool = False) -> str:
@@ -159,7 +161,8 @@ def backward_strategy(dtype: torch.dtype, dim: int, device: torch.device | None 
     if chosen:
         if chosen not in BACKWARD_STRATEGIES:
             raise ValueError(f"FASTCL_BACKWARD must be one of {BACKWARD_STRATEGIES}, got {chosen!r}")
-        return chosen
+        if chosen != "one_pass":  # a call the one pass does not apply to recomputes as by default
+            return chosen
     if grouped:
         return "slab"
     slab = kernel_config("backward_dq", dtype, dim, device).BLOCK_D_OUT

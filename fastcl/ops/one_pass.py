@@ -103,9 +103,11 @@ def plan_one_pass(*, reduction: str, needs_grad: bool, backend: str, device: tor
        gradient (otherwise the forward alone is 2NMD, and nothing is kept);
     3. the backend is "native" or "triton" (the chunked PyTorch path recomputes);
     4. on the native CPU kernel, a chunk keeps at least ``MIN_ROWS`` rows within the
-       strip budget of :func:`cpu_blocks`.
+       strip budget of :func:`cpu_blocks`;
+    5. on Triton, no groups (the one pass's products run over every column, the slab
+       backward skips the tiles without a common group).
 
-    ``FASTCL_BACKWARD=one_pass`` skips rule 4; ``FASTCL_BACKWARD=slab`` or ``workspace``
+    ``FASTCL_BACKWARD=one_pass`` skips rules 4 and 5; ``FASTCL_BACKWARD=slab`` or ``workspace``
     takes the recomputing path (with that Triton backward). On CUDA the workspace of
     logits per chunk is capped as the workspace backward's (``FASTCL_WORKSPACE_BYTES``);
     the kernel derives its rows from the cap (``block_rows`` 0).
@@ -120,6 +122,10 @@ def plan_one_pass(*, reduction: str, needs_grad: bool, backend: str, device: tor
     if forced and forced != ONE_PASS:
         return OnePassPlan(False, 0, 0, f"FASTCL_BACKWARD={forced}")
     if device.type == "cuda" or backend == "triton":
+        if grouped and forced != ONE_PASS:
+            # The one pass's products run over every column; the slab kernels skip the
+            # tiles that share no group.
+            return OnePassPlan(False, 0, 0, "groups on the GPU: the slab backward skips tiles")
         return OnePassPlan(True, 0, 0, "reduced loss with gradients: one pass (Triton)")
     threads = threads if threads is not None else torch.get_num_threads()
     rows, cols = cpu_blocks(n_rows, n_cols, n_grad_cols, dim, threads, grouped)
