@@ -273,12 +273,56 @@ def _one_pass_rows_kernel(
             tl.store(grad_ptrs, grad - coef[:, None].to(grad.dtype) * x, mask=mask)
 
 
-#: Block shapes of the two kernels without tl.dot. The gradient kernel streams W: 64 x 128
-#: tiles on 8 warps; the row kernel as _project_rows_kernel (8 x 128 on 4 warps).
-GRADS_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8)
+#: Block shapes of the two kernels without tl.dot. The gradient kernel streams W: 16 x 128
+#: tiles on 4 warps take 48 registers on sm_90a with every option off, 157 with all on
+#: (64 x 128 on 8 warps took 128 and 255: one block per SM in a bandwidth-bound pass);
+#: the row kernel as _project_rows_kernel (8 x 128 on 4 warps).
+GRADS_BLOCKS = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4)
 ROWS_BLOCKS = dict(BLOCK_R=8, BLOCK_D=128, num_warps=4)
 _INTERPRETER_GRADS_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)
 _INTERPRETER_ROWS_BLOCKS = dict(BLOCK_R=4, BLOCK_D=16, num_warps=1)
+
+
+def one_pass_config(kernel: str, dtype: torch.dtype, dim: int):
+    """The launch configuration of a one-pass kernel on the GPU, as compile_report
+    reports it (the logits kernel takes the forward's)."""
+    from .configs import KernelConfig
+
+    if kernel == "one_pass_logits":
+        return kernel_config("forward", dtype, dim)
+    if kernel == "one_pass_grads":
+        return KernelConfig(GRADS_BLOCKS["BLOCK_M"], GRADS_BLOCKS["BLOCK_N"], 0, 0, GRADS_BLOCKS["num_warps"], 3)
+    if kernel == "one_pass_rows":
+        return KernelConfig(ROWS_BLOCKS["BLOCK_R"], 0, ROWS_BLOCKS["BLOCK_D"], 0, ROWS_BLOCKS["num_warps"], 3)
+    raise ValueError(f"unknown one-pass kernel {kernel!r}")
+
+
+def one_pass_signature(kernel: str, t: str, acc: str, flags: dict, sig: dict, sizes: dict, segments: dict,
+                       blocks: dict):
+    """(kernel, signature, constexpr flags, block constexprs) of a one-pass kernel for
+    fastcl.ops.compile_report: ``t`` / ``acc`` the Triton names of the input and
+    accumulator dtypes, the other arguments the report's common pieces."""
+    if kernel == "one_pass_logits":
+        sig = dict(sig, w_ptr=f"*{acc}", part_max_ptr=f"*{acc}", part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}",
+                   row0="i32", n_chunk_rows="i32", **sizes, stride_w="i32", split_cols="i32", stride_part="i32",
+                   **segments)
+        sig.pop("lse_ptr", None)
+        return _one_pass_logits_kernel, sig, flags, blocks
+    grads_flags = {k: flags[k] for k in ("HAS_TARGETS", "GROUPED", "NORMALIZED", "ACC_FP64")}
+    if kernel == "one_pass_grads":
+        sig = dict(params_ptr=f"*{acc}", targets_ptr="*i64", row_groups_ptr="*i64", key_groups_ptr="*i64",
+                   q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}", w_ptr=f"*{acc}", part_max_ptr=f"*{acc}",
+                   part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}", ds_ptr=f"*{t}", loss_ptr=f"*{acc}",
+                   row0="i32", n_chunk_rows="i32", n_rows="i32", n_cols="i32", n_grad_cols="i32", n_splits="i32",
+                   stride_part="i32", stride_w="i32", stride_ds="i32", eps="fp32")
+        return _one_pass_grads_kernel, sig, grads_flags, dict(BLOCK_M=GRADS_BLOCKS["BLOCK_M"],
+                                                              BLOCK_N=GRADS_BLOCKS["BLOCK_N"])
+    if kernel == "one_pass_rows":
+        sig = dict(grad_ptr=f"*{acc}", x_ptr=f"*{t}", norm_ptr=f"*{acc}", params_ptr=f"*{acc}", dot_ptr=f"*{acc}",
+                   n_rows="i32", dim="i32", stride_grad="i32", stride_x="i32", eps="fp32")
+        return _one_pass_rows_kernel, sig, dict(NORMALIZED=flags["NORMALIZED"], WRITE_DOT=True), dict(
+            BLOCK_R=ROWS_BLOCKS["BLOCK_R"], BLOCK_D=ROWS_BLOCKS["BLOCK_D"])
+    raise ValueError(f"unknown one-pass kernel {kernel!r}")
 
 
 def one_pass_rows(n_rows: int, n_cols: int, element_size: int, acc_size: int, chunk_rows: int = 0) -> int:

@@ -58,6 +58,11 @@ class OnePassPlan(NamedTuple):
     reason: str
 
 
+@torch.compiler.assume_constant_result  # read while tracing; the graph keeps the number
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name, "")
     if not value:
@@ -100,14 +105,15 @@ def plan_one_pass(*, reduction: str, needs_grad: bool, backend: str, device: tor
     1. ``reduction`` is "mean" or "sum" (per-row losses take a gradient per row, known
        only in the backward);
     2. ``needs_grad``: grad mode is on and some input (or the temperature) needs a
-       gradient (otherwise the forward alone is 2NMD, and nothing is kept);
+       gradient (otherwise the forward alone is 2NMD, and nothing is kept), and
+       torch.export is not tracing (an exported program runs the forward only);
     3. the backend is "native" or "triton" (the chunked PyTorch path recomputes);
     4. on the native CPU kernel, a chunk keeps at least ``MIN_ROWS`` rows within the
        strip budget of :func:`cpu_blocks`;
     5. on Triton, no groups (the one pass's products run over every column, the slab
        backward skips the tiles without a common group).
 
-    ``FASTCL_BACKWARD=one_pass`` skips rules 4 and 5; ``FASTCL_BACKWARD=slab`` or ``workspace``
+    ``FASTCL_BACKWARD=one_pass`` skips rules 4 and 5 (as FASTCL_CPU_TILE_ROWS skips 4); ``FASTCL_BACKWARD=slab`` or ``workspace``
     takes the recomputing path (with that Triton backward). On CUDA the workspace of
     logits per chunk is capped as the workspace backward's (``FASTCL_WORKSPACE_BYTES``);
     the kernel derives its rows from the cap (``block_rows`` 0).
@@ -117,6 +123,8 @@ def plan_one_pass(*, reduction: str, needs_grad: bool, backend: str, device: tor
         return OnePassPlan(False, 0, 0, f"reduction={reduction!r}: per-row gradients come only in the backward")
     if not needs_grad:
         return OnePassPlan(False, 0, 0, "no gradient needed: the forward alone")
+    if torch.compiler.is_exporting():
+        return OnePassPlan(False, 0, 0, "torch.export records the forward: the forward alone")
     if backend not in ("native", "triton"):
         return OnePassPlan(False, 0, 0, f"backend {backend!r} recomputes")
     if forced and forced != ONE_PASS:
@@ -127,9 +135,9 @@ def plan_one_pass(*, reduction: str, needs_grad: bool, backend: str, device: tor
             # tiles that share no group.
             return OnePassPlan(False, 0, 0, "groups on the GPU: the slab backward skips tiles")
         return OnePassPlan(True, 0, 0, "reduced loss with gradients: one pass (Triton)")
-    threads = threads if threads is not None else torch.get_num_threads()
+    threads = threads if threads is not None else _threads()
     rows, cols = cpu_blocks(n_rows, n_cols, n_grad_cols, dim, threads, grouped)
-    if rows < MIN_ROWS and forced != ONE_PASS:
+    if rows < MIN_ROWS and forced != ONE_PASS and _env_int("FASTCL_CPU_TILE_ROWS") is None:
         return OnePassPlan(False, 0, 0, f"{rows} rows per chunk within the strip budget: recompute")
     return OnePassPlan(True, rows, cols, f"reduced loss with gradients: one pass, {rows} x {cols} blocks")
 
