@@ -34,6 +34,7 @@
 // and the gradients stay in fp32 (the autograd Function casts them after scaling).
 
 #include "infonce_common.h"
+#include "row_loops.h"
 
 namespace fastcl {
 namespace {
@@ -68,17 +69,7 @@ void products_to_logits(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t c0
                         const acc_t* col_scale, acc_t log_hard_weight, acc_t log_gauss_weight,
                         const ColumnLayout& layout, const GroupIds& groups) {
   for (int64_t i = 0; i < nr; ++i) {
-    acc_t* row = x + i * nc;
-    const acc_t a = row_factor[i];
-    if (col_scale != nullptr) {
-      for (int64_t j = 0; j < nc; ++j) {
-        row[j] = row[j] * a * col_scale[j];
-      }
-    } else {
-      for (int64_t j = 0; j < nc; ++j) {
-        row[j] *= a;
-      }
-    }
+    rows::scale(x + i * nc, nc, row_factor[i], col_scale);
   }
   add_weights_and_masks(x, nr, nc, r0, c0, log_hard_weight, log_gauss_weight, layout, groups);
 }
@@ -176,11 +167,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
               target_logit[i] = row[target - t.c0];
               target_at[i] = t.offset + i * t.nc + (target - t.c0);
             }
-            acc_t m = row_max[i];
-            for (int64_t j = 0; j < t.nc; ++j) {
-              m = std::max(m, row[j]);
-            }
-            row_max[i] = m;
+            row_max[i] = std::max(row_max[i], rows::max(row, t.nc));
           }
         }
 
@@ -189,29 +176,14 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
         for (const StripTile& t : visited) {
           acc_t* x = base + t.offset;
           for (int64_t i = 0; i < nr; ++i) {
-            acc_t* row = x + i * t.nc;
             // A row with no candidate at all keeps its -inf logits at -inf (exp 0).
             const acc_t shift = row_max[i] == neg_inf ? acc_t(0) : row_max[i];
-            for (int64_t j = 0; j < t.nc; ++j) {
-              row[j] = std::max(row[j] - shift, exp_floor);  // see ExpRange
-            }
+            rows::shift_floor(x + i * t.nc, t.nc, shift, exp_floor);  // see ExpRange
           }
           strip.narrow(0, t.offset, nr * t.nc).exp_();
           const acc_t* col_scale = scales.enabled() ? scales.k_inv + t.c0 : nullptr;
-          for (int64_t i = 0; i < nr; ++i) {
-            acc_t* row = x + i * t.nc;
-            acc_t sum = 0;
-            for (int64_t j = 0; j < t.nc; ++j) {
-              const acc_t e = row[j] <= cutoff ? acc_t(0) : row[j];  // written so that a NaN stays NaN
-              sum += e;
-              row[j] = e;
-            }
-            row_sum[i] += sum;
-            if (col_scale != nullptr) {
-              for (int64_t j = 0; j < t.nc; ++j) {
-                row[j] *= col_scale[j];
-              }
-            }
+          for (int64_t i = 0; i < nr; ++i) {  // exp at or below the cutoff counts as 0; a NaN stays NaN
+            row_sum[i] += rows::cut_sum_scale(x + i * t.nc, t.nc, cutoff, col_scale);
           }
         }
         for (int64_t i = 0; i < nr; ++i) {
@@ -231,11 +203,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           q_scaled = q_scaled_buffer.narrow(0, 0, nr);
           acc_t* out = q_scaled.data_ptr<acc_t>();
           for (int64_t i = 0; i < nr; ++i) {
-            const acc_t f = row_factor[i] * inv_tau;
-            const acc_t* in = q_data + (r0 + i) * dim;
-            for (int64_t d = 0; d < dim; ++d) {
-              out[i * dim + d] = f * in[d];
-            }
+            rows::scaled_copy(out + i * dim, q_data + (r0 + i) * dim, dim, row_factor[i] * inv_tau);
           }
         }
         at::Tensor dq_chunk = need_dq ? dq.narrow(0, r0, nr) : at::Tensor();
@@ -286,31 +254,11 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           for (int64_t i = 0; i < nr; ++i) {
             acc_t* a_row = a + i * dim;
             const acc_t* q_row = q_data + (r0 + i) * dim;
-            acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
-            int64_t d = 0;
-            for (; d + 4 <= dim; d += 4) {
-              dot0 += a_row[d] * q_row[d];
-              dot1 += a_row[d + 1] * q_row[d + 1];
-              dot2 += a_row[d + 2] * q_row[d + 2];
-              dot3 += a_row[d + 3] * q_row[d + 3];
-            }
-            for (; d < dim; ++d) {
-              dot0 += a_row[d] * q_row[d];
-            }
-            const acc_t dot = (dot0 + dot1) + (dot2 + dot3);
+            const acc_t dot = rows::dot(a_row, q_row, dim);
             const acc_t f = row_factor[i];
             row_dot[r0 + i] = f * dot;
-            const acc_t scale = f * inv_tau;
-            if (scales.enabled()) {
-              const acc_t proj = dot * scales.q_proj[r0 + i];
-              for (d = 0; d < dim; ++d) {
-                a_row[d] = scale * (a_row[d] - proj * q_row[d]);
-              }
-            } else {
-              for (d = 0; d < dim; ++d) {
-                a_row[d] *= scale;
-              }
-            }
+            const acc_t proj = scales.enabled() ? dot * scales.q_proj[r0 + i] : acc_t(0);
+            rows::scale_minus(a_row, q_row, dim, f * inv_tau, proj);
           }
         }
       }
@@ -327,14 +275,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
       for (int64_t j = begin; j < end; ++j) {
         acc_t* g = dk_data + j * dim;
         const acc_t* x = k_data + j * dim;
-        acc_t dot = 0;
-        for (int64_t d = 0; d < dim; ++d) {
-          dot += g[d] * x[d];
-        }
-        const acc_t c = dot * scales.k_proj[j];
-        for (int64_t d = 0; d < dim; ++d) {
-          g[d] -= c * x[d];
-        }
+        rows::scale_minus(g, x, dim, acc_t(1), rows::dot(g, x, dim) * scales.k_proj[j]);
       }
     });
   }

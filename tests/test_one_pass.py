@@ -288,6 +288,18 @@ def test_rule_bounds_the_strips_by_the_gradients(monkeypatch):
         cpu_blocks(4096, 4096, 4096, 768, 2, False)
 
 
+def test_tiny_cpu_batches_take_the_native_kernel(monkeypatch):
+    # Below TINY_LOGITS the dense reference was the CPU's choice; the native kernel is
+    # faster at every size there (one call, no N x M tensors).
+    from fastcl.loss import TINY_LOGITS, _choose_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    expected = "native" if native.available() else "reference"
+    assert _choose_backend("auto", torch.device("cpu"), 16) == expected
+    assert _choose_backend("auto", torch.device("cpu"), TINY_LOGITS) == expected
+    assert _choose_backend("auto", torch.device("cuda"), TINY_LOGITS) == "reference"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_calls_without_a_reduced_gradient_take_the_recomputing_path(backend, count_paths):
     a, p = (torch.randn(40, 8, dtype=torch.float64) for _ in range(2))
@@ -500,6 +512,22 @@ def test_operator_rejects_bad_arguments(mutation, message):
     inputs = _op_inputs(torch.float32, False, False, False)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fastcl.infonce_fwd_grad(*_op_args(*inputs, **mutation))
+
+
+@needs_native
+def test_operators_accept_an_empty_hard_segment_past_the_columns():
+    # fastcl.distributed's gathered loss on rank 1 without hard negatives: hard_start =
+    # N_global + offset lies past the N_global columns, and n_hard is 0. The operators
+    # rejected it ("hard-negative columns [24, 24) fall outside the 16 columns").
+    q, _, params, _, _, _ = _op_inputs(torch.float64, False, False, False, n=8)
+    k = torch.randn(16, q.shape[1], dtype=torch.float64)
+    layout = ColumnLayout(n_cols=16, n_grad_cols=16, hard_start=24, n_hard=0, gauss_start=16)
+    targets = torch.arange(8, 16)
+    lse, target_logit = native.operator_forward(q, k, params, targets, layout)
+    loss_rows, dq, dk, _ = native.operator_forward_grad(q, k, params, targets, layout, 0.5)
+    assert relative_error(loss_rows, lse - target_logit) < 1e-12
+    dq_ref, dk_ref, _ = native.operator_backward(q, k, params, targets, layout, lse, torch.full_like(lse, 0.5))
+    assert relative_error(dq, dq_ref) < 1e-12 and relative_error(dk, dk_ref) < 1e-12
 
 
 @needs_interpreter
