@@ -75,14 +75,15 @@ bool onednn_products();
 // about what MKL takes for 2^21 multiply-adds here.
 constexpr int64_t ONEDNN_MIN_MACS = int64_t(1) << 22;
 
-// c = a @ b (accumulate: c += a @ b), single-threaded inside a pool thread (see
-// SequentialBlas); a, b and c may be transposed views of contiguous blocks.
-inline void block_product(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool accumulate) {
+// c = alpha a @ b (accumulate: c += alpha a @ b), single-threaded inside a pool thread
+// (see SequentialBlas); a, b and c may be transposed views of contiguous blocks.
+inline void block_product(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool accumulate,
+                          double alpha = 1.0) {
   if (c.scalar_type() == at::kFloat && a.size(0) * a.size(1) * b.size(1) >= ONEDNN_MIN_MACS &&
       onednn_products()) {
-    at::native::mkldnn_matmul(a, b, c, accumulate ? 1.0f : 0.0f, 1.0f);
-  } else if (accumulate) {
-    c.addmm_(a, b);
+    at::native::mkldnn_matmul(a, b, c, accumulate ? 1.0f : 0.0f, float(alpha));
+  } else if (accumulate || alpha != 1.0) {
+    c.addmm_(a, b, accumulate ? 1.0 : 0.0, alpha);  // beta 0: c's old values are ignored
   } else {
     at::mm_out(c, a, b);
   }

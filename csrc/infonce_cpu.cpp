@@ -2,8 +2,8 @@
 //
 // Work is split into chunks of query rows, which the threads of ATen's pool take one at
 // a time, and, within a chunk, tiles of key columns. Per (chunk, tile) the similarity block
-// S = q_chunk @ k_tile^T comes from one BLAS product (at::mm_out into a per-thread
-// buffer, so single-threaded MKL inside the pool), and the softmax is fused on that
+// S = q_chunk @ k_tile^T comes from one product (block_product into a per-thread buffer:
+// oneDNN or ATen's BLAS, single-threaded inside the pool), and the softmax is fused on that
 // block while it is in cache:
 //
 //   forward:  logits -> running row max and rescaled sum (online log-sum-exp, as the
@@ -80,7 +80,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
         const int64_t c0 = tile * tiling.cols;
         const int64_t nc = std::min(tiling.cols, n_cols - c0);
         at::Tensor block = block_view(buffer, nr, nc);
-        at::mm_out(block, q_chunk, k.narrow(0, c0, nc).t());
+        block_product(q_chunk, k.narrow(0, c0, nc).t(), block, false);
         acc_t* x = block.data_ptr<acc_t>();
         if (scales.enabled()) {
           scale_block(x, nr, nc, scales.q_inv + r0, scales.k_inv + c0);
@@ -172,7 +172,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           const at::Tensor k_tile = k.narrow(0, c0, nc);
           at::Tensor sim = block_view(sim_buffer, nr, nc);
           at::Tensor grad = block_view(grad_buffer, nr, nc);
-          at::mm_out(sim, q_chunk, k_tile.t());
+          block_product(q_chunk, k_tile.t(), sim, false);
           if (scales.enabled()) {
             scale_block(sim.data_ptr<acc_t>(), nr, nc, scales.q_inv + r0, scales.k_inv + c0);
           }
@@ -230,12 +230,12 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
             scale_block(x, nr, nc, scales.q_inv + r0, scales.k_inv + c0);
           }
           if (need_dq) {
-            dq_chunk.addmm_(grad, k_tile, /*beta=*/1, /*alpha=*/inv_tau);
+            block_product(grad, k_tile, dq_chunk, /*accumulate=*/true, /*alpha=*/inv_tau);
           }
           if (tile_dk) {
             at::Tensor dk_tile = dk.narrow(0, c0, n_grad);
             turns.wait_for(tile, chunk);
-            dk_tile.addmm_(grad.narrow(1, 0, n_grad).t(), q_chunk, /*beta=*/1, /*alpha=*/inv_tau);
+            block_product(grad.narrow(1, 0, n_grad).t(), q_chunk, dk_tile, /*accumulate=*/true, /*alpha=*/inv_tau);
             if (scales.enabled()) {
               for (int64_t j = 0; j < n_grad; ++j) {
                 col_dot[c0 + j] += tile_col_dot[j];
