@@ -274,6 +274,11 @@ def _fastcl_impls(loss: str) -> list[Impl]:
         impls.append(Impl(f"fastcl-{strategy}", f"{function}({options}backend='triton'), the {strategy!r} "
                           "backward strategy", _fastcl_factory("triton"), real_flops=flops("triton"),
                           backend="triton", strategy=strategy))
+    # The native kernel's recomputing path (forward, then a backward that forms S again),
+    # next to its default one pass for reduced losses.
+    impls.append(Impl("fastcl-native-recompute", f"{function}({options}backend='native') with "
+                      "FASTCL_BACKWARD=slab: forward, then the recomputing backward (8NMD)", _fastcl_factory("native"),
+                      real_flops=flops("native"), backend="native", strategy="slab"))
     return impls
 
 

@@ -57,4 +57,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk,
     c10::optional<double> normalize_eps);
 
+// One pass for a reduced loss (infonce_one_pass.cpp): (loss_rows, dq, dk, row_dot) with
+// every row's incoming gradient equal to row_weight (1/N for a mean, 1 for a sum): the
+// per-row losses (lse - target_logit), and the gradients and the temperature's row sums
+// that infonce_backward_cpu would return for grad_rows = row_weight, formed in the same
+// sweep as the losses (6NMD FLOPs instead of 8NMD). Results in the accumulator dtype
+// (fp32 for half inputs: the caller scales, then casts). block_rows / block_cols: rows
+// per chunk and columns per tile, 0 for defaults.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_forward_grad_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
+    const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
+    double row_weight, bool need_dq, bool need_dk, int64_t block_rows, int64_t block_cols,
+    c10::optional<double> normalize_eps);
+
 }  // namespace fastcl

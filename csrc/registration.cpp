@@ -5,8 +5,11 @@
 //   torch.ops.fastcl.infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
 //                                lse, grad_rows, need_dq, need_dk, normalize_eps=None)
 //       -> (dq, dk, row_dot)
+//   torch.ops.fastcl.infonce_fwd_grad(q, k, params, targets, *layout, row_groups, key_groups,
+//                                     row_weight, need_dq, need_dk, block_rows, block_cols,
+//                                     normalize_eps=None) -> (loss_rows, dq, dk, row_dot)
 //
-// with `*layout` the nine fields of fastcl.ops.layout.ColumnLayout in order, and a last
+// (the last: one pass for a reduced loss, see infonce_cpu.h), with `*layout` the nine fields of fastcl.ops.layout.ColumnLayout in order, and a last
 // optional argument of both, normalize_eps: when given, the rows of q and k are raw and
 // the operators normalize them on the fly (see infonce_cpu.h). This file defines the
 // schemas and the CPU kernels; fastcl/native.py adds the CUDA kernels (the Triton
@@ -60,6 +63,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd(
                               normalize_eps);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_grad(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
+    const c10::optional<at::Tensor>& targets, int64_t n_cols, int64_t n_grad_cols,
+    int64_t hard_start, int64_t n_hard, int64_t gauss_start, double log_hard_weight,
+    double log_gauss_weight, int64_t self_start, int64_t n_self,
+    const c10::optional<at::Tensor>& row_groups, const c10::optional<at::Tensor>& key_groups,
+    double row_weight, bool need_dq, bool need_dk, int64_t block_rows, int64_t block_cols,
+    c10::optional<double> normalize_eps) {
+  return infonce_forward_grad_cpu(q, k, params, targets,
+                                  make_layout(n_cols, n_grad_cols, hard_start, n_hard, gauss_start,
+                                              log_hard_weight, log_gauss_weight, self_start, n_self),
+                                  Groups{row_groups, key_groups}, row_weight, need_dq, need_dk,
+                                  block_rows, block_cols, normalize_eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastcl, m) {
@@ -74,11 +92,18 @@ TORCH_LIBRARY(fastcl, m) {
       "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, "
       "Tensor lse, Tensor grad_rows, bool need_dq, bool need_dk, float? normalize_eps=None) "
       "-> (Tensor dq, Tensor dk, Tensor row_dot)");
+  m.def(
+      "infonce_fwd_grad(Tensor q, Tensor k, Tensor params, Tensor? targets, int n_cols, "
+      "int n_grad_cols, int hard_start, int n_hard, int gauss_start, float log_hard_weight, "
+      "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups, "
+      "float row_weight, bool need_dq, bool need_dk, int block_rows, int block_cols, "
+      "float? normalize_eps=None) -> (Tensor loss_rows, Tensor dq, Tensor dk, Tensor row_dot)");
 }
 
 TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
   m.impl("infonce_fwd", &infonce_fwd);
   m.impl("infonce_bwd", &infonce_bwd);
+  m.impl("infonce_fwd_grad", &infonce_fwd_grad);
 }
 
 }  // namespace fastcl

@@ -23,7 +23,8 @@ from .ops.function import InfoNCEFunction
 from .ops.layout import ColumnLayout
 from .ops.ring import RingInfoNCEFunction, world_and_rank
 from .plan import (
-    LossOptions, candidate_layout, check_call, constant_rows, inverse_temperature, kernel_plan, reduce_for_ddp,
+    LossOptions, candidate_layout, check_call, constant_rows, inverse_temperature, kernel_plan, needs_gradient,
+    reduce_for_ddp,
 )
 
 
@@ -120,7 +121,8 @@ def gathered_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negat
     n_extra = x.extra_negatives.shape[0] if x.extra_negatives is not None else 0
     layout = candidate_layout(options, n_global * (2 if hard else 1), n_global + offset, n_local if hard else 0,
                               n_extra)
-    plan = kernel_plan(options, layout, x.anchors, n_local * layout.n_cols, dense=False)
+    plan = kernel_plan(options, layout, x.anchors, n_local * layout.n_cols, dense=False,
+                       needs_grad=needs_gradient(x.anchors, x.positives, x.hard_negatives, options.temperature))
 
     # Raw rows travel: the kernels normalize them (the gather's backward is the same).
     q = x.anchors.contiguous()

@@ -8,9 +8,11 @@ autograd Function (:class:`~fastcl.ops.function.InfoNCEFunction`), whose
 
 Backends, by what runs (``backend=``):
 
-- ``"auto"``: the dense path below :data:`TINY_LOGITS` logits; else the Triton kernels
-  on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``), on CPU tensors the
-  native C++ kernel when the extension is built, else the chunked PyTorch path;
+- ``"auto"``: on CPU tensors the native C++ kernel when the extension is built (at every
+  size: from N = 4 up it beats the dense loss), else the dense path below
+  :data:`TINY_LOGITS` logits and the chunked PyTorch path above; on CUDA tensors the
+  dense path below :data:`TINY_LOGITS` (one small product beats a sequence of kernel
+  launches), the Triton kernels above (and on CPU tensors under ``TRITON_INTERPRET=1``);
 - ``"triton"``, ``"cpp"`` (the native C++ CPU kernel), ``"chunked"`` (chunked PyTorch),
   ``"dense"`` (the dense PyTorch loss of :mod:`fastcl.reference`, differentiated by
   autograd: N x M memory).
@@ -21,9 +23,16 @@ operators, i.e. the C++ kernel on CPU tensors and the Triton kernels on CUDA ten
 
 Backward strategies (``backward_strategy=``), for the fused backends:
 
-- ``"auto"``: for Triton, ``"slab"`` with groups or when one gradient slab spans D,
-  else ``"workspace"`` (:func:`fastcl.ops.configs.backward_strategy`; the environment
-  variable ``FASTCL_BACKWARD`` overrides this choice); ``"workspace"`` for the others;
+- ``"auto"``: ``"one_pass"`` where :func:`one_pass_applies` (a loss reduced to a scalar
+  that needs gradients, on the native kernel or the Triton kernels); else for Triton
+  ``"slab"`` with groups or when one gradient slab spans D, else ``"workspace"``
+  (:func:`fastcl.ops.configs.backward_strategy`; the environment variable
+  ``FASTCL_BACKWARD`` overrides this choice); ``"workspace"`` for the others;
+- ``"one_pass"`` (native and Triton, losses reduced to a scalar): the forward forms the
+  gradients too, chunk by chunk (6NMD FLOPs instead of 8NMD: the similarities once), and
+  the backward only scales them by the incoming gradient. The price is in grad mode
+  only: a forward whose backward never runs did the gradient work for nothing
+  (evaluate under ``torch.no_grad()``, which takes the forward alone);
 - ``"slab"`` (Triton only): every gradient slab recomputes its similarity tiles, no
   buffer;
 - ``"workspace"``: the logit gradients of a block of rows in a bounded buffer, then
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import NamedTuple
 
 import torch
@@ -47,6 +57,7 @@ from .gaussian import gaussian_negatives
 from .numerics import check_eps, check_flag, check_real, check_temperature_float
 from .ops import dispatch
 from .ops.configs import BACKWARD_STRATEGIES as TRITON_STRATEGIES
+from .ops.configs import ONE_PASS_MIN_ROWS, one_pass_cpu_blocks
 from .ops.configs import backward_strategy as auto_triton_strategy
 from .ops.dispatch import KernelPlan
 from .ops.layout import ColumnLayout
@@ -160,7 +171,8 @@ def choose_backend(backend: str, device: torch.device, n_logits: int, strategy: 
         return "chunked"
     if backend != "auto":
         return backend
-    if n_logits <= TINY_LOGITS and strategy == "auto":
+    cpu_kernel = device.type == "cpu" and native.available() and not interpreting()
+    if n_logits <= TINY_LOGITS and strategy == "auto" and not cpu_kernel:
         return "dense" if dense else "chunked"
     if device.type == "cuda":
         return "triton"
@@ -175,23 +187,61 @@ def choose_backend(backend: str, device: torch.device, n_logits: int, strategy: 
 
 
 def choose_strategy(strategy: str, backend: str, x: torch.Tensor, grouped: bool = False,
-                    reduced: bool = True) -> str:
-    """The backward strategy ``backend`` runs for queries like ``x``: ``strategy``, or
-    what "auto" picks (module docstring). A strategy that forms the gradients in the
-    forward only serves losses reduced to a scalar (``reduced``)."""
+                    reduced: bool = True, needs_grad: bool = True, n_cols: int = 0, n_grad_cols: int = 0) -> str:
+    """The backward strategy ``backend`` runs for queries like ``x`` against ``n_cols``
+    columns (``n_grad_cols`` with a gradient): ``strategy``, or what "auto" picks (module
+    docstring). A strategy that forms the gradients in the forward only serves losses
+    reduced to a scalar (``reduced``)."""
     device = x.device.type
     if backend == "triton" and device == "cpu" and not interpreting():
         raise ValueError("backend 'triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)")
     offered = [s for s in dispatch.strategies(device, backend)
                if reduced or s not in dispatch.GRADIENTS_IN_FORWARD]
     if strategy == "auto":
+        if "one_pass" in offered and one_pass_applies(backend, x, grouped, needs_grad, n_cols, n_grad_cols):
+            return "one_pass"
         if backend == "triton":
             return auto_triton_strategy(x.dtype, x.shape[1], x.device, grouped=grouped)
-        return offered[0] if offered else "workspace"  # a missing entry is reported by the dispatch
+        return "workspace" if "workspace" in offered or not offered else offered[0]
+    if strategy == "one_pass" and backend == "triton" and x.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError("backward_strategy='one_pass' on the Triton kernels takes float32 or float64 inputs: its "
+                         "16-bit logit gradients are not yet scaled into range as the recomputing backwards' are "
+                         "(use 'slab' or 'workspace', or 'auto')")
     if strategy not in offered:
         raise ValueError(f"backward_strategy={strategy!r} is not offered by backend {backend!r} on {device} tensors"
                          + (f" (it offers {tuple(offered)})" if offered else ""))
     return strategy
+
+
+def one_pass_applies(backend: str, x: torch.Tensor, grouped: bool, needs_grad: bool, n_cols: int,
+                     n_grad_cols: int) -> bool:
+    """Whether "auto" takes the one pass for a loss reduced to a scalar (the caller has
+    checked that): all of
+
+    1. a gradient is needed (grad mode on, some input or the temperature requires one)
+       and torch.export is not tracing (an exported program runs the forward alone);
+    2. ``FASTCL_BACKWARD`` does not name a recomputing strategy;
+    3. Triton: no groups (its products run over every column, where the slab backward
+       skips the tiles without a common group) and float32 / float64 inputs (the 16-bit
+       logit gradients are not scaled into range, see :func:`choose_strategy`);
+    4. native: a chunk keeps at least ``ONE_PASS_MIN_ROWS`` rows within the strip budget
+       of :func:`~fastcl.ops.configs.one_pass_cpu_blocks` (fewer rows make the dk
+       product memory-bound).
+    """
+    if not needs_grad or torch.compiler.is_exporting():
+        return False
+    forced = os.environ.get("FASTCL_BACKWARD", "")
+    if forced and forced != "one_pass":
+        return False
+    if backend == "triton":
+        return not grouped and x.dtype in (torch.float32, torch.float64)
+    rows, _ = one_pass_cpu_blocks(x.shape[0], n_cols, n_grad_cols, x.shape[1], torch.get_num_threads(), grouped)
+    return rows >= ONE_PASS_MIN_ROWS or os.environ.get("FASTCL_CPU_TILE_ROWS", "") != ""
+
+
+def needs_gradient(*inputs) -> bool:
+    """Grad mode is on and some tensor among ``inputs`` requires a gradient."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
 
 
 # ------------------------------------------------------------------------- the plan
@@ -240,17 +290,21 @@ def candidate_layout(options: LossOptions, n_grad_cols: int, hard_start: int, n_
 
 
 def kernel_plan(options: LossOptions, layout: ColumnLayout, x: torch.Tensor, n_logits: int, *, grouped: bool = False,
-                dense: bool = True, reduced: bool | None = None) -> KernelPlan | None:
+                dense: bool = True, reduced: bool | None = None, needs_grad: bool = True) -> KernelPlan | None:
     """What runs for queries like ``x`` against ``layout``'s columns (``n_logits`` in
     all): the backend and its backward strategy, or None for the dense path. ``dense``
     False (the distributed losses) never takes the dense path; ``reduced`` (default:
     the reduction is not "none") allows strategies that form the gradients in the
-    forward."""
+    forward, which "auto" takes only when ``needs_grad`` (some input requires a
+    gradient, in grad mode). A caller that combines the per-row losses other than by a
+    plain sum or mean must pass ``reduced=False``: the one pass assumes every row's
+    incoming gradient is the same."""
     backend = choose_backend(options.backend, x.device, n_logits, options.backward_strategy, dense)
     if backend == "dense":
         return None
     reduced = options.reduction != "none" if reduced is None else reduced
-    strategy = choose_strategy(options.backward_strategy, backend, x, grouped, reduced)
+    strategy = choose_strategy(options.backward_strategy, backend, x, grouped, reduced, needs_grad, layout.n_cols,
+                               layout.n_grad_cols)
     return KernelPlan(layout, backend, strategy, options.eps if options.normalize else None)
 
 
@@ -264,7 +318,8 @@ def plan_info_nce(options: LossOptions, anchors, positives, hard_negatives=None,
     n_extra = x.extra_negatives.shape[0] if x.extra_negatives is not None else 0
     layout = candidate_layout(options, n + n_hard, n, n_hard, n_extra)
     grouped = groups is not None
-    plan = kernel_plan(options, layout, x.anchors, n * layout.n_cols, grouped=grouped)
+    plan = kernel_plan(options, layout, x.anchors, n * layout.n_cols, grouped=grouped,
+                       needs_grad=needs_gradient(x.anchors, x.positives, x.hard_negatives, options.temperature))
     if plan is None:
         return LossPlan(options, x, gaussian)
     q = x.anchors.contiguous()
@@ -289,7 +344,8 @@ def plan_nt_xent(options: LossOptions, z1, z2) -> LossPlan:
     x, _ = check_call(options, z1, z2, names=("z1", "z2"))
     n = x.anchors.shape[0]
     layout = ColumnLayout(n_cols=2 * n, n_grad_cols=2 * n, gauss_start=2 * n, self_start=0, n_self=2 * n)
-    plan = kernel_plan(options, layout, x.anchors, (2 * n) ** 2)
+    plan = kernel_plan(options, layout, x.anchors, (2 * n) ** 2,
+                       needs_grad=needs_gradient(x.anchors, x.positives, options.temperature))
     if plan is None:
         return LossPlan(options, x, None)
     z = torch.cat([x.anchors, x.positives]).contiguous()

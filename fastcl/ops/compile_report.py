@@ -46,8 +46,10 @@ class Report:
             found.append(f"{self.spill_bytes} bytes of register spills")
         if self.shared_bytes > shared_limit:
             found.append(f"{self.shared_bytes} bytes of shared memory (limit {shared_limit})")
-        # Full-precision fp32 ("highest" matmul precision) runs on the FMA units by design.
-        if self.tensor_core_ops == 0 and not self.variant.startswith("fp32/ieee"):
+        # Full-precision fp32 ("highest" matmul precision) runs on the FMA units by design;
+        # the one pass's gradient and row kernels hold no product.
+        if (self.tensor_core_ops == 0 and not self.variant.startswith("fp32/ieee")
+                and self.kernel not in ("one_pass_grads", "one_pass_rows")):
             found.append("no tensor-core instructions")
         return found
 
@@ -143,19 +145,35 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
                    **segments)
         # float16 writes a second operand for dk (infonce_bwd_workspace.py).
         flags.update(SPLIT=dtype == torch.float16, WRITE_DS2=dtype == torch.float16)
+    elif kernel in ONE_PASS_KERNELS:
+        from .infonce_one_pass import one_pass_signature
+
+        fn, sig, flags, blocks = one_pass_signature(kernel, t, acc, flags, sig, sizes, segments, blocks)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
     compiled = _compile(fn, sig, {**flags, **blocks}, cfg, arch)
     return Report(kernel, f"{t}/{precision}/{features}", cfg, *_split(compiled))
 
 
+#: The one-pass kernels (infonce_one_pass.py); their launch configurations come from there.
+ONE_PASS_KERNELS = ("one_pass_logits", "one_pass_grads", "one_pass_rows")
+
+
+def _config(kernel: str, dtype: torch.dtype, dim: int) -> KernelConfig:
+    if kernel in ONE_PASS_KERNELS:
+        from .infonce_one_pass import one_pass_config
+
+        return one_pass_config(kernel, dtype, dim)
+    return kernel_config(kernel, dtype, dim)
+
+
 def kernel_reports(dim: int = 768, arch: int = 90) -> list[Report]:
     """Every kernel at its default configuration, for every dtype/precision, with every
     option off and on."""
-    return [compile_one(kernel, dtype, precision, features, kernel_config(kernel, dtype, dim), arch)
+    return [compile_one(kernel, dtype, precision, features, _config(kernel, dtype, dim), arch)
             for dtype, precision in _variants()
             for features in FEATURES
-            for kernel in ("forward", "backward_dq", "backward_dk", "backward_ds")]
+            for kernel in ("forward", "backward_dq", "backward_dk", "backward_ds", *ONE_PASS_KERNELS)]
 
 
 def _split(compiled) -> tuple[int, int, int, int]:

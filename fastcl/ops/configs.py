@@ -142,9 +142,11 @@ def kernel_config(kernel: str, dtype: torch.dtype, dim: int, device: torch.devic
 
 
 #: Backward strategies of the Triton backend: "slab" (infonce_bwd_slab.py: two kernels, the
-#: similarity recomputed once per D slab) and "workspace" (infonce_bwd_workspace.py: logit
-#: gradients of a chunk of rows in a capped buffer, then two matrix products).
-BACKWARD_STRATEGIES = ("slab", "workspace")
+#: similarity recomputed once per D slab), "workspace" (infonce_bwd_workspace.py: logit
+#: gradients of a chunk of rows in a capped buffer, then two matrix products) and
+#: "one_pass" (infonce_one_pass.py: for a loss reduced to a scalar, the gradients formed
+#: in the forward; fastcl/plan.py decides where it applies).
+BACKWARD_STRATEGIES = ("slab", "workspace", "one_pass")
 
 
 def backward_strategy(dtype: torch.dtype, dim: int, device: torch.device | None = None, grouped: bool = False) -> str:
@@ -159,8 +161,58 @@ def backward_strategy(dtype: torch.dtype, dim: int, device: torch.device | None 
     if chosen:
         if chosen not in BACKWARD_STRATEGIES:
             raise ValueError(f"FASTCL_BACKWARD must be one of {BACKWARD_STRATEGIES}, got {chosen!r}")
-        return chosen
+        if chosen != "one_pass":  # a call the one pass does not apply to recomputes as by default
+            return chosen
     if grouped:
         return "slab"
     slab = kernel_config("backward_dq", dtype, dim, device).BLOCK_D_OUT
     return "slab" if dim <= slab else "workspace"
+
+
+#: The native one pass's blocks: rows per chunk and columns per tile (with groups,
+#: smaller blocks skip more: a block is skipped only when none of its rows shares a group
+#: with any of its columns). FASTCL_CPU_TILE_ROWS / FASTCL_CPU_TILE_COLS override both.
+ONE_PASS_CPU_ROWS, ONE_PASS_CPU_COLS = 256, 512
+ONE_PASS_GROUPED_ROWS, ONE_PASS_GROUPED_COLS = 64, 64
+#: Fewer rows per chunk than this make the dk product (a rank-R update of dk per chunk)
+#: bound by memory traffic: the plan recomputes instead.
+ONE_PASS_MIN_ROWS = 16
+#: Strip elements per thread always allowed (the recomputing kernel holds two 256 x 512
+#: blocks per thread, 2^18 elements).
+ONE_PASS_STRIP_FLOOR = 1 << 18
+
+
+def _env_int(name: str) -> int | None:
+    import os
+
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def one_pass_cpu_blocks(n_rows: int, n_cols: int, n_grad_cols: int, dim: int, threads: int,
+                        grouped: bool) -> tuple[int, int]:
+    """Rows per chunk and columns per tile of the native one-pass kernel.
+
+    256 x 512 blocks (512 KiB in fp32) stay in a core's L2 while the softmax runs on
+    them and keep BLAS near its peak; at least one chunk per thread. Each thread holds a
+    strip of ``rows x M`` logits (the chunk's, until its gradient products are done) and
+    ``rows x D`` scaled rows; ``rows`` is capped so that the strips of all threads hold no
+    more than the gradients themselves, ``(N + n_grad_cols) D`` values, or ``2^18``
+    values per thread (what the recomputing kernel's blocks take): the extra memory of
+    the one pass stays within twice the recomputing path's. With groups a strip holds
+    only the tiles a chunk visits, a few sequences' columns, and is not capped.
+    """
+    rows = _env_int("FASTCL_CPU_TILE_ROWS")
+    cols = _env_int("FASTCL_CPU_TILE_COLS") or (ONE_PASS_GROUPED_COLS if grouped else ONE_PASS_CPU_COLS)
+    if rows is not None:
+        return rows, cols
+    threads = max(threads, 1)
+    rows = min(ONE_PASS_GROUPED_ROWS if grouped else ONE_PASS_CPU_ROWS, max(ONE_PASS_MIN_ROWS, -(-n_rows // threads)))
+    if not grouped:
+        budget = max(ONE_PASS_STRIP_FLOOR, (n_rows + n_grad_cols) * dim // threads)
+        rows = min(rows, budget // (n_cols + dim))
+    return max(1, min(rows, n_rows)), cols

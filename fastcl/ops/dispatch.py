@@ -40,7 +40,7 @@ class Kernels(NamedTuple):
     ``(lse, target_logit)``, and ``backward(q, k, params, targets, layout, lse, grad_rows,
     need_dq=True, need_dk=True, groups=None, normalize_eps=None)`` returns ``(dq, dk,
     row_dot)``. An entry whose ``backward`` is None forms the gradients in its forward:
-    ``forward(..., need_dq=..., need_dk=...)`` then returns ``(lse, target_logit, dq, dk,
+    ``forward(..., need_dq=..., need_dk=...)`` then returns ``(loss_rows, dq, dk,
     row_dot)`` for incoming row gradients of 1, and the autograd Function scales them by
     the incoming gradient (which is uniform: the plan offers such strategies only to
     losses reduced to a scalar, see :data:`GRADIENTS_IN_FORWARD`).
@@ -73,6 +73,18 @@ def _triton(strategy: str) -> Kernels:
     return Kernels(infonce_forward, backward)
 
 
+def _triton_one_pass() -> Kernels:
+    from .infonce_one_pass import infonce_forward_grad
+
+    def forward(q, k, params, targets, layout, groups=None, normalize_eps=None, need_dq=True, need_dk=True):
+        loss_rows, dq, dk, row_dot = infonce_forward_grad(q, k, params, targets, layout, 1.0, need_dq, need_dk,
+                                                          groups=groups, normalize_eps=normalize_eps)
+        want_dk = need_dk and layout.n_grad_cols > 0
+        return loss_rows, (dq if need_dq else None), (dk if want_dk else None), (row_dot if need_dq else None)
+
+    return Kernels(forward, None)
+
+
 def _chunked() -> Kernels:
     from .chunked import chunked_backward, chunked_forward
 
@@ -84,17 +96,21 @@ TABLE: dict[tuple[str, str, str], Callable[[], Kernels]] = {
     ("cuda", "triton", "slab"): lambda: Kernels(operators.operator_forward, operators.operator_backward),
     ("cuda", "triton", "workspace"): lambda: Kernels(operators.operator_forward,
                                                      operators.operator_backward_workspace),
+    ("cuda", "triton", "one_pass"): lambda: Kernels(operators.operator_forward_grad, None),
     ("cpu", "triton", "slab"): lambda: _triton("slab"),  # Triton's interpreter
     ("cpu", "triton", "workspace"): lambda: _triton("workspace"),
+    ("cpu", "triton", "one_pass"): _triton_one_pass,
     ("cpu", "cpp", "workspace"): lambda: Kernels(operators.operator_forward, operators.operator_backward),
+    ("cpu", "cpp", "one_pass"): lambda: Kernels(operators.operator_forward_grad, None),
     ("meta", "cpp", "workspace"): lambda: Kernels(operators.operator_forward, operators.operator_backward),
+    ("meta", "cpp", "one_pass"): lambda: Kernels(operators.operator_forward_grad, None),
     ("cpu", "chunked", "workspace"): _chunked,
     ("cuda", "chunked", "workspace"): _chunked,
 }
 
 #: Strategies whose entries form the gradients in the forward (``backward`` None): only
 #: for losses reduced to a scalar, whose incoming row gradients are all equal.
-GRADIENTS_IN_FORWARD: frozenset[str] = frozenset()
+GRADIENTS_IN_FORWARD: frozenset[str] = frozenset({"one_pass"})
 
 
 def strategies(device_type: str, backend: str) -> tuple[str, ...]:

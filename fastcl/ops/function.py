@@ -55,15 +55,15 @@ class InfoNCEFunction(torch.autograd.Function):
         ctx.one_pass = entry.backward is None
         if ctx.one_pass:  # the gradients come with the forward, for row gradients of 1
             need_q, need_k, _, need_tau = ctx.needs_input_grad[:4]
-            lse, target_logit, dq, dk, row_dot = entry.forward(
+            loss_rows, dq, dk, row_dot = entry.forward(
                 q, k, params, targets, plan.layout, groups=groups, normalize_eps=plan.normalize_eps,
                 need_dq=need_q or need_tau, need_dk=need_k)
             ctx.save_for_backward(dq, dk, row_dot)
             ctx.dtypes = q.dtype, k.dtype
-        else:
-            lse, target_logit = entry.forward(q, k, params, targets, plan.layout, groups=groups,
-                                              normalize_eps=plan.normalize_eps)
-            ctx.save_for_backward(q, k, params, targets, lse)
+            return loss_rows
+        lse, target_logit = entry.forward(q, k, params, targets, plan.layout, groups=groups,
+                                          normalize_eps=plan.normalize_eps)
+        ctx.save_for_backward(q, k, params, targets, lse)
         return lse - target_logit
 
     @staticmethod

@@ -11,6 +11,14 @@ tensors: a schema takes no tuples)::
         -> (dq, dk, row_dot)                         CPU: csrc/, CUDA: infonce_bwd_slab.py
     infonce_bwd_workspace(same arguments as infonce_bwd)
         -> (dq, dk, row_dot)                         CUDA: infonce_bwd_workspace.py
+    infonce_fwd_grad(q, k, params, targets, *layout, row_groups, key_groups, row_weight,
+                     need_dq, need_dk, block_rows, block_cols, normalize_eps=None)
+        -> (loss_rows, dq, dk, row_dot)              CPU: csrc/, CUDA: infonce_one_pass.py
+
+The last is the one pass for a loss reduced to a scalar: the per-row losses together with
+the gradients for every row's incoming gradient ``row_weight``, in the accumulator dtype
+(``block_rows`` x ``block_cols``: the CPU kernel's blocks, 0 lets the kernel choose; on
+CUDA ``block_rows`` is the chunk of the logit workspace).
 
 ``normalize_eps`` (when not None) makes the operators take raw rows and score their
 cosines, as if every row of q and k had gone through ``F.normalize(x, dim=-1,
@@ -33,6 +41,7 @@ from __future__ import annotations
 import torch
 
 from .. import native
+from .configs import one_pass_cpu_blocks
 from .layout import ColumnLayout
 from .utils import accumulator_dtype
 
@@ -48,6 +57,9 @@ SCHEMAS = {
     "infonce_fwd": (f"infonce_fwd(Tensor q, Tensor k, Tensor params, Tensor? targets, {_LAYOUT_SCHEMA}, "
                     "float? normalize_eps=None) -> (Tensor lse, Tensor target_logit)"),
     "infonce_bwd": "infonce_bwd" + _BACKWARD_SCHEMA,
+    "infonce_fwd_grad": (f"infonce_fwd_grad(Tensor q, Tensor k, Tensor params, Tensor? targets, {_LAYOUT_SCHEMA}, "
+                         "float row_weight, bool need_dq, bool need_dk, int block_rows, int block_cols, "
+                         "float? normalize_eps=None) -> (Tensor loss_rows, Tensor dq, Tensor dk, Tensor row_dot)"),
 }
 #: Operators with CUDA kernels only, always defined here.
 CUDA_ONLY_SCHEMAS = {"infonce_bwd_workspace": "infonce_bwd_workspace" + _BACKWARD_SCHEMA}
@@ -110,6 +122,23 @@ def _cuda_backward_workspace(q, k, params, targets, *rest):
     return _run_backward(infonce_backward_workspace, q, k, params, targets, rest)
 
 
+def _fake_forward_grad(q, k, params, targets, *rest):
+    layout, _, (_, need_dq, need_dk, *_) = _layout_and_groups(rest)
+    n_rows, dim = q.shape
+    acc = accumulator_dtype(q.dtype)
+    n_grad = layout.n_grad_cols if need_dk else 0
+    return (q.new_empty(n_rows, dtype=acc), q.new_empty((n_rows if need_dq else 0, dim), dtype=acc),
+            q.new_empty((n_grad, dim), dtype=acc), q.new_empty(n_rows if need_dq else 0, dtype=acc))
+
+
+def _cuda_forward_grad(q, k, params, targets, *rest):
+    from .infonce_one_pass import infonce_forward_grad
+
+    layout, groups, (row_weight, need_dq, need_dk, block_rows, _, *tail) = _layout_and_groups(rest)
+    return infonce_forward_grad(q.contiguous(), k.contiguous(), params, targets, layout, row_weight, need_dq, need_dk,
+                                groups=groups, normalize_eps=tail[0] if tail else None, chunk_rows=block_rows)
+
+
 _library = torch.library.Library("fastcl", "FRAGMENT")  # the schemas this module defines
 
 
@@ -119,7 +148,8 @@ def _register() -> None:
         _library.define(schema)
     for name, fake, cuda in (("infonce_fwd", _fake_forward, _cuda_forward),
                              ("infonce_bwd", _fake_backward, _cuda_backward),
-                             ("infonce_bwd_workspace", _fake_backward, _cuda_backward_workspace)):
+                             ("infonce_bwd_workspace", _fake_backward, _cuda_backward_workspace),
+                             ("infonce_fwd_grad", _fake_forward_grad, _cuda_forward_grad)):
         torch.library.register_fake(f"fastcl::{name}", lib=_library)(fake)
         torch.library.register_kernel(f"fastcl::{name}", "cuda", lib=_library)(cuda)
 
@@ -170,3 +200,20 @@ def operator_backward_workspace(q, k, params, targets, layout: ColumnLayout, lse
     """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd_workspace`` (CUDA)."""
     return _backward(torch.ops.fastcl.infonce_bwd_workspace, q, k, params, targets, layout, lse, grad_rows, need_dq,
                      need_dk, groups, normalize_eps)
+
+
+def operator_forward_grad(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None,
+                          need_dq: bool = True, need_dk: bool = True):
+    """``(loss_rows, dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_fwd_grad`` (the
+    native one-pass kernel on CPU, the Triton one pass on CUDA) for row gradients of 1,
+    None where not asked for. The CPU blocks come from
+    :func:`~fastcl.ops.configs.one_pass_cpu_blocks`, the rule the plan applied."""
+    _require_kernel(q)
+    block_rows, block_cols = 0, 0
+    if q.device.type == "cpu":
+        block_rows, block_cols = one_pass_cpu_blocks(q.shape[0], layout.n_cols, layout.n_grad_cols, q.shape[1],
+                                                     torch.get_num_threads(), groups is not None)
+    loss_rows, dq, dk, row_dot = _call(torch.ops.fastcl.infonce_fwd_grad, q, k, params, targets, layout, groups, 1.0,
+                                       need_dq, need_dk, block_rows, block_cols, normalize_eps)
+    return (loss_rows, (dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
+            (row_dot if need_dq else None))

@@ -1,0 +1,448 @@
+"""Triton one pass for a reduced loss: the losses and both gradients at 6NMD FLOPs.
+
+The recomputing GPU paths do 8NMD: the forward forms S = q k^T (2NMD) for the row
+log-sum-exps, the backward forms it again (slab: once per D slab of each gradient;
+workspace: once, into a buffer of logit gradients) before the products for dq and dk
+(4NMD). With a reduced loss every row's incoming gradient is one weight w (1/N for a
+mean, 1 for a sum), so the gradients can be formed in the forward
+(fastcl/plan.py decides where) and S is needed once. Per chunk of R rows (R from the workspace
+cap, ``FASTCL_WORKSPACE_BYTES``, as the workspace backward's):
+
+1. ``_one_pass_logits_kernel``, grid (row blocks, column splits): S tiles from tl.dot,
+   turned into logits in registers (1/tau, inverse norms, weights, masks) and stored in an
+   R x M fp32 (fp64) workspace W; per row and split, the online max and rescaled sum and
+   the target logit. The splits give the GPU enough programs when R is small.
+2. ``_one_pass_grads_kernel``, grid (row blocks, column blocks): combines the splits'
+   statistics into the row log-sum-exp (the per-row loss is written by the first column
+   block) and turns W into the logit gradients
+   ``dS = w (exp(logit - lse) - [j == t]) r_i c_j / tau`` in the input dtype;
+3. two matrix products (cuBLAS on the GPU): ``dq_R = dS k`` and ``dk += dS[:, :n_grad]^T
+   q_R``, accumulated in fp32 for 16-bit inputs (``out_dtype``);
+4. ``_one_pass_rows_kernel`` per gradient row: ``dot = x_i . g_i``, the temperature's row
+   sum ``dot * tau`` (for dq) and fused normalization's rank-1 term ``g_i -= dot proj_i
+   x_i`` (fastcl/ops/normalize.py), after the last chunk for dk.
+
+Counted per logit (N M of them), bf16 inputs, D = 768: FLOPs 2D (step 1) + 4D (step 3)
+= 6D = 4608, against the workspace backward's 8D = 6144 (its forward 2D, its backward
+6D). Bytes: step 1 writes 4 (W), step 2 reads 4 and writes 2 (dS), step 3 reads dS twice,
+4: 14 bytes, against the workspace path's 6 (dS written once, read twice). On an H100
+(about 700 TFLOP/s of bf16 products, 3.35 TB/s) the 2D FLOPs saved cost 2.2 ps per
+logit and the 8 bytes added 2.4 ps: at D = 768 in bf16 the two paths are about even if
+the products run at full rate and step 2 does not overlap them; the one pass gains with
+larger D, in fp32 / tf32 (products at half the rate or less) and wherever the products
+run below the bandwidth. Fusing step 2 into the products' operand loads (exp applied as
+tiles of W are loaded) would save its 6 bytes but needs a D-wide accumulator per row
+block (dq: 128 rows x 768 fp32 exceeds the registers), so each tile would be read and
+exponentiated once per D slab: three times at D = 768. The GPU runner times slab,
+workspace and one pass side by side (``fastcl-one_pass``), so the choice is measured
+there; :func:`fastcl.plan.one_pass_applies` takes the one pass by default for fp32 and fp64.
+
+With groups the kernels skip tiles without a common group, but the products run over
+every column, so on CUDA the plan keeps the recomputing slab path for groups.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import kernel_config
+from .infonce_bwd_workspace import DEFAULT_WORKSPACE_BYTES
+from .launch import check_rows_contiguous
+from .layout import ColumnLayout
+from .normalize import row_norms
+from .tiles import (
+    groups_overlap, load_groups, load_params, load_projections, load_scales, load_targets, logit_tile,
+    similarity_tile,
+)
+from .utils import accumulator_dtype, dot_precision, interpreting, upcast_for_interpreter
+
+
+@triton.jit
+def _one_pass_logits_kernel(
+    q_ptr,
+    k_ptr,
+    params_ptr,
+    targets_ptr,
+    row_groups_ptr,
+    key_groups_ptr,
+    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
+    k_norm_ptr,
+    w_ptr,  # R x M workspace of logits (accumulator dtype)
+    part_max_ptr,  # n_splits x R: each split's row max, rescaled sum and target logit
+    part_sum_ptr,
+    part_target_ptr,
+    row0,
+    n_chunk_rows,
+    n_rows,
+    n_cols,
+    n_grad_cols,
+    dim,
+    stride_q,
+    stride_k,
+    stride_w,
+    split_cols,  # columns per split, a multiple of BLOCK_N
+    stride_part,  # between the splits' rows in the partial statistics
+    hard_start,
+    n_hard,
+    gauss_start,
+    self_start,
+    n_self,
+    eps,  # the normalization's lower bound on a norm (NORMALIZED only)
+    HAS_TARGETS: tl.constexpr,
+    HARD_WEIGHTED: tl.constexpr,
+    GAUSS_WEIGHTED: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr,
+    GROUPED: tl.constexpr,
+    NORMALIZED: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row within the chunk
+    rows = row0 + local
+    row_in = local < n_chunk_rows
+    split = tl.program_id(1)
+    inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
+    targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
+    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
+    row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
+    row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    target_logit = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    first = split * split_cols
+    end = tl.minimum(first + split_cols, n_cols)
+    for n0 in range(first, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+        if GROUPED:
+            visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
+                                   n0 + BLOCK_N > n_grad_cols, GROUPED)
+        else:
+            visit = True
+        if visit:  # the gradient kernel makes the same test and never reads skipped tiles
+            # Rows past the chunk read zeros (masked), their logits are never stored.
+            s = similarity_tile(q_ptr, k_ptr, rows, cols, tl.minimum(n_rows, row0 + n_chunk_rows), n_cols, dim,
+                                stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
+            if NORMALIZED:
+                s = s * row_scale[:, None] * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
+            logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups, col_groups,
+                                n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start, n_self,
+                                HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+            tl.store(w_ptr + local[:, None] * stride_w + cols[None, :], logits,
+                     mask=row_in[:, None] & (cols[None, :] < n_cols))
+            new_max = tl.maximum(row_max, tl.max(logits, 1))
+            # A row may have no candidate yet (all -inf so far): shift by 0 then.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
+            row_max = new_max
+            target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), 1)
+    out = split * stride_part + local
+    tl.store(part_max_ptr + out, row_max, mask=row_in)
+    tl.store(part_sum_ptr + out, row_sum, mask=row_in)
+    tl.store(part_target_ptr + out, target_logit, mask=row_in)
+
+
+@triton.jit
+def _one_pass_grads_kernel(
+    params_ptr,  # [1 / tau, log hard weight, log gaussian weight, row weight w]
+    targets_ptr,
+    row_groups_ptr,
+    key_groups_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    w_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_target_ptr,
+    ds_ptr,  # R x M logit gradients, input dtype
+    loss_ptr,  # N per-row losses (accumulator dtype)
+    row0,
+    n_chunk_rows,
+    n_rows,
+    n_cols,
+    n_grad_cols,
+    n_splits,
+    stride_part,
+    stride_w,
+    stride_ds,
+    eps,
+    HAS_TARGETS: tl.constexpr,
+    GROUPED: tl.constexpr,
+    NORMALIZED: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + local
+    row_in = local < n_chunk_rows
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = cols < n_cols
+    mask = row_in[:, None] & col_in[None, :]
+    out_ptrs = ds_ptr + local[:, None] * stride_ds + cols[None, :]
+    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
+    col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+    if GROUPED:
+        visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
+                               tl.program_id(1) * BLOCK_N + BLOCK_N > n_grad_cols, GROUPED)
+    else:
+        visit = True
+    # The splits' statistics, combined into the row log-sum-exp (each program does it
+    # for its rows: n_splits values per row, nothing next to a tile).
+    lse_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
+    for split in range(0, n_splits):
+        lse_max = tl.maximum(lse_max, tl.load(part_max_ptr + split * stride_part + local, mask=row_in,
+                                              other=float("-inf")))
+    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    target_logit = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    for split in range(0, n_splits):
+        at = split * stride_part + local
+        part_max = tl.load(part_max_ptr + at, mask=row_in, other=float("-inf"))
+        part_sum = tl.load(part_sum_ptr + at, mask=row_in, other=0.0)
+        total += tl.where(part_max == float("-inf"), 0.0, part_sum * tl.exp(part_max - shift))
+        target_logit += tl.load(part_target_ptr + at, mask=row_in, other=0.0)
+    lse = tl.where(row_in, shift + tl.log(tl.where(row_in, total, 1.0)), 0.0)
+    if tl.program_id(1) == 0:
+        tl.store(loss_ptr + rows, lse - target_logit, mask=row_in)
+    if visit:
+        inv_tau = tl.load(params_ptr)
+        weight = tl.load(params_ptr + 3)
+        targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
+        logits = tl.load(w_ptr + local[:, None] * stride_w + cols[None, :], mask=mask, other=float("-inf"))
+        probs = tl.exp(logits - lse[:, None])
+        ds = weight * tl.where(cols[None, :] == targets[:, None], probs - 1.0, probs) * inv_tau
+        if NORMALIZED:
+            ds = ds * load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)[:, None]
+            ds = ds * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
+        tl.store(out_ptrs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+    else:
+        # No common group: zero gradient (the workspace is reused between chunks).
+        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=ds_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _one_pass_rows_kernel(
+    grad_ptr,  # rows of a gradient (accumulator dtype), corrected in place
+    x_ptr,  # the matching input rows
+    norm_ptr,  # their L2 norms (NORMALIZED only)
+    params_ptr,
+    dot_ptr,  # WRITE_DOT: the temperature's row sums, x_i . g_i * tau
+    n_rows,
+    dim,
+    stride_grad,
+    stride_x,
+    eps,
+    NORMALIZED: tl.constexpr,
+    WRITE_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per row: dot = x_i . g_i; the temperature's row sum dot * tau; with
+    normalization, g_i -= dot proj_i x_i (F.normalize's rank-1 term)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < n_rows
+    inv_tau = tl.load(params_ptr)
+    dot = tl.zeros((BLOCK_R,), dtype=inv_tau.dtype)
+    for d0 in range(0, dim, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        mask = row_in[:, None] & (dd[None, :] < dim)
+        grad = tl.load(grad_ptr + rows[:, None] * stride_grad + dd[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=mask, other=0.0).to(grad.dtype)
+        dot += tl.sum(grad * x, 1).to(inv_tau.dtype)
+    if WRITE_DOT:
+        tl.store(dot_ptr + rows, dot / inv_tau, mask=row_in)
+    if NORMALIZED:
+        coef = dot * load_projections(norm_ptr, rows, n_rows, eps)
+        for d0 in range(0, dim, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            mask = row_in[:, None] & (dd[None, :] < dim)
+            grad_ptrs = grad_ptr + rows[:, None] * stride_grad + dd[None, :]
+            grad = tl.load(grad_ptrs, mask=mask, other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=mask, other=0.0).to(grad.dtype)
+            tl.store(grad_ptrs, grad - coef[:, None].to(grad.dtype) * x, mask=mask)
+
+
+#: Block shapes of the two kernels without tl.dot. The gradient kernel streams W: 16 x 128
+#: tiles on 4 warps take 48 registers on sm_90a with every option off, 157 with all on
+#: (64 x 128 on 8 warps took 128 and 255: one block per SM in a bandwidth-bound pass);
+#: the row kernel as _project_rows_kernel (8 x 128 on 4 warps).
+GRADS_BLOCKS = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4)
+ROWS_BLOCKS = dict(BLOCK_R=8, BLOCK_D=128, num_warps=4)
+_INTERPRETER_GRADS_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)
+_INTERPRETER_ROWS_BLOCKS = dict(BLOCK_R=4, BLOCK_D=16, num_warps=1)
+
+
+def one_pass_config(kernel: str, dtype: torch.dtype, dim: int):
+    """The launch configuration of a one-pass kernel on the GPU, as compile_report
+    reports it (the logits kernel takes the forward's)."""
+    from .configs import KernelConfig
+
+    if kernel == "one_pass_logits":
+        return kernel_config("forward", dtype, dim)
+    if kernel == "one_pass_grads":
+        return KernelConfig(GRADS_BLOCKS["BLOCK_M"], GRADS_BLOCKS["BLOCK_N"], 0, 0, GRADS_BLOCKS["num_warps"], 3)
+    if kernel == "one_pass_rows":
+        return KernelConfig(ROWS_BLOCKS["BLOCK_R"], 0, ROWS_BLOCKS["BLOCK_D"], 0, ROWS_BLOCKS["num_warps"], 3)
+    raise ValueError(f"unknown one-pass kernel {kernel!r}")
+
+
+def one_pass_signature(kernel: str, t: str, acc: str, flags: dict, sig: dict, sizes: dict, segments: dict,
+                       blocks: dict):
+    """(kernel, signature, constexpr flags, block constexprs) of a one-pass kernel for
+    fastcl.ops.compile_report: ``t`` / ``acc`` the Triton names of the input and
+    accumulator dtypes, the other arguments the report's common pieces."""
+    if kernel == "one_pass_logits":
+        sig = dict(sig, w_ptr=f"*{acc}", part_max_ptr=f"*{acc}", part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}",
+                   row0="i32", n_chunk_rows="i32", **sizes, stride_w="i32", split_cols="i32", stride_part="i32",
+                   **segments)
+        sig.pop("lse_ptr", None)
+        return _one_pass_logits_kernel, sig, flags, blocks
+    grads_flags = {k: flags[k] for k in ("HAS_TARGETS", "GROUPED", "NORMALIZED", "ACC_FP64")}
+    if kernel == "one_pass_grads":
+        sig = dict(params_ptr=f"*{acc}", targets_ptr="*i64", row_groups_ptr="*i64", key_groups_ptr="*i64",
+                   q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}", w_ptr=f"*{acc}", part_max_ptr=f"*{acc}",
+                   part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}", ds_ptr=f"*{t}", loss_ptr=f"*{acc}",
+                   row0="i32", n_chunk_rows="i32", n_rows="i32", n_cols="i32", n_grad_cols="i32", n_splits="i32",
+                   stride_part="i32", stride_w="i32", stride_ds="i32", eps="fp32")
+        return _one_pass_grads_kernel, sig, grads_flags, dict(BLOCK_M=GRADS_BLOCKS["BLOCK_M"],
+                                                              BLOCK_N=GRADS_BLOCKS["BLOCK_N"])
+    if kernel == "one_pass_rows":
+        sig = dict(grad_ptr=f"*{acc}", x_ptr=f"*{t}", norm_ptr=f"*{acc}", params_ptr=f"*{acc}", dot_ptr=f"*{acc}",
+                   n_rows="i32", dim="i32", stride_grad="i32", stride_x="i32", eps="fp32")
+        return _one_pass_rows_kernel, sig, dict(NORMALIZED=flags["NORMALIZED"], WRITE_DOT=True), dict(
+            BLOCK_R=ROWS_BLOCKS["BLOCK_R"], BLOCK_D=ROWS_BLOCKS["BLOCK_D"])
+    raise ValueError(f"unknown one-pass kernel {kernel!r}")
+
+
+def one_pass_rows(n_rows: int, n_cols: int, element_size: int, acc_size: int, chunk_rows: int = 0) -> int:
+    """Rows per chunk: ``chunk_rows`` if given, else as many as keep the chunk's W
+    (accumulator dtype) and dS (input dtype) within ``FASTCL_WORKSPACE_BYTES``."""
+    if chunk_rows > 0:
+        return max(1, min(n_rows, chunk_rows))
+    cap = int(os.environ.get("FASTCL_WORKSPACE_BYTES", DEFAULT_WORKSPACE_BYTES))
+    return max(1, min(n_rows, cap // max(n_cols * (element_size + acc_size), 1)))
+
+
+def _column_splits(row_blocks: int, n_cols: int, block_n: int, device: torch.device) -> int:
+    """Column splits of the logits kernel: enough programs for every SM (4 per SM), or
+    3 under the interpreter, so that tests cross split boundaries."""
+    tiles = triton.cdiv(n_cols, block_n)
+    if device.type == "cuda":
+        wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        wanted = 3 * row_blocks
+    return max(1, min(tiles, triton.cdiv(wanted, row_blocks)))
+
+
+def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out = a @ b (accumulate: out += a @ b), ``out`` in the accumulator dtype: 16-bit
+    operands accumulate in fp32 inside the product (cuBLAS's out_dtype), with no
+    temporary; same-dtype products are plain."""
+    if a.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif a.is_cuda:
+        torch.addmm(out, a, b, out_dtype=out.dtype, beta=1 if accumulate else 0, out=out)
+    else:  # the interpreter's CPU tensors: no 16-bit product with an fp32 result there
+        product = a.to(out.dtype) @ b.to(out.dtype)
+        if accumulate:
+            out.add_(product)
+        else:
+            out.copy_(product)
+
+
+def infonce_forward_grad(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    params: torch.Tensor,
+    targets: torch.Tensor | None,
+    layout: ColumnLayout,
+    row_weight: float,
+    need_dq: bool = True,
+    need_dk: bool = True,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    normalize_eps: float | None = None,
+    chunk_rows: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss_rows, dq, dk, row_dot)`` of ``torch.ops.fastcl.infonce_fwd_grad`` on CUDA
+    (or interpreted): the per-row losses, and the gradients and temperature row sums for
+    every row's incoming gradient ``row_weight``, all in the accumulator dtype. A
+    gradient not asked for is an empty tensor. Arguments as
+    :func:`fastcl.ops.infonce_fwd.infonce_forward`; ``chunk_rows`` as :func:`one_pass_rows`.
+    """
+    n_rows, dim = q.shape
+    n_cols, n_grad = layout.n_cols, layout.n_grad_cols
+    check_rows_contiguous(q, k)
+    acc = accumulator_dtype(q.dtype)
+    device = q.device
+    loss_rows = torch.empty(n_rows, dtype=acc, device=device)
+    want_dk = need_dk and n_grad > 0
+    dq = torch.empty((n_rows, dim), dtype=acc, device=device) if need_dq else q.new_empty((0, dim), dtype=acc)
+    dk = torch.zeros((n_grad, dim), dtype=acc, device=device) if want_dk else q.new_empty((0, dim), dtype=acc)
+    row_dot = torch.empty(n_rows if need_dq else 0, dtype=acc, device=device)
+    if n_rows == 0:
+        return loss_rows, dq, dk, row_dot
+    # The row weight travels with the other scalars, in the accumulator dtype (a Python
+    # float would be fp32 on the GPU).
+    params4 = torch.cat([params.to(acc).reshape(3), torch.full((1,), row_weight, dtype=acc, device=device)])
+    chunk = one_pass_rows(n_rows, n_cols, q.element_size(), torch.finfo(acc).bits // 8, chunk_rows)
+    workspace = torch.empty((chunk, n_cols), dtype=acc, device=device)
+    ds_buffer = torch.empty((chunk, n_cols), dtype=q.dtype, device=device)
+    normalized = normalize_eps is not None
+    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (loss_rows, loss_rows)
+    row_groups, key_groups = groups if groups is not None else (loss_rows, loss_rows)
+    targets_arg = targets if targets is not None else loss_rows
+    eps = normalize_eps if normalized else 0.0
+    cfg = kernel_config("forward", q.dtype, dim, device)
+    grads_blocks = _INTERPRETER_GRADS_BLOCKS if interpreting() else GRADS_BLOCKS
+    row_blocks = triton.cdiv(chunk, cfg.BLOCK_M)
+    n_splits = _column_splits(row_blocks, n_cols, cfg.BLOCK_N, device)
+    split_cols = triton.cdiv(triton.cdiv(n_cols, n_splits), cfg.BLOCK_N) * cfg.BLOCK_N
+    n_splits = triton.cdiv(n_cols, split_cols)
+    partials = torch.empty((3, n_splits, chunk), dtype=acc, device=device)
+    flags = dict(HAS_TARGETS=targets is not None, GROUPED=groups is not None, NORMALIZED=normalized,
+                 ACC_FP64=acc == torch.float64)
+    for row0 in range(0, n_rows, chunk):
+        rows = min(chunk, n_rows - row0)
+        part = partials
+        _one_pass_logits_kernel[(triton.cdiv(rows, cfg.BLOCK_M), n_splits)](
+            q, k, params4, targets_arg, row_groups, key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2],
+            row0, rows, n_rows, n_cols, n_grad, dim, q.stride(0), k.stride(0), workspace.stride(0), split_cols, chunk,
+            layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self, eps,
+            HARD_WEIGHTED=layout.hard_weighted, GAUSS_WEIGHTED=layout.gauss_weighted, EXCLUDE_SELF=layout.n_self > 0,
+            PRECISION=dot_precision(q.dtype), UPCAST=upcast_for_interpreter(q.dtype),
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **flags)
+        ds = ds_buffer[:rows]
+        grid = (triton.cdiv(rows, grads_blocks["BLOCK_M"]), triton.cdiv(n_cols, grads_blocks["BLOCK_N"]))
+        _one_pass_grads_kernel[grid](
+            params4, targets_arg, row_groups, key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2], ds,
+            loss_rows, row0, rows, n_rows, n_cols, n_grad, n_splits, chunk, workspace.stride(0), ds.stride(0), eps,
+            **flags, **grads_blocks)
+        if need_dq:
+            _product_into(dq[row0:row0 + rows], ds, k, accumulate=False)
+        if want_dk:
+            _product_into(dk, ds[:, :n_grad].T, q[row0:row0 + rows], accumulate=True)
+    rows_blocks = _INTERPRETER_ROWS_BLOCKS if interpreting() else ROWS_BLOCKS
+    if need_dq:
+        _one_pass_rows_kernel[(triton.cdiv(n_rows, rows_blocks["BLOCK_R"]),)](
+            dq, q, q_norm, params4, row_dot, n_rows, dim, dq.stride(0), q.stride(0), eps, NORMALIZED=normalized,
+            WRITE_DOT=True, **rows_blocks)
+    if want_dk and normalized:
+        _one_pass_rows_kernel[(triton.cdiv(n_grad, rows_blocks["BLOCK_R"]),)](
+            dk, k, k_norm, params4, row_dot, n_grad, dim, dk.stride(0), k.stride(0), eps, NORMALIZED=True,
+            WRITE_DOT=False, **rows_blocks)
+    return loss_rows, dq, dk, row_dot

@@ -1,0 +1,619 @@
+"""The one pass for reduced losses (fastcl/ops/one_pass.py): the native operator and the
+Triton kernels against the float64 reference for every option at ragged sizes,
+gradcheck, the rule that picks the path, retain_graph and repeated backward, the
+recomputing path where the one pass does not apply, memory, opcheck and torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from fastcl import info_nce, native, nt_xent, nt_xent_reference
+from fastcl.ops import one_pass
+from fastcl.ops.layout import ColumnLayout
+from fastcl.ops.one_pass import MIN_ROWS, OnePassFunction, cpu_blocks, plan_one_pass
+
+from .helpers import NATIVE, Case, relative_error, run_both
+from .test_memory import _peak_cpu_bytes
+
+REQUIRED = os.environ.get("FASTCL_REQUIRE_NATIVE") == "1"
+needs_native = pytest.mark.skipif(not native.available() and not REQUIRED,
+                                  reason=f"native extension unavailable: {native.status().reason}")
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="Triton's interpreter (on a GPU these run compiled in test_at_scale)")
+
+
+@pytest.fixture
+def count_paths(monkeypatch):
+    """Counts the calls that took the one pass and those that took the recomputing path."""
+    from fastcl.ops.infonce import InfoNCEFunction
+
+    counts = {"one_pass": 0, "recompute": 0}
+    one_pass_apply, recompute_apply = OnePassFunction.apply, InfoNCEFunction.apply
+
+    def counted(name, apply):
+        def run(*args):
+            counts[name] += 1
+            return apply(*args)
+
+        return run
+
+    monkeypatch.setattr(OnePassFunction, "apply", counted("one_pass", one_pass_apply))
+    monkeypatch.setattr(InfoNCEFunction, "apply", counted("recompute", recompute_apply))
+    return counts
+
+
+def _assert_close(ours, ref, tol, what=""):
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        err = relative_error(ours[name], ref[name])
+        assert err <= tol, f"{what} {name}: relative error {err:.3g} > {tol:g}"
+
+
+# ---------------------------------------------------------------- against the reference
+
+# Every option of the column layout on reduced losses, ragged against every block size.
+CASES = {
+    "plain": Case(n=37, d=24),
+    "everything": Case(n=41, d=19, hard=True, hard_weight=2.0, n_extra=7, gaussian=5, gaussian_weight=0.5,
+                       labels=True, learnable_tau=True),
+    "symmetric_sum": Case(n=33, d=20, symmetric=True, hard=True, hard_weight=0.7, n_extra=3, learnable_tau=True,
+                          reduction="sum"),
+    "unnormalized": Case(n=31, d=9, normalize=False, temperature=3.0, hard=True, hard_weight=3.0, labels=True),
+    "extra_only_tau": Case(n=29, d=16, n_extra=40, temperature=0.2, learnable_tau=True),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("tiles", [None, (5, 7), (16, 64)], ids=["default", "tiles5x7", "tiles16x64"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_native_matches_reference(name, tiles, monkeypatch, count_paths):
+    if tiles is not None:
+        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
+        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
+    ours, ref = run_both(CASES[name], "native", "cpu")
+    _assert_close(ours, ref, 1e-10, name)
+    assert count_paths["one_pass"] > 0 and count_paths["recompute"] == 0
+
+
+@needs_native
+@pytest.mark.parametrize("products", ["aten", "onednn"])
+def test_native_real_size_fp32_matches_reference(products):
+    # fp32 at a size with many chunks and tiles, with each library's block products
+    # (the choice is made once per process: a fresh process per library).
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from tests.helpers import Case, run_both, relative_error\n"
+        "ours, ref = run_both(Case(n=1500, d=200, hard=True, hard_weight=1.5, n_extra=77, labels=True,"
+        " learnable_tau=True), 'native', 'cpu', dtype=torch.float32)\n"
+        "print(max(relative_error(ours[k], ref[k]) for k in ref))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTCL_CPU_PRODUCTS=products, PYTHONPATH=root)
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split()[-1]) < 1e-5
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_native_half_inputs(dtype):
+    case = CASES["everything"].but(n=200, d=40)
+    ours, ref = run_both(case, "native", "cpu", dtype=dtype)
+    _assert_close(ours, ref, 2e-2, str(dtype))
+    for name in ("anchors", "positives", "hard_negatives"):
+        assert ours[name].dtype == dtype, "gradients keep the input dtype"
+    assert ours["loss"].dtype == torch.float32
+
+
+@needs_interpreter
+@pytest.mark.parametrize("workspace_rows", [0, 8], ids=["one_chunk", "chunks_of_8"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_matches_reference(name, workspace_rows, monkeypatch, count_paths):
+    case = CASES[name]
+    if workspace_rows:  # several chunks: W and dS of 8 rows (fp64: 16 bytes a logit)
+        monkeypatch.setenv("FASTCL_WORKSPACE_BYTES", str(workspace_rows * 16 * (case.n_cols + case.gaussian)))
+    ours, ref = run_both(case, "triton", "cpu")
+    _assert_close(ours, ref, 1e-10, name)
+    assert count_paths["one_pass"] > 0 and count_paths["recompute"] == 0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_other_dtypes(dtype):
+    ours, ref = run_both(CASES["everything"], "triton", "cpu", dtype=dtype)
+    _assert_close(ours, ref, 1e-5 if dtype == torch.float32 else 2e-2, str(dtype))
+    assert ours["anchors"].dtype == dtype
+
+
+def _loss_and_grads(fn, leaves):
+    leaves = [x.clone().requires_grad_() for x in leaves]
+    loss = fn(*leaves)
+    return [loss.detach()] + list(torch.autograd.grad(loss, leaves))
+
+
+BACKENDS = [NATIVE, pytest.param("triton", marks=needs_interpreter)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_groups_and_nt_xent(backend, monkeypatch, count_paths):
+    # Masked columns: other groups' keys (blocks without a common group skipped) and
+    # NT-Xent's self column. On Triton the rule keeps groups on the slab path; forced here.
+    monkeypatch.setenv("FASTCL_BACKWARD", "one_pass")
+    if backend == "native":
+        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "16")
+        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "16")
+    g = torch.Generator().manual_seed(5)
+    n, d = 67, 12
+    a, p, h = (torch.randn(n, d, dtype=torch.float64, generator=g) for _ in range(3))
+    queue = torch.randn(9, d, dtype=torch.float64, generator=g)
+    groups = torch.repeat_interleave(torch.arange(n), torch.randint(1, 9, (n,), generator=g))[:n]
+    options = dict(hard_negative_weight=2.0, temperature=0.1, groups=groups, symmetric=True)
+    ours = _loss_and_grads(lambda *x: info_nce(*x, queue, backend=backend, **options), [a, p, h])
+    ref = _loss_and_grads(lambda *x: info_nce(*x, queue, backend="reference", **options), [a, p, h])
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-10
+    ours = _loss_and_grads(lambda x, y: nt_xent(x, y, temperature=0.2, backend=backend), [a, p])
+    ref = _loss_and_grads(lambda x, y: nt_xent_reference(x, y, temperature=0.2), [a, p])
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-10
+    assert count_paths["one_pass"] == 3 and count_paths["recompute"] == 0
+
+
+@needs_native
+def test_native_skips_blocks_without_a_common_group(monkeypatch):
+    # Sorted groups of 8 rows, 8 x 8 blocks: only the diagonal blocks hold candidates. A
+    # planted NaN in a row of another group must not reach a skipped block's gradient.
+    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "8")
+    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "8")
+    n, d = 64, 6
+    a, p = (torch.randn(n, d, dtype=torch.float64) for _ in range(2))
+    groups = torch.arange(n) // 8
+    ours = _loss_and_grads(lambda x, y: info_nce(x, y, groups=groups, backend="native"), [a, p])
+    ref = _loss_and_grads(lambda x, y: info_nce(x, y, groups=groups, backend="reference"), [a, p])
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-12
+
+
+# ------------------------------------------------------------------------ gradcheck
+
+GRAD_N, GRAD_D = 13, 3
+
+
+def _gradcheck(backend, options, hard=False, learnable_tau=False, n=GRAD_N):
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(rows):
+        return torch.randn(rows, GRAD_D, dtype=torch.float64, generator=g).requires_grad_()
+
+    inputs = [leaf(n), leaf(n)] + ([leaf(n)] if hard else [])
+    if learnable_tau:
+        inputs.append(torch.tensor(0.4, dtype=torch.float64, requires_grad=True))
+    queue = torch.randn(4, GRAD_D, dtype=torch.float64, generator=g)
+
+    def loss(*args):
+        h = args[2] if hard else None
+        tau = args[-1] if learnable_tau else 0.4
+        return info_nce(args[0], args[1], h, queue, temperature=tau, backend=backend,
+                        generator=torch.Generator().manual_seed(0), **options)
+
+    assert gradcheck(loss, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)
+
+
+GRAD_CASES = {
+    "hard_tau_gauss": (dict(hard_negative_weight=2.0, gaussian_negatives=3, gaussian_weight=0.5), True, True),
+    "symmetric_sum": (dict(symmetric=True, reduction="sum"), False, True),
+    "clamped_norms": (dict(eps=1.5, hard_negative_weight=0.5), True, False),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("tiles", [None, (4, 5)], ids=["one_block", "many_blocks"])
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradcheck_native(name, tiles, monkeypatch):
+    if tiles is not None:
+        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
+        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
+    _gradcheck("native", *GRAD_CASES[name])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradcheck_triton(name):
+    _gradcheck("triton", *GRAD_CASES[name], n=6)  # interpreted: a few seconds a case
+
+
+# ------------------------------------------------------------------------- the rule
+
+
+def _plan(**changes):
+    args = dict(reduction="mean", needs_grad=True, backend="native", device=torch.device("cpu"), n_rows=4096,
+                n_cols=4096, n_grad_cols=4096, dim=768, dtype=torch.float32, grouped=False, threads=2)
+    args.update(changes)
+    return plan_one_pass(**args)
+
+
+def test_rule_takes_the_one_pass_for_reduced_losses_with_gradients(monkeypatch):
+    for name in ("FASTCL_BACKWARD", "FASTCL_CPU_TILE_ROWS", "FASTCL_CPU_TILE_COLS"):
+        monkeypatch.delenv(name, raising=False)
+    assert _plan() == (True, 256, 512, _plan().reason)
+    assert _plan(reduction="sum").one_pass
+    assert _plan(backend="triton", device=torch.device("cpu")).one_pass
+    # Where it does not apply: per-row losses, no gradient, the chunked PyTorch path.
+    assert not _plan(reduction="none").one_pass
+    assert not _plan(needs_grad=False).one_pass
+    assert not _plan(backend="torch").one_pass
+    assert not _plan(backend="reference").one_pass
+    # On CUDA, groups stay on the slab backward unless forced.
+    assert not _plan(backend="triton", device=torch.device("cuda"), grouped=True).one_pass
+    monkeypatch.setenv("FASTCL_BACKWARD", "one_pass")
+    assert _plan(backend="triton", device=torch.device("cuda"), grouped=True).one_pass
+    assert not _plan(reduction="none").one_pass  # forcing never applies it where it cannot
+    monkeypatch.setenv("FASTCL_BACKWARD", "slab")
+    assert not _plan().one_pass
+    monkeypatch.setenv("FASTCL_BACKWARD", "workspace")
+    assert not _plan(backend="triton").one_pass
+
+
+def test_rule_bounds_the_strips_by_the_gradients(monkeypatch):
+    monkeypatch.delenv("FASTCL_CPU_TILE_ROWS", raising=False)
+    monkeypatch.delenv("FASTCL_CPU_TILE_COLS", raising=False)
+    # At least one chunk per thread, at most 256 rows.
+    assert cpu_blocks(300, 300, 300, 768, 2, False) == (150, 512)
+    assert cpu_blocks(4096, 4096, 4096, 768, 1, False) == (256, 512)
+    for n, m, d, threads in [(2048, 2048, 16, 2), (8192, 8192, 16, 2), (4096, 12288, 64, 4), (1000, 1000, 128, 1),
+                             (65536, 65536, 768, 2)]:
+        rows, _ = cpu_blocks(n, m, n, d, threads, False)
+        strips = threads * rows * (m + d)
+        assert strips <= max(threads * one_pass.STRIP_FLOOR, (n + n) * d), (n, m, d, threads, rows)
+    # Groups: small blocks, strips of the visited tiles only.
+    assert cpu_blocks(10000, 10000, 10000, 64, 2, True) == (64, 64)
+    # Too few rows within the budget: the recomputing path.
+    monkeypatch.delenv("FASTCL_BACKWARD", raising=False)
+    huge = _plan(n_rows=4096, n_cols=1 << 24, n_grad_cols=4096, dim=16)
+    assert not huge.one_pass and "recompute" in huge.reason
+    assert cpu_blocks(4096, 1 << 24, 4096, 16, 2, False)[0] < MIN_ROWS
+    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "7")
+    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "9")
+    assert cpu_blocks(4096, 4096, 4096, 768, 2, False) == (7, 9)
+    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "zero")
+    with pytest.raises(ValueError, match="FASTCL_CPU_TILE_ROWS"):
+        cpu_blocks(4096, 4096, 4096, 768, 2, False)
+
+
+def test_tiny_cpu_batches_take_the_native_kernel(monkeypatch):
+    # Below TINY_LOGITS the dense reference was the CPU's choice; the native kernel is
+    # faster at every size there (one call, no N x M tensors).
+    from fastcl.loss import TINY_LOGITS, _choose_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    expected = "native" if native.available() else "reference"
+    assert _choose_backend("auto", torch.device("cpu"), 16) == expected
+    assert _choose_backend("auto", torch.device("cpu"), TINY_LOGITS) == expected
+    assert _choose_backend("auto", torch.device("cuda"), TINY_LOGITS) == "reference"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_calls_without_a_reduced_gradient_take_the_recomputing_path(backend, count_paths):
+    a, p = (torch.randn(40, 8, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        no_grad = info_nce(a.requires_grad_(), p, backend=backend)
+    assert count_paths == {"one_pass": 0, "recompute": 1}
+    constants = info_nce(a.detach(), p, backend=backend)
+    assert count_paths == {"one_pass": 0, "recompute": 2}
+    rows = info_nce(a, p, backend=backend, reduction="none")
+    assert count_paths == {"one_pass": 0, "recompute": 3}
+    reduced = info_nce(a, p, backend=backend)
+    assert count_paths == {"one_pass": 1, "recompute": 3}
+    for value in (no_grad, constants, rows.mean()):
+        assert relative_error(value, reduced.detach()) < 1e-12
+
+
+# ---------------------------------------------------- backward: scaling, retain_graph
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_scales_and_keeps_saved_gradients_for_retained_graphs(backend):
+    g = torch.Generator().manual_seed(2)
+    a, p, h = (torch.randn(45, 10, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    leaves = [a, p, h, tau]
+    ref = torch.autograd.grad(info_nce(a, p, h, temperature=tau, backend="reference"), leaves)
+
+    # An incoming gradient other than 1 scales every gradient, temperature included.
+    loss = info_nce(a, p, h, temperature=tau, backend=backend)
+    for got, want in zip(torch.autograd.grad(loss * 3.0, leaves), ref):
+        assert relative_error(got, 3.0 * want) < 1e-12
+
+    # Retained: every backward sees the same saved gradients, even when a caller changes
+    # what an earlier backward returned.
+    loss = info_nce(a, p, h, temperature=tau, backend=backend)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    for x in first:
+        x.mul_(-7.0)
+    second = torch.autograd.grad(loss, leaves, retain_graph=True)
+    third = torch.autograd.grad(loss * 0.5, leaves)
+    for got2, got3, want in zip(second, third, ref):
+        assert relative_error(got2, want) < 1e-12 and relative_error(got3, 0.5 * want) < 1e-12
+
+    # .backward() twice accumulates into .grad.
+    loss = info_nce(a, p, h, temperature=tau, backend=backend)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for x, want in zip(leaves, ref):
+        assert relative_error(x.grad, 2 * want) < 1e-12
+    with pytest.raises(RuntimeError):  # the graph is freed: as for any autograd graph
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_gradients_asked_for(backend):
+    a = torch.randn(30, 6, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(30, 6, dtype=torch.float64)
+    ref = torch.autograd.grad(info_nce(a, p, backend="reference"), [a])[0]
+    (got,) = torch.autograd.grad(info_nce(a, p, backend=backend), [a])
+    assert relative_error(got, ref) < 1e-12
+    b = torch.randn(30, 6, dtype=torch.float64)
+    q = p.clone().requires_grad_()
+    ref = torch.autograd.grad(info_nce(b, q, backend="reference", symmetric=True), [q])[0]
+    (got,) = torch.autograd.grad(info_nce(b, q, backend=backend, symmetric=True), [q])
+    assert relative_error(got, ref) < 1e-12
+    # No second-order gradients: an error, as for the recomputing path.
+    loss = info_nce(a, p, backend=backend)
+    (g,) = torch.autograd.grad(loss, [a], create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        g.sum().backward()
+
+
+@needs_native
+def test_native_is_deterministic_across_runs_and_thread_counts(monkeypatch):
+    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "32")
+    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "96")
+    a, p, h = (torch.randn(600, 48) for _ in range(3))
+
+    def grads():
+        leaves = [x.clone().requires_grad_() for x in (a, p, h)]
+        info_nce(*leaves, hard_negative_weight=2.0, backend="native").backward()
+        return [x.grad for x in leaves]
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = grads(), grads()
+        torch.set_num_threads(1)
+        single = grads()
+    finally:
+        torch.set_num_threads(previous)
+    for x, y, z in zip(first, second, single):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@needs_native
+@pytest.mark.parametrize("n, d", [(2048, 16), (1024, 128), (512, 768)])
+def test_native_memory_stays_within_twice_the_recomputing_path(n, d, monkeypatch):
+    monkeypatch.delenv("FASTCL_CPU_TILE_ROWS", raising=False)
+    monkeypatch.delenv("FASTCL_CPU_TILE_COLS", raising=False)
+    a, p, h = (torch.randn(n, d, requires_grad=True) for _ in range(3))
+
+    def step():
+        info_nce(a, p, h, backend="native").backward()
+        for x in (a, p, h):
+            x.grad = None
+
+    monkeypatch.setenv("FASTCL_BACKWARD", "one_pass")
+    ours = _peak_cpu_bytes(step)
+    monkeypatch.setenv("FASTCL_BACKWARD", "slab")
+    recompute = _peak_cpu_bytes(step)
+    gradients = 3 * n * d * 4
+    assert ours <= 2 * recompute, f"one pass {ours} bytes, recomputing path {recompute}"
+    logits = n * 2 * n * 4
+    assert ours < max(logits // 4, 4 * gradients), f"one pass {ours} bytes next to N x M = {logits}"
+
+
+@needs_interpreter
+def test_triton_workspace_stays_within_its_cap(monkeypatch):
+    from fastcl.ops.infonce_one_pass import one_pass_rows
+
+    monkeypatch.setenv("FASTCL_WORKSPACE_BYTES", str(1 << 20))
+    rows = one_pass_rows(65536, 65536, 2, 4)
+    assert rows * 65536 * 6 <= 1 << 20 and rows >= 1
+    assert one_pass_rows(100, 50, 4, 4) == 100
+    assert one_pass_rows(100, 50, 4, 4, chunk_rows=7) == 7
+
+
+# ------------------------------------------------------------ the operator: opcheck
+
+
+def _op_inputs(dtype, hard, gaussian, targets, exclude_self=False, grouped=False, n=23, d=10):
+    g = torch.Generator().manual_seed(1)
+    n_hard, n_extra, n_gauss = (n if hard else 0), 5, (4 if gaussian else 0)
+    n_cols = n + n_hard + n_extra + n_gauss
+    q = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(n_cols, d, generator=g, dtype=torch.float64).to(dtype)
+    layout = ColumnLayout(n_cols=n_cols, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard,
+                          gauss_start=n + n_hard + n_extra, log_hard_weight=0.4 if hard else 0.0,
+                          log_gauss_weight=-0.2 if gaussian else 0.0, n_self=n if exclude_self else 0)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    params = torch.tensor([2.5, layout.log_hard_weight, layout.log_gauss_weight], dtype=acc)
+    tgt = torch.randint(-1, n_cols, (n,), generator=g) if targets else None
+    if exclude_self and tgt is None:  # a row's own column is masked: target the next row
+        tgt = (torch.arange(n) + 1) % n
+    groups = None
+    if grouped:
+        row_groups = torch.randint(0, 3, (n,), generator=g)
+        groups = (row_groups, torch.cat([row_groups, row_groups]) if hard else row_groups)
+        tgt = torch.arange(n)
+    return q, k, params, tgt, layout, groups
+
+
+OPCHECK_VARIANTS = {
+    "plain_fp32": (torch.float32, False, False, False),
+    "everything_fp64": (torch.float64, True, True, True),
+    "hard_targets_bf16": (torch.bfloat16, True, False, True),
+    "gauss_fp16": (torch.float16, False, True, False),
+    "self_excluded_fp64": (torch.float64, False, False, False, True),
+    "groups_hard_fp32": (torch.float32, True, True, False, False, True),
+}
+
+
+def _op_args(q, k, params, tgt, layout, groups, need_dq=True, need_dk=True, weight=0.25, blocks=(0, 0)):
+    return (q, k, params, tgt, *layout, *(groups if groups is not None else (None, None)), weight, need_dq, need_dk,
+            *blocks)
+
+
+@needs_native
+@pytest.mark.parametrize("normalize_eps", [None, 1e-12], ids=["raw", "fused_normalize"])
+@pytest.mark.parametrize("need_dq, need_dk", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
+def test_opcheck(variant, need_dq, need_dk, normalize_eps):
+    inputs = _op_inputs(*OPCHECK_VARIANTS[variant])
+    torch.library.opcheck(torch.ops.fastcl.infonce_fwd_grad.default,
+                          (*_op_args(*inputs, need_dq, need_dk, blocks=(7, 9)), normalize_eps))
+
+
+@needs_native
+@pytest.mark.parametrize("normalize_eps", [None, 0.5])
+@pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
+def test_operator_equals_forward_then_backward(variant, normalize_eps):
+    # The one-pass operator returns what the two recomputing operators return for
+    # grad_rows = row_weight: the per-row losses, dq, dk and the temperature's row sums.
+    q, k, params, tgt, layout, groups = _op_inputs(*OPCHECK_VARIANTS[variant], n=57)
+    loss_rows, dq, dk, row_dot = native.operator_forward_grad(q, k, params, tgt, layout, 0.25, groups=groups,
+                                                              normalize_eps=normalize_eps, block_rows=8,
+                                                              block_cols=11)
+    lse, target_logit = native.operator_forward(q, k, params, tgt, layout, groups=groups, normalize_eps=normalize_eps)
+    grad_rows = torch.full_like(lse, 0.25)
+    dq_ref, dk_ref, row_dot_ref = native.operator_backward(q, k, params, tgt, layout, lse, grad_rows, groups=groups,
+                                                           normalize_eps=normalize_eps)
+    acc = lse.dtype
+    assert loss_rows.dtype == dq.dtype == dk.dtype == row_dot.dtype == acc
+    tol = 1e-12 if acc == torch.float64 else 1e-5
+    assert relative_error(loss_rows, lse - target_logit) < tol
+    for got, want in ((dq, dq_ref), (dk, dk_ref), (row_dot, row_dot_ref)):
+        assert relative_error(got, want.to(acc)) < (tol if q.dtype in (torch.float32, torch.float64) else 1e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("mutation, message", [
+    (dict(weight=float("inf")), "row_weight must be finite"),
+    (dict(blocks=(-1, 0)), "block_rows and block_cols must be >= 0"),
+])
+def test_operator_rejects_bad_arguments(mutation, message):
+    inputs = _op_inputs(torch.float32, False, False, False)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastcl.infonce_fwd_grad(*_op_args(*inputs, **mutation))
+
+
+@needs_native
+def test_operators_accept_an_empty_hard_segment_past_the_columns():
+    # fastcl.distributed's gathered loss on rank 1 without hard negatives: hard_start =
+    # N_global + offset lies past the N_global columns, and n_hard is 0. The operators
+    # rejected it ("hard-negative columns [24, 24) fall outside the 16 columns").
+    q, _, params, _, _, _ = _op_inputs(torch.float64, False, False, False, n=8)
+    k = torch.randn(16, q.shape[1], dtype=torch.float64)
+    layout = ColumnLayout(n_cols=16, n_grad_cols=16, hard_start=24, n_hard=0, gauss_start=16)
+    targets = torch.arange(8, 16)
+    lse, target_logit = native.operator_forward(q, k, params, targets, layout)
+    loss_rows, dq, dk, _ = native.operator_forward_grad(q, k, params, targets, layout, 0.5)
+    assert relative_error(loss_rows, lse - target_logit) < 1e-12
+    dq_ref, dk_ref, _ = native.operator_backward(q, k, params, targets, layout, lse, torch.full_like(lse, 0.5))
+    assert relative_error(dq, dq_ref) < 1e-12 and relative_error(dk, dk_ref) < 1e-12
+
+
+@needs_interpreter
+@needs_native
+def test_cuda_kernel_of_the_operator_matches_the_cpu_kernel():
+    # On CUDA tensors the operator runs the Triton launcher; the interpreter runs that
+    # same function on CPU tensors, checked here against the native kernel.
+    from fastcl.ops.infonce_one_pass import infonce_forward_grad
+
+    q, k, params, tgt, layout, groups = _op_inputs(torch.float64, True, True, True, n=29)
+    cpu = native.operator_forward_grad(q, k, params, tgt, layout, 0.5, normalize_eps=0.375)
+    tri = infonce_forward_grad(q, k, params, tgt, layout, 0.5, normalize_eps=0.375, chunk_rows=10)
+    for got, want in zip(tri, cpu):
+        assert relative_error(got, want) < 1e-12
+
+
+# ---------------------------------------------------------------------- torch.compile
+
+
+@needs_native
+def test_compiled_step_takes_the_one_pass_and_matches_eager(monkeypatch):
+    import re
+
+    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        monkeypatch.setattr(torch._dynamo.config, "trace_autograd_ops", True)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, y, h = (torch.randn(300, 24, dtype=torch.float64, generator=g) for _ in range(3))
+    tau = torch.nn.Parameter(torch.tensor(0.07, dtype=torch.float64))
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Linear(24, 24, dtype=torch.float64)
+
+    def step(encoder):
+        def run(x, y, h):
+            loss = info_nce(encoder(x), encoder(y), encoder(h), temperature=tau, hard_negative_weight=2.0,
+                            symmetric=True, backend="auto")
+            loss.backward()
+            return loss.detach()
+
+        return run
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    eager_model, compiled_model = make(), make()
+    eager_loss = step(eager_model)(x, y, h)
+    eager_grads = [p.grad.clone() for p in eager_model.parameters()] + [tau.grad.clone()]
+    tau.grad = None
+    compiled_loss = torch.compile(step(compiled_model), fullgraph=True, backend=capture)(x, y, h)
+    compiled_grads = [p.grad for p in compiled_model.parameters()] + [tau.grad]
+    assert relative_error(compiled_loss, eager_loss) < 1e-12
+    for got, want in zip(compiled_grads, eager_grads):
+        assert relative_error(got, want) < 1e-12
+    code = "\n".join(m.code for gm in graphs for m in gm.modules() if hasattr(m, "code"))
+    assert set(re.findall(r"torch\.ops\.fastcl\.(\w+)", code)) == {"infonce_fwd_grad"}
+
+
+# ------------------------------------------------------------------ compiled for sm_90a
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="Triton's bundled ptxas is a Linux binary")
+def test_one_pass_kernels_compile_for_sm90_without_spills():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from fastcl.ops.compile_report import ONE_PASS_KERNELS, compile_one, _config\n"
+        "for kernel in ONE_PASS_KERNELS:\n"
+        "    for dtype, precision in [(torch.bfloat16, 'ieee'), (torch.float32, 'tf32'), (torch.float64, 'ieee')]:\n"
+        "        for features in ('plain', 'all'):\n"
+        "            r = compile_one(kernel, dtype, precision, features, _config(kernel, dtype, 768))\n"
+        "            print(kernel, r.variant, r.registers, r.spill_bytes, len(r.problems()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert len(lines) == 18, result.stdout
+    for kernel, variant, regs, spills, problems in lines:
+        assert int(spills) == 0 and int(problems) == 0, f"{kernel} {variant}: {regs} registers, {spills} spilled"
+        if kernel == "one_pass_grads" and variant.endswith("plain"):
+            assert int(regs) <= 96, f"{kernel} {variant}: {regs} registers for a bandwidth-bound pass"
