@@ -241,18 +241,26 @@ def fisher_information(
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn(model, batch) must return a scalar tensor")
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-        for (name, _), grad in zip(named, grads):
-            if grad is None:
-                continue
-            grad = grad.to(fisher[name].dtype)
-            if max_grad_norm is not None:
-                norm = grad.norm()
-                grad = grad * torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
-            fisher[name] += grad * grad
+        add_squared_gradients(fisher, zip([n for n, _ in named], grads), max_grad_norm)
         count += 1
     if count == 0:
         raise ValueError("batches is empty: the Fisher information needs at least one batch")
     return {n: f / count for n, f in fisher.items()}
+
+
+@torch.no_grad()
+def add_squared_gradients(fisher: dict[str, torch.Tensor], grads: Iterable[tuple[str, torch.Tensor | None]],
+                          max_grad_norm: float | None = None) -> None:
+    """``fisher[name] += g * g`` for each (name, gradient) pair (None: no gradient,
+    skipped), each gradient first clipped to norm ``max_grad_norm`` on its own, as
+    Child-Tuning's code does, and taken in ``fisher[name]``'s dtype."""
+    for name, grad in grads:
+        if grad is None:
+            continue
+        grad = grad.to(fisher[name].dtype)
+        if max_grad_norm is not None:
+            grad = grad * torch.clamp(max_grad_norm / (grad.norm() + 1e-6), max=1.0)
+        fisher[name] += grad * grad
 
 
 def top_fraction_mask(scores: Mapping[str, torch.Tensor], p: float) -> dict[str, torch.Tensor]:

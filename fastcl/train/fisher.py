@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..optim import top_fraction_mask
+from ..optim import add_squared_gradients, top_fraction_mask
 from .step import compute_gradients
 
 
@@ -51,14 +51,9 @@ def child_tuning_masks(trainer) -> dict[torch.Tensor, torch.Tensor]:
             compute_gradients(trainer.model, batch, trainer.loss_cfg, chunk_size=cfg.chunk_size,
                               generator=gauss if cfg.gaussian_negatives else None, autocast=trainer._autocast,
                               device=trainer.device, moco=trainer.moco)
-            with torch.no_grad():
-                for name, p in scored:
-                    if p.grad is None:
-                        continue
-                    grad = p.grad.to(fisher[name].dtype)
-                    if cfg.max_grad_norm > 0:
-                        grad = grad * torch.clamp(cfg.max_grad_norm / (grad.norm() + 1e-6), max=1.0)
-                    fisher[name] += grad * grad
+            # The step leaves its gradients in .grad (gradient caching, DDP's all-reduce).
+            add_squared_gradients(fisher, ((name, p.grad) for name, p in scored),
+                                  cfg.max_grad_norm if cfg.max_grad_norm > 0 else None)
             if bar is not None:
                 bar.update(1)
     finally:
