@@ -19,10 +19,32 @@ from .checkpoint import (
     FORMAT, CheckpointError, atomic_torch_save, recover_directory, remove_temporaries, replace_directory, rng_state,
     set_rng_state,
 )
+from .config import RESUME_MUST_MATCH, resume_mismatches
 from .optimizer import parameter_groups
 from .output import remove_earlier_run
 
 PENDING = ".best.pending"
+
+
+def check_resume_config(state: dict, cfg) -> None:
+    """--resume: the options that shape the run must be those the checkpoint was made with."""
+    mismatches = resume_mismatches(state["config"], cfg)
+    if mismatches:
+        raise CheckpointError(f"--resume: the checkpoint was made with {'; '.join(mismatches)} "
+                              f"(options that must stay: {', '.join(RESUME_MUST_MATCH)})")
+
+
+def check_resume_progress(state: dict, cfg, data_size: dict, total_steps: int) -> None:
+    """--resume: the training file must be the one the checkpoint read (its batches would
+    differ), and the checkpoint's step within the steps asked for."""
+    then = state.get("data")
+    if then is not None and then != data_size:
+        raise CheckpointError(f"--resume: {cfg.train_file} has changed since the checkpoint ({then['rows']} rows, "
+                              f"{then['bytes']} bytes then; {data_size['rows']} rows, "
+                              f"{data_size['bytes']} bytes now): its batches would not be the same")
+    if state["step"] > total_steps:
+        raise CheckpointError(f"--resume: the checkpoint is at step {state['step']}, past the {total_steps} "
+                              "steps asked for (--max-steps / --epochs); ask for more steps to train on")
 
 
 def _training_step_of(model_dir: Path) -> int | None:

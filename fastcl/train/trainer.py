@@ -39,14 +39,16 @@ import torch.distributed as dist
 
 from ..interrupts import deferred, interrupt
 from ..saved_model import inference_max_length, resolve_model, save_encoder
-from ..sentence_model import SentenceEncoder, check_device
+from ..sentence_model import SentenceEncoder
 from .checkpoint import TMP_MARK, CheckpointError, WriteError, read_checkpoint, replace_directory
-from .config import RESUME_MUST_MATCH, TrainConfig, check_method_options, resume_mismatches  # noqa: F401
+from .config import TrainConfig, check_method_options
 from .data import BatchPlan, DataError, drop_duplicates, local_slice, mask_tokens, read_training_file, tokenize_rows
+from .placement import choose_device, choose_precision, wrap_for_ddp
 from .output import DirectoryLock, check_output_dir, remove_if_empty
 from .evaluation import load_eval_sets
 from .optimizer import build_optimizer
 from .resume import (
+    check_resume_config, check_resume_progress,
     apply_checkpoint, promote_best, save_checkpoint, start_fresh, start_from_saved_head, vocabulary_digest,
 )
 from .methods import LABELS, auto_pooler, build_method
@@ -92,18 +94,8 @@ class Trainer:
         from ..sentence_model import check_pooler, resolve_mlp
 
         check_method_options(cfg)
-        if cfg.device:
-            self.device = check_device(cfg.device, "--device")
-        elif torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        else:
-            self.device = torch.device("cpu")
-        precision = cfg.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        if precision in ("bf16", "fp16") and self.device.type != "cuda":
-            raise ValueError(f"--precision {precision} needs a CUDA device (autocast on GPU); use fp32 on CPU")
-        self.precision = precision
+        self.device = choose_device(cfg.device)
+        self.precision = precision = choose_precision(cfg.precision, self.device)
 
         model_path = cfg.model or (None if backbone is not None else default_model_dir())
         self.model_path = resolve_model(model_path) if model_path else None
@@ -115,10 +107,7 @@ class Trainer:
         self.data = read_training_file(cfg.train_file)
         state = read_checkpoint(self.ckpt_dir / "state.pt") if cfg.resume else None
         if state is not None:
-            mismatches = resume_mismatches(state["config"], cfg)
-            if mismatches:
-                raise CheckpointError(f"--resume: the checkpoint was made with {'; '.join(mismatches)} "
-                                      f"(options that must stay: {', '.join(RESUME_MUST_MATCH)})")
+            check_resume_config(state, cfg)
         if self.world > 1 and cfg.batch_size < self.world:
             raise DataError(f"batch size {cfg.batch_size} is smaller than the {self.world} processes")
         if self.device.type == "cuda":
@@ -129,14 +118,8 @@ class Trainer:
         else:
             self.total_steps = max(1, math.ceil(cfg.epochs * self.plan.steps_per_epoch))
         self.data_size = {"rows": len(self.data), "bytes": os.path.getsize(cfg.train_file)}
-        then = state.get("data") if state is not None else None
-        if then is not None and then != self.data_size:
-            raise CheckpointError(f"--resume: {cfg.train_file} has changed since the checkpoint ({then['rows']} rows, "
-                                  f"{then['bytes']} bytes then; {self.data_size['rows']} rows, "
-                                  f"{self.data_size['bytes']} bytes now): its batches would not be the same")
-        if state is not None and state["step"] > self.total_steps:
-            raise CheckpointError(f"--resume: the checkpoint is at step {state['step']}, past the {self.total_steps} "
-                                  "steps asked for (--max-steps / --epochs); ask for more steps to train on")
+        if state is not None:
+            check_resume_progress(state, cfg, self.data_size, self.total_steps)
         self.eval_sets = load_eval_sets(self)
 
         if cfg.pooler == "auto":
@@ -163,16 +146,7 @@ class Trainer:
             # A copy of the encoder made before DDP wraps it; identical on every rank.
             self.moco = MoCo(self.encoder, cfg.moco_queue, cfg.moco_momentum, dim=backbone.config.hidden_size,
                              all_ranks=self.distributed).train()
-        if self.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # Buffers (position ids) are constants: no per-forward sync. The flag's name changed in torch 2.13.
-            import inspect
-            quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                     else {"broadcast_buffers": False})
-            self.model = DDP(self.encoder, device_ids=ids, **quiet)
-        else:
-            self.model = self.encoder
+        self.model = wrap_for_ddp(self.encoder, self.device) if self.distributed else self.encoder
 
         self.optimizer, self.scheduler, self.warmup = build_optimizer(self.encoder, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
