@@ -225,7 +225,7 @@ def _native_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _fastcl_factory(backend: str) -> Callable[[Spec], LossFn]:
+def _fastcl_factory(backend: str, strategy: str = "auto") -> Callable[[Spec], LossFn]:
     def make(spec: Spec) -> LossFn:
         import fastcl
 
@@ -233,13 +233,15 @@ def _fastcl_factory(backend: str) -> Callable[[Spec], LossFn]:
                 os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise Unsupported("the Triton backend needs CUDA (or TRITON_INTERPRET=1, which bench.py sets on "
                               "CPU when a Triton implementation is asked for)")
-        tau = spec.temperature
+        if strategy == "one_pass" and backend == "triton" and spec.dtype in (torch.float16, torch.bfloat16):
+            raise Unsupported("the Triton one pass takes float32 and float64 inputs")
+        tau, options = spec.temperature, {"backend": backend, "backward_strategy": strategy}
         if spec.loss == "nt_xent":
-            return lambda z1, z2, _: fastcl.nt_xent(z1, z2, temperature=tau, backend=backend)
+            return lambda z1, z2, _: fastcl.nt_xent(z1, z2, temperature=tau, **options)
         if spec.loss == "groups":
             groups = sequence_ids(spec)  # built once: part of the data, not of the loss
-            return lambda a, p, _: fastcl.info_nce(a, p, temperature=tau, groups=groups, backend=backend)
-        return lambda a, p, h: fastcl.info_nce(a, p, h, temperature=tau, symmetric=spec.symmetric, backend=backend)
+            return lambda a, p, _: fastcl.info_nce(a, p, temperature=tau, groups=groups, **options)
+        return lambda a, p, h: fastcl.info_nce(a, p, h, temperature=tau, symmetric=spec.symmetric, **options)
 
     return make
 
@@ -271,14 +273,14 @@ def _fastcl_impls(loss: str) -> list[Impl]:
     impls = [Impl("fastcl" if b == "auto" else f"fastcl-{b}", f"{function}({options}backend='{b}'): {words}",
                   _fastcl_factory(b), real_flops=flops(b), backend=b) for b, words in what.items()]
     for strategy in backward_strategies():
-        impls.append(Impl(f"fastcl-{strategy}", f"{function}({options}backend='triton'), the {strategy!r} "
-                          "backward strategy", _fastcl_factory("triton"), real_flops=flops("triton"),
-                          backend="triton", strategy=strategy))
+        impls.append(Impl(f"fastcl-{strategy}", f"{function}({options}backend='triton', "
+                          f"backward_strategy={strategy!r})", _fastcl_factory("triton", strategy),
+                          real_flops=flops("triton"), backend="triton", strategy=strategy))
     # The native kernel's recomputing path (forward, then a backward that forms S again),
     # next to its default one pass for reduced losses.
-    impls.append(Impl("fastcl-native-recompute", f"{function}({options}backend='native') with "
-                      "FASTCL_BACKWARD=slab: forward, then the recomputing backward (8NMD)", _fastcl_factory("native"),
-                      real_flops=flops("native"), backend="native", strategy="slab"))
+    impls.append(Impl("fastcl-native-recompute", f"{function}({options}backend='native', "
+                      "backward_strategy='workspace'): forward, then the recomputing backward (8NMD)",
+                      _fastcl_factory("native", "workspace"), real_flops=flops("native"), backend="native"))
     return impls
 
 
