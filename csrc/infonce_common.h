@@ -134,6 +134,20 @@ inline int64_t pool_workers(const Tiling& tiling) {
   return std::max<int64_t>(1, std::min<int64_t>(tiling.n_chunks, at::get_num_threads()));
 }
 
+// Runs worker(next_chunk) once on each of pool_workers(tiling) pool threads, with the
+// caller's thread-local state and single-threaded BLAS (see SequentialBlas); a worker
+// claims row chunks with next_chunk++ until it passes tiling.n_chunks.
+template <typename Worker>
+void for_chunks_in_pool(const Tiling& tiling, Worker&& worker) {
+  const at::ThreadLocalState caller_state;
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, pool_workers(tiling), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const SequentialBlas sequential_blas;
+    worker(next_chunk);
+  });
+}
+
 inline at::ScalarType accumulator_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -149,19 +163,30 @@ struct GroupIds {
   const int64_t* keys;
 };
 
+// The kernels' params array, in the accumulator dtype: 1 / tau, then the log weights of a
+// row's own hard negative and of the Gaussian columns.
+template <typename acc_t>
+struct LogitParams {
+  explicit LogitParams(const acc_t* params)
+      : inv_tau(params[0]), log_hard_weight(params[1]), log_gauss_weight(params[2]) {}
+  acc_t inv_tau;
+  acc_t log_hard_weight;
+  acc_t log_gauss_weight;
+};
+
 // x (nr x nc, rows r0.., columns c0..) holds scaled similarities; it gets the layout's
 // weights (hard-negative and Gaussian) added, and -inf where a column is not a candidate
 // of the row (the row itself, another group's key).
 template <typename acc_t>
-void add_weights_and_masks(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t c0, acc_t log_hard_weight,
-                           acc_t log_gauss_weight, const ColumnLayout& layout, const GroupIds& groups) {
+void add_weights_and_masks(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const LogitParams<acc_t>& w,
+                           const ColumnLayout& layout, const GroupIds& groups) {
   if (layout.hard_weighted()) {
     // Row i < n_hard has its own hard negative at column hard_start + i.
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t row = r0 + i;
       const int64_t col = layout.hard_start + row;
       if (row < layout.n_hard && col >= c0 && col < c0 + nc) {
-        x[i * nc + (col - c0)] += log_hard_weight;
+        x[i * nc + (col - c0)] += w.log_hard_weight;
       }
     }
   }
@@ -170,7 +195,7 @@ void add_weights_and_masks(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t
     for (int64_t i = 0; i < nr; ++i) {
       acc_t* row = x + i * nc;
       for (int64_t j = j0; j < nc; ++j) {
-        row[j] += log_gauss_weight;
+        row[j] += w.log_gauss_weight;
       }
     }
   }
@@ -204,13 +229,12 @@ void add_weights_and_masks(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t
 // where a column is not a candidate of the row (the row itself, another group's key).
 template <typename acc_t>
 void to_logits(acc_t* x, const acc_t* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
-               acc_t inv_tau, acc_t log_hard_weight, acc_t log_gauss_weight,
-               const ColumnLayout& layout, const GroupIds& groups) {
+               const LogitParams<acc_t>& w, const ColumnLayout& layout, const GroupIds& groups) {
   const int64_t n = nr * nc;
   for (int64_t idx = 0; idx < n; ++idx) {
-    x[idx] = s[idx] * inv_tau;
+    x[idx] = s[idx] * w.inv_tau;
   }
-  add_weights_and_masks(x, nr, nc, r0, c0, log_hard_weight, log_gauss_weight, layout, groups);
+  add_weights_and_masks(x, nr, nc, r0, c0, w, layout, groups);
 }
 
 // The inverse norms of the rows of q and k (both null without normalization), and the

@@ -51,18 +51,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
   const int64_t n_cols = k.size(0);
   const Tiling tiling = make_tiling(n_rows, n_cols, groups.rows != nullptr);
   const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
-  const acc_t inv_tau = params[0];
-  const acc_t log_hard_weight = params[1];
-  const acc_t log_gauss_weight = params[2];
+  const LogitParams<acc_t> w(params);
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr acc_t exp_floor = ExpRange<acc_t>::floor;
   const acc_t cutoff = exp_cutoff<acc_t>();
 
-  const at::ThreadLocalState caller_state;
-  std::atomic<int64_t> next_chunk{0};
-  at::parallel_for(0, pool_workers(tiling), 1, [&](int64_t, int64_t) {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    const SequentialBlas sequential_blas;
+  for_chunks_in_pool(tiling, [&](std::atomic<int64_t>& next_chunk) {
     const at::Tensor buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     std::vector<acc_t> run_max(tiling.rows);
     std::vector<acc_t> run_sum(tiling.rows);
@@ -85,7 +79,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
         if (scales.enabled()) {
           scale_block(x, nr, nc, scales.q_inv + r0, scales.k_inv + c0);
         }
-        to_logits(x, x, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout, groups);
+        to_logits(x, x, nr, nc, r0, c0, w, layout, groups);
         for (int64_t i = 0; i < nr; ++i) {
           acc_t* row = x + i * nc;
           const int64_t t = target_of(targets, r0 + i);  // -1 lies in no tile
@@ -135,18 +129,12 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   const bool need_dk = dk.defined();
   const Tiling tiling = make_tiling(n_rows, n_cols, groups.rows != nullptr);
   const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
-  const acc_t inv_tau = params[0];
-  const acc_t log_hard_weight = params[1];
-  const acc_t log_gauss_weight = params[2];
+  const LogitParams<acc_t> w(params);
   TileTurns turns(tiling.n_tiles, tiling.n_chunks, skips);
   constexpr acc_t exp_floor = ExpRange<acc_t>::floor;
   const acc_t cutoff = exp_cutoff<acc_t>();
 
-  const at::ThreadLocalState caller_state;
-  std::atomic<int64_t> next_chunk{0};
-  at::parallel_for(0, pool_workers(tiling), 1, [&](int64_t, int64_t) {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    const SequentialBlas sequential_blas;
+  for_chunks_in_pool(tiling, [&](std::atomic<int64_t>& next_chunk) {
     const at::Tensor sim_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     const at::Tensor grad_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     std::vector<acc_t> chunk_row_dot(tiling.rows);
@@ -178,8 +166,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           }
           const acc_t* s = sim.data_ptr<acc_t>();
           acc_t* x = grad.data_ptr<acc_t>();
-          to_logits(x, s, nr, nc, r0, c0, inv_tau, log_hard_weight, log_gauss_weight, layout,
-                    groups);
+          to_logits(x, s, nr, nc, r0, c0, w, layout, groups);
           for (int64_t i = 0; i < nr; ++i) {
             acc_t* row = x + i * nc;
             const acc_t row_lse = lse[r0 + i];
@@ -230,12 +217,12 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
             scale_block(x, nr, nc, scales.q_inv + r0, scales.k_inv + c0);
           }
           if (need_dq) {
-            block_product(grad, k_tile, dq_chunk, /*accumulate=*/true, /*alpha=*/inv_tau);
+            block_product(grad, k_tile, dq_chunk, /*accumulate=*/true, /*alpha=*/w.inv_tau);
           }
           if (tile_dk) {
             at::Tensor dk_tile = dk.narrow(0, c0, n_grad);
             turns.wait_for(tile, chunk);
-            block_product(grad.narrow(1, 0, n_grad).t(), q_chunk, dk_tile, /*accumulate=*/true, /*alpha=*/inv_tau);
+            block_product(grad.narrow(1, 0, n_grad).t(), q_chunk, dk_tile, /*accumulate=*/true, /*alpha=*/w.inv_tau);
             if (scales.enabled()) {
               for (int64_t j = 0; j < n_grad; ++j) {
                 col_dot[c0 + j] += tile_col_dot[j];
@@ -249,7 +236,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           if (scales.enabled()) {
             // The projection term of the normalization: dq_i -= (1/tau) row_dot_i q_proj_i q_i.
             for (int64_t i = 0; i < nr; ++i) {
-              chunk_row_dot[i] *= inv_tau * scales.q_proj[r0 + i];
+              chunk_row_dot[i] *= w.inv_tau * scales.q_proj[r0 + i];
             }
             subtract_scaled_rows(dq_chunk.data_ptr<acc_t>(), q_chunk.data_ptr<acc_t>(), chunk_row_dot.data(),
                                  nr, dim);
@@ -265,7 +252,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
     // The projection term of the key rows, now that col_dot is complete.
     const int64_t n_grad = layout.n_grad_cols;
     for (int64_t j = 0; j < n_grad; ++j) {
-      col_dot[j] *= inv_tau * scales.k_proj[j];
+      col_dot[j] *= w.inv_tau * scales.k_proj[j];
     }
     acc_t* dk_data = dk.data_ptr<acc_t>();
     const acc_t* k_data = k.data_ptr<acc_t>();

@@ -66,12 +66,12 @@ Tiling one_pass_tiling(int64_t n_rows, int64_t n_cols, int64_t block_rows, int64
 // plus the layout's weights, -inf where a column is not a candidate of the row.
 template <typename acc_t>
 void products_to_logits(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const acc_t* row_factor,
-                        const acc_t* col_scale, acc_t log_hard_weight, acc_t log_gauss_weight,
-                        const ColumnLayout& layout, const GroupIds& groups) {
+                        const acc_t* col_scale, const LogitParams<acc_t>& w, const ColumnLayout& layout,
+                        const GroupIds& groups) {
   for (int64_t i = 0; i < nr; ++i) {
     rows::scale(x + i * nc, nc, row_factor[i], col_scale);
   }
-  add_weights_and_masks(x, nr, nc, r0, c0, log_hard_weight, log_gauss_weight, layout, groups);
+  add_weights_and_masks(x, nr, nc, r0, c0, w, layout, groups);
 }
 
 // A visited tile of a chunk: its columns and where its block sits in the strip.
@@ -93,9 +93,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   const bool need_dq = dq.defined();
   const bool need_dk = dk.defined();
   const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
-  const acc_t inv_tau = params[0];
-  const acc_t log_hard_weight = params[1];
-  const acc_t log_gauss_weight = params[2];
+  const LogitParams<acc_t> w(params);
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr acc_t exp_floor = ExpRange<acc_t>::floor;
   const acc_t cutoff = exp_cutoff<acc_t>();
@@ -118,11 +116,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   }
   const acc_t* q_data = q.data_ptr<acc_t>();
 
-  const at::ThreadLocalState caller_state;
-  std::atomic<int64_t> next_chunk{0};
-  at::parallel_for(0, pool_workers(tiling), 1, [&](int64_t, int64_t) {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    const SequentialBlas sequential_blas;
+  for_chunks_in_pool(tiling, [&](std::atomic<int64_t>& next_chunk) {
     const at::Tensor strip = at::empty({std::max<int64_t>(1, tiling.rows * strip_cols)}, q.options());
     const at::Tensor q_scaled_buffer = need_dk ? at::empty({tiling.rows, dim}, q.options()) : at::Tensor();
     std::vector<acc_t> row_factor(tiling.rows), row_max(tiling.rows), row_sum(tiling.rows), target_logit(tiling.rows);
@@ -136,7 +130,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
         const int64_t nr = std::min(tiling.rows, n_rows - r0);
         const at::Tensor q_chunk = q.narrow(0, r0, nr);
         for (int64_t i = 0; i < nr; ++i) {
-          row_factor[i] = scales.enabled() ? inv_tau * scales.q_inv[r0 + i] : inv_tau;
+          row_factor[i] = scales.enabled() ? w.inv_tau * scales.q_inv[r0 + i] : w.inv_tau;
         }
         std::fill(row_max.begin(), row_max.end(), neg_inf);
         std::fill(target_logit.begin(), target_logit.end(), acc_t(0));
@@ -158,8 +152,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           block_product(q_chunk, k.narrow(0, t.c0, t.nc).t(), block, false);
           acc_t* x = base + t.offset;
           products_to_logits(x, nr, t.nc, r0, t.c0, row_factor.data(),
-                             scales.enabled() ? scales.k_inv + t.c0 : nullptr, log_hard_weight, log_gauss_weight,
-                             layout, groups);
+                             scales.enabled() ? scales.k_inv + t.c0 : nullptr, w, layout, groups);
           for (int64_t i = 0; i < nr; ++i) {
             const acc_t* row = x + i * t.nc;
             const int64_t target = target_of(targets, r0 + i);  // -1 lies in no tile
@@ -203,7 +196,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           q_scaled = q_scaled_buffer.narrow(0, 0, nr);
           acc_t* out = q_scaled.data_ptr<acc_t>();
           for (int64_t i = 0; i < nr; ++i) {
-            rows::scaled_copy(out + i * dim, q_data + (r0 + i) * dim, dim, row_factor[i] * inv_tau);
+            rows::scaled_copy(out + i * dim, q_data + (r0 + i) * dim, dim, row_factor[i] * w.inv_tau);
           }
         }
         at::Tensor dq_chunk = need_dq ? dq.narrow(0, r0, nr) : at::Tensor();
@@ -258,7 +251,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
             const acc_t f = row_factor[i];
             row_dot[r0 + i] = f * dot;
             const acc_t proj = scales.enabled() ? dot * scales.q_proj[r0 + i] : acc_t(0);
-            rows::scale_minus(a_row, q_row, dim, f * inv_tau, proj);
+            rows::scale_minus(a_row, q_row, dim, f * w.inv_tau, proj);
           }
         }
       }

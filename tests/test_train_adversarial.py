@@ -22,21 +22,12 @@ from fastcl.train import cli
 from fastcl.train.checkpoint import read_checkpoint
 from fastcl.train.output import DirectoryLock
 
-from .train_support import STSB, WIKI, save_tiny_bert, tokenizer
+from .train_support import save_tiny_bert, tokenizer, train_workspace
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adversarial")
-    save_tiny_bert(root / "tiny")
-    lines = [line for line in WIKI.read_text(encoding="utf-8").splitlines() if line.strip()][:40]
-    (root / "wiki40.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    sts = root / "sts" / "STSBenchmark"
-    sts.mkdir(parents=True)
-    for split in ("dev", "test"):
-        rows = (STSB / f"sts-{split}.csv").read_text(encoding="utf-8").splitlines()[:60]
-        (sts / f"sts-{split}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return root
+    return train_workspace(tmp_path_factory.mktemp("adversarial"), sts_rows=60)
 
 
 def _args(ws, out, *extra, steps=6, model=None):

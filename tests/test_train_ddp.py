@@ -9,7 +9,6 @@ trainer does; MLM masks are drawn once for the global batch and sliced.
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -20,15 +19,9 @@ from fastcl.train.data import local_slice, mask_tokens, tokenize_rows
 from fastcl.train.step import LossConfig, compute_gradients
 
 from .test_train_step import SENTENCES, encoder
-from .train_support import tokenizer
+from .train_support import free_port, tokenizer, train_one_and_two_processes
 
 ROWS = [(SENTENCES[i], SENTENCES[(i + 3) % 10], SENTENCES[(i + 7) % 10]) for i in range(10)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(rows, mlm):
@@ -74,7 +67,7 @@ def test_ddp_two_processes_equal_one():
     world = 2
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(world, _free_port(), results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), results), nprocs=world, join=True)
     for case, (chunk, mlm, options) in CASES.items():
         single = encoder(dropout=0.0, pooler="cls", mlp="auto", do_mlm=mlm)
         ref = compute_gradients(single, _batch(ROWS, mlm), LossConfig(**options), chunk_size=0,
@@ -95,26 +88,8 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     the global batch split across ranks, rank-0-only outputs. With dropout off, the first
     step's logged loss (before any update) equals that of a single-process run."""
     import json
-    import subprocess
-    import sys
 
-    from .train_support import REPO, WIKI, save_tiny_bert
-
-    model = save_tiny_bert(tmp_path / "tiny", dropout=0.0)
-    lines = [line for line in WIKI.read_text(encoding="utf-8").splitlines() if line.strip()][:64]
-    data = tmp_path / "wiki64.txt"
-    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    common = ["-m", "fastcl.train", "--train-file", str(data), "--model", str(model), "--batch-size", "32",
-              "--chunk-size", "5", "--max-steps", "2", "--logging-steps", "1", "--no-eval", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(_free_port())]
-    two = subprocess.run(launcher + common + ["--output-dir", str(tmp_path / "two")], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable] + common + ["--output-dir", str(tmp_path / "one")], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    _, two = train_one_and_two_processes(tmp_path, "--max-steps", "2")
     assert two.stdout.count("model written to") == 1  # rank 0 only
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 2

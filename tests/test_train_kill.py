@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from fastcl.train.checkpoint import read_checkpoint
 
-from .train_support import REPO, STSB, WIKI, save_tiny_bert
+from .train_support import REPO, free_port, train_workspace
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 STEPS = 9
@@ -34,16 +34,7 @@ TIMING = {"eval_seconds", "sentences_per_s", "elapsed_s"}
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill")
-    save_tiny_bert(root / "tiny")
-    lines = [line for line in WIKI.read_text(encoding="utf-8").splitlines() if line.strip()][:40]
-    (root / "wiki40.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    sts = root / "sts" / "STSBenchmark"
-    sts.mkdir(parents=True)
-    for split in ("dev", "test"):
-        rows = (STSB / f"sts-{split}.csv").read_text(encoding="utf-8").splitlines()[:60]
-        (sts / f"sts-{split}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return root
+    return train_workspace(tmp_path_factory.mktemp("kill"), sts_rows=60)
 
 
 class Run:
@@ -201,11 +192,10 @@ def test_two_processes_killed_resume_exactly(workspace):
     """torchrun with 2 processes (gloo), dropout on: every rank's random states travel in
     the one checkpoint file (gathered to rank 0), so a run killed whole and resumed ends
     with the weights of the uninterrupted run."""
-    from .test_train_ddp import _free_port
 
     def launch(out, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "fastcl.train", "--train-file", str(workspace / "wiki40.txt"),
+               str(free_port()), "-m", "fastcl.train", "--train-file", str(workspace / "wiki40.txt"),
                "--model", str(workspace / "tiny"), "--output-dir", str(out), "--batch-size", "8",
                "--max-steps", "8", "--save-steps", "1", "--logging-steps", "1", "--learning-rate", "1e-3",
                "--no-eval", "--no-progress", "--do-mlm", *extra]

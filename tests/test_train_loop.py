@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import fastcl
 from fastcl.train import cli, trainer as trainer_module
 
-from .train_support import STSB, WIKI, save_tiny_bert
+from .train_support import train_workspace
 
 SENTENCES_FOR_CHECK = ["a man is playing a guitar .", "the cat sleeps on the sofa", "stocks fell"]
 
@@ -21,16 +21,7 @@ SENTENCES_FOR_CHECK = ["a man is playing a guitar .", "the cat sleeps on the sof
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny BERT, 40 real Wikipedia lines, and the first 120 pairs of the real STS-B dev / test."""
-    root = tmp_path_factory.mktemp("train")
-    save_tiny_bert(root / "tiny")
-    lines = [line for line in WIKI.read_text(encoding="utf-8").splitlines() if line.strip()][:40]
-    (root / "wiki40.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    sts = root / "sts" / "STSBenchmark"
-    sts.mkdir(parents=True)
-    for split in ("dev", "test"):
-        rows = (STSB / f"sts-{split}.csv").read_text(encoding="utf-8").splitlines()[:120]
-        (sts / f"sts-{split}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return root
+    return train_workspace(tmp_path_factory.mktemp("train"), sts_rows=120)
 
 
 def _records(out):

@@ -14,16 +14,12 @@ from safetensors.torch import load_file
 
 from fastcl.train import cli, trainer as trainer_module
 
-from .train_support import WIKI, save_tiny_bert
+from .train_support import assert_usage_errors, train_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("methods")
-    save_tiny_bert(root / "tiny")
-    lines = [line for line in WIKI.read_text(encoding="utf-8").splitlines() if line.strip()][:40]
-    (root / "wiki40.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
+    return train_workspace(tmp_path_factory.mktemp("methods"))
 
 
 def _run(workspace, out, *extra):
@@ -159,11 +155,7 @@ def test_bad_combinations_are_refused(workspace, capsys):
         (["--child-tuning", "x"], "invalid choice: 'x'"),
         (["--distributed-loss", "allgather"], "invalid choice: 'allgather'"),
     ]
-    for flags, message in cases:
-        with pytest.raises(SystemExit) as e:
-            cli.main(base + flags)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and message in err, (flags, err)
+    assert_usage_errors(base, cases, capsys)
     # Programmatic use gets the same checks.
     cfg = trainer_module.TrainConfig(train_file=str(workspace / "wiki40.txt"), output_dir=str(workspace / "x"),
                                      moco_queue=4, moco_momentum=1.0)

@@ -27,7 +27,7 @@ from fastcl.train.methods.tacl import tacl_mask
 from fastcl.train.methods.vascl import nearest_neighbours, neighbourhood_info_nce
 
 from .test_train_methods import _assert_equal
-from .train_support import WIKI, save_tiny_bert, tiny_bert, tokenizer
+from .train_support import assert_usage_errors, tiny_bert, tokenizer, train_workspace
 
 SENTENCES = ["a man is playing a guitar .", "the cat sleeps", "two dogs run in a wide green park today",
              "stocks fell sharply on monday", "a chef cooks", "kids play soccer outside in the rain",
@@ -383,10 +383,7 @@ def test_dclr_step_matches_dense(complementary):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, complementary):
-    root = tmp_path_factory.mktemp("family")
-    save_tiny_bert(root / "tiny")
-    lines = [line for line in WIKI.read_text(encoding="utf-8").splitlines() if line.strip()][:40]
-    (root / "wiki40.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    root = train_workspace(tmp_path_factory.mktemp("family"))
     (root / "pairs.csv").write_text("sent0,sent1\n" + "".join(f"{a},{a}\n" for a in SENTENCES), encoding="utf-8")
     return root
 
@@ -470,11 +467,7 @@ def test_bad_combinations_are_refused(workspace, complementary, capsys):
         (["--method", "vascl", "--vascl-neighbours", "0"], "--vascl-neighbours must be an int >= 1"),
         (["--method", "moco"], "invalid choice: 'moco'"),
     ]
-    for flags, message in cases:
-        with pytest.raises(SystemExit) as e:
-            cli.main(base + flags)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and message in err, (flags, err)
+    assert_usage_errors(base, cases, capsys)
     # Known only once the data and the models are read: one line, exit 2.
     late = [
         (["--train-file", str(workspace / "pairs.csv"), "--method", "vascl", "--vascl-neighbours", "3"],

@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 from fastcl.train.data import local_slice, tokenize_rows
 from fastcl.train.step import LossConfig, MoCo, compute_gradients
 
-from .test_train_ddp import ROWS, _free_port
+from .test_train_ddp import ROWS
 from .test_train_step import SENTENCES, encoder
-from .train_support import tokenizer
+from .train_support import free_port, tokenizer, train_one_and_two_processes
 
 ROWS2 = [(SENTENCES[(i + 4) % 10], SENTENCES[(i + 1) % 10], SENTENCES[(i + 8) % 10]) for i in range(10)]
 OPTIONS = dict(hard_negative_weight=2.0, gaussian_negatives=3)
@@ -90,7 +90,7 @@ def _assert_close_dicts(a, b, what):
 def test_ring_and_moco_under_ddp_equal_one_process():
     world = 2
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), results), nprocs=world, join=True)
 
     single = encoder(dropout=0.0, pooler="cls", mlp="auto")
     ref = compute_gradients(single, _batch(ROWS), LossConfig(**OPTIONS), generator=torch.Generator().manual_seed(4))
@@ -121,30 +121,11 @@ def test_torchrun_moco_ring_child_tuning_d_equal_one_process(tmp_path):
     encoder and the queue of both ranks' keys all agree with it), and the final queue is
     the single process's."""
     import json
-    import subprocess
-    import sys
 
-    from .test_train_ddp import _free_port
-    from .train_support import REPO, WIKI, save_tiny_bert
-
-    model = save_tiny_bert(tmp_path / "tiny", dropout=0.0)
-    lines = [line for line in WIKI.read_text(encoding="utf-8").splitlines() if line.strip()][:64]
-    data = tmp_path / "wiki64.txt"
-    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    common = ["-m", "fastcl.train", "--train-file", str(data), "--model", str(model), "--batch-size", "32",
-              "--chunk-size", "5", "--max-steps", "3", "--logging-steps", "1", "--no-eval", "--no-progress",
-              "--learning-rate", "1e-3", "--moco-queue", "40", "--moco-momentum", "0.5", "--child-tuning", "d",
-              "--child-tuning-fisher-batches", "2", "--distributed-loss", "ring"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(_free_port())]
-    two = subprocess.run(launcher + common + ["--output-dir", str(tmp_path / "two")], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    _, two = train_one_and_two_processes(
+        tmp_path, "--max-steps", "3", "--learning-rate", "1e-3", "--moco-queue", "40", "--moco-momentum", "0.5",
+        "--child-tuning", "d", "--child-tuning-fisher-batches", "2", "--distributed-loss", "ring")
     assert "over 2 processes (ring loss), MoCo (queue 40, momentum 0.5), Child-Tuning-D (p 0.3)" in two.stderr
-    one = subprocess.run([sys.executable] + common + ["--output-dir", str(tmp_path / "one")], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
     logs = {n: [json.loads(x) for x in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("one", "two")}
     assert [r["step"] for r in logs["two"]] == [1, 2, 3]
     for a, b in zip(logs["two"], logs["one"]):

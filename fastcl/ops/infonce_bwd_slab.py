@@ -55,8 +55,8 @@ from .launch import backward_operand_scales, block_options, check_rows_contiguou
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
-    GRAD_OPERAND_SCALE, column_interval, groups_overlap, load_groups, load_params, load_projections, load_scales,
-    load_targets, logit_tile, matmul_operand, similarity_tile, softmax_minus_target,
+    GRAD_OPERAND_SCALE, column_interval, column_tile, groups_overlap, load_groups, load_params, load_projections,
+    load_row_gradients, load_scales, matmul_operand, similarity_tile, softmax_minus_target, tile_logits,
 )
 from .utils import accumulator_dtype
 
@@ -111,10 +111,8 @@ def _infonce_bwd_dq_kernel(
     row_in = rows < n_rows
     slab_in = slab < dim
     inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
-    # Rows past n_rows get g = 0, so they contribute nothing anywhere.
-    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
-    grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
-    targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
+    lse, grad_rows, targets = load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype,
+                                                 HAS_TARGETS)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
     row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
     col_scale_max = tl.load(operand_scales_ptr)
@@ -126,22 +124,15 @@ def _infonce_bwd_dq_kernel(
     for interval in tl.static_range(3 if GROUPED else 1):
         n_first, n_end = column_interval(tile_ranges_ptr, interval, n_cols, BLOCK_N, GROUPED)
         for n0 in range(n_first, n_end, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
-            if GROUPED:
-                visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
-                                       n0 + BLOCK_N > n_grad_cols, GROUPED)
-            else:
-                visit = True
+            cols, col_groups, visit = column_tile(key_groups_ptr, n0, row_groups, row_in, n_grad_cols, BLOCK_N, GROUPED)
             if visit:
                 s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                     BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-                if NORMALIZED:
-                    col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
-                    s = s * row_scale[:, None] * col_scale[None, :]
-                logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
-                                    col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
-                                    n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+                col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
+                s, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows,
+                                        cols, row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard,
+                                        gauss_start, self_start, n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF,
+                                        GROUPED, NORMALIZED)
                 p_minus = softmax_minus_target(logits, lse, targets, cols)
                 row_dot += tl.sum(p_minus * s, 1)
                 k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
@@ -239,24 +230,17 @@ def _infonce_bwd_dk_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_in = rows < n_rows
         row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
-        if GROUPED:
-            visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols, False, GROUPED)
-        else:
-            visit = True
-        if visit:
-            lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
-            grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
-            targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
+        if groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols, False, GROUPED):
+            lse, grad_rows, targets = load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype,
+                                                         HAS_TARGETS)
             # The softmax runs over all n_cols columns; only the first n_grad_cols are
             # stored, and this program's columns are among them.
             s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                 BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-            if NORMALIZED:
-                row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
-                s = s * row_scale[:, None] * col_scale[None, :]
-            logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
-                                col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
-                                n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+            row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
+            s, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols,
+                                    row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start,
+                                    self_start, n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, NORMALIZED)
             p_minus = softmax_minus_target(logits, lse, targets, cols)
             q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
                              mask=row_in[:, None] & slab_in[None, :], other=0.0)

@@ -40,8 +40,8 @@ from .launch import backward_operand_scales, block_options, check_rows_contiguou
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
-    GRAD_OPERAND_SCALE, groups_overlap, load_groups, load_params, load_projections, load_scales, load_targets,
-    logit_tile, matmul_operand, similarity_tile, softmax_minus_target,
+    GRAD_OPERAND_SCALE, column_tile, load_groups, load_params, load_projections, load_row_gradients, load_scales,
+    matmul_operand, similarity_tile, softmax_minus_target, tile_logits,
 )
 from .utils import accumulator_dtype
 
@@ -102,34 +102,26 @@ def _infonce_dlogits_kernel(
     local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row within the chunk
     rows = row0 + local                                          # row of the whole batch
     row_in = local < n_chunk_rows
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
+    cols, col_groups, visit = column_tile(key_groups_ptr, tl.program_id(1) * BLOCK_N, row_groups, row_in, n_grad_cols,
+                                          BLOCK_N, GROUPED)
     col_in = cols < n_cols
     out_ptrs = ds_ptr + local[:, None] * stride_ds + cols[None, :]
     out_mask = row_in[:, None] & col_in[None, :]
     out2_ptrs = ds2_ptr + local[:, None] * stride_ds2 + cols[None, :]
     out2_mask = row_in[:, None] & (cols < n_grad_cols)[None, :]
 
-    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
-    col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
-    if GROUPED:
-        visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
-                               tl.program_id(1) * BLOCK_N + BLOCK_N > n_grad_cols, GROUPED)
-    else:
-        visit = True
     if visit:
         inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
-        lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
-        grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
-        targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
+        lse, grad_rows, targets = load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype,
+                                                     HAS_TARGETS)
         s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                             BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-        if NORMALIZED:
-            row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
-            col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
-            s = s * row_scale[:, None] * col_scale[None, :]
-        logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
-                            col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
-                            n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+        row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
+        col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
+        s, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols,
+                                row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
+                                n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, NORMALIZED)
         p_minus = softmax_minus_target(logits, lse, targets, cols)
         dlogits = grad_rows[:, None] * p_minus
         tl.atomic_add(row_dot_ptr + rows, tl.sum(dlogits * s, 1), mask=row_in)

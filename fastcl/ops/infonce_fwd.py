@@ -21,7 +21,7 @@ from .launch import block_options, check_rows_contiguous, layout_segments, layou
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
-    column_interval, groups_overlap, load_groups, load_params, load_scales, load_targets, logit_tile, similarity_tile,
+    column_interval, column_tile, load_groups, load_params, load_scales, load_targets, similarity_tile, tile_logits,
 )
 from .utils import accumulator_dtype
 
@@ -81,21 +81,15 @@ def _infonce_fwd_kernel(
     for interval in tl.static_range(3 if GROUPED else 1):
         n_first, n_end = column_interval(tile_ranges_ptr, interval, n_cols, BLOCK_N, GROUPED)
         for n0 in range(n_first, n_end, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
-            if GROUPED:
-                visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
-                                       n0 + BLOCK_N > n_grad_cols, GROUPED)
-            else:
-                visit = True
+            cols, col_groups, visit = column_tile(key_groups_ptr, n0, row_groups, row_in, n_grad_cols, BLOCK_N, GROUPED)
             if visit:  # tiles whose rows and columns share no group hold no candidate
                 s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                     BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-                if NORMALIZED:
-                    s = s * row_scale[:, None] * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
-                logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups,
-                                    col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
-                                    n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+                col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
+                _, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows,
+                                        cols, row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard,
+                                        gauss_start, self_start, n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF,
+                                        GROUPED, NORMALIZED)
                 new_max = tl.maximum(row_max, tl.max(logits, 1))
                 # A row may have no candidate yet (all -inf so far, with masking): shift by 0
                 # then, so that exp(-inf - -inf) never makes a NaN.

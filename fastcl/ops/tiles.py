@@ -96,6 +96,23 @@ def logit_tile(
 
 
 @triton.jit
+def tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups, col_groups,
+                n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start, n_self, HARD_WEIGHTED: tl.constexpr,
+                GAUSS_WEIGHTED: tl.constexpr, EXCLUDE_SELF: tl.constexpr, GROUPED: tl.constexpr,
+                NORMALIZED: tl.constexpr):
+    """``(s, logits)`` of a :func:`similarity_tile` ``s``: with NORMALIZED, ``s`` scaled to
+    cosines by the rows' inverse norms ``row_scale`` and ``col_scale`` (:func:`load_scales`),
+    and its :func:`logit_tile`. (The caller loads the scales after forming ``s``, so that
+    they are not held in registers through the product.)"""
+    if NORMALIZED:
+        s = s * row_scale[:, None] * col_scale[None, :]
+    logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups, col_groups, n_cols,
+                        n_grad_cols, hard_start, n_hard, gauss_start, self_start, n_self, HARD_WEIGHTED,
+                        GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+    return s, logits
+
+
+@triton.jit
 def load_params(params_ptr):
     """(1 / tau, log hard-negative weight, log Gaussian weight), read from device memory."""
     return tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2)
@@ -138,6 +155,28 @@ def load_projections(norm_ptr, idx, n_valid, eps):
     norm = tl.load(norm_ptr + idx, mask=idx < n_valid, other=0.0)
     inv = 1.0 / tl.maximum(norm, eps)  # no division by zero on masked or zero rows
     return tl.where(norm > eps, inv * inv, 0.0)
+
+
+@triton.jit
+def load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype: tl.constexpr,
+                       HAS_TARGETS: tl.constexpr):
+    """What a backward needs of each row: its log-sum-exp, its incoming gradient g_i (in
+    ``acc_dtype``) and its target column. Rows past the end get g = 0, so they contribute
+    nothing anywhere."""
+    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+    grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
+    return lse, grad_rows, load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
+
+
+@triton.jit
+def column_tile(key_groups_ptr, n0, row_groups, row_in, n_grad_cols, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    """Columns ``n0 .. n0 + BLOCK_N`` of a row block: ``(cols, their groups, whether the
+    tile can hold a candidate of the rows)`` (:func:`groups_overlap`; always true when
+    ungrouped)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
+    visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols, n0 + BLOCK_N > n_grad_cols, GROUPED)
+    return cols, col_groups, visit
 
 
 @triton.jit

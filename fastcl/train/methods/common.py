@@ -31,6 +31,16 @@ def view_inputs(batch: dict[str, torch.Tensor], view: int | None, device) -> dic
     return out
 
 
+def dropout_views(model, batch: dict[str, torch.Tensor], autocast, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's sentence vectors of a batch's two dropout views, ``(z1, z2)`` (B x H
+    each): both views in one forward (row-major), under ``autocast``."""
+    n = batch["input_ids"].shape[0]
+    with autocast():
+        emb, _, _ = model(**view_inputs(batch, None, device))
+    emb = emb.view(n, 2, -1)
+    return emb[:, 0], emb[:, 1]
+
+
 def backbone_outputs(backbone: nn.Module, inputs: dict[str, torch.Tensor], hidden_states: bool = False):
     return backbone(**inputs, return_dict=True, output_hidden_states=hidden_states)
 

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from ...loss import info_nce
 from ...saved_model import load_sentence_encoder
 from ..resume import vocabulary_digest
-from .common import Method, logged, view_inputs
+from .common import Method, dropout_views, logged, view_inputs
 
 
 def _guided_by_kernels() -> bool:
@@ -158,12 +158,9 @@ class DCLR(Method):
     def compute_gradients(self, model, batch, *, autocast, scaler, device) -> dict[str, float]:
         cfg = self.cfg
         n = batch["input_ids"].shape[0]
-        with autocast():
-            emb, _, _ = model(**view_inputs(batch, None, device))
-            with torch.no_grad():
-                guide, _, _ = self.complementary(**view_inputs(batch, 0, device))
-        emb = emb.view(n, 2, -1)
-        z1, z2 = emb[:, 0], emb[:, 1]
+        z1, z2 = dropout_views(model, batch, autocast, device)
+        with autocast(), torch.no_grad():
+            guide, _, _ = self.complementary(**view_inputs(batch, 0, device))
         wide = torch.promote_types(z1.dtype, torch.float32)
         m = max(1, int(n * cfg.dclr_noise_times))
         noise = torch.randn(m, z1.shape[-1], generator=self.generator, dtype=torch.float32,

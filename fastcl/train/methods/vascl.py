@@ -36,7 +36,7 @@ from torch import nn
 
 from ...loss import info_nce
 from ...nt_xent import nt_xent
-from .common import Method, logged, view_inputs
+from .common import Method, dropout_views, logged
 
 
 class ContrastHead(nn.Sequential):
@@ -134,13 +134,8 @@ class VaSCL(Method):
 
     def compute_gradients(self, model, batch, *, autocast, scaler, device) -> dict[str, float]:
         cfg = self.cfg
-        inputs = view_inputs(batch, None, device)
-        n = batch["input_ids"].shape[0]
         head = self.encoder.method_head
-        with autocast():
-            emb, _, _ = model(**inputs)
-        emb = emb.view(n, 2, -1)
-        e1, e2 = emb[:, 0], emb[:, 1]
+        e1, e2 = dropout_views(model, batch, autocast, device)
         wide = torch.promote_types(e1.dtype, torch.float32)
         e1, e2 = e1.to(wide), e2.to(wide)
         pair = nt_xent(head(e1), head(e2), temperature=cfg.temperature, backend=self.backend)
