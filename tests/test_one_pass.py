@@ -134,10 +134,32 @@ def test_triton_matches_reference(name, workspace_rows, monkeypatch, count_paths
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_other_dtypes(dtype):
+def test_triton_other_dtypes(dtype, count_paths):
     ours, ref = run_both(CASES["everything"], "triton", "cpu", dtype=dtype)
     _assert_close(ours, ref, 1e-5 if dtype == torch.float32 else 2e-2, str(dtype))
     assert ours["anchors"].dtype == dtype
+    # 16-bit inputs recompute on Triton: the one pass does not scale their logit
+    # gradients into range (see test_rule_takes_the_one_pass_for_reduced_losses_with_gradients).
+    one_pass = dtype == torch.float32
+    assert (count_paths["one_pass"] > 0) == one_pass and (count_paths["recompute"] > 0) != one_pass
+
+
+@pytest.mark.parametrize("backend", [NATIVE, pytest.param("triton", marks=needs_interpreter)])
+def test_rows_below_eps_take_eps_exactly_in_float64(backend, count_paths):
+    # Rows whose norm eps clamps are scaled by 1 / eps: eps = 0.1 has no float32 value,
+    # so a kernel that took it as a 32-bit scalar would be off by 1.5e-8.
+    g = torch.Generator().manual_seed(4)
+    a, p, h = (torch.randn(21, 7, dtype=torch.float64, generator=g) for _ in range(3))
+    a[3] *= 0.01
+    a[5] = 0.0
+    p[2] *= 0.003
+    h[7] *= 0.02
+    options = dict(eps=0.1, hard_negative_weight=1.5, temperature=0.3)
+    ours = _loss_and_grads(lambda *x: info_nce(*x, backend=backend, **options), [a, p, h])
+    ref = _loss_and_grads(lambda *x: info_nce(*x, backend="reference", **options), [a, p, h])
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-12
+    assert count_paths == {"one_pass": 1, "recompute": 0}
 
 
 def _loss_and_grads(fn, leaves):
