@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.harness import allocated_above_start, allocation_records
 from fastcl import info_nce
-from fastcl.ops.configs import KernelConfig, override_config
+from fastcl.ops.configs import KernelConfig, one_pass_cpu_blocks, override_config
 
 N, D = 2048, 16
 NM_BYTES = N * N * 4
@@ -96,7 +96,7 @@ def test_native_step_end_to_end_stays_under_five_percent_of_dense():
     n, d = 2048, 768
     a0, p0 = torch.randn(n, d), torch.randn(n, d)
 
-    def step(backend):
+    def step(backend, **options):
         leaves = []  # made outside the measured call, and kept: their gradients stay allocated
 
         def run():
@@ -104,16 +104,27 @@ def test_native_step_end_to_end_stays_under_five_percent_of_dense():
             return leaves
 
         def measured():
-            info_nce(*leaves, backend=backend).backward()
+            info_nce(*leaves, backend=backend, **options).backward()
 
         return run, measured
 
     dense, _ = _transient_cpu_bytes(step("reference"))
-    ours, retained = _transient_cpu_bytes(step("native"))
+    # The recomputing kernel: two blocks per thread.
+    ours, retained = _transient_cpu_bytes(step("native", backward_strategy="workspace"))
     one_input = n * d * 4
     assert retained >= 2 * one_input, "the measurement must see the two input gradients"
     assert ours < 0.05 * dense, f"native transient {ours / 2**20:.1f} MiB vs dense {dense / 2**20:.1f} MiB"
     assert ours < one_input, f"native transient {ours / 2**20:.1f} MiB: a normalized copy is {one_input / 2**20:.0f} MiB"
+    # The one pass ("auto" here) holds a strip of logits and scaled rows per thread, as
+    # large as its rule allows (at most the gradients' size), and hands the gradients it
+    # kept from the forward over to the backward without a copy.
+    threads = torch.get_num_threads()
+    rows, _ = one_pass_cpu_blocks(n, n, n, d, threads, False)
+    strips = threads * rows * (n + d) * 4
+    ours, retained = _transient_cpu_bytes(step("native"))
+    assert retained >= 2 * one_input, "the measurement must see the two input gradients"
+    assert ours < strips + one_input // 2, (f"one pass transient {ours / 2**20:.1f} MiB, strips "
+                                            f"{strips / 2**20:.1f} MiB, gradients {2 * one_input / 2**20:.0f} MiB")
 
 
 @pytest.mark.gpu
