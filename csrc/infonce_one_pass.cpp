@@ -28,7 +28,7 @@
 //
 // Memory: the loss rows, dq and dk, (N + M) D values, plus per thread one R x M strip
 // (only the visited tiles' columns with groups) and R x D of scaled rows. The caller
-// bounds R so that the strips stay within the size of the gradients (fastcl/ops/one_pass.py).
+// bounds R so that the strips stay within the size of the gradients (fastcl/ops/configs.py).
 //
 // fp32 and fp64 compute in their own precision; bf16 and fp16 inputs are copied to fp32
 // and the gradients stay in fp32 (the autograd Function casts them after scaling).
@@ -42,7 +42,7 @@ namespace {
 using namespace detail;
 
 // Rows per chunk and columns per tile. 0 takes a default that suits direct operator
-// calls (fastcl's loss passes the sizes its rule chooses, fastcl/ops/one_pass.py): at
+// calls (fastcl's loss passes the sizes its rule chooses, fastcl/ops/configs.py): at
 // least one chunk per thread, 256 x 512 blocks.
 Tiling one_pass_tiling(int64_t n_rows, int64_t n_cols, int64_t block_rows, int64_t block_cols, bool grouped) {
   TORCH_CHECK(block_rows >= 0 && block_cols >= 0, "fastcl::infonce_fwd_grad: block_rows and block_cols must be >= 0, "

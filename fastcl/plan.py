@@ -61,7 +61,7 @@ from .ops.configs import ONE_PASS_MIN_ROWS, one_pass_cpu_blocks
 from .ops.configs import backward_strategy as auto_triton_strategy
 from .ops.dispatch import KernelPlan
 from .ops.layout import ColumnLayout
-from .ops.utils import accumulator_dtype, interpreting
+from .ops.utils import accumulator_dtype, cpu_threads, interpreting
 
 BACKENDS = ("auto", "triton", "cpp", "chunked", "dense")
 #: Older backend names, still accepted: "native" (the compiled operators: the C++ kernel
@@ -203,6 +203,9 @@ def choose_strategy(strategy: str, backend: str, x: torch.Tensor, grouped: bool 
         if backend == "triton":
             return auto_triton_strategy(x.dtype, x.shape[1], x.device, grouped=grouped)
         return "workspace" if "workspace" in offered or not offered else offered[0]
+    if strategy in dispatch.GRADIENTS_IN_FORWARD and not reduced and strategy in dispatch.strategies(device, backend):
+        raise ValueError(f"backward_strategy={strategy!r} forms the gradients in the forward, which needs a loss "
+                         "reduced to a scalar (reduction='mean' or 'sum'), not per-row losses (reduction='none')")
     if strategy == "one_pass" and backend == "triton" and x.dtype in (torch.float16, torch.bfloat16):
         raise ValueError("backward_strategy='one_pass' on the Triton kernels takes float32 or float64 inputs: its "
                          "16-bit logit gradients are not yet scaled into range as the recomputing backwards' are "
@@ -221,12 +224,15 @@ def one_pass_applies(backend: str, x: torch.Tensor, grouped: bool, needs_grad: b
     1. a gradient is needed (grad mode on, some input or the temperature requires one)
        and torch.export is not tracing (an exported program runs the forward alone);
     2. ``FASTCL_BACKWARD`` does not name a recomputing strategy;
-    3. Triton: no groups (its products run over every column, where the slab backward
-       skips the tiles without a common group) and float32 / float64 inputs (the 16-bit
-       logit gradients are not scaled into range, see :func:`choose_strategy`);
+    3. Triton: float32 / float64 inputs (the 16-bit logit gradients are not scaled into
+       range, see :func:`choose_strategy`) and no groups (its products run over every
+       column, where the slab backward skips the tiles without a common group);
     4. native: a chunk keeps at least ``ONE_PASS_MIN_ROWS`` rows within the strip budget
        of :func:`~fastcl.ops.configs.one_pass_cpu_blocks` (fewer rows make the dk
        product memory-bound).
+
+    ``FASTCL_BACKWARD=one_pass`` (as ``backward_strategy="one_pass"`` does) waives the
+    cost rules, groups in 3 and 4; ``FASTCL_CPU_TILE_ROWS`` waives 4.
     """
     if not needs_grad or torch.compiler.is_exporting():
         return False
@@ -234,9 +240,11 @@ def one_pass_applies(backend: str, x: torch.Tensor, grouped: bool, needs_grad: b
     if forced and forced != "one_pass":
         return False
     if backend == "triton":
-        return not grouped and x.dtype in (torch.float32, torch.float64)
-    rows, _ = one_pass_cpu_blocks(x.shape[0], n_cols, n_grad_cols, x.shape[1], torch.get_num_threads(), grouped)
-    return rows >= ONE_PASS_MIN_ROWS or os.environ.get("FASTCL_CPU_TILE_ROWS", "") != ""
+        return x.dtype in (torch.float32, torch.float64) and (not grouped or forced == "one_pass")
+    if forced == "one_pass" or os.environ.get("FASTCL_CPU_TILE_ROWS", ""):
+        return True
+    rows, _ = one_pass_cpu_blocks(x.shape[0], n_cols, n_grad_cols, x.shape[1], cpu_threads(), grouped)
+    return rows >= ONE_PASS_MIN_ROWS
 
 
 def needs_gradient(*inputs) -> bool:

@@ -111,9 +111,10 @@ NATIVE = pytest.param("native", marks=pytest.mark.skipif(
 
 def kernel_pair(backend: str, device: torch.device = torch.device("cpu"), dtype=torch.float64, dim: int = 8):
     """The (forward, backward) kernels that ``backend`` (any name info_nce takes, "auto"
-    strategy) runs on ``device``, as the dispatch table holds them."""
+    strategy) runs on ``device`` for per-row losses, as the dispatch table holds them
+    (a strategy that forms the gradients in the forward has no backward of its own)."""
     name = choose_backend(backend, device, 1 << 30)
-    strategy = choose_strategy("auto", name, torch.empty(0, dim, dtype=dtype, device=device))
+    strategy = choose_strategy("auto", name, torch.empty(0, dim, dtype=dtype, device=device), reduced=False)
     return kernels(device.type, name, strategy)
 
 

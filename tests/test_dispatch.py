@@ -92,7 +92,7 @@ def _forward_with_gradients(q, k, params, targets, layout, groups=None, normaliz
     ones = torch.ones_like(lse)
     dq, dk, row_dot = chunked_backward(q, k, params, targets, layout, lse, ones, need_dq, need_dk, groups,
                                        normalize_eps)
-    return lse, target_logit, dq, dk, row_dot
+    return lse - target_logit, dq, dk, row_dot
 
 
 @pytest.fixture
@@ -124,5 +124,5 @@ def test_a_strategy_with_gradients_in_the_forward_plugs_into_the_table(one_pass,
 
 def test_gradients_in_the_forward_are_refused_for_per_row_losses(one_pass):
     a, p, _ = _inputs()
-    with pytest.raises(ValueError, match="'one_pass' is not offered"):
+    with pytest.raises(ValueError, match="'one_pass' forms the gradients in the forward.*reduction='none'"):
         info_nce(a, p, backend="chunked", backward_strategy="one_pass", reduction="none")

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.harness import allocated_above_start, allocation_records
 from fastcl import info_nce
-from fastcl.ops.configs import KernelConfig, override_config
+from fastcl.ops.configs import KernelConfig, one_pass_cpu_blocks, override_config
 
 N, D = 2048, 16
 NM_BYTES = N * N * 4
@@ -61,9 +61,12 @@ def test_chunked_path_never_holds_n_by_m(monkeypatch, options):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter measurement; the GPU test is below")
 def test_triton_path_never_holds_n_by_m():
+    # The slab backward holds no buffer at all. (The workspace backward and the one pass,
+    # "auto" for fp32 losses with gradients, hold a buffer capped by
+    # FASTCL_WORKSPACE_BYTES, 1 GiB by default: all of N x M at this size.)
     big_tiles = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_D=16, BLOCK_D_OUT=16, num_warps=1, num_stages=1)
     with override_config(big_tiles):
-        peak = _peak_cpu_bytes(_step("triton", hard_negative_weight=2.0))
+        peak = _peak_cpu_bytes(_step("triton", hard_negative_weight=2.0, backward_strategy="slab"))
     assert peak < NM_BYTES // 4, f"peak {peak} bytes; N x M would be {NM_BYTES}"
 
 
@@ -93,7 +96,7 @@ def test_native_step_end_to_end_stays_under_five_percent_of_dense():
     n, d = 2048, 768
     a0, p0 = torch.randn(n, d), torch.randn(n, d)
 
-    def step(backend):
+    def step(backend, **options):
         leaves = []  # made outside the measured call, and kept: their gradients stay allocated
 
         def run():
@@ -101,16 +104,27 @@ def test_native_step_end_to_end_stays_under_five_percent_of_dense():
             return leaves
 
         def measured():
-            info_nce(*leaves, backend=backend).backward()
+            info_nce(*leaves, backend=backend, **options).backward()
 
         return run, measured
 
     dense, _ = _transient_cpu_bytes(step("reference"))
-    ours, retained = _transient_cpu_bytes(step("native"))
+    # The recomputing kernel: two blocks per thread.
+    ours, retained = _transient_cpu_bytes(step("native", backward_strategy="workspace"))
     one_input = n * d * 4
     assert retained >= 2 * one_input, "the measurement must see the two input gradients"
     assert ours < 0.05 * dense, f"native transient {ours / 2**20:.1f} MiB vs dense {dense / 2**20:.1f} MiB"
     assert ours < one_input, f"native transient {ours / 2**20:.1f} MiB: a normalized copy is {one_input / 2**20:.0f} MiB"
+    # The one pass ("auto" here) holds a strip of logits and scaled rows per thread, as
+    # large as its rule allows (at most the gradients' size), and hands the gradients it
+    # kept from the forward over to the backward without a copy.
+    threads = torch.get_num_threads()
+    rows, _ = one_pass_cpu_blocks(n, n, n, d, threads, False)
+    strips = threads * rows * (n + d) * 4
+    ours, retained = _transient_cpu_bytes(step("native"))
+    assert retained >= 2 * one_input, "the measurement must see the two input gradients"
+    assert ours < strips + one_input // 2, (f"one pass transient {ours / 2**20:.1f} MiB, strips "
+                                            f"{strips / 2**20:.1f} MiB, gradients {2 * one_input / 2**20:.0f} MiB")
 
 
 @pytest.mark.gpu

@@ -1,21 +1,26 @@
-"""The one pass for reduced losses (fastcl/ops/one_pass.py): the native operator and the
-Triton kernels against the float64 reference for every option at ragged sizes,
-gradcheck, the rule that picks the path, retain_graph and repeated backward, the
+"""The one pass for reduced losses (backward strategy "one_pass": the dispatch entries
+whose forward forms the gradients, ``torch.ops.fastcl.infonce_fwd_grad`` on CPU and the
+Triton launcher of fastcl/ops/infonce_one_pass.py): the native operator and the Triton
+kernels against the float64 reference for every option at ragged sizes, gradcheck, the
+rule that picks the strategy (fastcl.plan), retain_graph and repeated backward, the
 recomputing path where the one pass does not apply, memory, opcheck and torch.compile.
 """
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.autograd import gradcheck
 
 from fastcl import info_nce, native, nt_xent, nt_xent_reference
-from fastcl.ops import one_pass
+from fastcl.ops import function, operators
+from fastcl.ops.configs import ONE_PASS_MIN_ROWS, ONE_PASS_STRIP_FLOOR, one_pass_cpu_blocks
+from fastcl.ops.dispatch import GRADIENTS_IN_FORWARD, Kernels
 from fastcl.ops.layout import ColumnLayout
-from fastcl.ops.one_pass import MIN_ROWS, OnePassFunction, cpu_blocks, plan_one_pass
+from fastcl.plan import LossOptions, choose_strategy, kernel_plan, one_pass_applies
 
 from .helpers import NATIVE, Case, relative_error, run_both
 from .test_memory import _peak_cpu_bytes
@@ -29,21 +34,23 @@ needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1"
 
 @pytest.fixture
 def count_paths(monkeypatch):
-    """Counts the calls that took the one pass and those that took the recomputing path."""
-    from fastcl.ops.infonce import InfoNCEFunction
-
+    """Counts the forwards of the dispatch entries that ran: "one_pass" for an entry that
+    forms the gradients in its forward (``backward`` None), "recompute" for the others."""
     counts = {"one_pass": 0, "recompute": 0}
-    one_pass_apply, recompute_apply = OnePassFunction.apply, InfoNCEFunction.apply
+    lookup = function.kernels
 
-    def counted(name, apply):
-        def run(*args):
+    def counted(device_type, backend, strategy):
+        entry = lookup(device_type, backend, strategy)
+        name = "one_pass" if entry.backward is None else "recompute"
+        assert (strategy in GRADIENTS_IN_FORWARD) == (name == "one_pass"), (device_type, backend, strategy)
+
+        def forward(*args, **kwargs):
             counts[name] += 1
-            return apply(*args)
+            return entry.forward(*args, **kwargs)
 
-        return run
+        return Kernels(forward, entry.backward)
 
-    monkeypatch.setattr(OnePassFunction, "apply", counted("one_pass", one_pass_apply))
-    monkeypatch.setattr(InfoNCEFunction, "apply", counted("recompute", recompute_apply))
+    monkeypatch.setattr(function, "kernels", counted)
     return counts
 
 
@@ -127,10 +134,32 @@ def test_triton_matches_reference(name, workspace_rows, monkeypatch, count_paths
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_other_dtypes(dtype):
+def test_triton_other_dtypes(dtype, count_paths):
     ours, ref = run_both(CASES["everything"], "triton", "cpu", dtype=dtype)
     _assert_close(ours, ref, 1e-5 if dtype == torch.float32 else 2e-2, str(dtype))
     assert ours["anchors"].dtype == dtype
+    # 16-bit inputs recompute on Triton: the one pass does not scale their logit
+    # gradients into range (see test_rule_takes_the_one_pass_for_reduced_losses_with_gradients).
+    one_pass = dtype == torch.float32
+    assert (count_paths["one_pass"] > 0) == one_pass and (count_paths["recompute"] > 0) != one_pass
+
+
+@pytest.mark.parametrize("backend", [NATIVE, pytest.param("triton", marks=needs_interpreter)])
+def test_rows_below_eps_take_eps_exactly_in_float64(backend, count_paths):
+    # Rows whose norm eps clamps are scaled by 1 / eps: eps = 0.1 has no float32 value,
+    # so a kernel that took it as a 32-bit scalar would be off by 1.5e-8.
+    g = torch.Generator().manual_seed(4)
+    a, p, h = (torch.randn(21, 7, dtype=torch.float64, generator=g) for _ in range(3))
+    a[3] *= 0.01
+    a[5] = 0.0
+    p[2] *= 0.003
+    h[7] *= 0.02
+    options = dict(eps=0.1, hard_negative_weight=1.5, temperature=0.3)
+    ours = _loss_and_grads(lambda *x: info_nce(*x, backend=backend, **options), [a, p, h])
+    ref = _loss_and_grads(lambda *x: info_nce(*x, backend="reference", **options), [a, p, h])
+    for o, r in zip(ours, ref):
+        assert relative_error(o, r) < 1e-12
+    assert count_paths == {"one_pass": 1, "recompute": 0}
 
 
 def _loss_and_grads(fn, leaves):
@@ -146,7 +175,6 @@ BACKENDS = [NATIVE, pytest.param("triton", marks=needs_interpreter)]
 def test_groups_and_nt_xent(backend, monkeypatch, count_paths):
     # Masked columns: other groups' keys (blocks without a common group skipped) and
     # NT-Xent's self column. On Triton the rule keeps groups on the slab path; forced here.
-    monkeypatch.setenv("FASTCL_BACKWARD", "one_pass")
     if backend == "native":
         monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "16")
         monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "16")
@@ -156,11 +184,13 @@ def test_groups_and_nt_xent(backend, monkeypatch, count_paths):
     queue = torch.randn(9, d, dtype=torch.float64, generator=g)
     groups = torch.repeat_interleave(torch.arange(n), torch.randint(1, 9, (n,), generator=g))[:n]
     options = dict(hard_negative_weight=2.0, temperature=0.1, groups=groups, symmetric=True)
-    ours = _loss_and_grads(lambda *x: info_nce(*x, queue, backend=backend, **options), [a, p, h])
+    ours = _loss_and_grads(lambda *x: info_nce(*x, queue, backend=backend, backward_strategy="one_pass", **options),
+                           [a, p, h])
     ref = _loss_and_grads(lambda *x: info_nce(*x, queue, backend="reference", **options), [a, p, h])
     for o, r in zip(ours, ref):
         assert relative_error(o, r) < 1e-10
-    ours = _loss_and_grads(lambda x, y: nt_xent(x, y, temperature=0.2, backend=backend), [a, p])
+    ours = _loss_and_grads(lambda x, y: nt_xent(x, y, temperature=0.2, backend=backend, backward_strategy="one_pass"),
+                           [a, p])
     ref = _loss_and_grads(lambda x, y: nt_xent_reference(x, y, temperature=0.2), [a, p])
     for o, r in zip(ours, ref):
         assert relative_error(o, r) < 1e-10
@@ -168,9 +198,10 @@ def test_groups_and_nt_xent(backend, monkeypatch, count_paths):
 
 
 @needs_native
-def test_native_skips_blocks_without_a_common_group(monkeypatch):
+def test_native_skips_blocks_without_a_common_group(monkeypatch, count_paths):
     # Sorted groups of 8 rows, 8 x 8 blocks: only the diagonal blocks hold candidates. A
-    # planted NaN in a row of another group must not reach a skipped block's gradient.
+    # planted NaN in a row of another group must not reach a skipped block's gradient
+    # (a masked block multiplied out would give 0 * NaN = NaN).
     monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "8")
     monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "8")
     n, d = 64, 6
@@ -180,6 +211,16 @@ def test_native_skips_blocks_without_a_common_group(monkeypatch):
     ref = _loss_and_grads(lambda x, y: info_nce(x, y, groups=groups, backend="reference"), [a, p])
     for o, r in zip(ours, ref):
         assert relative_error(o, r) < 1e-12
+    assert count_paths == {"one_pass": 1, "recompute": 0}
+    poisoned = p.clone()
+    poisoned[8] = float("nan")  # group 1
+    loss, da, dp = _loss_and_grads(lambda x, y: info_nce(x, y, groups=groups, backend="native", check_finite=False),
+                                   [a, poisoned])
+    assert count_paths == {"one_pass": 2, "recompute": 0}
+    assert loss.isnan()
+    others = groups != 1
+    assert torch.isnan(da[~others]).all() and torch.isnan(dp[8]).all()
+    assert relative_error(da[others], ref[1][others]) < 1e-12 and relative_error(dp[others], ref[2][others]) < 1e-12
 
 
 # ------------------------------------------------------------------------ gradcheck
@@ -232,72 +273,109 @@ def test_gradcheck_triton(name):
 
 # ------------------------------------------------------------------------- the rule
 
-
-def _plan(**changes):
-    args = dict(reduction="mean", needs_grad=True, backend="native", device=torch.device("cpu"), n_rows=4096,
-                n_cols=4096, n_grad_cols=4096, dim=768, dtype=torch.float32, grouped=False, threads=2)
-    args.update(changes)
-    return plan_one_pass(**args)
+BIG = dict(n_rows=4096, n_cols=4096, n_grad_cols=4096, dim=768)
 
 
-def test_rule_takes_the_one_pass_for_reduced_losses_with_gradients(monkeypatch):
+def _x(n_rows, dim, dtype=torch.float32, device="cpu"):
+    """Queries of a shape without their memory (the rule reads shape, dtype and device)."""
+    if device == "cuda":  # no CUDA tensor without a GPU: what the rule reads of one
+        return SimpleNamespace(shape=(n_rows, dim), dtype=dtype, device=torch.device("cuda"))
+    return torch.empty((), dtype=dtype).expand(n_rows, dim)
+
+
+def _applies(backend="cpp", n_rows=4096, n_cols=4096, n_grad_cols=4096, dim=768, dtype=torch.float32, device="cpu",
+             grouped=False, needs_grad=True):
+    return one_pass_applies(backend, _x(n_rows, dim, dtype, device), grouped, needs_grad, n_cols, n_grad_cols)
+
+
+def _strategy(strategy="auto", backend="cpp", n_rows=4096, n_cols=4096, n_grad_cols=4096, dim=768,
+              dtype=torch.float32, device="cpu", grouped=False, reduced=True, needs_grad=True):
+    return choose_strategy(strategy, backend, _x(n_rows, dim, dtype, device), grouped, reduced, needs_grad, n_cols,
+                           n_grad_cols)
+
+
+def _kernel_plan(needs_grad=True, **options):
+    options.setdefault("backend", "cpp")  # "auto" takes Triton's interpreter under TRITON_INTERPRET=1
+    layout = ColumnLayout(n_cols=4096, n_grad_cols=4096)
+    return kernel_plan(LossOptions(**options).checked(), layout, _x(4096, 768), 4096 * 4096, needs_grad=needs_grad)
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """The rule as on two threads (it sizes the native blocks by the thread count)."""
     for name in ("FASTCL_BACKWARD", "FASTCL_CPU_TILE_ROWS", "FASTCL_CPU_TILE_COLS"):
         monkeypatch.delenv(name, raising=False)
-    assert _plan() == (True, 256, 512, _plan().reason)
-    assert _plan(reduction="sum").one_pass
-    assert _plan(backend="triton", device=torch.device("cpu")).one_pass
-    # Where it does not apply: per-row losses, no gradient, the chunked PyTorch path.
-    assert not _plan(reduction="none").one_pass
-    assert not _plan(needs_grad=False).one_pass
-    assert not _plan(backend="torch").one_pass
-    assert not _plan(backend="reference").one_pass
-    # On CUDA, groups stay on the slab backward unless forced.
-    assert not _plan(backend="triton", device=torch.device("cuda"), grouped=True).one_pass
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+
+@needs_native
+def test_rule_takes_the_one_pass_for_reduced_losses_with_gradients(monkeypatch, two_threads):
+    assert _applies() and one_pass_cpu_blocks(4096, 4096, 4096, 768, 2, False) == (256, 512)
+    assert _kernel_plan().backward == "one_pass" and _kernel_plan().backend == "cpp"
+    assert _kernel_plan(backend="auto").backward == "one_pass"
+    assert _kernel_plan(reduction="sum").backward == "one_pass"
+    assert _kernel_plan(backend="native").backward == "one_pass"
+    assert _strategy(backend="triton") == "one_pass"  # on CPU tensors: the interpreter
+    assert _strategy(backend="triton", device="cuda", dtype=torch.float64) == "one_pass"
+    # Where it does not apply: per-row losses, no gradient, the chunked and dense paths.
+    assert _kernel_plan(reduction="none").backward == "workspace"
+    assert _kernel_plan(needs_grad=False).backward == "workspace"
+    assert not _applies(needs_grad=False)
+    assert _kernel_plan(backend="torch").backward == "workspace"
+    assert _kernel_plan(backend="chunked").backward == "workspace"
+    assert _kernel_plan(backend="reference") is None and _kernel_plan(backend="dense") is None
+    # On Triton: groups stay on the slab backward, 16-bit inputs on a recomputing one,
+    # unless forced (groups) or refused (16-bit: its logit gradients are not scaled).
+    assert _strategy(backend="triton", device="cuda", grouped=True) == "slab"
+    assert _strategy("one_pass", backend="triton", device="cuda", grouped=True) == "one_pass"
+    for dtype in (torch.float16, torch.bfloat16):
+        assert _strategy(backend="triton", dtype=dtype) != "one_pass"
+        with pytest.raises(ValueError, match="one_pass.*float32 or float64"):
+            _strategy("one_pass", backend="triton", dtype=dtype)
+    # Forcing never applies it where it cannot: per-row losses, the chunked path.
+    with pytest.raises(ValueError, match="reduction='none'"):
+        _strategy("one_pass", reduced=False)
+    with pytest.raises(ValueError, match="not offered"):
+        _kernel_plan(backend="chunked", backward_strategy="one_pass")
+    with pytest.raises(ValueError, match="reduction"):
+        info_nce(torch.randn(4, 3), torch.randn(4, 3), reduction="none", backward_strategy="one_pass")
+    # The environment: FASTCL_BACKWARD=one_pass forces it where "auto" would not (groups
+    # on Triton, too few rows per native chunk), never where it cannot; a recomputing
+    # strategy's name keeps every backend off it.
     monkeypatch.setenv("FASTCL_BACKWARD", "one_pass")
-    assert _plan(backend="triton", device=torch.device("cuda"), grouped=True).one_pass
-    assert not _plan(reduction="none").one_pass  # forcing never applies it where it cannot
+    assert _strategy(backend="triton", device="cuda", grouped=True) == "one_pass"
+    assert _strategy(n_cols=1 << 24, n_grad_cols=4096, dim=16) == "one_pass"
+    assert _strategy(reduced=False) == "workspace"
+    assert _strategy(needs_grad=False) == "workspace"
+    assert _strategy(backend="triton", dtype=torch.bfloat16) != "one_pass"
     monkeypatch.setenv("FASTCL_BACKWARD", "slab")
-    assert not _plan().one_pass
+    assert not _applies() and _strategy() == "workspace"
     monkeypatch.setenv("FASTCL_BACKWARD", "workspace")
-    assert not _plan(backend="triton").one_pass
+    assert not _applies(backend="triton") and _strategy(backend="triton") == "workspace"
 
 
-def test_rule_bounds_the_strips_by_the_gradients(monkeypatch):
-    monkeypatch.delenv("FASTCL_CPU_TILE_ROWS", raising=False)
-    monkeypatch.delenv("FASTCL_CPU_TILE_COLS", raising=False)
+def test_rule_bounds_the_strips_by_the_gradients(monkeypatch, two_threads):
     # At least one chunk per thread, at most 256 rows.
-    assert cpu_blocks(300, 300, 300, 768, 2, False) == (150, 512)
-    assert cpu_blocks(4096, 4096, 4096, 768, 1, False) == (256, 512)
+    assert one_pass_cpu_blocks(300, 300, 300, 768, 2, False) == (150, 512)
+    assert one_pass_cpu_blocks(4096, 4096, 4096, 768, 1, False) == (256, 512)
     for n, m, d, threads in [(2048, 2048, 16, 2), (8192, 8192, 16, 2), (4096, 12288, 64, 4), (1000, 1000, 128, 1),
                              (65536, 65536, 768, 2)]:
-        rows, _ = cpu_blocks(n, m, n, d, threads, False)
+        rows, _ = one_pass_cpu_blocks(n, m, n, d, threads, False)
         strips = threads * rows * (m + d)
-        assert strips <= max(threads * one_pass.STRIP_FLOOR, (n + n) * d), (n, m, d, threads, rows)
+        assert strips <= max(threads * ONE_PASS_STRIP_FLOOR, (n + n) * d), (n, m, d, threads, rows)
     # Groups: small blocks, strips of the visited tiles only.
-    assert cpu_blocks(10000, 10000, 10000, 64, 2, True) == (64, 64)
+    assert one_pass_cpu_blocks(10000, 10000, 10000, 64, 2, True) == (64, 64)
     # Too few rows within the budget: the recomputing path.
-    monkeypatch.delenv("FASTCL_BACKWARD", raising=False)
-    huge = _plan(n_rows=4096, n_cols=1 << 24, n_grad_cols=4096, dim=16)
-    assert not huge.one_pass and "recompute" in huge.reason
-    assert cpu_blocks(4096, 1 << 24, 4096, 16, 2, False)[0] < MIN_ROWS
+    assert one_pass_cpu_blocks(4096, 1 << 24, 4096, 16, 2, False)[0] < ONE_PASS_MIN_ROWS
+    assert not _applies(n_cols=1 << 24, dim=16)
+    assert _strategy(n_cols=1 << 24, dim=16) == "workspace"
     monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "7")
     monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "9")
-    assert cpu_blocks(4096, 4096, 4096, 768, 2, False) == (7, 9)
+    assert one_pass_cpu_blocks(4096, 4096, 4096, 768, 2, False) == (7, 9)
+    assert _applies(n_cols=1 << 24, dim=16)  # blocks set by hand: taken as given
     monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "zero")
     with pytest.raises(ValueError, match="FASTCL_CPU_TILE_ROWS"):
-        cpu_blocks(4096, 4096, 4096, 768, 2, False)
-
-
-def test_tiny_cpu_batches_take_the_native_kernel(monkeypatch):
-    # Below TINY_LOGITS the dense reference was the CPU's choice; the native kernel is
-    # faster at every size there (one call, no N x M tensors).
-    from fastcl.loss import TINY_LOGITS, _choose_backend
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    expected = "native" if native.available() else "reference"
-    assert _choose_backend("auto", torch.device("cpu"), 16) == expected
-    assert _choose_backend("auto", torch.device("cpu"), TINY_LOGITS) == expected
-    assert _choose_backend("auto", torch.device("cuda"), TINY_LOGITS) == "reference"
+        one_pass_cpu_blocks(4096, 4096, 4096, 768, 2, False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -400,20 +478,23 @@ def test_native_is_deterministic_across_runs_and_thread_counts(monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("n, d", [(2048, 16), (1024, 128), (512, 768)])
-def test_native_memory_stays_within_twice_the_recomputing_path(n, d, monkeypatch):
+def test_native_memory_stays_within_twice_the_recomputing_path(n, d, monkeypatch, count_paths):
     monkeypatch.delenv("FASTCL_CPU_TILE_ROWS", raising=False)
     monkeypatch.delenv("FASTCL_CPU_TILE_COLS", raising=False)
     a, p, h = (torch.randn(n, d, requires_grad=True) for _ in range(3))
 
-    def step():
-        info_nce(a, p, h, backend="native").backward()
-        for x in (a, p, h):
-            x.grad = None
+    def step(strategy):
+        def run():
+            info_nce(a, p, h, backend="native", backward_strategy=strategy).backward()
+            for x in (a, p, h):
+                x.grad = None
 
-    monkeypatch.setenv("FASTCL_BACKWARD", "one_pass")
-    ours = _peak_cpu_bytes(step)
-    monkeypatch.setenv("FASTCL_BACKWARD", "slab")
-    recompute = _peak_cpu_bytes(step)
+        return run
+
+    ours = _peak_cpu_bytes(step("one_pass"))
+    assert count_paths == {"one_pass": 2, "recompute": 0}
+    recompute = _peak_cpu_bytes(step("workspace"))
+    assert count_paths == {"one_pass": 2, "recompute": 2}
     gradients = 3 * n * d * 4
     assert ours <= 2 * recompute, f"one pass {ours} bytes, recomputing path {recompute}"
     logits = n * 2 * n * 4
@@ -488,13 +569,13 @@ def test_operator_equals_forward_then_backward(variant, normalize_eps):
     # The one-pass operator returns what the two recomputing operators return for
     # grad_rows = row_weight: the per-row losses, dq, dk and the temperature's row sums.
     q, k, params, tgt, layout, groups = _op_inputs(*OPCHECK_VARIANTS[variant], n=57)
-    loss_rows, dq, dk, row_dot = native.operator_forward_grad(q, k, params, tgt, layout, 0.25, groups=groups,
-                                                              normalize_eps=normalize_eps, block_rows=8,
-                                                              block_cols=11)
-    lse, target_logit = native.operator_forward(q, k, params, tgt, layout, groups=groups, normalize_eps=normalize_eps)
+    loss_rows, dq, dk, row_dot = torch.ops.fastcl.infonce_fwd_grad(
+        *_op_args(q, k, params, tgt, layout, groups, blocks=(8, 11)), normalize_eps)
+    lse, target_logit = operators.operator_forward(q, k, params, tgt, layout, groups=groups,
+                                                   normalize_eps=normalize_eps)
     grad_rows = torch.full_like(lse, 0.25)
-    dq_ref, dk_ref, row_dot_ref = native.operator_backward(q, k, params, tgt, layout, lse, grad_rows, groups=groups,
-                                                           normalize_eps=normalize_eps)
+    dq_ref, dk_ref, row_dot_ref = operators.operator_backward(q, k, params, tgt, layout, lse, grad_rows,
+                                                              groups=groups, normalize_eps=normalize_eps)
     acc = lse.dtype
     assert loss_rows.dtype == dq.dtype == dk.dtype == row_dot.dtype == acc
     tol = 1e-12 if acc == torch.float64 else 1e-5
@@ -523,10 +604,14 @@ def test_operators_accept_an_empty_hard_segment_past_the_columns():
     k = torch.randn(16, q.shape[1], dtype=torch.float64)
     layout = ColumnLayout(n_cols=16, n_grad_cols=16, hard_start=24, n_hard=0, gauss_start=16)
     targets = torch.arange(8, 16)
-    lse, target_logit = native.operator_forward(q, k, params, targets, layout)
-    loss_rows, dq, dk, _ = native.operator_forward_grad(q, k, params, targets, layout, 0.5)
+    lse, target_logit = operators.operator_forward(q, k, params, targets, layout)
+    loss_rows, dq, dk, _ = torch.ops.fastcl.infonce_fwd_grad(*_op_args(q, k, params, targets, layout, None, weight=0.5))
     assert relative_error(loss_rows, lse - target_logit) < 1e-12
-    dq_ref, dk_ref, _ = native.operator_backward(q, k, params, targets, layout, lse, torch.full_like(lse, 0.5))
+    dq_ref, dk_ref, _ = operators.operator_backward(q, k, params, targets, layout, lse, torch.full_like(lse, 0.5))
+    assert relative_error(dq, dq_ref) < 1e-12 and relative_error(dk, dk_ref) < 1e-12
+    # The dispatch entry's wrapper: row gradients of 1, its blocks from the rule.
+    loss_rows, dq, dk, _ = operators.operator_forward_grad(q, k, params, targets, layout)
+    dq_ref, dk_ref, _ = operators.operator_backward(q, k, params, targets, layout, lse, torch.ones_like(lse))
     assert relative_error(dq, dq_ref) < 1e-12 and relative_error(dk, dk_ref) < 1e-12
 
 
@@ -538,7 +623,7 @@ def test_cuda_kernel_of_the_operator_matches_the_cpu_kernel():
     from fastcl.ops.infonce_one_pass import infonce_forward_grad
 
     q, k, params, tgt, layout, groups = _op_inputs(torch.float64, True, True, True, n=29)
-    cpu = native.operator_forward_grad(q, k, params, tgt, layout, 0.5, normalize_eps=0.375)
+    cpu = torch.ops.fastcl.infonce_fwd_grad(*_op_args(q, k, params, tgt, layout, None, weight=0.5), 0.375)
     tri = infonce_forward_grad(q, k, params, tgt, layout, 0.5, normalize_eps=0.375, chunk_rows=10)
     for got, want in zip(tri, cpu):
         assert relative_error(got, want) < 1e-12

@@ -81,12 +81,34 @@ class InfoNCEFunction(torch.autograd.Function):
         return (dq if need_q else None), (dk if need_k else None), None, d_inv_tau, None, None, None
 
 
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``): then the
+    saved gradients must stay as they are for the next backward. True when unknown."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except Exception:  # noqa: BLE001 - a torch without this query: always copy
+        return True
+
+
 def _scaled(saved, grad_rows, dtypes):
     """Gradients formed in the forward for row gradients of 1, times the incoming ones.
     dq and row_dot are linear in each row's own gradient; dk sums over rows, so it takes
-    the common value (the loss was reduced to a scalar: every row's gradient is equal)."""
+    the common value (the loss was reduced to a scalar: every row's gradient is equal).
+
+    When the graph is not kept, the saved gradients are scaled in place and handed over:
+    nothing reads them again, and a copy would hold a second (N + M) x D of gradients at
+    the step's peak. A retained graph (or a compiled backward) gets scaled copies, so
+    every backward sees the same saved gradients."""
     dq, dk, row_dot = saved
     g = grad_rows.to(row_dot.dtype if row_dot is not None else grad_rows.dtype)
-    return ((dq * g[:, None]).to(dtypes[0]) if dq is not None else None,
-            (dk * g[0]).to(dtypes[1]) if dk is not None else None,
+    in_place = not torch.compiler.is_compiling() and not _graph_is_kept()
+
+    def scale(x, factor, dtype):
+        if x is None:
+            return None
+        if x.dtype != dtype or not in_place:
+            return (x * factor).to(dtype)
+        return x.mul_(factor)
+
+    return (scale(dq, g[:, None] if dq is not None else None, dtypes[0]), scale(dk, g[0], dtypes[1]),
             row_dot * g if row_dot is not None else None)

@@ -58,7 +58,7 @@ from .tiles import (
     groups_overlap, load_groups, load_params, load_projections, load_scales, load_targets, logit_tile,
     similarity_tile,
 )
-from .utils import accumulator_dtype, dot_precision, interpreting, upcast_for_interpreter
+from .utils import accumulator_dtype, dot_precision, eps_tensor, interpreting, upcast_for_interpreter
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _one_pass_logits_kernel(
     gauss_start,
     self_start,
     n_self,
-    eps,  # the normalization's lower bound on a norm (NORMALIZED only)
+    eps_ptr,  # the normalization's lower bound on a norm, in the accumulator dtype (NORMALIZED only)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -106,6 +106,7 @@ def _one_pass_logits_kernel(
     BLOCK_D: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    eps = tl.load(eps_ptr)  # from memory: a float argument would be rounded to fp32
     local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row within the chunk
     rows = row0 + local
     row_in = local < n_chunk_rows
@@ -174,7 +175,7 @@ def _one_pass_grads_kernel(
     stride_part,
     stride_w,
     stride_ds,
-    eps,
+    eps_ptr,
     HAS_TARGETS: tl.constexpr,
     GROUPED: tl.constexpr,
     NORMALIZED: tl.constexpr,
@@ -223,6 +224,7 @@ def _one_pass_grads_kernel(
         probs = tl.exp(logits - lse[:, None])
         ds = weight * tl.where(cols[None, :] == targets[:, None], probs - 1.0, probs) * inv_tau
         if NORMALIZED:
+            eps = tl.load(eps_ptr)
             ds = ds * load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)[:, None]
             ds = ds * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
         tl.store(out_ptrs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
@@ -242,7 +244,7 @@ def _one_pass_rows_kernel(
     dim,
     stride_grad,
     stride_x,
-    eps,
+    eps_ptr,
     NORMALIZED: tl.constexpr,
     WRITE_DOT: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -263,7 +265,7 @@ def _one_pass_rows_kernel(
     if WRITE_DOT:
         tl.store(dot_ptr + rows, dot / inv_tau, mask=row_in)
     if NORMALIZED:
-        coef = dot * load_projections(norm_ptr, rows, n_rows, eps)
+        coef = dot * load_projections(norm_ptr, rows, n_rows, tl.load(eps_ptr))
         for d0 in range(0, dim, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             mask = row_in[:, None] & (dd[None, :] < dim)
@@ -303,10 +305,13 @@ def one_pass_signature(kernel: str, t: str, acc: str, flags: dict, sig: dict, si
     fastcl.ops.compile_report: ``t`` / ``acc`` the Triton names of the input and
     accumulator dtypes, the other arguments the report's common pieces."""
     if kernel == "one_pass_logits":
-        sig = dict(sig, w_ptr=f"*{acc}", part_max_ptr=f"*{acc}", part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}",
+        # The common pieces up to the norms; the forward's and backward's outputs, tile
+        # ranges and operand scales are not this kernel's.
+        sig = {name: sig[name] for name in ("q_ptr", "k_ptr", "params_ptr", "targets_ptr", "row_groups_ptr",
+                                            "key_groups_ptr", "q_norm_ptr", "k_norm_ptr")}
+        sig.update(w_ptr=f"*{acc}", part_max_ptr=f"*{acc}", part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}",
                    row0="i32", n_chunk_rows="i32", **sizes, stride_w="i32", split_cols="i32", stride_part="i32",
                    **segments)
-        sig.pop("lse_ptr", None)
         return _one_pass_logits_kernel, sig, flags, blocks
     grads_flags = {k: flags[k] for k in ("HAS_TARGETS", "GROUPED", "NORMALIZED", "ACC_FP64")}
     if kernel == "one_pass_grads":
@@ -314,12 +319,12 @@ def one_pass_signature(kernel: str, t: str, acc: str, flags: dict, sig: dict, si
                    q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}", w_ptr=f"*{acc}", part_max_ptr=f"*{acc}",
                    part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}", ds_ptr=f"*{t}", loss_ptr=f"*{acc}",
                    row0="i32", n_chunk_rows="i32", n_rows="i32", n_cols="i32", n_grad_cols="i32", n_splits="i32",
-                   stride_part="i32", stride_w="i32", stride_ds="i32", eps="fp32")
+                   stride_part="i32", stride_w="i32", stride_ds="i32", eps_ptr=f"*{acc}")
         return _one_pass_grads_kernel, sig, grads_flags, dict(BLOCK_M=GRADS_BLOCKS["BLOCK_M"],
                                                               BLOCK_N=GRADS_BLOCKS["BLOCK_N"])
     if kernel == "one_pass_rows":
         sig = dict(grad_ptr=f"*{acc}", x_ptr=f"*{t}", norm_ptr=f"*{acc}", params_ptr=f"*{acc}", dot_ptr=f"*{acc}",
-                   n_rows="i32", dim="i32", stride_grad="i32", stride_x="i32", eps="fp32")
+                   n_rows="i32", dim="i32", stride_grad="i32", stride_x="i32", eps_ptr=f"*{acc}")
         return _one_pass_rows_kernel, sig, dict(NORMALIZED=flags["NORMALIZED"], WRITE_DOT=True), dict(
             BLOCK_R=ROWS_BLOCKS["BLOCK_R"], BLOCK_D=ROWS_BLOCKS["BLOCK_D"])
     raise ValueError(f"unknown one-pass kernel {kernel!r}")
@@ -405,7 +410,7 @@ def infonce_forward_grad(
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (loss_rows, loss_rows)
     row_groups, key_groups = groups if groups is not None else (loss_rows, loss_rows)
     targets_arg = targets if targets is not None else loss_rows
-    eps = normalize_eps if normalized else 0.0
+    eps = eps_tensor(normalize_eps, acc, device)
     cfg = kernel_config("forward", q.dtype, dim, device)
     grads_blocks = _INTERPRETER_GRADS_BLOCKS if interpreting() else GRADS_BLOCKS
     row_blocks = triton.cdiv(chunk, cfg.BLOCK_M)

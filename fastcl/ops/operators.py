@@ -43,7 +43,7 @@ import torch
 from .. import native
 from .configs import one_pass_cpu_blocks
 from .layout import ColumnLayout
-from .utils import accumulator_dtype
+from .utils import accumulator_dtype, cpu_threads
 
 _LAYOUT_SCHEMA = ("int n_cols, int n_grad_cols, int hard_start, int n_hard, int gauss_start, float log_hard_weight, "
                   "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups")
@@ -212,7 +212,7 @@ def operator_forward_grad(q, k, params, targets, layout: ColumnLayout, groups=No
     block_rows, block_cols = 0, 0
     if q.device.type == "cpu":
         block_rows, block_cols = one_pass_cpu_blocks(q.shape[0], layout.n_cols, layout.n_grad_cols, q.shape[1],
-                                                     torch.get_num_threads(), groups is not None)
+                                                     cpu_threads(), groups is not None)
     loss_rows, dq, dk, row_dot = _call(torch.ops.fastcl.infonce_fwd_grad, q, k, params, targets, layout, groups, 1.0,
                                        need_dq, need_dk, block_rows, block_cols, normalize_eps)
     return (loss_rows, (dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),

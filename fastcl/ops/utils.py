@@ -15,6 +15,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result  # read while tracing: the graph keeps the number
+def cpu_threads() -> int:
+    """torch's intra-op thread count, which sizes the native kernel's blocks; a compiled
+    graph holds the value it had when traced (a plain call would break the graph)."""
+    return torch.get_num_threads()
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Row statistics and matrix-product accumulators: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
