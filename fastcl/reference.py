@@ -77,8 +77,8 @@ def info_nce_reference(
 
     ``hardness_mode`` adds ``hardness_strength * cos`` (no gradient, not divided by the
     temperature) to query_to_doc entries other than the target: ``"in_batch_negatives"``
-    those that are not row i's own documents, ``"hard_negatives"`` its own hard
-    negatives, ``"all_negatives"`` all of them. ``false_negative_margin`` m drops, in
+    those that are not row i's own hard negatives (nor its target), ``"hard_negatives"``
+    its own hard negatives, ``"all_negatives"`` all of them. ``false_negative_margin`` m drops, in
     every direction, each entry of row i (other than its positive) whose cosine exceeds
     ``cos(a_i, c_{t_i}) + m`` (no gradient through the decision). ``symmetric`` is
     ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"``.
@@ -128,7 +128,8 @@ def info_nce_reference(
     targets = labels.to(torch.int64) if labels is not None else rows
     is_target = cols[None, :] == targets[:, None]
     if hardness_mode is not None and hardness_strength != 0.0:
-        penalized = {"in_batch_negatives": ~own_docs, "hard_negatives": own_hard,
+        # With labels the target takes the place of the own positive (column i).
+        penalized = {"in_batch_negatives": ~own_hard, "hard_negatives": own_hard,
                      "all_negatives": torch.ones_like(own_docs)}[hardness_mode] & ~is_target
         logits = logits + torch.where(penalized, hardness_strength * sim.detach(), torch.zeros_like(sim))
     masked = torch.zeros_like(logits, dtype=torch.bool)
