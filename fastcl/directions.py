@@ -113,6 +113,11 @@ def doc_to_doc_layout(n_queries: int, n_all: int, k_blocks: int, offset: int = 0
                         log_hard_weight=float("-inf") if k_blocks else 0.0, self_start=offset, n_self=n_queries)
 
 
+def candidate_rows(k_grad: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """The rows that labels index: ``[positives; hard blocks; extra negatives]``."""
+    return k_grad if extra is None else torch.cat([k_grad, extra.detach().to(k_grad.dtype)])
+
+
 def _unit(x: torch.Tensor, eps: float | None) -> torch.Tensor:
     x = x.to(accumulator_dtype(x.dtype))
     return x if eps is None else F.normalize(x, dim=-1, eps=eps)

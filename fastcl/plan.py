@@ -44,8 +44,8 @@ import torch
 from . import native
 from .checks import Inputs, check_inputs
 from .directions import (
-    DEFAULT_DIRECTIONS, DOC_TO_DOC, DOC_TO_QUERY, QUERY_TO_QUERY, check_family_options, doc_to_doc_layout,
-    hard_blocks, hardness_fields, margin_thresholds, n_hard_blocks, positive_logits, query_to_query_layout,
+    DEFAULT_DIRECTIONS, DOC_TO_DOC, DOC_TO_QUERY, QUERY_TO_QUERY, candidate_rows, check_family_options,
+    doc_to_doc_layout, hard_blocks, hardness_fields, margin_thresholds, n_hard_blocks, positive_logits, query_to_query_layout,
 )
 from .gaussian import gaussian_negatives
 from .numerics import check_eps, check_flag, check_real, check_temperature_float
@@ -327,7 +327,7 @@ def plan_info_nce(options: LossOptions, anchors, positives, hard_negatives=None,
     group_ids = (row_groups, row_groups.repeat(1 + k_blocks)) if grouped else None
     inv_tau = inverse_temperature(options.temperature, x.anchors)
     eps = plan.normalize_eps
-    target_rows = k_grad[:n] if targets is None else _candidate_rows(k_grad, x.extra_negatives)[targets]
+    target_rows = k_grad[:n] if targets is None else candidate_rows(k_grad, x.extra_negatives)[targets]
     thresholds = margin_thresholds(q, target_rows, options.margin, eps)
     rows = FunctionArgs(q, k_grad, constant_rows(x.extra_negatives, gaussian), inv_tau, targets, group_ids, plan,
                         thresholds)
@@ -342,11 +342,6 @@ def plan_info_nce(options: LossOptions, anchors, positives, hard_negatives=None,
                   for d, o in zip(same_tower, others))
     positive = positive_logits(q, target_rows, inv_tau, eps) if terms else None
     return LossPlan(options, x, gaussian, rows, columns, terms, positive)
-
-
-def _candidate_rows(k_grad: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-    """The rows that labels index: ``[positives; hard blocks; extra negatives]``."""
-    return k_grad if extra is None else torch.cat([k_grad, extra.detach().to(k_grad.dtype)])
 
 
 def plan_nt_xent(options: LossOptions, z1, z2) -> LossPlan:

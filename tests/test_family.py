@@ -274,9 +274,13 @@ def test_auto_takes_the_chunked_path_for_rules_the_kernels_lack(options, k):
     from fastcl.plan import LossOptions, plan_info_nce
 
     a, p, h, _ = _inputs(300, 4, k, 0, seed=1)  # above the dense path's size
+    from fastcl import native
+
     plan = plan_info_nce(LossOptions(**options).checked(), a, p, h if k > 1 else h[:, 0])
-    needed = {dispatch.LAYOUT_FEATURES[f] for f in dispatch.FEATURES["chunked"] - dispatch.FEATURES["cpp"]}
-    assert plan.rows.plan.backend == ("chunked" if needed else "cpp")
+    needed = dispatch.layout_features(plan.rows.plan.layout, "false_negative_margin" in options)
+    assert needed  # the case needs a rule beyond the original layout
+    lacking = not needed <= dispatch.FEATURES["cpp"]
+    assert plan.rows.plan.backend == ("chunked" if lacking or not native.available() else "cpp")
 
 
 REFUSALS = [
@@ -483,3 +487,24 @@ def test_chunked_path_never_holds_n_by_m_with_the_options(monkeypatch):
     assert _peak_cpu_bytes(step("dense")) > smallest_block  # the measurement sees a dense matrix
     peak = _peak_cpu_bytes(step("chunked"))
     assert peak < smallest_block // 2, f"peak {peak} bytes; one N x N block would be {smallest_block}"
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(directions=ALL4), "directions="),
+    (dict(directions=(Q2D, D2Q)), "partition_mode='joint'"),
+    (dict(hardness_mode="hard_negatives", hardness_strength=1.0), "hardness_mode"),
+    (dict(false_negative_margin=0.1), "false_negative_margin"),
+    (dict(k=2), "K > 1"),
+], ids=["gte", "d2q-joint", "hardness", "margin", "k2"])
+def test_ring_refuses_what_it_does_not_compute(options, message):
+    from fastcl.distributed import ring_info_nce
+
+    from .helpers import free_port, gloo_group
+
+    options = dict(options)
+    a, p, h, _ = _inputs(4, 3, options.pop("k", 1), 0, seed=0)
+    with gloo_group(0, 1, free_port()):
+        with pytest.raises(ValueError, match=f"ring_info_nce does not compute .*{message}"):
+            ring_info_nce(a, p, h, **options)
+        # What it computes still runs: one hard negative per anchor, both directions.
+        ring_info_nce(a, p, h[:, 0], directions=(Q2D, D2Q), partition_mode="per_direction")
