@@ -294,9 +294,23 @@ def _fastcl_factory(backend: str) -> Callable[[Spec], LossFn]:
     return make
 
 
+def _needed_rules(spec: Spec) -> frozenset[str]:
+    """The layout rules (fastcl.ops.dispatch.LAYOUT_FEATURES) the spec's options need."""
+    needed = set()
+    if spec.hard and spec.k > 1:
+        needed.add("hard_blocks")
+    if spec.gte and spec.hard:
+        needed.add("masked_hard")
+    if spec.margin is not None:
+        needed.add("margin")
+    return frozenset(needed)
+
+
 def fastcl_backend(impl: Impl, spec: Spec) -> str | None:
     """The backend a fastcl implementation runs at this size (None for the others)."""
-    return chosen_backend(impl.backend, spec.device, spec.n_logits()) if impl.backend else None
+    if not impl.backend:
+        return None
+    return chosen_backend(impl.backend, spec.device, spec.n_logits(), _needed_rules(spec))
 
 
 def _group_flops(impl_backend: str) -> Callable[[Spec], float | None]:
