@@ -98,6 +98,10 @@ def info_nce_reference(
         unit = lambda x: x  # noqa: E731
 
     a, p = unit(anchors), unit(positives)
+    if isinstance(temperature, torch.Tensor):
+        # Widened once: every direction divides by it, and a half-precision temperature
+        # must receive one gradient formed in the wide dtype, not a half-precision sum.
+        temperature = temperature.to(torch.promote_types(temperature.dtype, a.dtype))
     n_blocks = 0
     docs = [p]
     if hard_negatives is not None:
