@@ -80,6 +80,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--dtype", default=None, choices=sorted(DTYPES), help="input dtype. Default CUDA bf16, CPU fp32")
     add("--hard", action="store_true", help="supervised shape: one hard negative per anchor, shared by all (M = 2N)")
     add("--symmetric", action="store_true", help="average with the column direction of the in-batch block (CLIP)")
+    add("--hard-k", type=int, default=None,
+        help="K hard negatives per anchor (N x K x D; each also a negative for every other anchor, "
+             "sentence-transformers' layout): implies --hard, M = (K + 1) N")
+    add("--gte", action="store_true",
+        help="all four directions in one softmax (GTE's improved contrastive loss; queries against queries and "
+             "documents against documents too), with the false-negative margin --margin")
+    add("--margin", type=float, default=None,
+        help="false-negative margin (Qwen3-Embedding: 0.1): drop candidates more similar than the positive plus "
+             "this; default 0.1 with --gte, else none")
     add("--temperature", type=float, default=None, help="tau (default 0.05; NT-Xent 0.1)")
     add("--impls", type=_str_list, default=None,
         help="comma list of implementations (default: all for the device); see --list")
@@ -132,6 +141,10 @@ def apply_defaults(args, device, family) -> None:
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if getattr(args, "hard_k", None):
+        args.hard = True
+    if getattr(args, "gte", False) and args.margin is None:
+        args.margin = 0.1
     if args.fp32_precision is None:
         args.fp32_precision = "high" if device.type == "cuda" else "highest"
     if args.ref_max_flops is None:

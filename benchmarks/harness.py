@@ -235,15 +235,16 @@ def quiet_stderr():
 # ------------------------------------------------------------------------ the inputs
 
 
-def make_inputs(n, d, dtype, device, hard: bool, seed: int, group_size: int | None = None):
+def make_inputs(n, d, dtype, device, hard: bool, seed: int, group_size: int | None = None, k: int = 1):
     """Anchors a, positives p = a + 2 noise (cosine ~0.45), hard negatives h = a + 2.5
     noise (~0.37), rows of norm ~1 (randn / sqrt(D)): a loss between 0.3 and 3 over the
     usual sizes, not the near-uniform softmax of independent random rows. NT-Xent takes
     (a, p) as its two views. With ``group_size`` (tokens), a vector shared by the G tokens
     of each sequence is added to their anchors and positives, so a token's in-sequence
     negatives are closer to it (cosine ~0.3) than random rows, as contextual token
-    embeddings are. Drawn in fp32 on the device, then cast; every tensor is a leaf that
-    requires grad."""
+    embeddings are. With ``k`` > 1 the hard negatives are N x k x D, each row a + 2.5
+    noise. Drawn in fp32 on the device, then cast; every tensor is a leaf that requires
+    grad."""
     import torch
 
     gen = torch.Generator(device=device)
@@ -258,7 +259,11 @@ def make_inputs(n, d, dtype, device, hard: bool, seed: int, group_size: int | No
     if group_size:
         shared = randn(n // group_size).repeat_interleave(group_size, dim=0)
         a, p = a + shared, p + shared
-    tensors = [a, p] + ([a + 2.5 * randn()] if hard else [])
+    if k > 1:
+        hard_rows = torch.stack([a + 2.5 * randn() for _ in range(k)], dim=1)
+    else:
+        hard_rows = a + 2.5 * randn()
+    tensors = [a, p] + ([hard_rows] if hard else [])
     return tuple(t.to(dtype).requires_grad_() for t in tensors)
 
 

@@ -41,6 +41,7 @@ from internals import backward_strategies, chosen_backend, forced_backward
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 LOSSES = ("infonce", "nt_xent", "groups")
+GTE_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PEERS = ("memeff", "inf-cl", "cce")
 
 
@@ -63,6 +64,24 @@ class Spec:
     compile_mode: str = "default"
     loss: str = "infonce"
     group_size: int | None = None  # G, tokens per sequence (groups only)
+    k: int = 1  # hard negatives per anchor (with hard)
+    gte: bool = False  # all four directions in one softmax
+    margin: float | None = None  # the false-negative margin
+
+    @property
+    def family_options(self) -> dict:
+        """fastcl's keywords for the loss-family options of this spec (none by default)."""
+        options = {}
+        if self.gte:
+            options["directions"] = GTE_DIRECTIONS
+        if self.margin is not None:
+            options["false_negative_margin"] = self.margin
+        return options
+
+    @property
+    def plain(self) -> bool:
+        """SimCSE's shape: at most one hard negative per anchor, one direction, no margin."""
+        return self.k == 1 and not self.gte and self.margin is None
 
     def n_logits(self) -> int:
         """The logits fastcl's dispatch counts for this call (it picks a backend by it)."""
@@ -128,6 +147,33 @@ def dense_loss(a, p, h, *, temperature: float, symmetric: bool = False) -> torch
     return loss
 
 
+def dense_family_loss(a, p, h, *, temperature: float, gte: bool, margin: float | None) -> torch.Tensor:
+    """The loss family as people write it (sentence-transformers' MultipleNegativesRankingLoss
+    with a margin mask, as Qwen3-Embedding's training code does): every similarity matrix
+    at once, masks, one log-sum-exp. ``h`` is N x K x D (or N x D, or None)."""
+    n = a.shape[0]
+    q, d = F.normalize(a, dim=-1), F.normalize(p, dim=-1)
+    hard = [] if h is None else [F.normalize(x, dim=-1) for x in (h.unbind(1) if h.dim() == 3 else [h])]
+    docs = torch.cat([d, *hard])
+    eye = torch.eye(n, dtype=torch.bool, device=a.device)
+    scores = {"query_to_doc": q @ docs.T}
+    if gte:
+        scores["query_to_query"] = (q @ q.T).masked_fill(eye, float("-inf"))
+        scores["doc_to_query"] = d @ q.T
+        scores["doc_to_doc"] = (d @ docs.T).masked_fill(eye.repeat(1, 1 + len(hard)), float("-inf"))
+    positive = scores["query_to_doc"].diagonal()
+    if margin is not None:
+        threshold = positive.detach()[:, None] + margin
+        for name, s in scores.items():
+            # The positive pair (column i of query_to_doc and doc_to_query) is never dropped.
+            keep = torch.arange(s.shape[1], device=a.device)[None, :] == torch.arange(n, device=a.device)[:, None]
+            if name in ("query_to_query", "doc_to_doc"):
+                keep = torch.zeros_like(keep)
+            scores[name] = s.masked_fill((s.detach() > threshold) & ~keep, float("-inf"))
+    logits = _logits_fp32(torch.cat(list(scores.values()), dim=1), temperature)
+    return (torch.logsumexp(logits, dim=1) - _logits_fp32(positive, temperature)).mean()
+
+
 def dense_nt_xent(z1, z2, *, temperature: float) -> torch.Tensor:
     """NT-Xent as people write it: the 2N x 2N logits of z = [z1; z2], the diagonal
     masked, cross-entropy against the other view."""
@@ -172,6 +218,8 @@ def dense_form(spec: Spec, masked: bool = False) -> LossFn:
             groups = sequence_ids(spec)
             return lambda a, p, _: dense_masked_grouped(a, p, groups, temperature=tau)
         return lambda a, p, _: dense_grouped(a, p, group_size=spec.group_size, temperature=tau)
+    if not spec.plain:
+        return lambda a, p, h: dense_family_loss(a, p, h, temperature=tau, gte=spec.gte, margin=spec.margin)
     return lambda a, p, h: dense_loss(a, p, h, temperature=tau, symmetric=spec.symmetric)
 
 
@@ -241,14 +289,29 @@ def _fastcl_factory(backend: str, strategy: str = "auto") -> Callable[[Spec], Lo
         if spec.loss == "groups":
             groups = sequence_ids(spec)  # built once: part of the data, not of the loss
             return lambda a, p, _: fastcl.info_nce(a, p, temperature=tau, groups=groups, **options)
+        options = {**options, **spec.family_options}
         return lambda a, p, h: fastcl.info_nce(a, p, h, temperature=tau, symmetric=spec.symmetric, **options)
 
     return make
 
 
+def _needed_rules(spec: Spec) -> frozenset[str]:
+    """The layout rules (fastcl.ops.dispatch.LAYOUT_FEATURES) the spec's options need."""
+    needed = set()
+    if spec.hard and spec.k > 1:
+        needed.add("hard_blocks")
+    if spec.gte and spec.hard:
+        needed.add("masked_hard")
+    if spec.margin is not None:
+        needed.add("margin")
+    return frozenset(needed)
+
+
 def fastcl_backend(impl: Impl, spec: Spec) -> str | None:
     """The backend a fastcl implementation runs at this size (None for the others)."""
-    return chosen_backend(impl.backend, spec.device, spec.n_logits()) if impl.backend else None
+    if not impl.backend:
+        return None
+    return chosen_backend(impl.backend, spec.device, spec.n_logits(), _needed_rules(spec))
 
 
 def _group_flops(impl_backend: str) -> Callable[[Spec], float | None]:
@@ -292,8 +355,15 @@ def _needs_cuda(spec: Spec, name: str) -> None:
         raise Unsupported(f"{name} runs only on CUDA tensors (Triton kernels)")
 
 
+def _plain_only(spec: Spec, name: str) -> None:
+    if not spec.plain:
+        raise Unsupported(f"{name}: the benchmark has no adapter for K > 1 hard negatives per anchor, the GTE "
+                          "directions or the false-negative margin")
+
+
 def _make_memeff(spec: Spec) -> LossFn:
     _needs_cuda(spec, "memeff")
+    _plain_only(spec, "memeff")
     import memeff
 
     if spec.loss == "nt_xent":
@@ -315,6 +385,7 @@ INF_CL_HEAD_DIMS = (256, 128, 64, 32, 16)
 
 def _make_inf_cl(spec: Spec) -> LossFn:
     _needs_cuda(spec, "inf-cl")
+    _plain_only(spec, "inf-cl")
     head_dim = next((hd for hd in INF_CL_HEAD_DIMS if spec.d % hd == 0), None)
     if head_dim is None:
         raise Unsupported(f"inf-cl needs D divisible by one of its head sizes {INF_CL_HEAD_DIMS}; D = {spec.d}")
@@ -335,6 +406,7 @@ def _make_inf_cl(spec: Spec) -> LossFn:
 
 def _make_cce(spec: Spec) -> LossFn:
     _needs_cuda(spec, "cut-cross-entropy")
+    _plain_only(spec, "cut-cross-entropy")
     if spec.dtype not in (torch.float16, torch.bfloat16):
         raise Unsupported(f"cut-cross-entropy's backward takes only bf16 / fp16 embeddings, not {spec.dtype}")
     from cut_cross_entropy import linear_cross_entropy
@@ -374,12 +446,14 @@ def _work(words: str, per_spec: Callable[[Spec], float]) -> dict:
 
 
 _DENSE_WORK = {
-    "infonce": _work("6 N M D", lambda s: 6.0 * s.n * s.m * s.d * (1 + (s.n / s.m if s.symmetric else 0))),
+    "infonce": _work("6 N M D (+ 6 N (2N + M) D with --gte)", lambda s: 6.0 * s.d * (
+        s.n * s.m + (s.n * s.n if s.symmetric else 0) + (s.n * (2 * s.n + s.m) if s.gte else 0))),
     "nt_xent": _work("6 (2N)^2 D", lambda s: 6.0 * (2 * s.n) ** 2 * s.d),
     "groups": _work("6 N G D", lambda s: 6.0 * s.n * s.group_size * s.d),
 }
 _DENSE_WORDS = {
-    "infonce": "dense PyTorch: normalize, a @ c.T / tau, F.cross_entropy",
+    "infonce": "dense PyTorch: normalize, a @ c.T / tau, F.cross_entropy (--hard-k > 1, --gte, --margin: every "
+               "similarity matrix, its masks, one log-sum-exp, as sentence-transformers writes it)",
     "nt_xent": "dense PyTorch NT-Xent: normalize, z @ z.T / tau (2N x 2N), identity mask, F.cross_entropy",
     "groups": "dense PyTorch per sequence: (B, G, D) x (B, D, G) torch.bmm logits, F.cross_entropy per token",
 }

@@ -28,12 +28,13 @@ def backward_strategies() -> tuple[str, ...]:
     return tuple(BACKWARD_STRATEGIES)
 
 
-def chosen_backend(backend: str, device, n_logits: int) -> str | None:
-    """The backend ``backend`` resolves to for a call with ``n_logits`` logits."""
+def chosen_backend(backend: str, device, n_logits: int, needed: frozenset[str] = frozenset()) -> str | None:
+    """The backend ``backend`` resolves to for a call with ``n_logits`` logits that needs
+    the layout rules ``needed`` (fastcl.ops.dispatch.LAYOUT_FEATURES)."""
     try:
         from fastcl.plan import choose_backend
 
-        return choose_backend(backend, device, n_logits)
+        return choose_backend(backend, device, n_logits, needed=needed)
     except Exception:
         return None
 

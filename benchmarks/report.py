@@ -125,7 +125,7 @@ def markdown(data) -> str:
         f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}; fastcl at "
         f"{(env.get('git_commit') or 'unknown')[:12]}{' (dirty)' if env.get('git_dirty') else ''}",
         f"- command: `{data['command']}`",
-        (f"- shape: D = {dims}, {cfg['dtype']}, M = {'2N (hard negatives)' if cfg['hard'] else 'N'}, "
+        (f"- shape: D = {dims}, {cfg['dtype']}, M = {_columns(cfg)}, "
          if loss == "infonce" else f"- shape: {shape}; D = {dims}, {cfg['dtype']}, ")
         + f"tau = {cfg['temperature']}{', symmetric' if cfg['symmetric'] else ''}, fp32 matmul precision "
         f"'{cfg['fp32_matmul_precision']}'",
@@ -182,7 +182,7 @@ def plots(data, out: Path) -> list[Path]:
     cfg, env = data["config"], data["environment"]
     by_n = len(cfg["sizes"]) > 1 or len(cfg["dims"]) == 1
     loss = _loss(data)
-    n_label = {"infonce": "N (anchors; M = 2N)" if cfg["hard"] else "N = M",
+    n_label = {"infonce": f"N (anchors; M = {_columns(cfg)})" if cfg["hard"] else "N = M",
                "nt_xent": "N (pairs; 2N rows)",
                "groups": f"N (tokens, in sequences of G = {cfg.get('group_size')})"}[loss]
     xkey, xlabel = ("n", n_label) if by_n else ("d", "D")
@@ -200,6 +200,8 @@ def plots(data, out: Path) -> list[Path]:
     where = "CPU" if env["device_type"] != "cuda" else env["gpu_name"]
     dims = ",".join(str(d) for d in cfg["dims"])
     subtitle = (f"{where}, {cfg['dtype']}, D={dims}{', hard negatives' if cfg['hard'] else ''}"
+                + (", GTE directions" if cfg.get("gte") else "")
+                + (f", margin {cfg['margin']:g}" if cfg.get("margin") is not None else "")
                 + (f", G={cfg.get('group_size')}" if loss == "groups" else ""))
     paths = []
     for kind, ylabel, value in (
@@ -238,6 +240,18 @@ def plots(data, out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _columns(cfg: dict) -> str:
+    """M in words: N, 2N with one hard negative per anchor, (K + 1) N with K; and the
+    loss-family options of the run."""
+    k = cfg.get("hard_k") or 1
+    text = f"{k + 1}N ({k} hard negative{'s' if k > 1 else ''} per anchor)" if cfg["hard"] else "N"
+    if cfg.get("gte"):
+        text += "; all four directions in one softmax (GTE)"
+    if cfg.get("margin") is not None:
+        text += f"; false-negative margin {cfg['margin']:g}"
+    return text
 
 
 def main(argv: list[str]) -> int:

@@ -114,7 +114,9 @@ class Run:
                  harness.SHORT_DTYPES[a.dtype], "d" + "-".join(str(d) for d in a.dims)]
         parts += [self.family.tag] if self.family.tag else []
         parts += [f"g{a.group_size}"] if a.loss == "groups" else []
-        parts += ["hard"] if a.hard else []
+        parts += ([f"hard{a.hard_k}"] if getattr(a, "hard_k", None) else ["hard"]) if a.hard else []
+        parts += ["gte"] if getattr(a, "gte", False) else []
+        parts += [f"margin{a.margin:g}"] if getattr(a, "margin", None) is not None else []
         parts += ["sym"] if a.symmetric else []
         return parts + ([a.tag] if a.tag and a.tag not in parts else [])
 
@@ -136,6 +138,7 @@ class Run:
             "loss", "group_size", "sizes", "dims", "dtype", "hard", "symmetric", "temperature", "impls", "repeats",
             "min_repeats", "warmup", "case_budget_s", "max_call_s", "time_budget_s", "max_input_sets",
             "ref_max_flops", "ref_dense_max_gib", "seed")}
+        config.update({k: getattr(a, k, None) for k in ("hard_k", "gte", "margin")})
         config.update(flop_count=self.family.flop_count, fp32_matmul_precision=a.fp32_precision,
                       compile_mode=a.compile_mode, check=not a.no_check, memory=not a.no_memory,
                       tolerances=harness.tolerances(a.dtype, self.tf32))
@@ -207,8 +210,9 @@ class Run:
             lines.append("CPU RUN: no CUDA device; CPU timings say nothing about GPU performance")
         lines.append(f"device: {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
                      f"python {env['python']}")
+        columns = f" (M={(getattr(a, 'hard_k', None) or 1) + 1}N)" if a.hard else ""
         lines.append(f"loss {a.loss}{f' (G={a.group_size})' if a.group_size else ''}: sizes N={a.sizes}"
-                     f"{' (M=2N)' if a.hard else ''} D={a.dims} {a.dtype} tau={a.temperature}"
+                     f"{columns} D={a.dims} {a.dtype} tau={a.temperature}"
                      f"{' symmetric' if a.symmetric else ''} fp32 matmul precision={a.fp32_precision}")
         lines.append(f"implementations: {', '.join(a.impls)}")
         load = env.get("load_avg_start")
@@ -222,7 +226,8 @@ class Run:
         a = self.args
         spec = Spec(n=n, m=m, d=d, dtype=getattr(self.torch, a.dtype), device=self.device,
                     temperature=a.temperature, hard=a.hard, symmetric=a.symmetric, compile_mode=a.compile_mode,
-                    loss=a.loss, group_size=a.group_size)
+                    loss=a.loss, group_size=a.group_size, k=getattr(a, "hard_k", None) or 1,
+                    gte=getattr(a, "gte", False), margin=getattr(a, "margin", None))
         flops, sets, reference = self.family.flops(spec), None, None
         try:
             for i, case in enumerate(cases):
@@ -284,11 +289,11 @@ class Run:
 
     def _make_input_sets(self, spec):
         a = self.args
-        per_set = (3 if spec.hard else 2) * spec.n * spec.d * self.torch.empty((), dtype=spec.dtype).element_size()
+        per_set = (2 + (spec.k if spec.hard else 0)) * spec.n * spec.d * self.torch.empty((), dtype=spec.dtype).element_size()
         count = max(1, min(a.max_input_sets, math.ceil(4 * self.dev.cache_bytes() / per_set)))
         try:
             return [make_inputs(spec.n, spec.d, spec.dtype, spec.device, spec.hard, a.seed * 1000 + k,
-                                group_size=spec.group_size) for k in range(count)]
+                                group_size=spec.group_size, k=spec.k) for k in range(count)]
         except Exception as exc:
             if is_oom(exc):
                 return None

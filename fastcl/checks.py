@@ -61,13 +61,24 @@ def check_inputs(options, anchors, positives, hard_negatives=None, extra_negativ
         raise ValueError(f"empty batch: {first} has shape {tuple(anchors.shape)}; "
                          "need at least one row and one column")
     named = [(first, anchors), (second, positives)]
+    k_blocks = 0
     if hard_negatives is not None:
-        named.append(("hard_negatives", hard_negatives))
+        if isinstance(hard_negatives, torch.Tensor) and hard_negatives.dim() == 3:
+            # N x K x D: K hard negatives per anchor, checked as their N K rows.
+            if hard_negatives.shape[0] != n or hard_negatives.shape[1] == 0 or hard_negatives.shape[2] != d:
+                raise ValueError(f"hard_negatives must be N x D or N x K x D (K >= 1 per anchor) with N x D the "
+                                 f"shape of {first} {tuple(anchors.shape)}, got {tuple(hard_negatives.shape)}")
+            k_blocks = hard_negatives.shape[1]
+            named.append(("hard_negatives", hard_negatives.reshape(n * k_blocks, d)))
+        else:
+            k_blocks = 1
+            named.append(("hard_negatives", hard_negatives))
     if extra_negatives is not None:
         named.append(("extra_negatives", extra_negatives))
     for name, x in named[1:]:
         check_matrix(name, x)
-        if name != "extra_negatives" and x.shape != anchors.shape:
+        paired = name != "extra_negatives" and not (name == "hard_negatives" and k_blocks > 1)
+        if paired and x.shape != anchors.shape:
             raise ValueError(f"{name} must have the shape of {first} {tuple(anchors.shape)} "
                              f"(row i pairs with row i), got {tuple(x.shape)}")
         if x.shape[1] != d:
@@ -81,20 +92,31 @@ def check_inputs(options, anchors, positives, hard_negatives=None, extra_negativ
     if isinstance(temperature, torch.Tensor) and temperature.device != anchors.device:
         raise ValueError(f"temperature is on {temperature.device} but {first} are on {anchors.device}")
 
-    n_cols = n + (n if hard_negatives is not None else 0)
+    n_cols = n + k_blocks * n
     n_cols += extra_negatives.shape[0] if extra_negatives is not None else 0
     if labels is not None:
         if options.symmetric:
             raise ValueError("labels are not supported with symmetric=True: the column direction "
                              "pairs positive i with anchor i")
+        if tuple(options.directions) != ("query_to_doc",):
+            raise ValueError(f"labels are not supported with directions={tuple(options.directions)}: a label picks "
+                             "a query_to_doc column, and the other directions pair positive i with anchor i")
         if groups is not None:
             raise ValueError("labels are not supported with groups: each anchor's target is its "
                              "own positive, inside its group")
         _check_index_vector("labels", labels, n, anchors.device, "target column")
     if groups is not None:
+        if k_blocks > 1:
+            raise ValueError("groups are not supported with several hard negatives per anchor (N x K x D, K > 1): "
+                             "pass one hard negative per row (N x D)")
+        if set(options.directions) - {"query_to_doc", "doc_to_query"}:
+            raise ValueError(f"groups are not supported with directions={tuple(options.directions)}: only "
+                             "'query_to_doc' and 'doc_to_query' are scored within a group")
         _check_index_vector("groups", groups, n, anchors.device, "group id")
 
     rescaled = _check_values(options, named, labels, n_cols)
+    if "hard_negatives" in rescaled:
+        rescaled["hard_negatives"] = rescaled["hard_negatives"].reshape(hard_negatives.shape)
     return Inputs(rescaled.get(first, anchors), rescaled.get(second, positives),
                   rescaled.get("hard_negatives", hard_negatives), rescaled.get("extra_negatives", extra_negatives),
                   labels, groups)

@@ -19,12 +19,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .ops.function import InfoNCEFunction
+from .directions import (
+    DEFAULT_DIRECTIONS, DOC_TO_DOC, DOC_TO_QUERY, QUERY_TO_QUERY, doc_to_doc_layout, hard_blocks, margin_thresholds,
+    n_hard_blocks, per_row_losses, positive_logits, query_to_query_layout,
+)
+from .ops import dispatch
 from .ops.layout import ColumnLayout
 from .ops.ring import RingInfoNCEFunction, world_and_rank
 from .plan import (
     LossOptions, candidate_layout, check_call, constant_rows, inverse_temperature, kernel_plan, needs_gradient,
-    reduce_for_ddp,
+    reduce_for_ddp, uniform_row_gradients,
 )
 
 
@@ -98,13 +102,17 @@ def gathered_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negat
     would compute it on the whole batch. Anchor i of rank r targets its own positive at
     global row ``offset_r + i``; ``extra_negatives`` and Gaussian negatives are local and
     get no gradient (pass the same generator seed on every rank for identical draws).
-    With ``symmetric`` the anchors are gathered too and each local positive is also
-    scored against all anchors.
+    With ``symmetric`` (doc_to_query) or query_to_query the anchors are gathered too:
+    each local positive is scored against all anchors, each local anchor against all
+    other anchors; doc_to_doc scores each local positive against every rank's positives
+    and hard negatives but its own. ``hard_negatives`` may hold K per anchor (N x K x D).
 
     Keyword arguments: ``group`` (the process group, default the whole world) and every
     keyword of :func:`fastcl.info_nce` but ``labels`` and ``groups`` (temperature,
     weights, Gaussian negatives and their generator, symmetric, reduction, normalize,
-    eps, backend, backward_strategy, check_finite), with the same meaning and defaults;
+    eps, backend, backward_strategy, check_finite, directions, partition_mode,
+    hardness_mode, hardness_strength, false_negative_margin), with the same meaning and
+    defaults;
     ``backend="dense"`` (or ``"auto"`` on a tiny batch) takes the chunked PyTorch path
     here: the dense loss knows no ranks.
 
@@ -117,27 +125,64 @@ def gathered_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negat
     options, x, gaussian, (world, rank, sizes) = _checked_call(
         "gathered_info_nce", anchors, positives, hard_negatives, extra_negatives, options, group)
     n_local, n_global, offset = sizes[rank], sum(sizes), sum(sizes[:rank])
-    hard = x.hard_negatives is not None
+    k_blocks = n_hard_blocks(x.hard_negatives)
     n_extra = x.extra_negatives.shape[0] if x.extra_negatives is not None else 0
-    layout = candidate_layout(options, n_global * (2 if hard else 1), n_global + offset, n_local if hard else 0,
-                              n_extra)
-    plan = kernel_plan(options, layout, x.anchors, n_local * layout.n_cols, dense=False,
+    # Columns [every rank's positives; every rank's hard blocks], each rank's K blocks
+    # together (its own N_r rows per block): row i's own hard negatives then sit at
+    # n_global + K offset + k n_local + i.
+    layout = candidate_layout(options, n_global * (1 + k_blocks), n_global + k_blocks * offset,
+                              n_local if k_blocks else 0, n_extra, k_blocks)
+    directions = set(options.directions)
+    same_tower = [d for d in (QUERY_TO_QUERY, DOC_TO_DOC) if d in directions and n_global > 1]
+    others = [query_to_query_layout(n_local, n_global, offset) if d == QUERY_TO_QUERY
+              else doc_to_doc_layout(n_local, n_global, k_blocks, offset) for d in same_tower]
+    needed = frozenset().union(*(dispatch.layout_features(o) for o in others))
+    plan = kernel_plan(options, layout, x.anchors, n_local * layout.n_cols, dense=False, needed=needed,
+                       reduced=uniform_row_gradients(options, 1 + (DOC_TO_QUERY in directions) + len(others)),
                        needs_grad=needs_gradient(x.anchors, x.positives, x.hard_negatives, options.temperature))
 
     # Raw rows travel: the kernels normalize them (the gather's backward is the same).
     q = x.anchors.contiguous()
     p_all = all_gather_with_grad(x.positives.contiguous(), group)
-    k_grad = torch.cat([p_all, all_gather_with_grad(x.hard_negatives.contiguous(), group)]) if hard else p_all
+    k_grad = p_all
+    if k_blocks:
+        k_grad = torch.cat([p_all, all_gather_with_grad(hard_blocks(x.hard_negatives).contiguous(), group)])
     inv_tau = inverse_temperature(options.temperature, x.anchors)
     targets = torch.arange(offset, offset + n_local, device=x.anchors.device)
-    per_row = InfoNCEFunction.apply(q, k_grad, constant_rows(x.extra_negatives, gaussian), inv_tau, targets, None,
-                                    plan)
-    if options.symmetric:
-        a_all = all_gather_with_grad(q, group)
-        columns = plan._replace(layout=ColumnLayout.plain(n_global))
-        per_row = (per_row + InfoNCEFunction.apply(p_all[offset:offset + n_local], a_all, None, inv_tau, targets,
-                                                   None, columns)) / 2
+    thresholds = margin_thresholds(q, x.positives, options.margin, plan.normalize_eps)
+    rows = (q, k_grad, constant_rows(x.extra_negatives, gaussian), inv_tau, targets, None, plan, thresholds)
+    a_all = all_gather_with_grad(q, group) if directions & {QUERY_TO_QUERY, DOC_TO_QUERY} else None
+    p_local = p_all[offset:offset + n_local]
+    with_target = []
+    if DOC_TO_QUERY in directions:  # local positives against every rank's anchors
+        with_target.append((p_local, a_all, None, inv_tau, targets, None,
+                            plan._replace(layout=ColumnLayout.plain(n_global)), thresholds))
+    no_target = torch.full((n_local,), -1, dtype=torch.int64, device=q.device)
+    without_target = [(q, a_all, None, inv_tau, no_target, None, plan._replace(layout=o), thresholds)
+                      if d == QUERY_TO_QUERY else
+                      (p_local, k_grad, None, inv_tau, no_target, None, plan._replace(layout=o), thresholds)
+                      for d, o in zip(same_tower, others)]
+    positive = positive_logits(q, x.positives, inv_tau, plan.normalize_eps) if without_target else None
+    per_row = per_row_losses(rows, with_target, without_target, positive, options.partition_mode)
     return reduce_for_ddp(per_row, options.reduction, x.anchors.dtype, world, n_global)
+
+
+def _refuse_on_the_ring(options, hard_negatives) -> None:
+    """The ring computes SimCSE's shape (one hard negative per anchor, query_to_doc and
+    the symmetric pair): the other options are refused, naming the one to drop."""
+    refused = []
+    symmetric = (("query_to_doc", DOC_TO_QUERY), "per_direction")
+    if options.directions != DEFAULT_DIRECTIONS and (options.directions, options.partition_mode) != symmetric:
+        refused.append(f"directions={options.directions} with partition_mode={options.partition_mode!r}")
+    if hard_negatives is not None and hard_negatives.dim() == 3 and hard_negatives.shape[1] > 1:
+        refused.append("hard_negatives with K > 1 per anchor (N x K x D)")
+    if options.hardness_mode is not None and options.hardness_strength != 0:
+        refused.append("hardness_mode")
+    if options.false_negative_margin is not None:
+        refused.append("false_negative_margin")
+    if refused:
+        raise ValueError(f"ring_info_nce does not compute {', '.join(refused)}: its blocks travel one rank at a time "
+                         "and carry one hard negative per anchor; use gathered_info_nce for these options")
 
 
 def ring_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.Tensor | None = None,
@@ -160,6 +205,10 @@ def ring_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negatives
     rank's anchors, which travel the same way). A learnable ``temperature`` gets this
     rank's share of its gradient (DDP's average makes it the global one).
 
+    The ring computes one hard negative per anchor, the query_to_doc direction and the
+    symmetric pair; K > 1 hard negatives, the other directions, ``hardness_mode`` and
+    ``false_negative_margin`` are refused (use :func:`gathered_info_nce`).
+
     Every rank must call it, in the same order as its other collectives, with inputs of
     the same dtype, D and requires_grad (local batch sizes may differ); ``backward``
     is collective too. The keyword arguments are those of :func:`gathered_info_nce`;
@@ -170,6 +219,7 @@ def ring_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negatives
         raise RuntimeError("ring_info_nce needs an initialized torch.distributed process group")
     options, x, gaussian, (world, rank, sizes) = _checked_call(
         "ring_info_nce", anchors, positives, hard_negatives, extra_negatives, options, group)
+    _refuse_on_the_ring(options, x.hard_negatives)
     n_local, n_global = sizes[rank], sum(sizes)
     hard = x.hard_negatives is not None
     block_rows = [n * (2 if hard else 1) for n in sizes]
@@ -179,12 +229,12 @@ def ring_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negatives
     # gradients in the forward (reduced=False).
     plan = kernel_plan(options, home_layout, x.anchors, n_local * max(block_rows), dense=False, reduced=False)
     q, p = x.anchors.contiguous(), x.positives.contiguous()
-    k_home = torch.cat([p, x.hard_negatives.contiguous()]) if hard else p
+    k_home = torch.cat([p, hard_blocks(x.hard_negatives).contiguous()]) if hard else p
     inv_tau = inverse_temperature(options.temperature, x.anchors)
 
     per_row = RingInfoNCEFunction.apply(q, k_home, constant_rows(x.extra_negatives, gaussian), inv_tau, plan,
                                         block_rows, group)
-    if options.symmetric:
+    if DOC_TO_QUERY in options.directions:  # symmetric
         # Column direction of the in-batch block: local positives against every rank's
         # anchors, which now travel the ring in the positives' place.
         columns = plan._replace(layout=ColumnLayout.plain(n_local))

@@ -11,7 +11,7 @@ from torch import nn
 
 from .gaussian import draw_gaussian_negatives, generator_of
 from .numerics import TEMPERATURE_TENSOR_MESSAGE, temperature_tensor_ok
-from .ops.function import InfoNCEFunction
+from .directions import per_row_losses
 from .plan import LossOptions, output_dtype, plan_info_nce, reduce_rows
 from .reference import info_nce_reference
 
@@ -38,6 +38,11 @@ def info_nce(
     backward_strategy: str = "auto",
     check_finite: bool = True,
     groups: torch.Tensor | None = None,
+    directions: tuple[str, ...] = ("query_to_doc",),
+    partition_mode: str = "joint",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+    false_negative_margin: float | None = None,
 ) -> torch.Tensor:
     """InfoNCE over in-batch, hard, extra and Gaussian negatives, without an N x M matrix.
 
@@ -52,7 +57,9 @@ def info_nce(
         anchors: N x D, receives a gradient.
         positives: N x D; row i is anchor i's positive. Receives a gradient. Every
             positive is a negative for every other anchor (in-batch negatives).
-        hard_negatives: optional N x D; row i is anchor i's hard negative, and also a
+        hard_negatives: optional N x D, or N x K x D for K hard negatives per anchor
+            (``h[i, k]`` is anchor i's k-th; the candidate columns are then ``[positives;
+            h[:, 0]; ...; h[:, K-1]]``, sentence-transformers' order). Each is also a
             negative for every other anchor (SimCSE's convention). Receives a gradient.
         extra_negatives: optional Q x D negatives shared by all anchors (a MoCo queue, a
             precomputed corpus). They always add to the in-batch negatives, never replace
@@ -61,7 +68,7 @@ def info_nce(
             (a learnable temperature, e.g. ``1 / logit_scale.exp()``) gets its gradient.
             Must be finite and >= 1e-6 (:data:`fastcl.numerics.MIN_TEMPERATURE`).
         hard_negative_weight: SimCSE's alpha, as a weight (not a logit offset): the logit
-            of anchor i against its own hard negative gets ``log(hard_negative_weight)``
+            of anchor i against each of its own hard negatives gets ``log(hard_negative_weight)``
             added, so 1.0 means unweighted. (SimCSE's code adds its ``hard_negative_weight``
             directly to the logit; pass ``exp`` of that value here.)
         gaussian_negatives: G, how many vectors from N(0, I) to draw as extra negatives on
@@ -70,10 +77,13 @@ def info_nce(
             added to every Gaussian logit.
         generator: ``torch.Generator`` (on the inputs' device) for the Gaussian draws, for
             reproducibility.
-        labels: optional N integer targets, each a candidate column in ``[0, N + N_h + Q)``;
-            the default is ``i`` (positive i). Not allowed with ``symmetric``.
+        labels: optional N integer targets, each a candidate column in ``[0, N + K N + Q)``;
+            the default is ``i`` (positive i). Only with the default ``directions`` (not
+            with ``symmetric``).
         symmetric: also score each positive against all anchors (the column direction of
-            the in-batch block) and average the two losses per row, as CLIP does.
+            the in-batch block) and average the two losses per row, as CLIP does: the
+            same as ``directions=("query_to_doc", "doc_to_query"),
+            partition_mode="per_direction"`` (not allowed with other ``directions``).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-row losses, length N).
         normalize: L2-normalize every row (cosine similarity); False uses raw dot products.
         eps: the normalization's lower bound on a norm, in [1e-15, 1e15]
@@ -106,7 +116,29 @@ def info_nce(
             in its own group; extra and Gaussian negatives stay shared by all groups.
             Rows sorted by group (sequence after sequence) let the kernels skip every tile
             whose rows and columns share no group. See :func:`fastcl.token_info_nce` for
-            the padded (batch x length x D) form. Not allowed with ``labels``.
+            the padded (batch x length x D) form. Not allowed with ``labels``, with K > 1
+            hard negatives per anchor, or with the same-tower directions.
+        directions: which similarities enter each row's softmax (sentence-transformers'
+            ``MultipleNegativesRankingLoss``; all four joint is GTE's improved
+            contrastive loss, Li et al. 2023): ``"query_to_doc"`` (required: anchor i
+            against every candidate), ``"query_to_query"`` (anchor i against every other
+            anchor), ``"doc_to_query"`` (positive i against every anchor),
+            ``"doc_to_doc"`` (positive i against every positive and hard negative but
+            anchor i's own). Extra and Gaussian negatives enter query_to_doc only.
+        partition_mode: ``"joint"`` (one softmax over the union of the directions'
+            entries) or ``"per_direction"`` (each direction's log-sum-exp, averaged;
+            refused with query_to_query or doc_to_doc, which never hold the positive).
+        hardness_mode, hardness_strength: add ``hardness_strength * cos`` (no gradient,
+            not divided by the temperature; EmbeddingGemma, Lan et al. 2025) to the
+            query_to_doc logits of ``"in_batch_negatives"`` (every candidate but the
+            anchor's own positive and hard negatives), ``"hard_negatives"`` (its own hard
+            negatives) or ``"all_negatives"`` (every candidate but its positive). The
+            target is never penalized (with ``labels`` it takes the place of the
+            positive); None, or strength 0, adds nothing.
+        false_negative_margin: m (Qwen3-Embedding uses 0.1; NV-Retriever): in every
+            direction, an entry of row i other than its positive is dropped from the
+            softmax when its cosine (dot product without ``normalize``) exceeds that of
+            the positive pair plus m. No gradient flows through the decision.
 
     Returns:
         The reduced loss (a scalar), or the N per-row losses for ``reduction="none"``; in
@@ -128,7 +160,9 @@ def info_nce(
     options = LossOptions(
         temperature=temperature, hard_negative_weight=hard_negative_weight, gaussian_negatives=gaussian_negatives,
         gaussian_weight=gaussian_weight, symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps,
-        backend=backend, backward_strategy=backward_strategy, check_finite=check_finite).checked()
+        backend=backend, backward_strategy=backward_strategy, check_finite=check_finite, directions=directions,
+        partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+        false_negative_margin=false_negative_margin).checked()
     plan = plan_info_nce(options, anchors, positives, hard_negatives, extra_negatives, labels=labels, groups=groups,
                          generator=generator)
     x = plan.inputs
@@ -136,11 +170,12 @@ def info_nce(
         loss = info_nce_reference(
             x.anchors, x.positives, x.hard_negatives, x.extra_negatives, plan.gaussian, temperature=temperature,
             hard_negative_weight=hard_negative_weight, gaussian_weight=gaussian_weight, labels=labels,
-            symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps, groups=groups)
+            reduction=reduction, normalize=normalize, eps=eps, groups=groups, directions=options.directions,
+            partition_mode=options.partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+            false_negative_margin=options.margin)
         return loss.to(output_dtype(x.anchors.dtype))
-    per_row = InfoNCEFunction.apply(*plan.rows)
-    if plan.columns is not None:
-        per_row = (per_row + InfoNCEFunction.apply(*plan.columns)) / 2
+    per_row = per_row_losses(plan.rows, [plan.columns] if plan.columns is not None else [], plan.same_tower,
+                             plan.positive, options.partition_mode)
     return reduce_rows(per_row, reduction, x.anchors.dtype)
 
 
@@ -156,6 +191,9 @@ class InfoNCELoss(nn.Module):
         InfoNCELoss(gaussian_negatives=192, gaussian_weight=1.0, seed=0)  # GS-InfoNCE
         InfoNCELoss(temperature=nn.Parameter(torch.tensor(0.05)))         # learnable tau
         InfoNCELoss(symmetric=True)                           # CLIP-style, both directions
+        InfoNCELoss(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+                    false_negative_margin=0.1)                # GTE's directions, Qwen3's margin
+        loss_fn(anchors, positives, hard_negatives=h)         # h: N x K x D, K per anchor
 
     sentence-transformers' ``MultipleNegativesRankingLoss(scale=20.0)`` is
     ``InfoNCELoss(temperature=1 / 20.0)``.
@@ -184,12 +222,19 @@ class InfoNCELoss(nn.Module):
         backend: str = "auto",
         backward_strategy: str = "auto",
         check_finite: bool = True,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+        false_negative_margin: float | None = None,
     ) -> None:
         super().__init__()
         LossOptions(temperature=temperature, hard_negative_weight=hard_negative_weight,
                     gaussian_negatives=gaussian_negatives, gaussian_weight=gaussian_weight, symmetric=symmetric,
                     reduction=reduction, normalize=normalize, eps=eps, backend=backend,
-                    backward_strategy=backward_strategy, check_finite=check_finite).checked()
+                    backward_strategy=backward_strategy, check_finite=check_finite, directions=directions,
+                    partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+                    false_negative_margin=false_negative_margin).checked()
         if isinstance(temperature, torch.Tensor) and not isinstance(temperature, nn.Parameter):
             if not bool(temperature_tensor_ok(temperature)):
                 raise ValueError(f"{TEMPERATURE_TENSOR_MESSAGE}, got {temperature.item()}")
@@ -206,6 +251,9 @@ class InfoNCELoss(nn.Module):
         self.backend = backend
         self.backward_strategy = backward_strategy
         self.check_finite = bool(check_finite)
+        self.directions, self.partition_mode = tuple(directions), partition_mode
+        self.hardness_mode, self.hardness_strength = hardness_mode, float(hardness_strength)
+        self.false_negative_margin = false_negative_margin
 
     def forward(
         self,
@@ -228,7 +276,9 @@ class InfoNCELoss(nn.Module):
             gaussian_negatives=self.gaussian_negatives, gaussian_weight=self.gaussian_weight,
             generator=generator, labels=labels, symmetric=self.symmetric, reduction=self.reduction,
             normalize=self.normalize, eps=self.eps, backend=self.backend, backward_strategy=self.backward_strategy,
-            check_finite=self.check_finite, groups=groups)
+            check_finite=self.check_finite, groups=groups, directions=self.directions,
+            partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
+            hardness_strength=self.hardness_strength, false_negative_margin=self.false_negative_margin)
 
     def extra_repr(self) -> str:
         tau = self.temperature if not isinstance(self.temperature, torch.Tensor) else "learnable"
@@ -239,6 +289,12 @@ class InfoNCELoss(nn.Module):
             parts.append(f"gaussian_negatives={self.gaussian_negatives}, gaussian_weight={self.gaussian_weight}")
         if self.symmetric:
             parts.append("symmetric=True")
+        if self.directions != ("query_to_doc",):
+            parts.append(f"directions={self.directions}, partition_mode={self.partition_mode!r}")
+        if self.hardness_mode is not None:
+            parts.append(f"hardness_mode={self.hardness_mode!r}, hardness_strength={self.hardness_strength}")
+        if self.false_negative_margin is not None:
+            parts.append(f"false_negative_margin={self.false_negative_margin}")
         parts.append(f"reduction={self.reduction!r}")
         if not self.normalize:
             parts.append("normalize=False")

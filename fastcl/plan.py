@@ -53,6 +53,10 @@ import torch
 
 from . import native
 from .checks import Inputs, check_inputs
+from .directions import (
+    DEFAULT_DIRECTIONS, DOC_TO_DOC, DOC_TO_QUERY, QUERY_TO_QUERY, candidate_rows, check_family_options,
+    doc_to_doc_layout, hard_blocks, hardness_fields, margin_thresholds, n_hard_blocks, positive_logits, query_to_query_layout,
+)
 from .gaussian import gaussian_negatives
 from .numerics import check_eps, check_flag, check_real, check_temperature_float
 from .ops import dispatch
@@ -95,6 +99,11 @@ class LossOptions(NamedTuple):
     backend: str = "auto"
     backward_strategy: str = "auto"
     check_finite: bool = True
+    directions: tuple[str, ...] = DEFAULT_DIRECTIONS
+    partition_mode: str = "joint"
+    hardness_mode: str | None = None
+    hardness_strength: float = 0.0
+    false_negative_margin: float | None = None
 
     @classmethod
     def from_keywords(cls, function: str, keywords: dict) -> LossOptions:
@@ -107,7 +116,9 @@ class LossOptions(NamedTuple):
 
     def checked(self) -> LossOptions:
         """These options, once every check that needs no tensor values has passed (run
-        at construction of a loss module and at every call)."""
+        at construction of a loss module and at every call), with ``directions`` and
+        ``partition_mode`` as computed (``symmetric`` spelled out, directions in their
+        canonical order)."""
         temperature = self.temperature
         if isinstance(temperature, torch.Tensor):
             if not temperature.is_floating_point():
@@ -136,7 +147,15 @@ class LossOptions(NamedTuple):
         if backend in ("cpp", "chunked") and strategy not in ("auto",) + dispatch.strategies_of(backend):
             raise ValueError(f"backward_strategy={strategy!r} is not offered by backend {backend!r} "
                              f"(it offers {dispatch.strategies_of(backend)})")
-        return self
+        directions, partition_mode = check_family_options(
+            self.directions, self.partition_mode, self.hardness_mode, self.hardness_strength,
+            self.false_negative_margin, self.symmetric)
+        return self._replace(directions=directions, partition_mode=partition_mode)
+
+    @property
+    def margin(self) -> float | None:
+        """The false-negative margin as a float, or None."""
+        return None if self.false_negative_margin is None else float(self.false_negative_margin)
 
 
 def _check_positive(name: str, value) -> None:
@@ -161,16 +180,32 @@ def _canonical(backend: str, device: torch.device | None = None) -> str:
 
 
 def choose_backend(backend: str, device: torch.device, n_logits: int, strategy: str = "auto",
-                   dense: bool = True) -> str:
+                   dense: bool = True, needed: frozenset[str] = frozenset()) -> str:
     """The backend that runs: ``backend`` with its alias resolved, or what "auto" picks
     for ``n_logits`` logits on ``device`` (see the module docstring). ``dense=False``
     (the distributed losses: the dense loss knows no ranks) takes the chunked path
-    instead of the dense one."""
+    instead of the dense one. ``needed``: the layout features the call needs
+    (:data:`fastcl.ops.dispatch.LAYOUT_FEATURES`); "auto" falls back to the chunked path
+    when the backend it would pick lacks one, and a backend named explicitly that lacks
+    one is refused."""
     backend = _canonical(backend, device)
     if backend == "dense" and not dense:
         return "chunked"
     if backend != "auto":
+        if backend != "dense" and dispatch.unsupported(backend, needed):
+            raise ValueError(f"backend {backend!r} does not compute {', '.join(dispatch.unsupported(backend, needed))}"
+                             ": use backend='chunked' (or 'auto', which picks a backend that does)")
         return backend
+    chosen = _auto_backend(device, n_logits, strategy, dense)
+    if chosen != "dense" and dispatch.unsupported(chosen, needed):
+        if strategy not in ("auto",) + dispatch.strategies_of("chunked"):
+            raise ValueError(f"backward_strategy={strategy!r} is offered only by backends that do not compute "
+                             f"{', '.join(dispatch.unsupported(chosen, needed))}")
+        return "chunked"
+    return chosen
+
+
+def _auto_backend(device: torch.device, n_logits: int, strategy: str, dense: bool) -> str:
     cpu_kernel = device.type == "cpu" and native.available() and not interpreting()
     if n_logits <= TINY_LOGITS and strategy == "auto" and not cpu_kernel:
         return "dense" if dense else "chunked"
@@ -247,6 +282,14 @@ def one_pass_applies(backend: str, x: torch.Tensor, grouped: bool, needs_grad: b
     return rows >= ONE_PASS_MIN_ROWS
 
 
+def uniform_row_gradients(options: LossOptions, n_terms: int) -> bool:
+    """Whether each Function application of a call (one per direction, ``n_terms`` in
+    all) gets the same gradient for every row, which the one pass needs: the loss is
+    reduced to a scalar, and its terms are either one or averaged (``per_direction``,
+    ``symmetric``); ``joint`` takes their log-sum-exp, whose gradient differs by row."""
+    return options.reduction != "none" and (n_terms == 1 or options.partition_mode == "per_direction")
+
+
 def needs_gradient(*inputs) -> bool:
     """Grad mode is on and some tensor among ``inputs`` requires a gradient."""
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
@@ -265,19 +308,24 @@ class FunctionArgs(NamedTuple):
     targets: torch.Tensor | None
     groups: tuple[torch.Tensor, torch.Tensor] | None
     plan: KernelPlan
+    thresholds: torch.Tensor | None = None
 
 
 class LossPlan(NamedTuple):
     """One call of a loss, checked and decided: its options, its inputs after the checks
-    and its Gaussian negatives; then ``rows`` (and, for ``symmetric``, ``columns``, the
-    column direction), the Function's arguments, or None for the dense path, which takes
-    ``inputs`` and ``gaussian``."""
+    and its Gaussian negatives; then ``rows`` (query_to_doc), the Function's arguments,
+    or None for the dense path, which takes ``inputs`` and ``gaussian``. The other
+    directions (:mod:`fastcl.directions`): ``columns`` (doc_to_query, a term with its
+    own target), ``same_tower`` (query_to_query, doc_to_doc: terms without a target)
+    and ``positive``, the positive logits those need."""
 
     options: LossOptions
     inputs: Inputs
     gaussian: torch.Tensor | None
     rows: FunctionArgs | None = None
     columns: FunctionArgs | None = None
+    same_tower: tuple[FunctionArgs, ...] = ()
+    positive: torch.Tensor | None = None
 
 
 def check_call(options: LossOptions, anchors, positives, hard_negatives=None, extra_negatives=None, *, labels=None,
@@ -288,17 +336,20 @@ def check_call(options: LossOptions, anchors, positives, hard_negatives=None, ex
 
 
 def candidate_layout(options: LossOptions, n_grad_cols: int, hard_start: int, n_hard: int,
-                     n_extra: int) -> ColumnLayout:
+                     n_extra: int, k_blocks: int = 1) -> ColumnLayout:
     """The layout of ``[candidates with a gradient; extra negatives; Gaussian negatives]``:
-    row i < ``n_hard`` has its own hard negative at column ``hard_start + i``."""
+    row i < ``n_hard`` has its own hard negatives at columns ``hard_start + k n_hard + i``
+    (k < ``k_blocks``); with the options' hardness penalty."""
     return ColumnLayout(
         n_cols=n_grad_cols + n_extra + options.gaussian_negatives, n_grad_cols=n_grad_cols, hard_start=hard_start,
         n_hard=n_hard, gauss_start=n_grad_cols + n_extra, log_hard_weight=math.log(options.hard_negative_weight),
-        log_gauss_weight=math.log(options.gaussian_weight))
+        log_gauss_weight=math.log(options.gaussian_weight), n_hard_blocks=max(k_blocks, 1),
+        **hardness_fields(options.hardness_mode, options.hardness_strength))
 
 
 def kernel_plan(options: LossOptions, layout: ColumnLayout, x: torch.Tensor, n_logits: int, *, grouped: bool = False,
-                dense: bool = True, reduced: bool | None = None, needs_grad: bool = True) -> KernelPlan | None:
+                dense: bool = True, reduced: bool | None = None, needs_grad: bool = True,
+                needed: frozenset[str] = frozenset()) -> KernelPlan | None:
     """What runs for queries like ``x`` against ``layout``'s columns (``n_logits`` in
     all): the backend and its backward strategy, or None for the dense path. ``dense``
     False (the distributed losses) never takes the dense path; ``reduced`` (default:
@@ -306,8 +357,11 @@ def kernel_plan(options: LossOptions, layout: ColumnLayout, x: torch.Tensor, n_l
     forward, which "auto" takes only when ``needs_grad`` (some input requires a
     gradient, in grad mode). A caller that combines the per-row losses other than by a
     plain sum or mean must pass ``reduced=False``: the one pass assumes every row's
-    incoming gradient is the same."""
-    backend = choose_backend(options.backend, x.device, n_logits, options.backward_strategy, dense)
+    incoming gradient is the same (:func:`uniform_row_gradients`). ``needed``: the
+    layout features of every layout the call runs (the margin's included), see
+    :func:`choose_backend`."""
+    needed = needed | dispatch.layout_features(layout, options.margin is not None)
+    backend = choose_backend(options.backend, x.device, n_logits, options.backward_strategy, dense, needed)
     if backend == "dense":
         return None
     reduced = options.reduction != "none" if reduced is None else reduced
@@ -318,32 +372,50 @@ def kernel_plan(options: LossOptions, layout: ColumnLayout, x: torch.Tensor, n_l
 
 def plan_info_nce(options: LossOptions, anchors, positives, hard_negatives=None, extra_negatives=None, *,
                   labels=None, groups=None, generator=None) -> LossPlan:
-    """The plan of :func:`fastcl.info_nce`: candidates ``[positives; hard; extra; gaussian]``."""
+    """The plan of :func:`fastcl.info_nce`: candidates ``[positives; hard blocks; extra;
+    gaussian]``, and the terms of the other directions (:mod:`fastcl.directions`)."""
     x, gaussian = check_call(options, anchors, positives, hard_negatives, extra_negatives, labels=labels,
                              groups=groups, generator=generator)
-    n = x.anchors.shape[0]
-    n_hard = n if x.hard_negatives is not None else 0
+    n, k_blocks = x.anchors.shape[0], n_hard_blocks(x.hard_negatives)
     n_extra = x.extra_negatives.shape[0] if x.extra_negatives is not None else 0
-    layout = candidate_layout(options, n + n_hard, n, n_hard, n_extra)
+    n_docs = n * (1 + k_blocks)
+    layout = candidate_layout(options, n_docs, n, n if k_blocks else 0, n_extra, k_blocks)
+    directions = set(options.directions)
+    # Same-tower terms of a one-row batch have no entry at all: they add nothing.
+    same_tower = [d for d in (QUERY_TO_QUERY, DOC_TO_DOC) if d in directions and n > 1]
+    others = [query_to_query_layout(n, n) if d == QUERY_TO_QUERY else doc_to_doc_layout(n, n, k_blocks)
+              for d in same_tower]
+    needed = frozenset().union(*(dispatch.layout_features(o) for o in others))
     grouped = groups is not None
-    plan = kernel_plan(options, layout, x.anchors, n * layout.n_cols, grouped=grouped,
+    n_logits = n * (layout.n_cols + (n if DOC_TO_QUERY in directions else 0) + sum(o.n_cols for o in others))
+    plan = kernel_plan(options, layout, x.anchors, n_logits, grouped=grouped, needed=needed,
+                       reduced=uniform_row_gradients(options, 1 + (DOC_TO_QUERY in directions) + len(others)),
                        needs_grad=needs_gradient(x.anchors, x.positives, x.hard_negatives, options.temperature))
     if plan is None:
         return LossPlan(options, x, gaussian)
     q = x.anchors.contiguous()
-    k_grad = (x.positives if n_hard == 0 else torch.cat([x.positives, x.hard_negatives])).contiguous()
+    k_grad = (x.positives if k_blocks == 0 else torch.cat([x.positives, hard_blocks(x.hard_negatives)])).contiguous()
     targets = x.labels.to(torch.int64).contiguous() if x.labels is not None else None
     row_groups = x.groups.to(torch.int64).contiguous() if grouped else None
     # (row groups, candidate groups): positives and hard negatives share their row's group.
-    group_ids = (row_groups, row_groups if n_hard == 0 else torch.cat([row_groups, row_groups])) if grouped else None
+    group_ids = (row_groups, row_groups.repeat(1 + k_blocks)) if grouped else None
     inv_tau = inverse_temperature(options.temperature, x.anchors)
-    rows = FunctionArgs(q, k_grad, constant_rows(x.extra_negatives, gaussian), inv_tau, targets, group_ids, plan)
+    eps = plan.normalize_eps
+    target_rows = k_grad[:n] if targets is None else candidate_rows(k_grad, x.extra_negatives)[targets]
+    thresholds = margin_thresholds(q, target_rows, options.margin, eps)
+    rows = FunctionArgs(q, k_grad, constant_rows(x.extra_negatives, gaussian), inv_tau, targets, group_ids, plan,
+                        thresholds)
     columns = None
-    if options.symmetric:
-        # Column direction of the in-batch block: positive j against every anchor.
+    if DOC_TO_QUERY in directions:
+        # Positive j against every anchor; its target, anchor j, is the positive pair.
         columns = FunctionArgs(k_grad[:n], q, None, inv_tau, None, (row_groups, row_groups) if grouped else None,
-                               plan._replace(layout=ColumnLayout.plain(n)))
-    return LossPlan(options, x, gaussian, rows, columns)
+                               plan._replace(layout=ColumnLayout.plain(n)), thresholds)
+    no_target = torch.full((n,), -1, dtype=torch.int64, device=q.device)
+    terms = tuple(FunctionArgs(q if d == QUERY_TO_QUERY else k_grad[:n], q if d == QUERY_TO_QUERY else k_grad, None,
+                               inv_tau, no_target, None, plan._replace(layout=o), thresholds)
+                  for d, o in zip(same_tower, others))
+    positive = positive_logits(q, target_rows, inv_tau, eps) if terms else None
+    return LossPlan(options, x, gaussian, rows, columns, terms, positive)
 
 
 def plan_nt_xent(options: LossOptions, z1, z2) -> LossPlan:
@@ -358,8 +430,9 @@ def plan_nt_xent(options: LossOptions, z1, z2) -> LossPlan:
         return LossPlan(options, x, None)
     z = torch.cat([x.anchors, x.positives]).contiguous()
     targets = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    thresholds = margin_thresholds(z, z[targets], options.margin, plan.normalize_eps)
     # z is both the queries and the candidates: autograd adds the two gradients.
-    rows = FunctionArgs(z, z, None, inverse_temperature(options.temperature, z), targets, None, plan)
+    rows = FunctionArgs(z, z, None, inverse_temperature(options.temperature, z), targets, None, plan, thresholds)
     return LossPlan(options, x, None, rows)
 
 

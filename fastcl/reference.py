@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .ops.layout import HARDNESS_HARD, HARDNESS_IN_BATCH, ColumnLayout
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -29,6 +31,10 @@ def _upcast(x: torch.Tensor | None) -> torch.Tensor | None:
     """Half-precision rows in float32 (differentiable: the gradient comes back in the
     input dtype); other dtypes unchanged."""
     return x.float() if x is not None and x.dtype in _HALF else x
+
+
+DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+PARTITION_MODES = ("joint", "per_direction")
 
 
 def info_nce_reference(
@@ -47,69 +53,202 @@ def info_nce_reference(
     normalize: bool = True,
     eps: float = 1e-12,
     groups: torch.Tensor | None = None,
+    directions: tuple[str, ...] = ("query_to_doc",),
+    partition_mode: str = "joint",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+    false_negative_margin: float | None = None,
 ) -> torch.Tensor:
     """InfoNCE with in-batch, hard, extra and Gaussian negatives, computed densely.
 
-    ``logit[i, j] = cos(a_i, c_j) / temperature + w[i, j]`` over the candidates
-    ``c = [positives; hard_negatives; extra_negatives; gaussian_negatives]``, with
-    ``w = log(hard_negative_weight)`` at column ``N + i`` of row ``i`` and
-    ``log(gaussian_weight)`` on every Gaussian column; ``loss_i`` is the cross-entropy of
-    row ``i`` against column ``labels[i]`` (``i`` by default). With ``symmetric`` the
-    column direction over the in-batch block (each positive scored against all anchors)
-    is averaged in, as CLIP does. Extra and Gaussian negatives receive no gradient. With
-    ``groups`` (one id per anchor, shared by its positive and hard negative), a row's
-    positives and hard negatives are only those of its own group; extra and Gaussian
-    negatives stay visible to every group.
+    ``logit[i, j] = cos(a_i, c_j) / temperature + w[i, j]`` over the query_to_doc
+    candidates ``c = [positives; hard_negatives[:, 0]; ...; hard_negatives[:, K-1];
+    extra_negatives; gaussian_negatives]`` (``hard_negatives`` N x D is K = 1), with
+    ``w = log(hard_negative_weight)`` at row i's own hard negatives ``N + k N + i`` and
+    ``log(gaussian_weight)`` on every Gaussian column; ``loss_i = log_z_i - logit[i,
+    t_i]`` with ``t_i = labels[i]`` (``i`` by default) and ``log_z_i`` the log-sum-exp of
+    row i's entries in the chosen ``directions`` (``partition_mode="joint"``: one softmax
+    over all of them; ``"per_direction"``: the mean of each direction's log-sum-exp):
+
+    - query_to_doc: the row above;
+    - query_to_query: a_i against every a_j, j != i;
+    - doc_to_query: p_i against every a_j;
+    - doc_to_doc: p_i against ``[positives; hard negatives]`` but row i's own ones.
+
+    ``hardness_mode`` adds ``hardness_strength * cos`` (no gradient, not divided by the
+    temperature) to query_to_doc entries other than the target: ``"in_batch_negatives"``
+    those that are not row i's own hard negatives (nor its target), ``"hard_negatives"``
+    its own hard negatives, ``"all_negatives"`` all of them. ``false_negative_margin`` m drops, in
+    every direction, each entry of row i (other than its positive) whose cosine exceeds
+    ``cos(a_i, c_{t_i}) + m`` (no gradient through the decision). ``symmetric`` is
+    ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"``.
+    Extra and Gaussian negatives receive no gradient. With ``groups`` (one id per
+    anchor, shared by its positive and hard negative), a row's positives, hard
+    negatives and (doc_to_query) anchors are only those of its own group; extra and
+    Gaussian negatives stay visible to every group.
     """
     n = anchors.shape[0]
     anchors, positives, hard_negatives, extra_negatives, gaussian_negatives = map(
         _upcast, (anchors, positives, hard_negatives, extra_negatives, gaussian_negatives))
+    if symmetric:
+        directions, partition_mode = ("query_to_doc", "doc_to_query"), "per_direction"
     if normalize:
         unit = lambda x: F.normalize(x, dim=-1, eps=eps)  # noqa: E731
     else:
         unit = lambda x: x  # noqa: E731
 
-    a = unit(anchors)
-    blocks = [unit(positives)]
+    a, p = unit(anchors), unit(positives)
+    if isinstance(temperature, torch.Tensor):
+        # Widened once: every direction divides by it, and a half-precision temperature
+        # must receive one gradient formed in the wide dtype, not a half-precision sum.
+        temperature = temperature.to(torch.promote_types(temperature.dtype, a.dtype))
+    n_blocks = 0
+    docs = [p]
     if hard_negatives is not None:
-        blocks.append(unit(hard_negatives))
+        hard = hard_negatives if hard_negatives.dim() == 3 else hard_negatives[:, None]
+        n_blocks = hard.shape[1]
+        docs.append(unit(hard).transpose(0, 1).reshape(n_blocks * n, -1))
+    docs = torch.cat(docs)  # the columns with a gradient: [p; h[:, 0]; ...; h[:, K-1]]
+    blocks = [docs]
     if extra_negatives is not None:
         blocks.append(unit(extra_negatives.detach()))
     if gaussian_negatives is not None:
         blocks.append(unit(gaussian_negatives.detach()))
     candidates = torch.cat(blocks, dim=0)
+    m_total, device = candidates.shape[0], anchors.device
+    rows, cols = torch.arange(n, device=device), torch.arange(m_total, device=device)
+    # Row i's own documents: its positive (column i) and its K hard negatives.
+    own_hard = (cols[None, :] >= n) & (cols[None, :] < docs.shape[0]) & ((cols[None, :] - rows[:, None]) % n == 0)
+    own_docs = own_hard | (cols[None, :] == rows[:, None])
 
-    logits = a @ candidates.T / temperature
-    weights = torch.zeros_like(logits)
+    sim = a @ candidates.T
+    logits = sim / temperature
     if hard_negatives is not None and hard_negative_weight != 1.0:
-        rows = torch.arange(n, device=logits.device)
-        weights[rows, n + rows] = math.log(hard_negative_weight)
+        logits = torch.where(own_hard, logits + math.log(hard_negative_weight), logits)
     if gaussian_negatives is not None and gaussian_weight != 1.0:
-        weights[:, candidates.shape[0] - gaussian_negatives.shape[0]:] = math.log(gaussian_weight)
-    logits = logits + weights
-    if groups is not None:
-        candidate_groups = groups if hard_negatives is None else torch.cat([groups, groups])
-        other_group = groups[:, None] != candidate_groups[None, :]
-        masked = torch.zeros_like(logits, dtype=torch.bool)
-        masked[:, : candidate_groups.shape[0]] = other_group
-        logits = logits.masked_fill(masked, float("-inf"))
-
+        gauss = cols[None, :] >= m_total - gaussian_negatives.shape[0]
+        logits = torch.where(gauss, logits + math.log(gaussian_weight), logits)
     # int64: gather takes no other index dtype (int8 / uint8 labels are valid input).
-    targets = labels.to(torch.int64) if labels is not None else torch.arange(n, device=logits.device)
-    row_loss = torch.logsumexp(logits, dim=1) - logits.gather(1, targets[:, None])[:, 0]
+    targets = labels.to(torch.int64) if labels is not None else rows
+    is_target = cols[None, :] == targets[:, None]
+    if hardness_mode is not None and hardness_strength != 0.0:
+        # With labels the target takes the place of the own positive (column i).
+        penalized = {"in_batch_negatives": ~own_hard, "hard_negatives": own_hard,
+                     "all_negatives": torch.ones_like(own_docs)}[hardness_mode] & ~is_target
+        logits = logits + torch.where(penalized, hardness_strength * sim.detach(), torch.zeros_like(sim))
+    masked = torch.zeros_like(logits, dtype=torch.bool)
+    if groups is not None:
+        candidate_groups = groups.repeat(1 + n_blocks)
+        masked[:, : candidate_groups.shape[0]] = groups[:, None] != candidate_groups[None, :]
+    threshold = None
+    if false_negative_margin is not None:
+        threshold = sim.detach().gather(1, targets[:, None]) + false_negative_margin  # N x 1
+        masked |= (sim.detach() > threshold) & ~is_target
+    terms = {"query_to_doc": logits.masked_fill(masked, float("-inf"))}
+    positive_logit = terms["query_to_doc"].gather(1, targets[:, None])[:, 0]
 
-    if symmetric:
-        in_batch = logits[:, :n]  # no weights live in the in-batch block
-        col_loss = torch.logsumexp(in_batch, dim=0) - in_batch.diagonal()
-        per_row = (row_loss + col_loss) / 2
+    def term(sim_d: torch.Tensor, masked_d: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if threshold is not None:
+            dropped = sim_d.detach() > threshold
+            masked_d = masked_d | (dropped if keep is None else dropped & ~keep)
+        return (sim_d / temperature).masked_fill(masked_d, float("-inf"))
+
+    eye = rows[:, None] == rows[None, :]
+    if "query_to_query" in directions:
+        terms["query_to_query"] = term(a @ a.T, eye)
+    if "doc_to_query" in directions:
+        other_group = groups[:, None] != groups[None, :] if groups is not None else torch.zeros_like(eye)
+        terms["doc_to_query"] = term(p @ a.T, other_group, keep=eye)  # (p_i, a_i) is the positive pair
+    if "doc_to_doc" in directions:
+        terms["doc_to_doc"] = term(p @ docs.T, own_docs[:, : docs.shape[0]])
+    if partition_mode == "joint":
+        log_z = _logsumexp_rows(torch.cat(list(terms.values()), dim=1))
     else:
-        per_row = row_loss
+        log_z = sum(_logsumexp_rows(t) for t in terms.values()) / len(terms)
+    per_row = log_z - positive_logit
 
     if reduction == "mean":
         return per_row.mean()
     if reduction == "sum":
         return per_row.sum()
     return per_row
+
+
+def _logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp over dim 1, -inf for a row whose every entry is -inf, with no
+    gradient to it (autograd's exp(-inf - -inf) would be NaN)."""
+    empty = torch.isneginf(logits).all(dim=1)
+    lse = torch.logsumexp(logits.masked_fill(empty[:, None], 0.0), dim=1)
+    return torch.where(empty, torch.full_like(lse, float("-inf")), lse)
+
+
+def layout_logits_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    inv_tau: float | torch.Tensor,
+    layout: ColumnLayout,
+    targets: torch.Tensor | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    thresholds: torch.Tensor | None = None,
+    normalize_eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense ``(similarity, logits, targets)`` of queries ``q`` (N x D) against the
+    columns ``k`` (M x D) under ``layout``, with the arguments of the fused kernels
+    (:class:`~fastcl.ops.layout.ColumnLayout` states every rule): ``targets`` (None: row
+    i's target is column i; -1: none), ``groups`` (row ids, column ids of the first
+    ``n_grad_cols`` columns), ``thresholds`` (the false-negative margin's per-row
+    thresholds) and ``normalize_eps`` (None: rows as given, else normalized as
+    ``F.normalize(x, dim=-1, eps=normalize_eps)``). Columns from ``n_grad_cols`` on are
+    constants (detached). Half-precision rows are computed in float32."""
+    q, k = _upcast(q), _upcast(k)
+    k = torch.cat([k[: layout.n_grad_cols], k[layout.n_grad_cols:].detach()])
+    if normalize_eps is not None:
+        q, k = F.normalize(q, dim=-1, eps=normalize_eps), F.normalize(k, dim=-1, eps=normalize_eps)
+    sim = q @ k.T
+    n, m = sim.shape
+    rows, cols = torch.arange(n, device=q.device), torch.arange(m, device=q.device)
+    logits = sim * inv_tau
+    own_hard = layout.own_hard(rows, cols)
+    if layout.hard_weighted:
+        logits = torch.where(own_hard, logits + layout.log_hard_weight, logits)
+    if layout.gauss_weighted:
+        logits = torch.where(cols[None, :] >= layout.gauss_start, logits + layout.log_gauss_weight, logits)
+    targets = rows if targets is None else targets.to(torch.int64)
+    is_target = cols[None, :] == targets[:, None]
+    if layout.penalized:
+        mode = layout.hardness_mode
+        penalized = ~is_target & (own_hard if mode == HARDNESS_HARD else
+                                  ~own_hard if mode == HARDNESS_IN_BATCH else torch.ones_like(is_target))
+        logits = logits + torch.where(penalized, layout.hardness_strength * sim.detach(), torch.zeros_like(sim))
+    masked = (cols[None, :] == layout.self_start + rows[:, None]) & (rows[:, None] < layout.n_self)
+    if groups is not None:
+        row_groups, key_groups = groups
+        other = row_groups[:, None] != key_groups[None, : layout.n_grad_cols]
+        masked = masked | torch.cat([other, torch.zeros_like(masked[:, layout.n_grad_cols:])], dim=1)
+    if thresholds is not None:
+        masked = masked | ((sim.detach() > thresholds.detach()[:, None]) & ~is_target)
+    return sim, logits.masked_fill(masked, float("-inf")), targets
+
+
+def layout_loss_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    inv_tau: float | torch.Tensor,
+    layout: ColumnLayout,
+    targets: torch.Tensor | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    thresholds: torch.Tensor | None = None,
+    normalize_eps: float | None = None,
+) -> torch.Tensor:
+    """The per-row values the fused kernels return, densely: ``lse_i - logit[i, t_i]``
+    (``lse_i`` alone where ``t_i`` is -1; -inf for a row with no unmasked entry), from
+    :func:`layout_logits_reference`'s logits. Differentiable with respect to ``q``, the
+    first ``layout.n_grad_cols`` rows of ``k`` and a tensor ``inv_tau``: what every
+    backend's gradients are tested against."""
+    _, logits, targets = layout_logits_reference(q, k, inv_tau, layout, targets, groups, thresholds, normalize_eps)
+    picked = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    target_logit = torch.where(targets >= 0, picked, torch.zeros_like(picked))
+    return _logsumexp_rows(logits) - target_logit
 
 
 def nt_xent_reference(
@@ -120,16 +259,25 @@ def nt_xent_reference(
     reduction: str = "mean",
     normalize: bool = True,
     eps: float = 1e-12,
+    false_negative_margin: float | None = None,
 ) -> torch.Tensor:
     """NT-Xent (SimCLR), densely: all 2N rows of ``[z1; z2]`` are anchors, each scored
     against the other 2N - 1 rows (itself excluded); the target of row i is its other
-    view, ``(i + N) mod 2N``. ``"mean"`` averages over the 2N rows."""
+    view, ``(i + N) mod 2N``. ``"mean"`` averages over the 2N rows. With
+    ``false_negative_margin`` m, row i's entries other than its target whose cosine
+    exceeds the target's plus m are dropped."""
     n = z1.shape[0]
     z = torch.cat([_upcast(z1), _upcast(z2)])
     if normalize:
         z = F.normalize(z, dim=-1, eps=eps)
-    logits = z @ z.T / temperature
+    sim = z @ z.T
+    logits = sim / temperature
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
     targets = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    if false_negative_margin is not None:
+        sim = sim.detach()
+        threshold = sim.gather(1, targets[:, None]) + false_negative_margin
+        is_target = torch.arange(2 * n, device=z.device)[None, :] == targets[:, None]
+        self_mask = self_mask | ((sim > threshold) & ~is_target)
+    logits = logits.masked_fill(self_mask, float("-inf"))
     return F.cross_entropy(logits, targets, reduction=reduction)

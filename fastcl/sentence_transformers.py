@@ -20,12 +20,11 @@ similarity matrix. ``MatryoshkaLoss`` wraps them exactly as it wraps the origina
 decorates the model's forward (plain losses) or ``calculate_loss`` (cached losses), and
 both keep their sentence-transformers structure here.
 
-Configurations that fastcl does not compute raise ``NotImplementedError`` naming the
-argument, at construction (``directions``, ``partition_mode``, ``hardness_mode``) or at
-the first batch (more than one negative column per anchor); ``similarity_fct`` other
-than ``cos_sim`` / ``dot_score`` raises ``ValueError``. Which keywords fastcl's loss
-accepts is read from its signature, so the mapping in :func:`loss_options` is the one
-place that decides what is passed on.
+Every configuration of the sentence-transformers loss is computed: K negative columns
+(``hard_negatives`` N x K x D), ``directions``, ``partition_mode``, ``hardness_mode`` and
+``hardness_strength`` are fastcl's keywords of the same names (:func:`loss_options` is the
+one place that maps them); ``similarity_fct`` other than ``cos_sim`` / ``dot_score``
+raises ``ValueError``.
 
 This module imports sentence-transformers; ``import fastcl`` never does.
 """
@@ -33,7 +32,6 @@ This module imports sentence-transformers; ``import fastcl`` never does.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 
@@ -83,52 +81,17 @@ def normalize_for(similarity_fct: Callable) -> bool:
         f"got {similarity_fct_name(similarity_fct)}")
 
 
-@functools.cache
-def _keywords(fn: Callable) -> frozenset[str]:
-    return frozenset(inspect.signature(fn).parameters)
-
-
-@functools.cache
-def _takes_negatives_per_anchor() -> bool:
-    """Whether :func:`fastcl.info_nce` accepts ``hard_negatives`` of shape N x K x D (K hard
-    negatives per anchor). Its signature cannot tell, so one 1 x 1 call does."""
-    x = torch.zeros(1, 1)
-    try:
-        info_nce(x, x, torch.zeros(1, 2, 1), normalize=False, check_finite=False)
-    except (TypeError, ValueError, NotImplementedError):
-        return False
-    return True
-
-
 def loss_options(directions: Sequence[str], partition_mode: str, hardness_mode: str | None,
-                 hardness_strength: float, fn: Callable = info_nce) -> dict:
-    """The keyword arguments of fastcl's loss ``fn`` for a sentence-transformers
-    ``MultipleNegativesRankingLoss`` configuration (``temperature`` and ``normalize`` aside).
-
-    ``("query_to_doc",)`` needs none. The pair ``("query_to_doc", "doc_to_query")`` with
-    ``partition_mode="per_direction"`` is fastcl's ``symmetric=True``. Every other direction
-    set, and a ``hardness_mode`` with ``hardness_strength > 0``, is passed on as the keyword
-    of the same name, and refused with ``NotImplementedError`` when ``fn`` does not take it.
-    """
-    accepted = _keywords(fn)
+                 hardness_strength: float) -> dict:
+    """The keyword arguments of fastcl's loss for a sentence-transformers
+    ``MultipleNegativesRankingLoss`` configuration (``temperature`` and ``normalize`` aside):
+    the directions and partition mode unless they are the default single direction (where
+    both partition modes are one softmax), and the hardness penalty when it adds anything
+    (strength > 0)."""
     options: dict = {}
-    chosen = set(directions)
-    if chosen != {"query_to_doc"}:  # a single direction: joint and per_direction are one softmax
-        if "directions" in accepted:
-            options.update(directions=tuple(directions), partition_mode=partition_mode)
-        elif chosen == set(SYMMETRIC_DIRECTIONS) and partition_mode == "per_direction":
-            options["symmetric"] = True
-        else:
-            raise NotImplementedError(
-                f"directions={tuple(directions)!r} with partition_mode={partition_mode!r} is not computed by "
-                f"this version of fastcl.{fn.__name__}: it computes directions=('query_to_doc',) and "
-                "('query_to_doc', 'doc_to_query') with partition_mode='per_direction'. Use the "
-                "sentence_transformers loss for this configuration.")
-    if hardness_mode is not None and hardness_strength > 0.0:  # strength 0 adds nothing to any logit
-        if "hardness_mode" not in accepted:
-            raise NotImplementedError(
-                f"hardness_mode={hardness_mode!r} (with hardness_strength={hardness_strength}) is not computed by "
-                f"this version of fastcl.{fn.__name__}. Use the sentence_transformers loss for hardness weighting.")
+    if tuple(directions) != ("query_to_doc",):
+        options.update(directions=tuple(directions), partition_mode=partition_mode)
+    if hardness_mode is not None and hardness_strength > 0.0:
         options.update(hardness_mode=hardness_mode, hardness_strength=float(hardness_strength))
     return options
 
@@ -139,15 +102,7 @@ def _negatives(columns: list[Tensor]) -> Tensor | None:
     sentence-transformers' ``docs_all``."""
     if not columns:
         return None
-    if len(columns) == 1:
-        return columns[0]
-    if not _takes_negatives_per_anchor():
-        raise NotImplementedError(
-            f"the dataset has {len(columns)} negative columns (anchor, positive, negative_1 .. "
-            f"negative_{len(columns)}): this version of fastcl.info_nce takes one hard negative per anchor "
-            "(columns anchor, positive[, negative]). Keep one negative column, or use the sentence_transformers "
-            "loss for several.")
-    return torch.stack(columns, dim=1)
+    return columns[0] if len(columns) == 1 else torch.stack(columns, dim=1)
 
 
 @functools.cache
@@ -186,9 +141,8 @@ class MultipleNegativesRankingLoss(_STMultipleNegativesRankingLoss):
                          gather_across_devices=gather_across_devices, directions=directions,
                          partition_mode=partition_mode, hardness_mode=hardness_mode,
                          hardness_strength=hardness_strength)
-        # Refuse what fastcl cannot compute now, not at the first training step.
+        # Refuse a similarity fastcl does not compute now, not at the first training step.
         normalize_for(self.similarity_fct)
-        self._fastcl_options(gathered_info_nce if gather_across_devices else info_nce)
 
     def _loss_function(self) -> Callable:
         if not self.gather_across_devices:
@@ -198,8 +152,8 @@ class MultipleNegativesRankingLoss(_STMultipleNegativesRankingLoss):
         _warn_not_distributed()
         return info_nce
 
-    def _fastcl_options(self, fn: Callable) -> dict:
-        return loss_options(self.directions, self.partition_mode, self.hardness_mode, self.hardness_strength, fn)
+    def _fastcl_options(self) -> dict:
+        return loss_options(self.directions, self.partition_mode, self.hardness_mode, self.hardness_strength)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         """The loss of the column embeddings ``[anchors, positives, negatives...]`` (each N x D);
@@ -207,7 +161,7 @@ class MultipleNegativesRankingLoss(_STMultipleNegativesRankingLoss):
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
         fn = self._loss_function()
-        options = self._fastcl_options(fn)  # read per call: the attributes may have been reassigned
+        options = self._fastcl_options()  # read per call: the attributes may have been reassigned
         normalize = normalize_for(self.similarity_fct)
         hard_negatives = _negatives(list(embeddings[2:]))
         # check_finite=False: like sentence-transformers, a non-finite embedding gives a NaN loss

@@ -15,18 +15,24 @@ from .helpers import free_port, gloo_group
 D = 6
 
 
-def _global_inputs(sizes, hard):
+def _global_inputs(sizes, hard, k=None):
+    """Anchors, positives (and hard negatives: N x D, or N x k x D)."""
     g = torch.Generator().manual_seed(0)
     n = sum(sizes)
-    return [torch.randn(n, D, dtype=torch.float64, generator=g) for _ in range(3 if hard else 2)]
+    rows = [torch.randn(n, D, dtype=torch.float64, generator=g) for _ in range(2)]
+    rows[1] = rows[1] + 1.5 * rows[0]  # positives closer than chance: the margin drops some, not all
+    if hard:
+        rows.append(torch.randn(n, *((k,) if k else ()), D, dtype=torch.float64, generator=g))
+    return rows
 
 
 def _worker(rank, world, port, sizes, options, backend, results):
     with gloo_group(rank, world, port):
         hard = options.get("hard", False)
         start = sum(sizes[:rank])
-        local = [x[start:start + sizes[rank]].clone().requires_grad_() for x in _global_inputs(sizes, hard)]
-        kwargs = {k: v for k, v in options.items() if k != "hard"}
+        local = [x[start:start + sizes[rank]].clone().requires_grad_()
+                 for x in _global_inputs(sizes, hard, options.get("k"))]
+        kwargs = {k: v for k, v in options.items() if k not in ("hard", "k")}
         loss = gathered_info_nce(local[0], local[1], local[2] if hard else None, backend=backend, **kwargs)
         loss.backward()
         results[rank] = (loss.detach(), [x.grad for x in local])
@@ -46,14 +52,19 @@ def _run(world, sizes, options, backend="torch"):
         (2, [9, 9], dict(hard=True, hard_negative_weight=2.0, symmetric=True, temperature=0.1), "torch"),
         (3, [5, 8, 4], dict(hard=True, hard_negative_weight=0.5), "torch"),
         (2, [7, 10], dict(hard=True, hard_negative_weight=3.0), "triton"),
+        (3, [5, 8, 4], dict(hard=True, k=3, hard_negative_weight=2.0, temperature=0.1, false_negative_margin=0.1,
+                            directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+                            hardness_mode="all_negatives", hardness_strength=2.0), "torch"),
+        (2, [6, 9], dict(hard=True, k=2, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+                         hardness_mode="in_batch_negatives", hardness_strength=1.0), "torch"),
     ],
-    ids=["plain-2", "sup-sym-2", "unequal-3", "triton-2"],
+    ids=["plain-2", "sup-sym-2", "unequal-3", "triton-2", "family-unequal-3", "family-per-direction-2"],
 )
 def test_gathered_loss_equals_single_process(world, sizes, options, backend):
     results = _run(world, sizes, options, backend)
     hard = options.get("hard", False)
-    full = [x.clone().requires_grad_() for x in _global_inputs(sizes, hard)]
-    kwargs = {k: v for k, v in options.items() if k != "hard"}
+    full = [x.clone().requires_grad_() for x in _global_inputs(sizes, hard, options.get("k"))]
+    kwargs = {k: v for k, v in options.items() if k not in ("hard", "k")}
     reference = info_nce(full[0], full[1], full[2] if hard else None, backend="reference", **kwargs)
     reference.backward()
 

@@ -376,7 +376,7 @@ def _operator_inputs(dtype, hard: bool, gaussian: bool, with_targets: bool, n=37
 
 
 def _op_args(q, k, params, targets, layout, groups):
-    return (q, k, params, targets, *layout, *(groups if groups is not None else (None, None)))
+    return (q, k, params, targets, *layout[:operators.N_LAYOUT_FIELDS], *(groups if groups is not None else (None, None)))
 
 
 OPCHECK_VARIANTS = {

@@ -10,7 +10,6 @@ under the RNG states of their first pass.
 from __future__ import annotations
 
 import csv
-import inspect
 import os
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer import losses as st
 from sentence_transformers.util import cos_sim, dot_score, manhattan_sim
 
-import fastcl
 import fastcl.sentence_transformers as fst
 
 from .helpers import free_port, gloo_group
@@ -39,8 +37,6 @@ with open(NLI, newline="", encoding="utf-8") as _f:
 COLUMNS = [[t[0] for t in TRIPLETS[:N]], [t[1] for t in TRIPLETS[:N]], [t[2] for t in TRIPLETS[:N]],
            [t[2] for t in TRIPLETS[N:2 * N]], [t[2] for t in TRIPLETS[2 * N:3 * N]]]
 
-SUPPORTS_DIRECTIONS = "directions" in inspect.signature(fastcl.info_nce).parameters
-SUPPORTS_HARDNESS = "hardness_mode" in inspect.signature(fastcl.info_nce).parameters
 
 
 @pytest.fixture(scope="module")
@@ -283,79 +279,37 @@ def test_packaging_extra():
     assert any(req.startswith("sentence-transformers[train]") for req in extras["sentence-transformers"])
 
 
-# ------------------------------------- options computed once fastcl takes them
-#
-# Each test compares with sentence-transformers when fastcl.info_nce takes the option,
-# and checks the refusal (naming the argument) while it does not.
+# ------------------------------------------- directions, hardness, K negatives
 
-ISSUE_OPTIONS = {
-    "directions-gte": (dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")),
-                       SUPPORTS_DIRECTIONS, "directions"),
-    "directions-symmetric-joint": (dict(directions=("query_to_doc", "doc_to_query")), SUPPORTS_DIRECTIONS,
-                                   "directions"),
-    "directions-q2q": (dict(directions=("query_to_doc", "query_to_query")), SUPPORTS_DIRECTIONS, "directions"),
-    "hardness-in-batch": (dict(hardness_mode="in_batch_negatives", hardness_strength=9.0), SUPPORTS_HARDNESS,
-                          "hardness_mode"),
-    "hardness-hard": (dict(hardness_mode="hard_negatives", hardness_strength=5.0), SUPPORTS_HARDNESS,
-                      "hardness_mode"),
-    "hardness-all": (dict(hardness_mode="all_negatives", hardness_strength=2.0), SUPPORTS_HARDNESS,
-                     "hardness_mode"),
+FAMILY_OPTIONS = {
+    "directions-gte": dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")),
+    "directions-symmetric-joint": dict(directions=("query_to_doc", "doc_to_query")),
+    "directions-q2q": dict(directions=("query_to_doc", "query_to_query")),
+    "hardness-in-batch": dict(hardness_mode="in_batch_negatives", hardness_strength=9.0),
+    "hardness-hard": dict(hardness_mode="hard_negatives", hardness_strength=5.0),
+    "hardness-all": dict(hardness_mode="all_negatives", hardness_strength=2.0),
 }
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["plain", "cached"])
-@pytest.mark.parametrize("options, supported, argument", ISSUE_OPTIONS.values(), ids=ISSUE_OPTIONS.keys())
-def test_option_equals_sentence_transformers_or_is_refused(model, cached, options, supported, argument):
+@pytest.mark.parametrize("options", FAMILY_OPTIONS.values(), ids=FAMILY_OPTIONS.keys())
+def test_option_equals_sentence_transformers(model, cached, options):
     if cached:
         ours_cls, theirs_cls, options = (fst.CachedMultipleNegativesRankingLoss, st.CachedMultipleNegativesRankingLoss,
                                          dict(mini_batch_size=4, **options))
     else:
         ours_cls, theirs_cls = fst.MultipleNegativesRankingLoss, st.MultipleNegativesRankingLoss
-    if supported:
-        assert_same(loss_and_grads(model, ours_cls(model, **options), 3),
-                    loss_and_grads(model, theirs_cls(model, **options), 3))
-    else:
-        with pytest.raises(NotImplementedError, match=argument):
-            ours_cls(model, **options)
+    assert_same(loss_and_grads(model, ours_cls(model, **options), 3),
+                loss_and_grads(model, theirs_cls(model, **options), 3))
 
 
 @pytest.mark.parametrize("n_columns", [4, 5], ids=["K2", "K3"])
-def test_several_negatives_equal_sentence_transformers_or_are_refused(model, n_columns):
-    ours = fst.MultipleNegativesRankingLoss(model)
-    if fst._takes_negatives_per_anchor():
-        assert_same(loss_and_grads(model, ours, n_columns),
-                    loss_and_grads(model, st.MultipleNegativesRankingLoss(model), n_columns))
-    else:
-        with pytest.raises(NotImplementedError, match=f"{n_columns - 2} negative columns"):
-            ours(features(model, n_columns), None)
+def test_several_negatives_equal_sentence_transformers(model, n_columns):
+    assert_same(loss_and_grads(model, fst.MultipleNegativesRankingLoss(model), n_columns),
+                loss_and_grads(model, st.MultipleNegativesRankingLoss(model), n_columns))
 
 
-def _planned_info_nce(anchors, positives, hard_negatives=None, *, temperature=0.05, normalize=True, symmetric=False,
-                      check_finite=True, directions=("query_to_doc",), partition_mode="joint", hardness_mode=None,
-                      hardness_strength=0.0):
-    """Stands in for fastcl.info_nce with the planned keywords: computes through
-    sentence-transformers by the documented equivalence (``hard_negatives`` N x K x D are
-    the columns ``h[:, 0] .. h[:, K-1]``; ``symmetric`` is the direction pair, per
-    direction). It checks the mapping this module passes, not a loss."""
-    if symmetric:
-        directions, partition_mode = ("query_to_doc", "doc_to_query"), "per_direction"
-    negatives = [] if hard_negatives is None else (
-        list(hard_negatives.unbind(1)) if hard_negatives.dim() == 3 else [hard_negatives])
-    loss = st.MultipleNegativesRankingLoss(None, scale=1.0 / temperature, similarity_fct=cos_sim if normalize else dot_score,
-                                           directions=directions, partition_mode=partition_mode,
-                                           hardness_mode=hardness_mode, hardness_strength=hardness_strength)
-    return loss.compute_loss_from_embeddings([anchors, positives, *negatives], None)
-
-
-@pytest.fixture
-def planned_api(monkeypatch):
-    monkeypatch.setattr(fst, "info_nce", _planned_info_nce)
-    fst._takes_negatives_per_anchor.cache_clear()
-    yield
-    fst._takes_negatives_per_anchor.cache_clear()
-
-
-WIRING = {
+COMBINED = {
     "gte-K3": (dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")), 5),
     "symmetric-K2": (dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"), 4),
     "hardness-hard-K3": (dict(hardness_mode="hard_negatives", hardness_strength=5.0), 5),
@@ -365,11 +319,8 @@ WIRING = {
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["plain", "cached"])
-@pytest.mark.parametrize("options, n_columns", WIRING.values(), ids=WIRING.keys())
-def test_wiring_of_planned_options(model, planned_api, cached, options, n_columns):
-    # With an info_nce that takes the planned keywords, every option and K negatives reach
-    # it in sentence-transformers' layout.
-    assert fst._takes_negatives_per_anchor()
+@pytest.mark.parametrize("options, n_columns", COMBINED.values(), ids=COMBINED.keys())
+def test_combined_options_equal_sentence_transformers(model, cached, options, n_columns):
     if cached:
         options = dict(mini_batch_size=3, **options)
         ours, theirs = fst.CachedMultipleNegativesRankingLoss, st.CachedMultipleNegativesRankingLoss
@@ -387,6 +338,9 @@ GATHERED = {
                            dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"), 3),
     "triplets-dot": ("MultipleNegativesRankingLoss", dict(similarity_fct=dot_score, scale=1.0), 3),
     "cached-triplets": ("CachedMultipleNegativesRankingLoss", dict(mini_batch_size=2), 3),
+    "gte-K2-hardness": ("MultipleNegativesRankingLoss",
+                        dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+                             hardness_mode="all_negatives", hardness_strength=2.0), 4),
 }
 WORLD, LOCAL = 2, 5
 

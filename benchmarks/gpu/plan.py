@@ -76,6 +76,12 @@ EXTRA = [
     Bench("nt_xent", "--loss nt_xent --sizes 4096,16384,65536 --dim 768 --dtype bf16", tiny="--sizes 8,12"),
     Bench("groups", "--loss groups --group-size 128 --sizes 4096,16384,65536 --dim 768 --dtype bf16",
           tiny="--group-size 8"),
+    # The loss family: K = 7 hard negatives per anchor (M = 8N), and Qwen3 / GTE (four
+    # directions in one softmax, margin 0.1), against the dense equivalent and its compiled form.
+    Bench("hard7", "--hard-k 7 --sizes 4096,16384 --dim 768 --dtype bf16 --impls fastcl,dense,compiled",
+          tiny="--sizes 8,12"),
+    Bench("gte", "--gte --hard --sizes 4096,16384 --dim 768 --dtype bf16 --impls fastcl,dense,compiled",
+          tiny="--sizes 8,12"),
     Bench("dims", f"--sizes 16384 --dim 384,1024 --dtype bf16 --impls {FASTCL},dense,compiled,memeff,inf-cl,cce",
           tiny="--sizes 16 --dim 8,24"),
     Bench("fp32", f"--sizes 4096,16384 --dim 768 --dtype fp32 --fp32-precision high --impls {FASTCL},dense,compiled",

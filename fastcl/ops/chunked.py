@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .group_ranges import row_block_tile_ranges
-from .layout import ColumnLayout
+from .layout import HARDNESS_ALL, HARDNESS_HARD, ColumnLayout
 from .normalize import row_scales
 from .utils import accumulator_dtype
 
@@ -80,10 +80,12 @@ def _positions(cols: _Columns, col_index: torch.Tensor) -> torch.Tensor:
     return torch.where((cols.ids[pos] == col_index) & (col_index >= 0), pos, -1)
 
 
-def _chunk_logits(q_chunk, cols: _Columns, params, row0, layout: ColumnLayout, groups, norms):
+def _chunk_logits(q_chunk, cols: _Columns, params, row0, layout: ColumnLayout, groups, norms, tgt,
+                  thresholds=None):
     """(similarity, logits) of rows [row0, row0 + len(q_chunk)) against the chunk's
     columns, in the accumulator dtype, with -inf where a column is not a candidate of the
-    row (itself, another group)."""
+    row (itself, another group, an own document under a -inf weight, a dropped false
+    negative); ``tgt`` are the rows' target positions among the chunk's columns (-1: none)."""
     n_chunk = q_chunk.shape[0]
     s = q_chunk @ cols.k.T
     if norms is not None:  # raw products to cosines
@@ -91,14 +93,27 @@ def _chunk_logits(q_chunk, cols: _Columns, params, row0, layout: ColumnLayout, g
     logits = s * params[0]
     rows = torch.arange(row0, row0 + n_chunk, device=q_chunk.device)
     if layout.hard_weighted:
-        pos = torch.where(rows < layout.n_hard, _positions(cols, layout.hard_start + rows), -1)
-        own = pos >= 0
-        logits[own.nonzero()[:, 0], pos[own]] += params[1]
+        for block in range(layout.n_hard_blocks):
+            hard_cols = layout.hard_start + block * layout.n_hard + rows
+            pos = torch.where(rows < layout.n_hard, _positions(cols, hard_cols), -1)
+            own = pos >= 0
+            logits[own.nonzero()[:, 0], pos[own]] += params[1]
     if layout.gauss_weighted:
         if cols.ids is None:
             logits[:, layout.gauss_start:] += params[2]
         else:
             logits[:, cols.ids >= layout.gauss_start] += params[2]
+    if layout.penalized or thresholds is not None:
+        col_ids = cols.ids if cols.ids is not None else torch.arange(s.shape[1], device=s.device)
+        not_target = col_ids[None, :] != _global(cols, tgt)[:, None]
+    if layout.penalized:
+        # A stop-gradient penalty: it moves the logit's value only (the backward's
+        # d logit / d sim stays 1/tau, fastcl/ops/layout.py).
+        penalized = not_target
+        if layout.hardness_mode != HARDNESS_ALL:
+            own_hard = layout.own_hard(rows, col_ids)
+            penalized = penalized & (own_hard if layout.hardness_mode == HARDNESS_HARD else ~own_hard)
+        logits.add_(torch.where(penalized, s, torch.zeros_like(s)), alpha=layout.hardness_strength)
     if layout.n_self:
         pos = torch.where(rows < layout.n_self, _positions(cols, layout.self_start + rows), -1)
         own = pos >= 0
@@ -108,7 +123,17 @@ def _chunk_logits(q_chunk, cols: _Columns, params, row0, layout: ColumnLayout, g
         keys = key_groups[:cols.n_grad] if cols.ids is None else key_groups[cols.ids[:cols.n_grad]]
         other_group = row_groups[row0:row0 + n_chunk, None] != keys[None, :]
         logits[:, :cols.n_grad].masked_fill_(other_group, float("-inf"))
+    if thresholds is not None:
+        dropped = (s > thresholds[row0:row0 + n_chunk, None].to(s.dtype)) & not_target
+        logits.masked_fill_(dropped, float("-inf"))
     return s, logits
+
+
+def _global(cols: _Columns, tgt: torch.Tensor) -> torch.Tensor:
+    """Positions among the chunk's columns back to global column ids (-1 stays -1)."""
+    if cols.ids is None:
+        return tgt
+    return torch.where(tgt >= 0, cols.ids[tgt.clamp(min=0)] if cols.ids.numel() else tgt, -1)
 
 
 def _chunk_targets(targets, row0, n_chunk, cols: _Columns, device):
@@ -126,7 +151,7 @@ def _target_logits(logits, tgt):
     return torch.where(tgt >= 0, picked, torch.zeros_like(picked))
 
 
-def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None):
+def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None, thresholds=None):
     """Per-row ``(lse, target_logit)`` in the accumulator dtype; see infonce_forward."""
     n_rows = q.shape[0]
     acc = accumulator_dtype(q.dtype)
@@ -139,15 +164,15 @@ def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None, no
     for row0 in range(0, n_rows, step):
         q_chunk = q[row0:row0 + step]
         cols = _chunk_columns(k, norms, bounds[row0 // step] if bounds else None, layout)
-        _, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms)
         tgt = _chunk_targets(targets, row0, q_chunk.shape[0], cols, q.device)
+        _, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms, tgt, thresholds)
         lse[row0:row0 + step] = torch.logsumexp(logits, dim=1)
         target_logit[row0:row0 + step] = _target_logits(logits, tgt)
     return lse, target_logit
 
 
 def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
-                     need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None):
+                     need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None, thresholds=None):
     """``(dq, dk, row_dot)`` with the same meaning as infonce_backward."""
     n_rows, dim = q.shape
     in_dtype, acc = q.dtype, accumulator_dtype(q.dtype)
@@ -165,9 +190,11 @@ def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows
         q_chunk = q[row0:row0 + step]
         n_chunk = q_chunk.shape[0]
         cols = _chunk_columns(k, norms, bounds[row0 // step] if bounds else None, layout)
-        s, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms)
         tgt = _chunk_targets(targets, row0, n_chunk, cols, q.device)
-        dlogits = torch.exp(logits - lse[row0:row0 + step, None])
+        s, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms, tgt, thresholds)
+        # A row with every entry masked (lse -inf) has probabilities 0, not exp(-inf - -inf).
+        row_lse = lse[row0:row0 + step, None]
+        dlogits = torch.exp(logits - row_lse.masked_fill(torch.isneginf(row_lse), 0.0))
         has_target = tgt >= 0
         dlogits[has_target.nonzero()[:, 0], tgt[has_target]] -= 1.0
         dlogits *= grad_rows[row0:row0 + step, None].to(acc)

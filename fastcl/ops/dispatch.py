@@ -39,8 +39,10 @@ class Kernels(NamedTuple):
     ``forward(q, k, params, targets, layout, groups=None, normalize_eps=None)`` returns
     ``(lse, target_logit)``, and ``backward(q, k, params, targets, layout, lse, grad_rows,
     need_dq=True, need_dk=True, groups=None, normalize_eps=None)`` returns ``(dq, dk,
-    row_dot)``. An entry whose ``backward`` is None forms the gradients in its forward:
-    ``forward(..., need_dq=..., need_dk=...)`` then returns ``(loss_rows, dq, dk,
+    row_dot)``. Entries that compute the false-negative margin (:data:`FEATURES`) also
+    take ``thresholds=`` (one per row, see :class:`~fastcl.ops.layout.ColumnLayout`); the
+    others are never handed it. An entry whose ``backward`` is None forms the gradients
+    in its forward: ``forward(..., need_dq=..., need_dk=...)`` then returns ``(loss_rows, dq, dk,
     row_dot)`` for incoming row gradients of 1, and the autograd Function scales them by
     the incoming gradient (which is uniform: the plan offers such strategies only to
     losses reduced to a scalar, see :data:`GRADIENTS_IN_FORWARD`).
@@ -111,6 +113,48 @@ TABLE: dict[tuple[str, str, str], Callable[[], Kernels]] = {
 #: Strategies whose entries form the gradients in the forward (``backward`` None): only
 #: for losses reduced to a scalar, whose incoming row gradients are all equal.
 GRADIENTS_IN_FORWARD: frozenset[str] = frozenset({"one_pass"})
+
+
+#: The per-entry rules beyond the original layout, by name, with the loss option that
+#: needs each (the name a refusal gives): several hard negatives per row
+#: (``ColumnLayout.n_hard_blocks`` > 1), a -inf ``log_hard_weight`` (a document's own
+#: documents masked in doc_to_doc), the hardness penalty (``hardness_mode``), and the
+#: false-negative margin (per-row ``thresholds``, with rows that may end up fully masked).
+LAYOUT_FEATURES: dict[str, str] = {
+    "hard_blocks": "hard_negatives with K > 1 per anchor (N x K x D)",
+    "masked_hard": "directions with 'doc_to_doc'",
+    "hardness": "hardness_mode",
+    "margin": "false_negative_margin",
+}
+
+#: Which of :data:`LAYOUT_FEATURES` each backend computes: the one place to change when
+#: a kernel learns a rule. The dense path (fastcl/reference.py) computes all of them.
+FEATURES: dict[str, frozenset[str]] = {
+    "chunked": frozenset(LAYOUT_FEATURES),
+    "cpp": frozenset({"masked_hard"}),
+    "triton": frozenset({"masked_hard"}),
+}
+
+
+def layout_features(layout: ColumnLayout, margin: bool = False) -> frozenset[str]:
+    """The names of :data:`LAYOUT_FEATURES` that ``layout`` (and per-row thresholds, if
+    ``margin``) need."""
+    needed = set()
+    if layout.n_hard > 0 and layout.n_hard_blocks > 1:
+        needed.add("hard_blocks")
+    if layout.n_hard > 0 and layout.log_hard_weight == float("-inf"):
+        needed.add("masked_hard")
+    if layout.penalized:
+        needed.add("hardness")
+    if margin:
+        needed.add("margin")
+    return frozenset(needed)
+
+
+def unsupported(backend: str, needed: frozenset[str]) -> tuple[str, ...]:
+    """The options among ``needed`` (names of :data:`LAYOUT_FEATURES`) that ``backend``
+    does not compute, as the loss's option names."""
+    return tuple(LAYOUT_FEATURES[f] for f in sorted(needed - FEATURES.get(backend, frozenset())))
 
 
 def strategies(device_type: str, backend: str) -> tuple[str, ...]:

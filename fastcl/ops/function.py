@@ -40,15 +40,22 @@ class InfoNCEFunction(torch.autograd.Function):
     grad), ``targets`` (int64 of length N, or None for the diagonal), ``groups`` (None,
     or int64 group ids of the rows and of the ``k_grad`` columns: a row's candidates
     among ``k_grad`` are those of its own group) and ``plan``, the
-    :class:`~fastcl.ops.dispatch.KernelPlan` (its layout describes ``[k_grad; k_const]``).
+    :class:`~fastcl.ops.dispatch.KernelPlan` (its layout describes ``[k_grad; k_const]``),
+    and optionally ``thresholds``: the false-negative margin's per-row thresholds on the
+    similarity (see :class:`~fastcl.ops.layout.ColumnLayout`; no gradient), handed to the
+    kernels only when given. A target of -1 means no target: the row's value is its
+    log-sum-exp (-inf when every entry is masked; such a row gets no gradient).
     With ``plan.normalize_eps`` the rows are raw, and their gradients are with respect to
     the raw rows; no backend keeps the unit rows or their gradients.
     Returns the N per-row losses in the accumulator dtype (fp32, fp64 for fp64 inputs).
     """
 
     @staticmethod
-    def forward(ctx, q, k_grad, k_const, inv_tau, targets, groups, plan: KernelPlan):
+    def forward(ctx, q, k_grad, k_const, inv_tau, targets, groups, plan: KernelPlan, thresholds=None):
         k = k_grad if k_const is None else torch.cat([k_grad, k_const])
+        # Kernels that do not know the margin are never handed it (the plan routes calls
+        # with thresholds to backends that compute them).
+        extra = {} if thresholds is None else {"thresholds": thresholds.detach()}
         params = kernel_params(inv_tau, plan.layout, q.dtype)
         entry = kernels(q.device.type, plan.backend, plan.backward)
         ctx.plan, ctx.groups, ctx.inv_tau_dtype = plan, groups, inv_tau.dtype
@@ -57,13 +64,13 @@ class InfoNCEFunction(torch.autograd.Function):
             need_q, need_k, _, need_tau = ctx.needs_input_grad[:4]
             loss_rows, dq, dk, row_dot = entry.forward(
                 q, k, params, targets, plan.layout, groups=groups, normalize_eps=plan.normalize_eps,
-                need_dq=need_q or need_tau, need_dk=need_k)
+                need_dq=need_q or need_tau, need_dk=need_k, **extra)
             ctx.save_for_backward(dq, dk, row_dot)
             ctx.dtypes = q.dtype, k.dtype
             return loss_rows
         lse, target_logit = entry.forward(q, k, params, targets, plan.layout, groups=groups,
-                                          normalize_eps=plan.normalize_eps)
-        ctx.save_for_backward(q, k, params, targets, lse)
+                                          normalize_eps=plan.normalize_eps, **extra)
+        ctx.save_for_backward(q, k, params, targets, lse, extra.get("thresholds"))
         return lse - target_logit
 
     @staticmethod
@@ -73,12 +80,13 @@ class InfoNCEFunction(torch.autograd.Function):
         if ctx.one_pass:
             dq, dk, row_dot = _scaled(ctx.saved_tensors, grad_rows, ctx.dtypes)
         else:
-            q, k, params, targets, lse = ctx.saved_tensors
+            q, k, params, targets, lse, thresholds = ctx.saved_tensors
+            extra = {} if thresholds is None else {"thresholds": thresholds}
             backward = kernels(q.device.type, plan.backend, plan.backward).backward
             dq, dk, row_dot = backward(q, k, params, targets, plan.layout, lse, grad_rows, need_dq=need_q or need_tau,
-                                       need_dk=need_k, groups=ctx.groups, normalize_eps=plan.normalize_eps)
+                                       need_dk=need_k, groups=ctx.groups, normalize_eps=plan.normalize_eps, **extra)
         d_inv_tau = row_dot.sum().to(ctx.inv_tau_dtype) if need_tau else None
-        return (dq if need_q else None), (dk if need_k else None), None, d_inv_tau, None, None, None
+        return (dq if need_q else None), (dk if need_k else None), None, d_inv_tau, None, None, None, None
 
 
 def _graph_is_kept() -> bool:

@@ -64,7 +64,11 @@ SCHEMAS = {
 #: Operators with CUDA kernels only, always defined here.
 CUDA_ONLY_SCHEMAS = {"infonce_bwd_workspace": "infonce_bwd_workspace" + _BACKWARD_SCHEMA}
 
-N_LAYOUT_FIELDS = len(ColumnLayout._fields)
+#: The layout fields the schema carries: the first nine. The per-entry rules after them
+#: (several hard negatives per row, the hardness penalty) keep their defaults here: the
+#: plan sends a layout that needs them only to the backends that implement them
+#: (fastcl.ops.dispatch.FEATURES).
+N_LAYOUT_FIELDS = 9
 
 
 def _layout_and_groups(rest) -> tuple[ColumnLayout, tuple | None, list]:
@@ -169,7 +173,7 @@ def _require_kernel(q: torch.Tensor) -> None:
 
 def _call(op, q, k, params, targets, layout: ColumnLayout, groups, *tail):
     row_groups, key_groups = groups if groups is not None else (None, None)
-    return op(q, k, params, targets, *layout, row_groups, key_groups, *tail)
+    return op(q, k, params, targets, *layout[:N_LAYOUT_FIELDS], row_groups, key_groups, *tail)
 
 
 def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None):
