@@ -548,8 +548,9 @@ OPCHECK_VARIANTS = {
 
 
 def _op_args(q, k, params, tgt, layout, groups, need_dq=True, need_dk=True, weight=0.25, blocks=(0, 0)):
-    return (q, k, params, tgt, *layout, *(groups if groups is not None else (None, None)), weight, need_dq, need_dk,
-            *blocks)
+    # The operators take the layout's first fields (their schema's), then the groups pair.
+    return (q, k, params, tgt, *layout[:operators.N_LAYOUT_FIELDS], *(groups if groups is not None else (None, None)),
+            weight, need_dq, need_dk, *blocks)
 
 
 @needs_native
