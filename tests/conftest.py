@@ -30,3 +30,17 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def trace_backward():
+    """True, with Dynamo tracing ``loss.backward()`` inside a compiled step (torch >=
+    2.13's ``trace_autograd_ops``); False on older versions, which compile the forward and
+    run the backward outside. Set through ``config.patch``: a monkeypatch of the config
+    module deletes the flag on undo, which hides it from every later compile."""
+    config = torch._dynamo.config
+    if not hasattr(config, "trace_autograd_ops"):
+        yield False
+        return
+    with config.patch(trace_autograd_ops=True):
+        yield True

@@ -85,16 +85,6 @@ def _run_steps(step, model, n_steps=2):
     return results
 
 
-@pytest.fixture
-def trace_backward(monkeypatch):
-    # Dynamo traces loss.backward() inside the compiled step only with this flag (torch
-    # >= 2.13); older versions compile the forward and run backward outside.
-    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
-        monkeypatch.setattr(torch._dynamo.config, "trace_autograd_ops", True)
-        return True
-    return False
-
-
 def _compiled_step(model, trace_backward, backend):
     if trace_backward:
         return torch.compile(_training_step(model), fullgraph=True, backend=backend)

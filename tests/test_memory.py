@@ -33,7 +33,9 @@ def _peak_cpu_bytes(fn) -> int:
             _, python_peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    return max(args["Total Allocated"] for args in allocation_records(prof)) + python_peak
+    # Above the level at the session's start: the running total is process-wide, so
+    # tensors that earlier tests keep alive (compiled graphs, caches) would count too.
+    return max(allocated_above_start(allocation_records(prof))) + python_peak
 
 
 def _step(backend, **options):

@@ -634,11 +634,9 @@ def test_cuda_kernel_of_the_operator_matches_the_cpu_kernel():
 
 
 @needs_native
-def test_compiled_step_takes_the_one_pass_and_matches_eager(monkeypatch):
+def test_compiled_step_takes_the_one_pass_and_matches_eager(trace_backward):
     import re
 
-    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
-        monkeypatch.setattr(torch._dynamo.config, "trace_autograd_ops", True)
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     x, y, h = (torch.randn(300, 24, dtype=torch.float64, generator=g) for _ in range(3))
