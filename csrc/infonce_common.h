@@ -250,45 +250,79 @@ struct EntryRules {
 };
 
 // x (nr x nc, rows r0.., columns c0..) receives the logits of the similarities s (x may
-// be s itself: each entry reads only its own similarity): s * inv_tau, plus the
-// hardness penalty strength * s on the entries its mode names (the logit's value only:
-// the backward's d logit / d s stays inv_tau, so nothing else changes there), -inf where
-// the margin drops the entry, then the layout's weights and masks. The target entry is
-// never penalized nor dropped.
+// be s itself): s * inv_tau, plus the hardness penalty strength * s on the entries its
+// mode names (the logit's value only: the backward's d logit / d s stays inv_tau, so
+// nothing else changes there), -inf where the margin drops the entry, then the layout's
+// weights and masks. The target entry is never penalized nor dropped.
+//
+// Per row, one rule covers most columns (a vectorizable loop); the few entries whose
+// rule differs (the target, and the row's own hard negatives when the mode tells them
+// apart) are read before the row is written and set afterwards.
 template <typename acc_t>
 void to_logits(acc_t* x, const acc_t* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
                const LogitParams<acc_t>& w, const ColumnLayout& layout, const GroupIds& groups,
                const EntryRules<acc_t>& rules) {
+  const acc_t inv_tau = w.inv_tau;
   if (!rules.active()) {
     const int64_t n = nr * nc;
     for (int64_t idx = 0; idx < n; ++idx) {
-      x[idx] = s[idx] * w.inv_tau;
+      x[idx] = s[idx] * inv_tau;
     }
   } else {
     constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    constexpr acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
+    const int64_t mode = rules.mode;
+    // The penalty of the columns that are neither the target nor an own hard negative,
+    // and that of the own hard negatives.
+    const acc_t common_penalty = (mode == HARDNESS_IN_BATCH || mode == HARDNESS_ALL) ? rules.strength : acc_t(0);
+    const acc_t hard_penalty = (mode == HARDNESS_HARD || mode == HARDNESS_ALL) ? rules.strength : acc_t(0);
+    const bool hard_differs = (mode == HARDNESS_IN_BATCH || mode == HARDNESS_HARD) && layout.n_hard > 0;
+    struct Special {
+      int64_t j;
+      acc_t sim;
+      bool target;
+    };
+    std::vector<Special> specials;
+    specials.reserve(1 + (hard_differs ? layout.n_hard_blocks : 0));
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t row = r0 + i;
-      const int64_t t = target_of(rules.targets, row);
-      const bool margin = rules.thresholds != nullptr;
-      const acc_t threshold = margin ? rules.thresholds[row] : acc_t(0);
+      const int64_t t = target_of(rules.targets, row);  // -1 lies in no tile
+      // No margin: a threshold that drops nothing.
+      const acc_t threshold = rules.thresholds != nullptr ? rules.thresholds[row] : pos_inf;
       const acc_t* s_row = s + i * nc;
       acc_t* x_row = x + i * nc;
-      for (int64_t j = 0; j < nc; ++j) {
-        const acc_t sim = s_row[j];
-        const int64_t col = c0 + j;
-        acc_t logit = sim * w.inv_tau;
-        if (col != t) {
-          const bool penalize = rules.mode == HARDNESS_ALL ||
-                                (rules.mode != HARDNESS_NONE &&
-                                 layout.own_hard(row, col) == (rules.mode == HARDNESS_HARD));
-          if (penalize) {
-            logit += rules.strength * sim;
-          }
-          if (margin && sim > threshold) {
-            logit = neg_inf;
+      specials.clear();
+      if (t >= c0 && t < c0 + nc) {
+        specials.push_back({t - c0, s_row[t - c0], true});
+      }
+      if (hard_differs && row < layout.n_hard) {
+        for (int64_t b = 0; b < layout.n_hard_blocks; ++b) {
+          const int64_t col = layout.hard_start + b * layout.n_hard + row;
+          if (col >= c0 && col < c0 + nc && col != t) {
+            specials.push_back({col - c0, s_row[col - c0], false});
           }
         }
-        x_row[j] = logit;
+      }
+      if (common_penalty != acc_t(0)) {
+        for (int64_t j = 0; j < nc; ++j) {
+          const acc_t sim = s_row[j];
+          const acc_t logit = sim * inv_tau + common_penalty * sim;
+          x_row[j] = sim > threshold ? neg_inf : logit;
+        }
+      } else {
+        for (int64_t j = 0; j < nc; ++j) {
+          const acc_t sim = s_row[j];
+          const acc_t logit = sim * inv_tau;
+          x_row[j] = sim > threshold ? neg_inf : logit;
+        }
+      }
+      for (const Special& e : specials) {
+        if (e.target) {
+          x_row[e.j] = e.sim * inv_tau;
+        } else {
+          const acc_t logit = hard_penalty != acc_t(0) ? e.sim * inv_tau + hard_penalty * e.sim : e.sim * inv_tau;
+          x_row[e.j] = e.sim > threshold ? neg_inf : logit;
+        }
       }
     }
   }

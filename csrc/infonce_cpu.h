@@ -42,12 +42,6 @@ struct ColumnLayout {
   bool hard_weighted() const { return n_hard > 0 && log_hard_weight != 0.0; }
   bool gauss_weighted() const { return gauss_start < n_cols && log_gauss_weight != 0.0; }
   bool penalized() const { return hardness_mode != HARDNESS_NONE && hardness_strength != 0.0; }
-
-  // Whether column `col` is one of row `row`'s own hard negatives.
-  bool own_hard(int64_t row, int64_t col) const {
-    const int64_t offset = col - hard_start - row;
-    return row < n_hard && offset >= 0 && offset < n_hard * n_hard_blocks && offset % n_hard == 0;
-  }
 };
 
 // Optional group ids (token-level InfoNCE): row i scores a column j < n_grad_cols only
