@@ -163,6 +163,10 @@ struct GroupIds {
   const int64_t* keys;
 };
 
+inline int64_t target_of(const int64_t* targets, int64_t row) {
+  return targets != nullptr ? targets[row] : row;
+}
+
 // The kernels' params array, in the accumulator dtype: 1 / tau, then the log weights of a
 // row's own hard negative and of the Gaussian columns.
 template <typename acc_t>
@@ -181,12 +185,17 @@ template <typename acc_t>
 void add_weights_and_masks(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const LogitParams<acc_t>& w,
                            const ColumnLayout& layout, const GroupIds& groups) {
   if (layout.hard_weighted()) {
-    // Row i < n_hard has its own hard negative at column hard_start + i.
+    // Row i < n_hard has its own hard negatives at columns hard_start + b * n_hard + i.
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t row = r0 + i;
-      const int64_t col = layout.hard_start + row;
-      if (row < layout.n_hard && col >= c0 && col < c0 + nc) {
-        x[i * nc + (col - c0)] += w.log_hard_weight;
+      if (row >= layout.n_hard) {
+        break;
+      }
+      for (int64_t b = 0; b < layout.n_hard_blocks; ++b) {
+        const int64_t col = layout.hard_start + b * layout.n_hard + row;
+        if (col >= c0 && col < c0 + nc) {
+          x[i * nc + (col - c0)] += w.log_hard_weight;
+        }
       }
     }
   }
@@ -224,15 +233,98 @@ void add_weights_and_masks(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t
   }
 }
 
-// x (nr x nc, rows r0.., columns c0..) receives the logits of the similarities s:
-// s * inv_tau + w, w the hard-negative and Gaussian weights of the layout, and -inf
-// where a column is not a candidate of the row (the row itself, another group's key).
+// The per-entry rules that need each row's target and similarity: the hardness penalty
+// (from the layout) and the false-negative margin (per-row thresholds, null: off).
+template <typename acc_t>
+struct EntryRules {
+  EntryRules(const ColumnLayout& layout, const int64_t* targets, const acc_t* thresholds)
+      : targets(targets),
+        thresholds(thresholds),
+        strength(acc_t(layout.hardness_strength)),
+        mode(layout.penalized() ? layout.hardness_mode : int64_t(HARDNESS_NONE)) {}
+  const int64_t* targets;
+  const acc_t* thresholds;
+  acc_t strength;
+  int64_t mode;  // HARDNESS_NONE when no entry is penalized
+  bool active() const { return mode != HARDNESS_NONE || thresholds != nullptr; }
+};
+
+// x (nr x nc, rows r0.., columns c0..) receives the logits of the similarities s (x may
+// be s itself): s * inv_tau, plus the hardness penalty strength * s on the entries its
+// mode names (the logit's value only: the backward's d logit / d s stays inv_tau, so
+// nothing else changes there), -inf where the margin drops the entry, then the layout's
+// weights and masks. The target entry is never penalized nor dropped.
+//
+// Per row, one rule covers most columns (a vectorizable loop); the few entries whose
+// rule differs (the target, and the row's own hard negatives when the mode tells them
+// apart) are read before the row is written and set afterwards.
 template <typename acc_t>
 void to_logits(acc_t* x, const acc_t* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
-               const LogitParams<acc_t>& w, const ColumnLayout& layout, const GroupIds& groups) {
-  const int64_t n = nr * nc;
-  for (int64_t idx = 0; idx < n; ++idx) {
-    x[idx] = s[idx] * w.inv_tau;
+               const LogitParams<acc_t>& w, const ColumnLayout& layout, const GroupIds& groups,
+               const EntryRules<acc_t>& rules) {
+  const acc_t inv_tau = w.inv_tau;
+  if (!rules.active()) {
+    const int64_t n = nr * nc;
+    for (int64_t idx = 0; idx < n; ++idx) {
+      x[idx] = s[idx] * inv_tau;
+    }
+  } else {
+    constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    constexpr acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
+    const int64_t mode = rules.mode;
+    // The penalty of the columns that are neither the target nor an own hard negative,
+    // and that of the own hard negatives.
+    const acc_t common_penalty = (mode == HARDNESS_IN_BATCH || mode == HARDNESS_ALL) ? rules.strength : acc_t(0);
+    const acc_t hard_penalty = (mode == HARDNESS_HARD || mode == HARDNESS_ALL) ? rules.strength : acc_t(0);
+    const bool hard_differs = (mode == HARDNESS_IN_BATCH || mode == HARDNESS_HARD) && layout.n_hard > 0;
+    struct Special {
+      int64_t j;
+      acc_t sim;
+      bool target;
+    };
+    std::vector<Special> specials;
+    specials.reserve(1 + (hard_differs ? layout.n_hard_blocks : 0));
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t row = r0 + i;
+      const int64_t t = target_of(rules.targets, row);  // -1 lies in no tile
+      // No margin: a threshold that drops nothing.
+      const acc_t threshold = rules.thresholds != nullptr ? rules.thresholds[row] : pos_inf;
+      const acc_t* s_row = s + i * nc;
+      acc_t* x_row = x + i * nc;
+      specials.clear();
+      if (t >= c0 && t < c0 + nc) {
+        specials.push_back({t - c0, s_row[t - c0], true});
+      }
+      if (hard_differs && row < layout.n_hard) {
+        for (int64_t b = 0; b < layout.n_hard_blocks; ++b) {
+          const int64_t col = layout.hard_start + b * layout.n_hard + row;
+          if (col >= c0 && col < c0 + nc && col != t) {
+            specials.push_back({col - c0, s_row[col - c0], false});
+          }
+        }
+      }
+      if (common_penalty != acc_t(0)) {
+        for (int64_t j = 0; j < nc; ++j) {
+          const acc_t sim = s_row[j];
+          const acc_t logit = sim * inv_tau + common_penalty * sim;
+          x_row[j] = sim > threshold ? neg_inf : logit;
+        }
+      } else {
+        for (int64_t j = 0; j < nc; ++j) {
+          const acc_t sim = s_row[j];
+          const acc_t logit = sim * inv_tau;
+          x_row[j] = sim > threshold ? neg_inf : logit;
+        }
+      }
+      for (const Special& e : specials) {
+        if (e.target) {
+          x_row[e.j] = e.sim * inv_tau;
+        } else {
+          const acc_t logit = hard_penalty != acc_t(0) ? e.sim * inv_tau + hard_penalty * e.sim : e.sim * inv_tau;
+          x_row[e.j] = e.sim > threshold ? neg_inf : logit;
+        }
+      }
+    }
   }
   add_weights_and_masks(x, nr, nc, r0, c0, w, layout, groups);
 }
@@ -364,10 +456,6 @@ acc_t exp_cutoff() {
   return std::exp(ExpRange<acc_t>::floor + acc_t(1));
 }
 
-inline int64_t target_of(const int64_t* targets, int64_t row) {
-  return targets != nullptr ? targets[row] : row;
-}
-
 // Hands out, per dk tile, turns to the row chunks in chunk order 0, 1, 2, ...: a chunk
 // adds its block into a dk tile only after every lower chunk has. So dk is summed in the
 // order a single thread would use, whatever the scheduling: the backward is
@@ -459,11 +547,19 @@ inline at::Tensor check_inputs(const char* fn, const at::Tensor& q, const at::Te
               ": n_grad_cols must lie in [0, n_cols], got ", layout.n_grad_cols);
   // An empty segment may start anywhere (the gathered loss places rank r's, empty
   // without hard negatives, past the columns).
+  TORCH_CHECK(layout.n_hard_blocks >= 1, fn, ": n_hard_blocks must be >= 1, got ", layout.n_hard_blocks);
+  // The last block's columns that some row owns must exist.
+  const int64_t last_block = layout.hard_start + (layout.n_hard_blocks - 1) * layout.n_hard;
   TORCH_CHECK(layout.n_hard >= 0 && layout.hard_start >= 0 &&
                   (std::min(layout.n_hard, q.size(0)) == 0 ||
-                   layout.hard_start + std::min(layout.n_hard, q.size(0)) <= layout.n_cols),
+                   last_block + std::min(layout.n_hard, q.size(0)) <= layout.n_cols),
               fn, ": hard-negative columns [", layout.hard_start, ", ",
-              layout.hard_start + layout.n_hard, ") fall outside the ", layout.n_cols, " columns");
+              layout.hard_start + layout.n_hard * layout.n_hard_blocks, ") fall outside the ", layout.n_cols,
+              " columns");
+  TORCH_CHECK(layout.hardness_mode >= HARDNESS_NONE && layout.hardness_mode <= HARDNESS_ALL, fn,
+              ": hardness_mode must be 0, 1, 2 or 3, got ", layout.hardness_mode);
+  TORCH_CHECK(std::isfinite(layout.hardness_strength) && layout.hardness_strength >= 0, fn,
+              ": hardness_strength must be finite and >= 0, got ", layout.hardness_strength);
   TORCH_CHECK(layout.gauss_start >= 0 && layout.gauss_start <= layout.n_cols, fn,
               ": gauss_start must lie in [0, n_cols], got ", layout.gauss_start);
   TORCH_CHECK(layout.n_self >= 0 && layout.self_start >= 0 &&
@@ -486,6 +582,20 @@ inline at::Tensor check_inputs(const char* fn, const at::Tensor& q, const at::Te
                 " of row ", i, " is outside [0, ", layout.n_cols, ") (or -1: no column)");
   }
   return contiguous;
+}
+
+// The margin's per-row thresholds as a contiguous accumulator-dtype tensor (undefined
+// without the margin).
+inline at::Tensor check_thresholds(const char* fn, const c10::optional<at::Tensor>& thresholds, int64_t n_rows,
+                                   at::ScalarType acc) {
+  if (!thresholds.has_value()) {
+    return at::Tensor();
+  }
+  const at::Tensor& t = *thresholds;
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == n_rows && at::isFloatingType(t.scalar_type()), fn,
+              ": thresholds must be a 1-D floating CPU tensor of length ", n_rows, ", got ", t.scalar_type(),
+              " of shape ", t.sizes(), " on ", t.device());
+  return t.detach().to(acc).contiguous();
 }
 
 // The group ids as contiguous int64 tensors (both undefined without groups).

@@ -17,9 +17,11 @@
 // are shared by all chunks, which add into each tile in chunk order (TileTurns), so
 // the result does not depend on scheduling.
 //
-// Masked columns (NT-Xent's self column, other groups' keys) get logit -inf, so
-// exp = 0: they drop out of the softmax and receive no gradient; a target of -1 (the
-// ring's "not in this block") matches no column.
+// Masked columns (NT-Xent's self column, other groups' keys, entries the false-negative
+// margin drops) get logit -inf, so exp = 0: they drop out of the softmax and receive no
+// gradient; a target of -1 (the ring's "not in this block") matches no column. The
+// hardness penalty moves a logit's value only, so the backward's G = g (P - onehot) uses
+// the penalized softmax and its products stay those of 1/tau.
 //
 // fp32 and fp64 compute in their own precision; bf16 and fp16 inputs are copied to
 // fp32 first ((N + M) * D extra) and the gradients are cast back at the end.
@@ -46,12 +48,13 @@ using namespace detail;
 template <typename acc_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
                     const int64_t* targets, const ColumnLayout& layout, const GroupIds& groups,
-                    const RowScales<acc_t>& scales, acc_t* lse, acc_t* target_logit) {
+                    const RowScales<acc_t>& scales, const acc_t* thresholds, acc_t* lse, acc_t* target_logit) {
   const int64_t n_rows = q.size(0);
   const int64_t n_cols = k.size(0);
   const Tiling tiling = make_tiling(n_rows, n_cols, groups.rows != nullptr);
   const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
   const LogitParams<acc_t> w(params);
+  const EntryRules<acc_t> rules(layout, targets, thresholds);
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr acc_t exp_floor = ExpRange<acc_t>::floor;
   const acc_t cutoff = exp_cutoff<acc_t>();
@@ -79,7 +82,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
         if (scales.enabled()) {
           scale_block(x, nr, nc, scales.q_inv + r0, scales.k_inv + c0);
         }
-        to_logits(x, x, nr, nc, r0, c0, w, layout, groups);
+        to_logits(x, x, nr, nc, r0, c0, w, layout, groups, rules);
         for (int64_t i = 0; i < nr; ++i) {
           acc_t* row = x + i * nc;
           const int64_t t = target_of(targets, r0 + i);  // -1 lies in no tile
@@ -120,7 +123,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
 template <typename acc_t>
 void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
                      const int64_t* targets, const ColumnLayout& layout, const GroupIds& groups,
-                     const RowScales<acc_t>& scales, const acc_t* lse, const acc_t* grad_rows,
+                     const RowScales<acc_t>& scales, const acc_t* thresholds, const acc_t* lse,
+                     const acc_t* grad_rows,
                      at::Tensor& dq, at::Tensor& dk, acc_t* row_dot, acc_t* col_dot) {
   const int64_t n_rows = q.size(0);
   const int64_t n_cols = k.size(0);
@@ -130,6 +134,8 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   const Tiling tiling = make_tiling(n_rows, n_cols, groups.rows != nullptr);
   const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
   const LogitParams<acc_t> w(params);
+  const EntryRules<acc_t> rules(layout, targets, thresholds);
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   TileTurns turns(tiling.n_tiles, tiling.n_chunks, skips);
   constexpr acc_t exp_floor = ExpRange<acc_t>::floor;
   const acc_t cutoff = exp_cutoff<acc_t>();
@@ -166,10 +172,12 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           }
           const acc_t* s = sim.data_ptr<acc_t>();
           acc_t* x = grad.data_ptr<acc_t>();
-          to_logits(x, s, nr, nc, r0, c0, w, layout, groups);
+          to_logits(x, s, nr, nc, r0, c0, w, layout, groups, rules);
           for (int64_t i = 0; i < nr; ++i) {
             acc_t* row = x + i * nc;
-            const acc_t row_lse = lse[r0 + i];
+            // A row with every entry masked (lse -inf) keeps its -inf logits at -inf
+            // (probability 0) instead of forming -inf - -inf.
+            const acc_t row_lse = lse[r0 + i] == neg_inf ? acc_t(0) : lse[r0 + i];
             for (int64_t j = 0; j < nc; ++j) {
               row[j] = std::max(row[j] - row_lse, exp_floor);  // see ExpRange
             }
@@ -267,10 +275,11 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
 std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
-    c10::optional<double> normalize_eps) {
+    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds) {
   const at::Tensor tgt = check_inputs("fastcl::infonce_fwd", q, k, params, targets, layout);
   const auto group_ids = check_groups("fastcl::infonce_fwd", groups, q.size(0), layout);
   const at::ScalarType acc = accumulator_type(q.scalar_type());
+  const at::Tensor thr = check_thresholds("fastcl::infonce_fwd", thresholds, q.size(0), acc);
   // Detached: the kernel's own products are not part of any autograd graph.
   const at::Tensor qa = q.detach().to(acc).contiguous();
   const at::Tensor ka = k.detach().to(acc).contiguous();
@@ -286,7 +295,8 @@ std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
                              tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
                              group_pointers(group_ids),
                              scale_pointers<scalar_t>(scale_storage, qa.size(0), ka.size(0)),
-                             lse.data_ptr<scalar_t>(), target_logit.data_ptr<scalar_t>());
+                             thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, lse.data_ptr<scalar_t>(),
+                             target_logit.data_ptr<scalar_t>());
   });
   return {lse, target_logit};
 }
@@ -295,10 +305,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
     const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk,
-    c10::optional<double> normalize_eps) {
+    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds) {
   const at::Tensor tgt = check_inputs("fastcl::infonce_bwd", q, k, params, targets, layout);
   const auto group_ids = check_groups("fastcl::infonce_bwd", groups, q.size(0), layout);
   const at::ScalarType acc = accumulator_type(q.scalar_type());
+  const at::Tensor thr = check_thresholds("fastcl::infonce_bwd", thresholds, q.size(0), acc);
   const int64_t n_rows = q.size(0);
   const int64_t dim = q.size(1);
   TORCH_CHECK(lse.device().is_cpu() && lse.dim() == 1 && lse.size(0) == n_rows &&
@@ -329,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
                                 tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
                                 group_pointers(group_ids),
                                 scale_pointers<scalar_t>(scale_storage, n_rows, ka.size(0)),
-                                lse_c.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dq_acc, dk_acc,
+                                thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, lse_c.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dq_acc, dk_acc,
                                 need_dq ? row_dot.data_ptr<scalar_t>() : nullptr,
                                 col_dot.data_ptr<scalar_t>());
     });

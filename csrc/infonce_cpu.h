@@ -10,8 +10,18 @@
 
 namespace fastcl {
 
+// The hardness penalty's modes (fastcl.ops.layout.HARDNESS_*): which entries of a row
+// get s * sim added to their logit's value.
+enum HardnessMode : int64_t {
+  HARDNESS_NONE = 0,
+  HARDNESS_IN_BATCH = 1,  // every column but the target and the row's own hard negatives
+  HARDNESS_HARD = 2,      // the row's own hard negatives, except the target
+  HARDNESS_ALL = 3,       // every column but the target
+};
+
 // fastcl.ops.layout.ColumnLayout, flattened: where each kind of candidate sits among
-// the M = n_cols key columns, and the additive logit weights.
+// the M = n_cols key columns, the additive logit weights, and the per-entry rules
+// (its docstring is the specification).
 struct ColumnLayout {
   int64_t n_cols;
   int64_t n_grad_cols;
@@ -22,11 +32,16 @@ struct ColumnLayout {
   double log_gauss_weight;
   int64_t self_start;  // row i < n_self does not score column self_start + i (NT-Xent)
   int64_t n_self;
+  // Row i < n_hard owns the columns hard_start + b * n_hard + i, b in [0, n_hard_blocks).
+  int64_t n_hard_blocks = 1;
+  int64_t hardness_mode = HARDNESS_NONE;
+  double hardness_strength = 0.0;  // s >= 0: the penalty s * sim, on the logit's value only
 
   // As in Python: a weight of 1 (log 0) costs nothing. The values the kernels add come
   // from params (so they stay exact in fp64 and on the device); these only gate work.
   bool hard_weighted() const { return n_hard > 0 && log_hard_weight != 0.0; }
   bool gauss_weighted() const { return gauss_start < n_cols && log_gauss_weight != 0.0; }
+  bool penalized() const { return hardness_mode != HARDNESS_NONE && hardness_strength != 0.0; }
 };
 
 // Optional group ids (token-level InfoNCE): row i scores a column j < n_grad_cols only
@@ -39,6 +54,10 @@ struct Groups {
 // Per-row (lse, target_logit) in the accumulator dtype (fp64 for fp64 inputs, else fp32).
 // A target of -1 matches no column (target_logit 0).
 //
+// thresholds: the false-negative margin (unset: off), one value per row: entry (i, j)
+// with j != t_i and sim_ij > thresholds[i] is masked (-inf). Every function takes it and
+// must be given the same thresholds as the forward, so that they mask the same entries.
+//
 // normalize_eps: when set, q and k are raw rows and the kernel scores their cosines,
 // as if each row had gone through F.normalize(x, dim=-1, eps=normalize_eps) first,
 // without the normalized copies (one scale per row instead; the backward returns the
@@ -46,7 +65,7 @@ struct Groups {
 std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
-    c10::optional<double> normalize_eps);
+    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds);
 
 // (dq, dk, row_dot): dq N x D and dk n_grad_cols x D in the input dtype, row_dot (length
 // N, accumulator dtype: sum_j dL/dlogit_ij * cos_ij, the 1/tau gradient) with dq; a
@@ -55,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
     const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk,
-    c10::optional<double> normalize_eps);
+    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds);
 
 // One pass for a reduced loss (infonce_one_pass.cpp): (loss_rows, dq, dk, row_dot) with
 // every row's incoming gradient equal to row_weight (1/N for a mean, 1 for a sum): the
@@ -68,6 +87,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_forward_grad_
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
     double row_weight, bool need_dq, bool need_dk, int64_t block_rows, int64_t block_cols,
-    c10::optional<double> normalize_eps);
+    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds);
 
 }  // namespace fastcl

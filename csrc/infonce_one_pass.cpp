@@ -10,8 +10,10 @@
 //
 //   1. per tile of key columns: S_t = q_R k_t^T into the chunk's strip (BLAS), turned
 //      into logits on the block while it is in cache (1/tau, the row and column inverse
-//      norms of fused normalization, the layout's weights and masks), the row maxima and
-//      the target logits picked out;
+//      norms of fused normalization, the layout's weights and masks, the hardness
+//      penalty and the false-negative margin), the row maxima and the target logits
+//      picked out. The penalty moves a logit's value only: the steps below, which hold
+//      d logit / d sim = 1/tau, stay as they are;
 //   2. per tile: E = exp(logit - max) in ATen's vectorized exp (arguments clamped to its
 //      fast range, see ExpRange), the row sums, and E scaled by the column inverse norms
 //      c_j; the row's target entry then gets c_t * sum_i subtracted, so that with
@@ -63,11 +65,23 @@ Tiling one_pass_tiling(int64_t n_rows, int64_t n_cols, int64_t block_rows, int64
 
 // x (nr x nc, rows r0.., columns c0..) holds raw products; they become logits in place:
 // s * row_factor[i] * col_scale[j] (1/tau, times the inverse norms with normalization),
-// plus the layout's weights, -inf where a column is not a candidate of the row.
+// plus the layout's weights, -inf where a column is not a candidate of the row. With
+// per-entry rules (the hardness penalty, the margin), which read each similarity, the
+// products first become similarities (times the inverse norms q_inv[i] c[j], both null
+// without normalization), then logits (to_logits).
 template <typename acc_t>
 void products_to_logits(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const acc_t* row_factor,
-                        const acc_t* col_scale, const LogitParams<acc_t>& w, const ColumnLayout& layout,
-                        const GroupIds& groups) {
+                        const acc_t* q_inv, const acc_t* col_scale, const LogitParams<acc_t>& w,
+                        const ColumnLayout& layout, const GroupIds& groups, const EntryRules<acc_t>& rules) {
+  if (rules.active()) {
+    if (q_inv != nullptr) {
+      for (int64_t i = 0; i < nr; ++i) {
+        rows::scale(x + i * nc, nc, q_inv[i], col_scale);
+      }
+    }
+    to_logits(x, x, nr, nc, r0, c0, w, layout, groups, rules);
+    return;
+  }
   for (int64_t i = 0; i < nr; ++i) {
     rows::scale(x + i * nc, nc, row_factor[i], col_scale);
   }
@@ -85,7 +99,7 @@ struct StripTile {
 template <typename acc_t>
 void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params, const int64_t* targets,
                      const ColumnLayout& layout, const GroupIds& groups, const RowScales<acc_t>& scales,
-                     acc_t row_weight, const Tiling& tiling, acc_t* loss_rows, at::Tensor& dq, at::Tensor& dk,
+                     const acc_t* thresholds, acc_t row_weight, const Tiling& tiling, acc_t* loss_rows, at::Tensor& dq, at::Tensor& dk,
                      acc_t* row_dot) {
   const int64_t n_rows = q.size(0);
   const int64_t n_cols = k.size(0);
@@ -94,6 +108,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   const bool need_dk = dk.defined();
   const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
   const LogitParams<acc_t> w(params);
+  const EntryRules<acc_t> rules(layout, targets, thresholds);
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr acc_t exp_floor = ExpRange<acc_t>::floor;
   const acc_t cutoff = exp_cutoff<acc_t>();
@@ -151,8 +166,8 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           at::Tensor block = strip.narrow(0, t.offset, nr * t.nc).view({nr, t.nc});
           block_product(q_chunk, k.narrow(0, t.c0, t.nc).t(), block, false);
           acc_t* x = base + t.offset;
-          products_to_logits(x, nr, t.nc, r0, t.c0, row_factor.data(),
-                             scales.enabled() ? scales.k_inv + t.c0 : nullptr, w, layout, groups);
+          products_to_logits(x, nr, t.nc, r0, t.c0, row_factor.data(), scales.enabled() ? scales.q_inv + r0 : nullptr,
+                             scales.enabled() ? scales.k_inv + t.c0 : nullptr, w, layout, groups, rules);
           for (int64_t i = 0; i < nr; ++i) {
             const acc_t* row = x + i * t.nc;
             const int64_t target = target_of(targets, r0 + i);  // -1 lies in no tile
@@ -186,8 +201,11 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
             const int64_t target = target_of(targets, r0 + i);
             base[target_at[i]] -= (scales.enabled() ? scales.k_inv[target] : acc_t(1)) * row_sum[i];
           }
-          // f_i: the gradient with respect to the raw products is (1/tau) f_i E''.
-          row_factor[i] = row_weight * (scales.enabled() ? scales.q_inv[r0 + i] : acc_t(1)) / row_sum[i];
+          // f_i: the gradient with respect to the raw products is (1/tau) f_i E''. A row
+          // with every entry masked (sum 0, E'' 0) gets no gradient: f_i 0, not w / 0.
+          row_factor[i] = row_sum[i] == acc_t(0)
+                              ? acc_t(0)
+                              : row_weight * (scales.enabled() ? scales.q_inv[r0 + i] : acc_t(1)) / row_sum[i];
         }
 
         // 3. The products: dq's A_R += E''_t k_t, dk_t += E''_t^T (f q_R / tau).
@@ -279,12 +297,14 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_forward_grad_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params, const c10::optional<at::Tensor>& targets,
     const ColumnLayout& layout, const Groups& groups, double row_weight, bool need_dq, bool need_dk,
-    int64_t block_rows, int64_t block_cols, c10::optional<double> normalize_eps) {
+    int64_t block_rows, int64_t block_cols, c10::optional<double> normalize_eps,
+    const c10::optional<at::Tensor>& thresholds) {
   const char* fn = "fastcl::infonce_fwd_grad";
   const at::Tensor tgt = check_inputs(fn, q, k, params, targets, layout);
   const auto group_ids = check_groups(fn, groups, q.size(0), layout);
   TORCH_CHECK(std::isfinite(row_weight), fn, ": row_weight must be finite, got ", row_weight);
   const at::ScalarType acc = accumulator_type(q.scalar_type());
+  const at::Tensor thr = check_thresholds(fn, thresholds, q.size(0), acc);
   const int64_t n_rows = q.size(0);
   const int64_t dim = q.size(1);
   const bool want_dk = need_dk && layout.n_grad_cols > 0;
@@ -303,7 +323,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_forward_grad_
     AT_DISPATCH_FLOATING_TYPES(acc, "infonce_forward_grad_cpu", [&] {
       one_pass_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(), tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr,
                                 layout, group_pointers(group_ids),
-                                scale_pointers<scalar_t>(scale_storage, n_rows, ka.size(0)), scalar_t(row_weight),
+                                scale_pointers<scalar_t>(scale_storage, n_rows, ka.size(0)),
+                                thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, scalar_t(row_weight),
                                 tiling, loss_rows.data_ptr<scalar_t>(), dq, dk,
                                 need_dq ? row_dot.data_ptr<scalar_t>() : nullptr);
     });

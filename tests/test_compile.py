@@ -32,6 +32,10 @@ OPTION_SETS = {
     "symmetric": dict(symmetric=True, learnable_tau=True),
     "labels_none": dict(labels=True, reduction="none", hard=True, queue=True),
     "global_rng_gaussian": dict(gaussian_negatives=5, hard=True),
+    # The per-entry rules the native kernels compute: the hardness penalty and the
+    # false-negative margin, whose thresholds reach the operators as a tensor argument.
+    "hardness_margin": dict(hardness_mode="in_batch_negatives", hardness_strength=2.0, false_negative_margin=0.1,
+                            learnable_tau=True, hard=True, queue=True),
 }
 
 

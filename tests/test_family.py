@@ -264,23 +264,27 @@ def test_fused_backends_compute_directions(backend, directions):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["triton-first", "cpp-first"])
 @pytest.mark.parametrize("options,k", [
     (dict(hardness_mode="all_negatives", hardness_strength=2.0), 1),
     (dict(false_negative_margin=0.1), 1),
     (dict(), 2),
 ], ids=["hardness", "margin", "k2"])
-def test_auto_takes_the_chunked_path_for_rules_the_kernels_lack(options, k):
+def test_auto_takes_the_chunked_path_for_rules_the_kernels_lack(options, k, interpret, monkeypatch):
+    # "auto" on CPU tensors picks Triton's interpreter under TRITON_INTERPRET=1, else the
+    # native kernel; it falls back to the chunked path when that first choice lacks a rule.
+    from fastcl import native
     from fastcl.ops import dispatch
     from fastcl.plan import LossOptions, plan_info_nce
 
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     a, p, h, _ = _inputs(300, 4, k, 0, seed=1)  # above the dense path's size
-    from fastcl import native
-
     plan = plan_info_nce(LossOptions(**options).checked(), a, p, h if k > 1 else h[:, 0])
     needed = dispatch.layout_features(plan.rows.plan.layout, "false_negative_margin" in options)
     assert needed  # the case needs a rule beyond the original layout
-    lacking = not needed <= dispatch.FEATURES["cpp"]
-    assert plan.rows.plan.backend == ("chunked" if lacking or not native.available() else "cpp")
+    first = "triton" if interpret == "1" else ("cpp" if native.available() else "chunked")
+    lacking = not needed <= dispatch.FEATURES[first]
+    assert plan.rows.plan.backend == ("chunked" if lacking else first)
 
 
 REFUSALS = [
@@ -300,11 +304,11 @@ REFUSALS = [
     (dict(directions=(Q2D, D2Q), labels=True), ValueError, "labels are not supported with directions"),
     (dict(directions=(Q2D, Q2Q), groups=True), ValueError, "groups are not supported with directions"),
     (dict(groups=True, k=2), ValueError, "groups are not supported with several hard negatives"),
-    (dict(hardness_mode="all_negatives", hardness_strength=1.0, backend="cpp"), ValueError,
-     "backend 'cpp' does not compute hardness_mode"),
+    (dict(hardness_mode="all_negatives", hardness_strength=1.0, backend="triton"), ValueError,
+     "backend 'triton' does not compute hardness_mode"),
     (dict(false_negative_margin=0.1, backend="triton"), ValueError, "backend 'triton' does not compute "
      "false_negative_margin"),
-    (dict(k=2, backend="cpp"), ValueError, r"does not compute hard_negatives with K > 1"),
+    (dict(k=2, backend="triton"), ValueError, r"backend 'triton' does not compute hard_negatives with K > 1"),
 ]
 
 

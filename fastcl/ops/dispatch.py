@@ -131,7 +131,7 @@ LAYOUT_FEATURES: dict[str, str] = {
 #: a kernel learns a rule. The dense path (fastcl/reference.py) computes all of them.
 FEATURES: dict[str, frozenset[str]] = {
     "chunked": frozenset(LAYOUT_FEATURES),
-    "cpp": frozenset({"masked_hard"}),
+    "cpp": frozenset(LAYOUT_FEATURES),  # forward, recomputing backward and one pass alike
     "triton": frozenset({"masked_hard"}),
 }
 

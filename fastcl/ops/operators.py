@@ -1,19 +1,26 @@
 """The dispatcher operators ``torch.ops.fastcl.*``: schemas, fake kernels, CUDA kernels.
 
 One operator per kernel family, with the arguments and outputs of its launcher (the
-layout flattened into its nine fields, the optional ``groups`` pair into two optional
+layout flattened into its fields, the optional ``groups`` pair into two optional
 tensors: a schema takes no tuples)::
 
-    infonce_fwd(q, k, params, targets, *layout, row_groups, key_groups, normalize_eps=None)
+    infonce_fwd(q, k, params, targets, *layout9, row_groups, key_groups, *trailing)
         -> (lse, target_logit)                       CPU: csrc/, CUDA: infonce_fwd.py
-    infonce_bwd(q, k, params, targets, *layout, row_groups, key_groups,
-                lse, grad_rows, need_dq, need_dk, normalize_eps=None)
+    infonce_bwd(q, k, params, targets, *layout9, row_groups, key_groups,
+                lse, grad_rows, need_dq, need_dk, *trailing)
         -> (dq, dk, row_dot)                         CPU: csrc/, CUDA: infonce_bwd_slab.py
     infonce_bwd_workspace(same arguments as infonce_bwd)
         -> (dq, dk, row_dot)                         CUDA: infonce_bwd_workspace.py
-    infonce_fwd_grad(q, k, params, targets, *layout, row_groups, key_groups, row_weight,
-                     need_dq, need_dk, block_rows, block_cols, normalize_eps=None)
+    infonce_fwd_grad(q, k, params, targets, *layout9, row_groups, key_groups, row_weight,
+                     need_dq, need_dk, block_rows, block_cols, *trailing)
         -> (loss_rows, dq, dk, row_dot)              CPU: csrc/, CUDA: infonce_one_pass.py
+
+``layout9`` is the layout's first nine fields (:data:`N_LAYOUT_FIELDS`), ``trailing``
+the arguments with defaults ``normalize_eps=None, n_hard_blocks=1, hardness_mode=0,
+hardness_strength=0., thresholds=None``: the layout's per-entry rules
+(:data:`RULE_FIELDS`) and the false-negative margin's per-row thresholds. The CPU
+kernels compute them; the CUDA kernels (Triton) refuse any value but the default, and
+the plan never sends them one (fastcl.ops.dispatch.FEATURES).
 
 The last is the one pass for a loss reduced to a scalar: the per-row losses together with
 the gradients for every row's incoming gradient ``row_weight``, in the accumulator dtype
@@ -47,36 +54,62 @@ from .utils import accumulator_dtype, cpu_threads
 
 _LAYOUT_SCHEMA = ("int n_cols, int n_grad_cols, int hard_start, int n_hard, int gauss_start, float log_hard_weight, "
                   "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups")
+#: The trailing arguments of every operator: the fused normalization's eps, the layout's
+#: per-entry rules (its fields after the first nine) and the false-negative margin's
+#: per-row thresholds. Their defaults leave the nine-field operators as they were.
+_RULES_SCHEMA = ("float? normalize_eps=None, int n_hard_blocks=1, int hardness_mode=0, float hardness_strength=0., "
+                 "Tensor? thresholds=None")
 _BACKWARD_SCHEMA = (f"(Tensor q, Tensor k, Tensor params, Tensor? targets, {_LAYOUT_SCHEMA}, Tensor lse, "
-                    "Tensor grad_rows, bool need_dq, bool need_dk, float? normalize_eps=None) "
+                    f"Tensor grad_rows, bool need_dq, bool need_dk, {_RULES_SCHEMA}) "
                     "-> (Tensor dq, Tensor dk, Tensor row_dot)")
 
 #: The schemas of the operators with a CPU kernel; csrc/registration.cpp defines the same
 #: strings when the extension is loaded.
 SCHEMAS = {
     "infonce_fwd": (f"infonce_fwd(Tensor q, Tensor k, Tensor params, Tensor? targets, {_LAYOUT_SCHEMA}, "
-                    "float? normalize_eps=None) -> (Tensor lse, Tensor target_logit)"),
+                    f"{_RULES_SCHEMA}) -> (Tensor lse, Tensor target_logit)"),
     "infonce_bwd": "infonce_bwd" + _BACKWARD_SCHEMA,
     "infonce_fwd_grad": (f"infonce_fwd_grad(Tensor q, Tensor k, Tensor params, Tensor? targets, {_LAYOUT_SCHEMA}, "
                          "float row_weight, bool need_dq, bool need_dk, int block_rows, int block_cols, "
-                         "float? normalize_eps=None) -> (Tensor loss_rows, Tensor dq, Tensor dk, Tensor row_dot)"),
+                         f"{_RULES_SCHEMA}) -> (Tensor loss_rows, Tensor dq, Tensor dk, Tensor row_dot)"),
 }
 #: Operators with CUDA kernels only, always defined here.
 CUDA_ONLY_SCHEMAS = {"infonce_bwd_workspace": "infonce_bwd_workspace" + _BACKWARD_SCHEMA}
 
-#: The layout fields the schema carries: the first nine. The per-entry rules after them
-#: (several hard negatives per row, the hardness penalty) keep their defaults here: the
-#: plan sends a layout that needs them only to the backends that implement them
-#: (fastcl.ops.dispatch.FEATURES).
+#: The layout fields the schema carries after ``targets``: the first nine. The rest (the
+#: per-entry rules: several hard negatives per row, the hardness penalty) travel among
+#: the trailing arguments, after ``normalize_eps``.
 N_LAYOUT_FIELDS = 9
+#: The layout's fields among the trailing arguments, in order.
+RULE_FIELDS = ColumnLayout._fields[N_LAYOUT_FIELDS:]
 
 
-def _layout_and_groups(rest) -> tuple[ColumnLayout, tuple | None, list]:
-    """The operator's arguments after ``targets`` as the launchers take them: the layout,
-    the groups pair (None without groups) and the arguments that follow."""
+def _split(rest, n_args: int):
+    """The operator's arguments after ``targets`` as the launchers take them: the layout
+    (its rules included), the groups pair (None without groups), the ``n_args``
+    arguments of the operator's own, ``normalize_eps`` and the thresholds. Trailing
+    arguments left out take the schema's defaults."""
     layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
     row_groups, key_groups, *tail = rest[N_LAYOUT_FIELDS:]
-    return layout, (None if row_groups is None else (row_groups, key_groups)), tail
+    own, trailing = tail[:n_args], tail[n_args:]
+    normalize_eps = trailing[0] if trailing else None
+    rules = trailing[1:1 + len(RULE_FIELDS)]
+    layout = layout._replace(**dict(zip(RULE_FIELDS, rules)))
+    thresholds = trailing[1 + len(RULE_FIELDS)] if len(trailing) > 1 + len(RULE_FIELDS) else None
+    return layout, (None if row_groups is None else (row_groups, key_groups)), own, normalize_eps, thresholds
+
+
+def _refuse_rules_on_cuda(name: str, layout: ColumnLayout, thresholds) -> None:
+    """The Triton launchers compute none of the per-entry rules (the plan never sends
+    them there: fastcl.ops.dispatch.FEATURES); a call that asks for one is refused
+    rather than answered without it."""
+    defaults = {f: ColumnLayout._field_defaults[f] for f in RULE_FIELDS}
+    asked = [f"{f}={getattr(layout, f)!r}" for f in RULE_FIELDS if getattr(layout, f) != defaults[f]]
+    if thresholds is not None:
+        asked.append("thresholds (the false-negative margin)")
+    if asked:
+        raise ValueError(f"fastcl::{name} on CUDA tensors runs the Triton kernels, which do not compute "
+                                  f"{', '.join(asked)}; use backend='chunked' for these options")
 
 
 # ------------------------------------------------------------------ fake and CUDA kernels
@@ -88,7 +121,7 @@ def _fake_forward(q, k, params, targets, *rest):
 
 
 def _fake_backward(q, k, params, targets, *rest):
-    layout, _, (_, _, need_dq, need_dk, *_) = _layout_and_groups(rest)
+    layout, _, (_, _, need_dq, need_dk), _, _ = _split(rest, 4)
     n_rows, dim = q.shape
     dq = q.new_empty((n_rows if need_dq else 0, dim))
     dk = q.new_empty((layout.n_grad_cols if need_dk and layout.n_grad_cols > 0 else 0, dim))
@@ -98,16 +131,18 @@ def _fake_backward(q, k, params, targets, *rest):
 def _cuda_forward(q, k, params, targets, *rest):
     from .infonce_fwd import infonce_forward
 
-    layout, groups, tail = _layout_and_groups(rest)
+    layout, groups, _, normalize_eps, thresholds = _split(rest, 0)
+    _refuse_rules_on_cuda("infonce_fwd", layout, thresholds)
     return infonce_forward(q.contiguous(), k.contiguous(), params, targets, layout, groups=groups,
-                           normalize_eps=tail[0] if tail else None)
+                           normalize_eps=normalize_eps)
 
 
-def _run_backward(launcher, q, k, params, targets, rest):
+def _run_backward(name, launcher, q, k, params, targets, rest):
     """A backward launcher's results with the schema's empty tensors for None."""
-    layout, groups, (lse, grad_rows, need_dq, need_dk, *tail) = _layout_and_groups(rest)
+    layout, groups, (lse, grad_rows, need_dq, need_dk), normalize_eps, thresholds = _split(rest, 4)
+    _refuse_rules_on_cuda(name, layout, thresholds)
     dq, dk, row_dot = launcher(q.contiguous(), k.contiguous(), params, targets, layout, lse, grad_rows,
-                               need_dq=need_dq, need_dk=need_dk, groups=groups, normalize_eps=tail[0] if tail else None)
+                               need_dq=need_dq, need_dk=need_dk, groups=groups, normalize_eps=normalize_eps)
     dim = q.shape[1]
     return (dq if dq is not None else q.new_empty((0, dim)),
             dk if dk is not None else q.new_empty((0, dim)),
@@ -117,17 +152,17 @@ def _run_backward(launcher, q, k, params, targets, rest):
 def _cuda_backward(q, k, params, targets, *rest):
     from .infonce_bwd_slab import infonce_backward_slab
 
-    return _run_backward(infonce_backward_slab, q, k, params, targets, rest)
+    return _run_backward("infonce_bwd", infonce_backward_slab, q, k, params, targets, rest)
 
 
 def _cuda_backward_workspace(q, k, params, targets, *rest):
     from .infonce_bwd_workspace import infonce_backward_workspace
 
-    return _run_backward(infonce_backward_workspace, q, k, params, targets, rest)
+    return _run_backward("infonce_bwd_workspace", infonce_backward_workspace, q, k, params, targets, rest)
 
 
 def _fake_forward_grad(q, k, params, targets, *rest):
-    layout, _, (_, need_dq, need_dk, *_) = _layout_and_groups(rest)
+    layout, _, (_, need_dq, need_dk, _, _), _, _ = _split(rest, 5)
     n_rows, dim = q.shape
     acc = accumulator_dtype(q.dtype)
     n_grad = layout.n_grad_cols if need_dk else 0
@@ -138,9 +173,10 @@ def _fake_forward_grad(q, k, params, targets, *rest):
 def _cuda_forward_grad(q, k, params, targets, *rest):
     from .infonce_one_pass import infonce_forward_grad
 
-    layout, groups, (row_weight, need_dq, need_dk, block_rows, _, *tail) = _layout_and_groups(rest)
+    layout, groups, (row_weight, need_dq, need_dk, block_rows, _), normalize_eps, thresholds = _split(rest, 5)
+    _refuse_rules_on_cuda("infonce_fwd_grad", layout, thresholds)
     return infonce_forward_grad(q.contiguous(), k.contiguous(), params, targets, layout, row_weight, need_dq, need_dk,
-                                groups=groups, normalize_eps=tail[0] if tail else None, chunk_rows=block_rows)
+                                groups=groups, normalize_eps=normalize_eps, chunk_rows=block_rows)
 
 
 _library = torch.library.Library("fastcl", "FRAGMENT")  # the schemas this module defines
@@ -171,43 +207,49 @@ def _require_kernel(q: torch.Tensor) -> None:
                            "See docs/building.md.")
 
 
-def _call(op, q, k, params, targets, layout: ColumnLayout, groups, *tail):
+def _call(op, q, k, params, targets, layout: ColumnLayout, groups, own, normalize_eps, thresholds):
+    """``op`` with the schema's arguments: the layout's first fields, the groups pair,
+    the operator's ``own`` arguments, then the trailing ones (normalize_eps, the layout's
+    rules, the thresholds)."""
     row_groups, key_groups = groups if groups is not None else (None, None)
-    return op(q, k, params, targets, *layout[:N_LAYOUT_FIELDS], row_groups, key_groups, *tail)
+    return op(q, k, params, targets, *layout[:N_LAYOUT_FIELDS], row_groups, key_groups, *own, normalize_eps,
+              *layout[N_LAYOUT_FIELDS:], thresholds)
 
 
-def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None):
+def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None, thresholds=None):
     """``(lse, target_logit)`` from ``torch.ops.fastcl.infonce_fwd`` (any device), with
-    the arguments of :func:`~fastcl.ops.infonce_fwd.infonce_forward`."""
+    the arguments of :func:`~fastcl.ops.infonce_fwd.infonce_forward` and the
+    false-negative margin's per-row ``thresholds`` (CPU only, as are the layout's rules)."""
     _require_kernel(q)
-    return _call(torch.ops.fastcl.infonce_fwd, q, k, params, targets, layout, groups, normalize_eps)
+    return _call(torch.ops.fastcl.infonce_fwd, q, k, params, targets, layout, groups, (), normalize_eps, thresholds)
 
 
-def _backward(op, q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups, normalize_eps):
-    dq, dk, row_dot = _call(op, q, k, params, targets, layout, groups, lse, grad_rows, need_dq, need_dk,
-                            normalize_eps)
+def _backward(op, q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups, normalize_eps, thresholds):
+    dq, dk, row_dot = _call(op, q, k, params, targets, layout, groups, (lse, grad_rows, need_dq, need_dk),
+                            normalize_eps, thresholds)
     return ((dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
             (row_dot if need_dq else None))
 
 
 def operator_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
-                      need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None):
+                      need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None, thresholds=None):
     """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd`` (the native kernel on
     CPU, the slab kernels on CUDA), None where not asked for."""
     _require_kernel(q)
     return _backward(torch.ops.fastcl.infonce_bwd, q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk,
-                     groups, normalize_eps)
+                     groups, normalize_eps, thresholds)
 
 
 def operator_backward_workspace(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
-                                need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None):
+                                need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None,
+                                thresholds=None):
     """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd_workspace`` (CUDA)."""
     return _backward(torch.ops.fastcl.infonce_bwd_workspace, q, k, params, targets, layout, lse, grad_rows, need_dq,
-                     need_dk, groups, normalize_eps)
+                     need_dk, groups, normalize_eps, thresholds)
 
 
 def operator_forward_grad(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None,
-                          need_dq: bool = True, need_dk: bool = True):
+                          need_dq: bool = True, need_dk: bool = True, thresholds=None):
     """``(loss_rows, dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_fwd_grad`` (the
     native one-pass kernel on CPU, the Triton one pass on CUDA) for row gradients of 1,
     None where not asked for. The CPU blocks come from
@@ -217,7 +259,7 @@ def operator_forward_grad(q, k, params, targets, layout: ColumnLayout, groups=No
     if q.device.type == "cpu":
         block_rows, block_cols = one_pass_cpu_blocks(q.shape[0], layout.n_cols, layout.n_grad_cols, q.shape[1],
                                                      cpu_threads(), groups is not None)
-    loss_rows, dq, dk, row_dot = _call(torch.ops.fastcl.infonce_fwd_grad, q, k, params, targets, layout, groups, 1.0,
-                                       need_dq, need_dk, block_rows, block_cols, normalize_eps)
+    loss_rows, dq, dk, row_dot = _call(torch.ops.fastcl.infonce_fwd_grad, q, k, params, targets, layout, groups,
+                                       (1.0, need_dq, need_dk, block_rows, block_cols), normalize_eps, thresholds)
     return (loss_rows, (dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
             (row_dot if need_dq else None))
