@@ -273,14 +273,17 @@ def test_auto_takes_the_chunked_path_for_rules_the_kernels_lack(options, k):
     from fastcl.ops import dispatch
     from fastcl.plan import LossOptions, plan_info_nce
 
-    a, p, h, _ = _inputs(300, 4, k, 0, seed=1)  # above the dense path's size
-    from fastcl import native
+    from fastcl.plan import choose_backend
 
+    a, p, h, _ = _inputs(300, 4, k, 0, seed=1)  # above the dense path's size
     plan = plan_info_nce(LossOptions(**options).checked(), a, p, h if k > 1 else h[:, 0])
     needed = dispatch.layout_features(plan.rows.plan.layout, "false_negative_margin" in options)
     assert needed  # the case needs a rule beyond the original layout
-    lacking = not needed <= dispatch.FEATURES["cpp"]
-    assert plan.rows.plan.backend == ("chunked" if lacking or not native.available() else "cpp")
+    # What "auto" picks without the rules (the native kernel; the Triton kernels under the
+    # interpreter, which compute them), and for the same call on CUDA tensors.
+    first = choose_backend("auto", a.device, 10 ** 6)
+    assert plan.rows.plan.backend == ("chunked" if dispatch.unsupported(first, needed, "cpu") else first)
+    assert choose_backend("auto", torch.device("cuda"), 10 ** 6, needed=needed) == "chunked"
 
 
 REFUSALS = [
@@ -302,7 +305,7 @@ REFUSALS = [
     (dict(groups=True, k=2), ValueError, "groups are not supported with several hard negatives"),
     (dict(hardness_mode="all_negatives", hardness_strength=1.0, backend="cpp"), ValueError,
      "backend 'cpp' does not compute hardness_mode"),
-    (dict(false_negative_margin=0.1, backend="triton"), ValueError, "backend 'triton' does not compute "
+    (dict(false_negative_margin=0.1, backend="cpp"), ValueError, "backend 'cpp' does not compute "
      "false_negative_margin"),
     (dict(k=2, backend="cpp"), ValueError, r"does not compute hard_negatives with K > 1"),
 ]

@@ -78,9 +78,11 @@ def _triton(strategy: str) -> Kernels:
 def _triton_one_pass() -> Kernels:
     from .infonce_one_pass import infonce_forward_grad
 
-    def forward(q, k, params, targets, layout, groups=None, normalize_eps=None, need_dq=True, need_dk=True):
+    def forward(q, k, params, targets, layout, groups=None, normalize_eps=None, need_dq=True, need_dk=True,
+                thresholds=None):
         loss_rows, dq, dk, row_dot = infonce_forward_grad(q, k, params, targets, layout, 1.0, need_dq, need_dk,
-                                                          groups=groups, normalize_eps=normalize_eps)
+                                                          groups=groups, normalize_eps=normalize_eps,
+                                                          thresholds=thresholds)
         want_dk = need_dk and layout.n_grad_cols > 0
         return loss_rows, (dq if need_dq else None), (dk if want_dk else None), (row_dot if need_dq else None)
 
@@ -132,7 +134,18 @@ LAYOUT_FEATURES: dict[str, str] = {
 FEATURES: dict[str, frozenset[str]] = {
     "chunked": frozenset(LAYOUT_FEATURES),
     "cpp": frozenset({"masked_hard"}),
-    "triton": frozenset({"masked_hard"}),
+    "triton": frozenset({"masked_hard", "hard_blocks", "hardness", "margin"}),
+}
+
+#: Rules a backend computes on some devices only: (device type, backend) -> the rules of
+#: FEATURES[backend] it lacks there. The Triton launchers compute the loss family's rules,
+#: but on CUDA tensors they are reached through the dispatcher operators
+#: (:mod:`fastcl.ops.operators`), whose schemas carry only the layout's first nine fields
+#: and no thresholds: until those carry K, the hardness penalty and the thresholds, CUDA
+#: calls that need them are planned elsewhere (refused when named, "auto" takes the
+#: chunked path). Remove the entry once the operators pass them on.
+NOT_ON_DEVICE: dict[tuple[str, str], frozenset[str]] = {
+    ("cuda", "triton"): frozenset({"hard_blocks", "hardness", "margin"}),
 }
 
 
@@ -151,10 +164,14 @@ def layout_features(layout: ColumnLayout, margin: bool = False) -> frozenset[str
     return frozenset(needed)
 
 
-def unsupported(backend: str, needed: frozenset[str]) -> tuple[str, ...]:
+def unsupported(backend: str, needed: frozenset[str], device_type: str | None = None) -> tuple[str, ...]:
     """The options among ``needed`` (names of :data:`LAYOUT_FEATURES`) that ``backend``
-    does not compute, as the loss's option names."""
-    return tuple(LAYOUT_FEATURES[f] for f in sorted(needed - FEATURES.get(backend, frozenset())))
+    does not compute (on tensors of ``device_type``, when given: :data:`NOT_ON_DEVICE`),
+    as the loss's option names."""
+    computed = FEATURES.get(backend, frozenset())
+    if device_type is not None:
+        computed = computed - NOT_ON_DEVICE.get((device_type, backend), frozenset())
+    return tuple(LAYOUT_FEATURES[f] for f in sorted(needed - computed))
 
 
 def strategies(device_type: str, backend: str) -> tuple[str, ...]:
