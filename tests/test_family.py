@@ -270,21 +270,33 @@ def test_fused_backends_compute_directions(backend, directions):
     (dict(false_negative_margin=0.1), 1),
     (dict(), 2),
 ], ids=["hardness", "margin", "k2"])
-def test_auto_takes_the_chunked_path_for_rules_the_kernels_lack(options, k, interpret, monkeypatch):
+def test_auto_keeps_a_kernel_that_computes_the_rules_and_falls_back_when_it_lacks_one(options, k, interpret,
+                                                                                       monkeypatch):
     # "auto" on CPU tensors picks Triton's interpreter under TRITON_INTERPRET=1, else the
-    # native kernel; it falls back to the chunked path when that first choice lacks a rule.
-    from fastcl import native
+    # native kernel. Both compute every rule, so the call stays there; with the rule taken
+    # out of that backend's entry in FEATURES, "auto" takes the chunked path and naming
+    # the backend is refused, naming the option.
+    from fastcl import info_nce, native
     from fastcl.ops import dispatch
     from fastcl.plan import LossOptions, plan_info_nce
 
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     a, p, h, _ = _inputs(300, 4, k, 0, seed=1)  # above the dense path's size
-    plan = plan_info_nce(LossOptions(**options).checked(), a, p, h if k > 1 else h[:, 0])
-    needed = dispatch.layout_features(plan.rows.plan.layout, "false_negative_margin" in options)
+    hard = h if k > 1 else h[:, 0]
+
+    def planned():
+        return plan_info_nce(LossOptions(**options).checked(), a, p, hard).rows.plan
+
+    needed = dispatch.layout_features(planned().layout, "false_negative_margin" in options)
     assert needed  # the case needs a rule beyond the original layout
     first = "triton" if interpret == "1" else ("cpp" if native.available() else "chunked")
-    lacking = not needed <= dispatch.FEATURES[first]
-    assert plan.rows.plan.backend == ("chunked" if lacking else first)
+    assert planned().backend == first
+    if first == "chunked":
+        return
+    monkeypatch.setitem(dispatch.FEATURES, first, dispatch.FEATURES[first] - needed)
+    assert planned().backend == "chunked"
+    with pytest.raises(ValueError, match=f"backend '{first}' does not compute"):
+        info_nce(a, p, hard, backend=first, **options)
 
 
 REFUSALS = [
@@ -304,11 +316,6 @@ REFUSALS = [
     (dict(directions=(Q2D, D2Q), labels=True), ValueError, "labels are not supported with directions"),
     (dict(directions=(Q2D, Q2Q), groups=True), ValueError, "groups are not supported with directions"),
     (dict(groups=True, k=2), ValueError, "groups are not supported with several hard negatives"),
-    (dict(hardness_mode="all_negatives", hardness_strength=1.0, backend="triton"), ValueError,
-     "backend 'triton' does not compute hardness_mode"),
-    (dict(false_negative_margin=0.1, backend="triton"), ValueError, "backend 'triton' does not compute "
-     "false_negative_margin"),
-    (dict(k=2, backend="triton"), ValueError, r"backend 'triton' does not compute hard_negatives with K > 1"),
 ]
 
 

@@ -315,29 +315,5 @@ def test_operators_reject_bad_rules(change, message):
         torch.ops.fastcl.infonce_fwd(*head, None, *rules.values())
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(n_hard_blocks=3), "n_hard_blocks=3"),
-    (dict(hardness_mode=HARDNESS_ALL, hardness_strength=1.0), "hardness_mode=3"),
-    (dict(thresholds=True), "thresholds"),
-])
-def test_cuda_kernels_refuse_the_rules(change, message):
-    # The CUDA kernels of the operators (the Triton launchers) compute none of the rules:
-    # a non-default value is refused before anything runs (called here on CPU tensors).
-    head, _ = _rule_args(torch.float64, 0, False, k_blocks=3)
-    change = dict(change)
-    thresholds = torch.zeros(9, dtype=torch.float64) if change.pop("thresholds", False) else None
-    rules = dict(n_hard_blocks=1, hardness_mode=0, hardness_strength=0.0)
-    rules.update(change)
-    lse = torch.zeros(9, dtype=torch.float64)
-    calls = [(operators._cuda_forward, ()), (operators._cuda_backward, (lse, lse, True, True)),
-             (operators._cuda_backward_workspace, (lse, lse, True, True)),
-             (operators._cuda_forward_grad, (1.0, True, True, 0, 0))]
-    for kernel, own in calls:
-        with pytest.raises(ValueError, match=f"on CUDA tensors runs the Triton kernels, which do not compute .*"
-                                             f"{message}"):
-            kernel(*head, *own, None, *rules.values(), thresholds)
-
-
 def test_features_name_the_native_rules():
     assert {"hard_blocks", "hardness", "margin", "masked_hard"} <= dispatch.FEATURES["cpp"]
-    assert not {"hard_blocks", "hardness", "margin"} & dispatch.FEATURES["triton"]

@@ -17,8 +17,10 @@ def test_kernels_compile_for_sm90_without_spills():
                             cwd=root, env=env, capture_output=True, text=True, timeout=600)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
-    # 5 dtype/precision variants x {plain, normalized, all options} x 4 kernels, a line each.
-    assert sum(line.startswith(("forward", "backward")) for line in result.stdout.splitlines()) == 60, report
+    # 5 dtype/precision variants x {plain, normalized, all options, the loss family's rules}
+    # x 4 kernels, a line each.
+    assert sum(line.startswith(("forward", "backward")) for line in result.stdout.splitlines()) == 80, report
+    assert sum("/family" in line for line in result.stdout.splitlines()) == 35, report  # the one pass's 3 too
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas is a Linux binary")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .configs import KernelConfig, kernel_config
+from .layout import HARDNESS_IN_BATCH
 
 #: Shared memory per block on an H100 (227 KB usable of 228 KB).
 H100_SHARED_BYTES = 227 * 1024
@@ -94,24 +95,29 @@ def _resources(cubin: bytes) -> tuple[int, int, int]:
 
 
 #: Option sets each kernel is compiled with; see compile_one.
-FEATURES = ("plain", "normalized", "all")
+FEATURES = ("plain", "normalized", "all", "family")
 
 
 def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, cfg: KernelConfig,
                 arch: int = 90) -> Report:
     """Compile one kernel (a name of configs.KERNELS) for one dtype and dot
     precision, with every option off ("plain"), only the fused normalization on
-    ("normalized": the default loss) or every option on ("all"), at ``cfg``."""
+    ("normalized": the default loss), every option of the original layout on ("all"),
+    or the loss family's rules on top of that ("family": K hard-negative blocks, the
+    hardness penalty in its costliest mode, the margin; groups off, as the loss never
+    combines them with K blocks), at ``cfg``."""
     from .infonce_bwd_slab import _infonce_bwd_dk_kernel, _infonce_bwd_dq_kernel
     from .infonce_bwd_workspace import _infonce_dlogits_kernel
     from .infonce_fwd import _infonce_fwd_kernel
 
     t = _TRITON_TYPES[dtype]
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    on = features == "all"
-    flags = dict(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on, GROUPED=on,
-                 NORMALIZED=features in ("normalized", "all"),
-                 ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False)
+    on = features in ("all", "family")
+    family = features == "family"
+    flags = dict(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on, GROUPED=on and not family,
+                 NORMALIZED=features in ("normalized", "all", "family"),
+                 ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False,
+                 HARD_BLOCKS=family, HARDNESS=HARDNESS_IN_BATCH if family else 0, MARGIN=family, EMPTY_ROWS=family)
     sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64",
                row_groups_ptr="*i64", key_groups_ptr="*i64")
     if kernel in ("forward", "backward_dq"):
@@ -123,7 +129,7 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
         sig["operand_scales_ptr"] = f"*{acc}"
     sig["lse_ptr"] = f"*{acc}"
     segments = dict(hard_start="i32", n_hard="i32", gauss_start="i32", self_start="i32", n_self="i32",
-                    eps_ptr=f"*{acc}")
+                    eps_ptr=f"*{acc}", n_hard_blocks="i32", thresholds_ptr=f"*{acc}")
     sizes = dict(n_rows="i32", n_cols="i32", n_grad_cols="i32", dim="i32", stride_q="i32", stride_k="i32")
     blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
     if kernel == "forward":

@@ -78,9 +78,11 @@ def _triton(strategy: str) -> Kernels:
 def _triton_one_pass() -> Kernels:
     from .infonce_one_pass import infonce_forward_grad
 
-    def forward(q, k, params, targets, layout, groups=None, normalize_eps=None, need_dq=True, need_dk=True):
+    def forward(q, k, params, targets, layout, groups=None, normalize_eps=None, need_dq=True, need_dk=True,
+                thresholds=None):
         loss_rows, dq, dk, row_dot = infonce_forward_grad(q, k, params, targets, layout, 1.0, need_dq, need_dk,
-                                                          groups=groups, normalize_eps=normalize_eps)
+                                                          groups=groups, normalize_eps=normalize_eps,
+                                                          thresholds=thresholds)
         want_dk = need_dk and layout.n_grad_cols > 0
         return loss_rows, (dq if need_dq else None), (dk if want_dk else None), (row_dot if need_dq else None)
 
@@ -132,7 +134,14 @@ LAYOUT_FEATURES: dict[str, str] = {
 FEATURES: dict[str, frozenset[str]] = {
     "chunked": frozenset(LAYOUT_FEATURES),
     "cpp": frozenset(LAYOUT_FEATURES),  # forward, recomputing backward and one pass alike
-    "triton": frozenset({"masked_hard"}),
+    "triton": frozenset(LAYOUT_FEATURES),  # forward, slab and workspace backwards, one pass
+}
+
+#: Rules a backend computes on some devices only: (device type, backend) -> the rules of
+#: FEATURES[backend] it lacks there (none today: the CUDA operators pass every rule on to
+#: the Triton launchers). A call that needs one is refused when the backend is named,
+#: and "auto" takes the chunked path.
+NOT_ON_DEVICE: dict[tuple[str, str], frozenset[str]] = {
 }
 
 
@@ -151,10 +160,14 @@ def layout_features(layout: ColumnLayout, margin: bool = False) -> frozenset[str
     return frozenset(needed)
 
 
-def unsupported(backend: str, needed: frozenset[str]) -> tuple[str, ...]:
+def unsupported(backend: str, needed: frozenset[str], device_type: str | None = None) -> tuple[str, ...]:
     """The options among ``needed`` (names of :data:`LAYOUT_FEATURES`) that ``backend``
-    does not compute, as the loss's option names."""
-    return tuple(LAYOUT_FEATURES[f] for f in sorted(needed - FEATURES.get(backend, frozenset())))
+    does not compute (on tensors of ``device_type``, when given: :data:`NOT_ON_DEVICE`),
+    as the loss's option names."""
+    computed = FEATURES.get(backend, frozenset())
+    if device_type is not None:
+        computed = computed - NOT_ON_DEVICE.get((device_type, backend), frozenset())
+    return tuple(LAYOUT_FEATURES[f] for f in sorted(needed - computed))
 
 
 def strategies(device_type: str, backend: str) -> tuple[str, ...]:

@@ -51,12 +51,15 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .group_ranges import column_block_row_ranges, row_block_tile_ranges
-from .launch import backward_operand_scales, block_options, check_rows_contiguous, layout_segments, layout_switches
+from .launch import (
+    backward_operand_scales, block_options, check_rows_contiguous, checked_thresholds, layout_segments, layout_switches,
+)
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
-    GRAD_OPERAND_SCALE, column_interval, column_tile, groups_overlap, load_groups, load_params, load_projections,
-    load_row_gradients, load_scales, matmul_operand, similarity_tile, softmax_minus_target, tile_logits,
+    GRAD_OPERAND_SCALE, column_interval, column_tile, groups_overlap, load_family, load_groups, load_params,
+    load_projections, load_row_gradients, load_scales, matmul_operand, similarity_tile, softmax_minus_target,
+    tile_logits,
 )
 from .utils import accumulator_dtype
 
@@ -89,7 +92,9 @@ def _infonce_bwd_dq_kernel(
     gauss_start,
     self_start,
     n_self,
-    eps_ptr,  # the normalization's lower bound on a norm, in the accumulator dtype (NORMALIZED only)
+    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
+    n_hard_blocks,  # K hard negatives per row (HARD_BLOCKS only)
+    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -99,6 +104,10 @@ def _infonce_bwd_dq_kernel(
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    HARD_BLOCKS: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    MARGIN: tl.constexpr,
+    EMPTY_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -112,7 +121,8 @@ def _infonce_bwd_dq_kernel(
     slab_in = slab < dim
     inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
     lse, grad_rows, targets = load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype,
-                                                 HAS_TARGETS)
+                                                 HAS_TARGETS, EMPTY_ROWS)
+    strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS, MARGIN)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
     row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
     col_scale_max = tl.load(operand_scales_ptr)
@@ -129,10 +139,11 @@ def _infonce_bwd_dq_kernel(
                 s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                     BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
                 col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
-                s, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows,
-                                        cols, row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard,
-                                        gauss_start, self_start, n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF,
-                                        GROUPED, NORMALIZED)
+                s, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols,
+                                        targets, thresholds, row_groups, col_groups, n_cols, n_grad_cols, hard_start,
+                                        n_hard, n_hard_blocks, gauss_start, self_start, n_self, strength, HARD_WEIGHTED,
+                                        GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, NORMALIZED, HARD_BLOCKS, HARDNESS,
+                                        MARGIN)
                 p_minus = softmax_minus_target(logits, lse, targets, cols)
                 row_dot += tl.sum(p_minus * s, 1)
                 k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
@@ -192,7 +203,9 @@ def _infonce_bwd_dk_kernel(
     gauss_start,
     self_start,
     n_self,
-    eps_ptr,  # the normalization's lower bound on a norm, in the accumulator dtype (NORMALIZED only)
+    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
+    n_hard_blocks,  # K hard negatives per row (HARD_BLOCKS only)
+    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -202,6 +215,10 @@ def _infonce_bwd_dk_kernel(
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    HARD_BLOCKS: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    MARGIN: tl.constexpr,
+    EMPTY_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -232,15 +249,17 @@ def _infonce_bwd_dk_kernel(
         row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
         if groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols, False, GROUPED):
             lse, grad_rows, targets = load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype,
-                                                         HAS_TARGETS)
+                                                         HAS_TARGETS, EMPTY_ROWS)
+            strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS, MARGIN)
             # The softmax runs over all n_cols columns; only the first n_grad_cols are
             # stored, and this program's columns are among them.
             s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                 BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
             row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
             s, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols,
-                                    row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start,
-                                    self_start, n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, NORMALIZED)
+                                    targets, thresholds, row_groups, col_groups, n_cols, n_grad_cols, hard_start,
+                                    n_hard, n_hard_blocks, gauss_start, self_start, n_self, strength, HARD_WEIGHTED,
+                                    GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, NORMALIZED, HARD_BLOCKS, HARDNESS, MARGIN)
             p_minus = softmax_minus_target(logits, lse, targets, cols)
             q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
                              mask=row_in[:, None] & slab_in[None, :], other=0.0)
@@ -283,6 +302,7 @@ def infonce_backward_slab(
     need_dk: bool = True,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the slab backward kernels.
 
@@ -297,12 +317,13 @@ def infonce_backward_slab(
     check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
+    thresholds = checked_thresholds(thresholds, n_rows, acc, q.device)
     normalized = normalize_eps is not None
     grouped = groups is not None
-    switches = layout_switches(q.dtype, targets, layout, grouped, normalized)
+    switches = layout_switches(q.dtype, targets, layout, grouped, normalized, thresholds is not None)
     targets_arg = targets if targets is not None else lse
     row_groups, key_groups = groups if grouped else (lse, lse)
-    segments = layout_segments(layout, normalize_eps, acc, q.device)
+    segments = layout_segments(layout, normalize_eps, acc, q.device, thresholds)
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
     operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc)
 

@@ -36,12 +36,15 @@ import triton
 import triton.language as tl
 
 from .configs import kernel_config
-from .launch import backward_operand_scales, block_options, check_rows_contiguous, layout_segments, layout_switches
+from .launch import (
+    SCALARS_AT, backward_operand_scales, block_options, check_rows_contiguous, checked_thresholds, layout_segments,
+    layout_switches,
+)
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
-    GRAD_OPERAND_SCALE, column_tile, load_groups, load_params, load_projections, load_row_gradients, load_scales,
-    matmul_operand, similarity_tile, softmax_minus_target, tile_logits,
+    GRAD_OPERAND_SCALE, column_tile, load_family, load_groups, load_params, load_projections, load_row_gradients,
+    load_scales, matmul_operand, similarity_tile, softmax_minus_target, tile_logits,
 )
 from .utils import accumulator_dtype
 
@@ -81,7 +84,9 @@ def _infonce_dlogits_kernel(
     gauss_start,
     self_start,
     n_self,
-    eps_ptr,  # the normalization's lower bound on a norm, in the accumulator dtype (NORMALIZED only)
+    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
+    n_hard_blocks,  # K hard negatives per row (HARD_BLOCKS only)
+    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -91,6 +96,10 @@ def _infonce_dlogits_kernel(
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    HARD_BLOCKS: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    MARGIN: tl.constexpr,
+    EMPTY_ROWS: tl.constexpr,
     SPLIT: tl.constexpr,
     WRITE_DS2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -114,14 +123,16 @@ def _infonce_dlogits_kernel(
     if visit:
         inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
         lse, grad_rows, targets = load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype,
-                                                     HAS_TARGETS)
+                                                     HAS_TARGETS, EMPTY_ROWS)
+        strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS, MARGIN)
         s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                             BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
         row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
         col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
         s, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols,
-                                row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start,
-                                n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, NORMALIZED)
+                                targets, thresholds, row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard,
+                                n_hard_blocks, gauss_start, self_start, n_self, strength, HARD_WEIGHTED, GAUSS_WEIGHTED,
+                                EXCLUDE_SELF, GROUPED, NORMALIZED, HARD_BLOCKS, HARDNESS, MARGIN)
         p_minus = softmax_minus_target(logits, lse, targets, cols)
         dlogits = grad_rows[:, None] * p_minus
         tl.atomic_add(row_dot_ptr + rows, tl.sum(dlogits * s, 1), mask=row_in)
@@ -256,12 +267,14 @@ def infonce_backward_workspace(
     need_dk: bool = True,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as :func:`fastcl.ops.infonce_bwd_slab.infonce_backward_slab`."""
     n_rows, dim = q.shape
     check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
+    thresholds = checked_thresholds(thresholds, n_rows, acc, q.device)
     # The workspace holds the logit-gradient operand in the input dtype (fp32 for fp32,
     # fp64 for fp64); the products' results stay in the accumulator dtype until the last
     # step scales them and rounds once.
@@ -285,8 +298,8 @@ def infonce_backward_workspace(
     cfg = kernel_config("backward_ds", q.dtype, dim, q.device)
     row_groups, key_groups = groups if groups is not None else (lse, lse)
     normalized = normalize_eps is not None
-    segments = layout_segments(layout, normalize_eps, acc, q.device)
-    eps_arg = segments[-1]
+    segments = layout_segments(layout, normalize_eps, acc, q.device, thresholds)
+    eps_arg = segments[SCALARS_AT]
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
     operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc)
     # What the products' results are multiplied by: (1/tau) max(c) max|g r| / 2^15 when
@@ -305,7 +318,7 @@ def infonce_backward_workspace(
         dq_row_factors = dk_row_factors = None
     # The kernel adds column sums whenever it normalizes (they are only read for dk).
     col_dot = torch.zeros(layout.n_grad_cols if normalized else 0, dtype=acc, device=q.device)
-    switches = layout_switches(q.dtype, targets, layout, groups is not None, normalized)
+    switches = layout_switches(q.dtype, targets, layout, groups is not None, normalized, thresholds is not None)
     for row0 in range(0, n_rows, chunk):
         rows = min(chunk, n_rows - row0)
         ds = workspace[:rows]

@@ -17,11 +17,12 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .group_ranges import row_block_tile_ranges
-from .launch import block_options, check_rows_contiguous, layout_segments, layout_switches
+from .launch import block_options, check_rows_contiguous, checked_thresholds, layout_segments, layout_switches
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
-    column_interval, column_tile, load_groups, load_params, load_scales, load_targets, similarity_tile, tile_logits,
+    column_interval, column_tile, load_family, load_groups, load_params, load_scales, load_targets, similarity_tile,
+    tile_logits,
 )
 from .utils import accumulator_dtype
 
@@ -50,7 +51,9 @@ def _infonce_fwd_kernel(
     gauss_start,
     self_start,
     n_self,
-    eps_ptr,  # the normalization's lower bound on a norm, in the accumulator dtype (NORMALIZED only)
+    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
+    n_hard_blocks,  # K hard negatives per row (HARD_BLOCKS only)
+    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -60,6 +63,10 @@ def _infonce_fwd_kernel(
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    HARD_BLOCKS: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    MARGIN: tl.constexpr,
+    EMPTY_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -70,6 +77,7 @@ def _infonce_fwd_kernel(
     row_in = rows < n_rows
     inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
     targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
+    strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS, MARGIN)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
     row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
 
@@ -86,10 +94,11 @@ def _infonce_fwd_kernel(
                 s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                                     BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
                 col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
-                _, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows,
-                                        cols, row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard,
-                                        gauss_start, self_start, n_self, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF,
-                                        GROUPED, NORMALIZED)
+                _, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols,
+                                        targets, thresholds, row_groups, col_groups, n_cols, n_grad_cols, hard_start,
+                                        n_hard, n_hard_blocks, gauss_start, self_start, n_self, strength, HARD_WEIGHTED,
+                                        GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, NORMALIZED, HARD_BLOCKS, HARDNESS,
+                                        MARGIN)
                 new_max = tl.maximum(row_max, tl.max(logits, 1))
                 # A row may have no candidate yet (all -inf so far, with masking): shift by 0
                 # then, so that exp(-inf - -inf) never makes a NaN.
@@ -110,6 +119,7 @@ def infonce_forward(
     layout: ColumnLayout,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
@@ -119,12 +129,16 @@ def infonce_forward(
     groups: optional ``(row_groups, key_groups)``, int32 group ids of the N rows and of
     the first ``layout.n_grad_cols`` columns (later columns are visible to every group);
     normalize_eps: None (rows scored as given), or the rows are raw and are normalized on
-    the fly as ``F.normalize(x, dim=-1, eps=normalize_eps)`` would.
+    the fly as ``F.normalize(x, dim=-1, eps=normalize_eps)`` would; thresholds: None, or
+    the false-negative margin's threshold of each row (length N). The layout's per-entry
+    rules (K hard negatives per row, the hardness penalty) come with ``layout``
+    (:class:`~fastcl.ops.layout.ColumnLayout` states them all).
     Returns ``(lse, target_logit)``, each of length N in the accumulator dtype.
     """
     n_rows, dim = q.shape
     check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
+    thresholds = checked_thresholds(thresholds, n_rows, acc, q.device)
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
     cfg = kernel_config("forward", q.dtype, dim, q.device)
@@ -138,7 +152,8 @@ def infonce_forward(
         q, k, params, targets if targets is not None else lse, row_groups, key_groups, tile_ranges, q_norm,
         k_norm, lse, target_logit,
         n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0),
-        *layout_segments(layout, normalize_eps, acc, q.device),
-        **layout_switches(q.dtype, targets, layout, groups is not None, normalized), **block_options(cfg),
+        *layout_segments(layout, normalize_eps, acc, q.device, thresholds),
+        **layout_switches(q.dtype, targets, layout, groups is not None, normalized, thresholds is not None),
+        **block_options(cfg),
     )
     return lse, target_logit

@@ -51,14 +51,14 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .infonce_bwd_workspace import DEFAULT_WORKSPACE_BYTES
-from .launch import check_rows_contiguous
+from .launch import SCALARS_AT, check_rows_contiguous, checked_thresholds, family_switches, layout_segments
 from .layout import ColumnLayout
 from .normalize import row_norms
 from .tiles import (
-    groups_overlap, load_groups, load_params, load_projections, load_scales, load_targets, logit_tile,
-    similarity_tile,
+    finite_lse, groups_overlap, load_family, load_groups, load_params, load_projections, load_scales, load_targets,
+    logit_tile, similarity_tile,
 )
-from .utils import accumulator_dtype, dot_precision, eps_tensor, interpreting, upcast_for_interpreter
+from .utils import accumulator_dtype, dot_precision, interpreting, upcast_for_interpreter
 
 
 @triton.jit
@@ -91,7 +91,9 @@ def _one_pass_logits_kernel(
     gauss_start,
     self_start,
     n_self,
-    eps_ptr,  # the normalization's lower bound on a norm, in the accumulator dtype (NORMALIZED only)
+    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
+    n_hard_blocks,  # K hard negatives per row (HARD_BLOCKS only)
+    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
     HAS_TARGETS: tl.constexpr,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
@@ -101,6 +103,9 @@ def _one_pass_logits_kernel(
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    HARD_BLOCKS: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    MARGIN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -113,6 +118,7 @@ def _one_pass_logits_kernel(
     split = tl.program_id(1)
     inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
     targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
+    strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS, MARGIN)
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
     row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
 
@@ -135,9 +141,10 @@ def _one_pass_logits_kernel(
                                 stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
             if NORMALIZED:
                 s = s * row_scale[:, None] * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
-            logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups, col_groups,
-                                n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start, n_self,
-                                HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+            logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, targets, thresholds,
+                                row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard, n_hard_blocks,
+                                gauss_start, self_start, n_self, strength, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF,
+                                GROUPED, HARD_BLOCKS, HARDNESS, MARGIN)
             tl.store(w_ptr + local[:, None] * stride_w + cols[None, :], logits,
                      mask=row_in[:, None] & (cols[None, :] < n_cols))
             new_max = tl.maximum(row_max, tl.max(logits, 1))
@@ -180,6 +187,7 @@ def _one_pass_grads_kernel(
     GROUPED: tl.constexpr,
     NORMALIZED: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    EMPTY_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -221,7 +229,7 @@ def _one_pass_grads_kernel(
         weight = tl.load(params_ptr + 3)
         targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
         logits = tl.load(w_ptr + local[:, None] * stride_w + cols[None, :], mask=mask, other=float("-inf"))
-        probs = tl.exp(logits - lse[:, None])
+        probs = tl.exp(logits - finite_lse(lse, EMPTY_ROWS)[:, None])  # 0 in a row with no entry
         ds = weight * tl.where(cols[None, :] == targets[:, None], probs - 1.0, probs) * inv_tau
         if NORMALIZED:
             eps = tl.load(eps_ptr)
@@ -312,8 +320,8 @@ def one_pass_signature(kernel: str, t: str, acc: str, flags: dict, sig: dict, si
         sig.update(w_ptr=f"*{acc}", part_max_ptr=f"*{acc}", part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}",
                    row0="i32", n_chunk_rows="i32", **sizes, stride_w="i32", split_cols="i32", stride_part="i32",
                    **segments)
-        return _one_pass_logits_kernel, sig, flags, blocks
-    grads_flags = {k: flags[k] for k in ("HAS_TARGETS", "GROUPED", "NORMALIZED", "ACC_FP64")}
+        return _one_pass_logits_kernel, sig, {k: v for k, v in flags.items() if k != "EMPTY_ROWS"}, blocks
+    grads_flags = {k: flags[k] for k in ("HAS_TARGETS", "GROUPED", "NORMALIZED", "ACC_FP64", "EMPTY_ROWS")}
     if kernel == "one_pass_grads":
         sig = dict(params_ptr=f"*{acc}", targets_ptr="*i64", row_groups_ptr="*i64", key_groups_ptr="*i64",
                    q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}", w_ptr=f"*{acc}", part_max_ptr=f"*{acc}",
@@ -381,18 +389,21 @@ def infonce_forward_grad(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
     chunk_rows: int = 0,
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss_rows, dq, dk, row_dot)`` of ``torch.ops.fastcl.infonce_fwd_grad`` on CUDA
     (or interpreted): the per-row losses, and the gradients and temperature row sums for
     every row's incoming gradient ``row_weight``, all in the accumulator dtype. A
     gradient not asked for is an empty tensor. Arguments as
-    :func:`fastcl.ops.infonce_fwd.infonce_forward`; ``chunk_rows`` as :func:`one_pass_rows`.
+    :func:`fastcl.ops.infonce_fwd.infonce_forward` (``thresholds`` included); ``chunk_rows`` as
+    :func:`one_pass_rows`.
     """
     n_rows, dim = q.shape
     n_cols, n_grad = layout.n_cols, layout.n_grad_cols
     check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     device = q.device
+    thresholds = checked_thresholds(thresholds, n_rows, acc, device)
     loss_rows = torch.empty(n_rows, dtype=acc, device=device)
     want_dk = need_dk and n_grad > 0
     dq = torch.empty((n_rows, dim), dtype=acc, device=device) if need_dq else q.new_empty((0, dim), dtype=acc)
@@ -410,7 +421,9 @@ def infonce_forward_grad(
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (loss_rows, loss_rows)
     row_groups, key_groups = groups if groups is not None else (loss_rows, loss_rows)
     targets_arg = targets if targets is not None else loss_rows
-    eps = eps_tensor(normalize_eps, acc, device)
+    segments = layout_segments(layout, normalize_eps, acc, device, thresholds)
+    eps = segments[SCALARS_AT]
+    family = family_switches(layout, thresholds is not None)
     cfg = kernel_config("forward", q.dtype, dim, device)
     grads_blocks = _INTERPRETER_GRADS_BLOCKS if interpreting() else GRADS_BLOCKS
     row_blocks = triton.cdiv(chunk, cfg.BLOCK_M)
@@ -420,23 +433,23 @@ def infonce_forward_grad(
     partials = torch.empty((3, n_splits, chunk), dtype=acc, device=device)
     flags = dict(HAS_TARGETS=targets is not None, GROUPED=groups is not None, NORMALIZED=normalized,
                  ACC_FP64=acc == torch.float64)
+    logits_flags = dict(flags, HARD_BLOCKS=family["HARD_BLOCKS"], HARDNESS=family["HARDNESS"], MARGIN=family["MARGIN"])
     for row0 in range(0, n_rows, chunk):
         rows = min(chunk, n_rows - row0)
         part = partials
         _one_pass_logits_kernel[(triton.cdiv(rows, cfg.BLOCK_M), n_splits)](
             q, k, params4, targets_arg, row_groups, key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2],
             row0, rows, n_rows, n_cols, n_grad, dim, q.stride(0), k.stride(0), workspace.stride(0), split_cols, chunk,
-            layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self, eps,
-            HARD_WEIGHTED=layout.hard_weighted, GAUSS_WEIGHTED=layout.gauss_weighted, EXCLUDE_SELF=layout.n_self > 0,
-            PRECISION=dot_precision(q.dtype), UPCAST=upcast_for_interpreter(q.dtype),
+            *segments, HARD_WEIGHTED=layout.hard_weighted, GAUSS_WEIGHTED=layout.gauss_weighted,
+            EXCLUDE_SELF=layout.n_self > 0, PRECISION=dot_precision(q.dtype), UPCAST=upcast_for_interpreter(q.dtype),
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **flags)
+            num_stages=cfg.num_stages, **logits_flags)
         ds = ds_buffer[:rows]
         grid = (triton.cdiv(rows, grads_blocks["BLOCK_M"]), triton.cdiv(n_cols, grads_blocks["BLOCK_N"]))
         _one_pass_grads_kernel[grid](
             params4, targets_arg, row_groups, key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2], ds,
             loss_rows, row0, rows, n_rows, n_cols, n_grad, n_splits, chunk, workspace.stride(0), ds.stride(0), eps,
-            **flags, **grads_blocks)
+            EMPTY_ROWS=family["EMPTY_ROWS"], **flags, **grads_blocks)
         if need_dq:
             _product_into(dq[row0:row0 + rows], ds, k, accumulate=False)
         if want_dk:

@@ -27,10 +27,10 @@ def check_rows_contiguous(*tensors: torch.Tensor) -> None:
 
 
 def layout_switches(dtype: torch.dtype, targets: torch.Tensor | None, layout: ColumnLayout, grouped: bool,
-                    normalized: bool) -> dict:
+                    normalized: bool, margin: bool = False) -> dict:
     """The compile-time switches of a kernel launch: each feature of the layout a call
     does not use is compiled out, and the accumulator and product precision follow the
-    input dtype."""
+    input dtype. ``margin``: per-row false-negative thresholds are given."""
     return dict(
         HAS_TARGETS=targets is not None,
         HARD_WEIGHTED=layout.hard_weighted,
@@ -41,16 +41,51 @@ def layout_switches(dtype: torch.dtype, targets: torch.Tensor | None, layout: Co
         ACC_FP64=accumulator_dtype(dtype) == torch.float64,
         PRECISION=dot_precision(dtype),
         UPCAST=upcast_for_interpreter(dtype),
+        **family_switches(layout, margin),
     )
 
 
+def family_switches(layout: ColumnLayout, margin: bool) -> dict:
+    """The switches of the per-entry rules (fastcl/ops/layout.py): HARD_BLOCKS (K > 1
+    hard negatives per row), HARDNESS (the penalty's mode, 0 when it adds nothing),
+    MARGIN (thresholds given) and EMPTY_ROWS (a row may have every entry masked: under
+    the margin, or when a -inf weight masks the own hard negatives)."""
+    hard_masked = layout.n_hard > 0 and layout.log_hard_weight == float("-inf")
+    return dict(HARD_BLOCKS=layout.n_hard > 0 and layout.n_hard_blocks > 1,
+                HARDNESS=layout.hardness_mode if layout.penalized else 0,
+                MARGIN=margin, EMPTY_ROWS=margin or hard_masked)
+
+
+def checked_thresholds(thresholds: torch.Tensor | None, n_rows: int, acc: torch.dtype,
+                       device: torch.device) -> torch.Tensor | None:
+    """The false-negative margin's per-row thresholds as the kernels read them
+    (contiguous, accumulator dtype), or None; a ValueError names a wrong shape."""
+    if thresholds is None:
+        return None
+    if not isinstance(thresholds, torch.Tensor) or thresholds.shape != (n_rows,):
+        shape = tuple(thresholds.shape) if isinstance(thresholds, torch.Tensor) else type(thresholds).__name__
+        raise ValueError(f"thresholds must be a tensor of one value per row ({n_rows},), got {shape}")
+    if thresholds.device != device:
+        raise ValueError(f"thresholds must be on the inputs' device {device}, got {thresholds.device}")
+    return thresholds.detach().to(acc).contiguous()
+
+
 def layout_segments(layout: ColumnLayout, normalize_eps: float | None, acc: torch.dtype,
-                    device: torch.device) -> tuple:
+                    device: torch.device, thresholds: torch.Tensor | None = None) -> tuple:
     """The layout's segments as the kernels take them, after the sizes and strides:
-    ``hard_start, n_hard, gauss_start, self_start, n_self`` and the normalization's eps
-    (a one-element tensor in the accumulator dtype, :func:`~fastcl.ops.utils.eps_tensor`)."""
-    return (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self,
-            eps_tensor(normalize_eps, acc, device))
+    ``hard_start, n_hard, gauss_start, self_start, n_self``, the scalars ``[eps,
+    hardness strength]`` (a two-element tensor in the accumulator dtype, read from
+    memory: a Python float would reach the GPU as fp32), ``n_hard_blocks`` and the
+    thresholds (checked by :func:`checked_thresholds`; a placeholder when None)."""
+    scalars = eps_tensor(normalize_eps, acc, device, 2)
+    if layout.penalized:
+        scalars[1] = layout.hardness_strength
+    return (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self, scalars,
+            layout.n_hard_blocks, thresholds if thresholds is not None else scalars)
+
+
+#: Where :func:`layout_segments` puts the scalars ``[eps, hardness strength]``.
+SCALARS_AT = 5
 
 
 def block_options(cfg: KernelConfig, slab: bool = False) -> dict:

@@ -99,19 +99,6 @@ def _split(rest, n_args: int):
     return layout, (None if row_groups is None else (row_groups, key_groups)), own, normalize_eps, thresholds
 
 
-def _refuse_rules_on_cuda(name: str, layout: ColumnLayout, thresholds) -> None:
-    """The Triton launchers compute none of the per-entry rules (the plan never sends
-    them there: fastcl.ops.dispatch.FEATURES); a call that asks for one is refused
-    rather than answered without it."""
-    defaults = {f: ColumnLayout._field_defaults[f] for f in RULE_FIELDS}
-    asked = [f"{f}={getattr(layout, f)!r}" for f in RULE_FIELDS if getattr(layout, f) != defaults[f]]
-    if thresholds is not None:
-        asked.append("thresholds (the false-negative margin)")
-    if asked:
-        raise ValueError(f"fastcl::{name} on CUDA tensors runs the Triton kernels, which do not compute "
-                                  f"{', '.join(asked)}; use backend='chunked' for these options")
-
-
 # ------------------------------------------------------------------ fake and CUDA kernels
 
 
@@ -132,17 +119,16 @@ def _cuda_forward(q, k, params, targets, *rest):
     from .infonce_fwd import infonce_forward
 
     layout, groups, _, normalize_eps, thresholds = _split(rest, 0)
-    _refuse_rules_on_cuda("infonce_fwd", layout, thresholds)
     return infonce_forward(q.contiguous(), k.contiguous(), params, targets, layout, groups=groups,
-                           normalize_eps=normalize_eps)
+                           normalize_eps=normalize_eps, thresholds=thresholds)
 
 
-def _run_backward(name, launcher, q, k, params, targets, rest):
+def _run_backward(launcher, q, k, params, targets, rest):
     """A backward launcher's results with the schema's empty tensors for None."""
     layout, groups, (lse, grad_rows, need_dq, need_dk), normalize_eps, thresholds = _split(rest, 4)
-    _refuse_rules_on_cuda(name, layout, thresholds)
     dq, dk, row_dot = launcher(q.contiguous(), k.contiguous(), params, targets, layout, lse, grad_rows,
-                               need_dq=need_dq, need_dk=need_dk, groups=groups, normalize_eps=normalize_eps)
+                               need_dq=need_dq, need_dk=need_dk, groups=groups, normalize_eps=normalize_eps,
+                               thresholds=thresholds)
     dim = q.shape[1]
     return (dq if dq is not None else q.new_empty((0, dim)),
             dk if dk is not None else q.new_empty((0, dim)),
@@ -152,13 +138,13 @@ def _run_backward(name, launcher, q, k, params, targets, rest):
 def _cuda_backward(q, k, params, targets, *rest):
     from .infonce_bwd_slab import infonce_backward_slab
 
-    return _run_backward("infonce_bwd", infonce_backward_slab, q, k, params, targets, rest)
+    return _run_backward(infonce_backward_slab, q, k, params, targets, rest)
 
 
 def _cuda_backward_workspace(q, k, params, targets, *rest):
     from .infonce_bwd_workspace import infonce_backward_workspace
 
-    return _run_backward("infonce_bwd_workspace", infonce_backward_workspace, q, k, params, targets, rest)
+    return _run_backward(infonce_backward_workspace, q, k, params, targets, rest)
 
 
 def _fake_forward_grad(q, k, params, targets, *rest):
@@ -174,9 +160,9 @@ def _cuda_forward_grad(q, k, params, targets, *rest):
     from .infonce_one_pass import infonce_forward_grad
 
     layout, groups, (row_weight, need_dq, need_dk, block_rows, _), normalize_eps, thresholds = _split(rest, 5)
-    _refuse_rules_on_cuda("infonce_fwd_grad", layout, thresholds)
     return infonce_forward_grad(q.contiguous(), k.contiguous(), params, targets, layout, row_weight, need_dq, need_dk,
-                                groups=groups, normalize_eps=normalize_eps, chunk_rows=block_rows)
+                                groups=groups, normalize_eps=normalize_eps, chunk_rows=block_rows,
+                                thresholds=thresholds)
 
 
 _library = torch.library.Library("fastcl", "FRAGMENT")  # the schemas this module defines

@@ -5,9 +5,13 @@ queries (anchors), columns are candidates laid out as
 
     [ positives (N) | hard negatives (n_hard) | extra negatives (Q) | Gaussian (G) ]
 
-Only two kinds of column carry an additive weight: row i's own hard negative, at column
-``hard_start + i`` (SimCSE's log alpha), and every Gaussian column, from ``gauss_start``
-on (GS-InfoNCE's log lambda). Two kinds of column are masked out (-inf): row i's own
+Only two kinds of column carry an additive weight: row i's own hard negatives, at columns
+``hard_start + k * n_hard + i`` for k < K (SimCSE's log alpha; K = 1 unless HARD_BLOCKS),
+and every Gaussian column, from ``gauss_start`` on (GS-InfoNCE's log lambda). The
+hardness penalty (HARDNESS, the layout's mode) adds ``s * sim`` to the value of the
+entries its mode names, and the false-negative margin (MARGIN) masks every entry but
+the target whose similarity exceeds the row's threshold (fastcl/ops/layout.py states
+the rules). Two kinds of column are masked out (-inf): row i's own
 column ``self_start + i`` when a row must not score itself (NT-Xent), and, with groups,
 every candidate among the first ``n_grad_cols`` whose group differs from the row's
 (token-level InfoNCE within a sequence); constant columns (extra and Gaussian negatives)
@@ -58,6 +62,18 @@ def similarity_tile(
 
 
 @triton.jit
+def own_hard_tile(rows, cols, hard_start, n_hard, n_hard_blocks, HARD_BLOCKS: tl.constexpr):
+    """Whether column j is one of row i's own hard negatives: ``hard_start + i`` alone,
+    or with HARD_BLOCKS (K = ``n_hard_blocks`` > 1, n_hard > 0) ``hard_start + k * n_hard
+    + i`` for k < K, found with one modulo instead of K comparisons."""
+    if HARD_BLOCKS:
+        offset = cols[None, :] - rows[:, None] - hard_start
+        return ((rows[:, None] < n_hard) & (offset >= 0) & (offset < n_hard * n_hard_blocks)
+                & (offset % n_hard == 0))
+    return (cols[None, :] == rows[:, None] + hard_start) & (rows[:, None] < n_hard)
+
+
+@triton.jit
 def logit_tile(
     s,
     inv_tau,
@@ -65,51 +81,99 @@ def logit_tile(
     log_gauss_weight,
     rows,
     cols,
+    targets,
+    thresholds,
     row_groups,
     col_groups,
     n_cols,
     n_grad_cols,
     hard_start,
     n_hard,
+    n_hard_blocks,
     gauss_start,
     self_start,
     n_self,
+    strength,
     HARD_WEIGHTED: tl.constexpr,
     GAUSS_WEIGHTED: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr,
     GROUPED: tl.constexpr,
+    HARD_BLOCKS: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    MARGIN: tl.constexpr,
 ):
     """Scaled, weighted logits of a similarity tile, -inf where a column is not a
-    candidate of the row (past ``n_cols``, the row itself, another group)."""
+    candidate of the row (past ``n_cols``, the row itself, another group, a false
+    negative above the row's threshold). With HARDNESS (the layout's mode, 1-3) the
+    penalized entries get ``strength * s`` added to their value: a stop-gradient term,
+    so the backwards' d logit / d s stays ``inv_tau``. ``targets`` are read only by the
+    penalty and the margin, ``thresholds`` (one per row) only by the margin."""
     logits = s * inv_tau
+    own_hard = own_hard_tile(rows, cols, hard_start, n_hard, n_hard_blocks, HARD_BLOCKS)
     if HARD_WEIGHTED:
-        own_hard = (cols[None, :] == rows[:, None] + hard_start) & (rows[:, None] < n_hard)
         logits = tl.where(own_hard, logits + log_hard_weight, logits)
     if GAUSS_WEIGHTED:
         logits = tl.where(cols[None, :] >= gauss_start, logits + log_gauss_weight, logits)
+    if HARDNESS != 0:  # never the target; modes 1 and 2 split the rest by own hard negatives
+        penalized = cols[None, :] != targets[:, None]
+        if HARDNESS == 1:
+            penalized = penalized & ~own_hard
+        if HARDNESS == 2:
+            penalized = penalized & own_hard
+        logits = tl.where(penalized, logits + strength * s, logits)
     valid = cols[None, :] < n_cols
     if EXCLUDE_SELF:
         valid = valid & ((cols[None, :] != rows[:, None] + self_start) | (rows[:, None] >= n_self))
     if GROUPED:
         valid = valid & ((row_groups[:, None] == col_groups[None, :]) | (cols[None, :] >= n_grad_cols))
+    if MARGIN:  # the target entry is never dropped
+        valid = valid & ((s <= thresholds[:, None]) | (cols[None, :] == targets[:, None]))
     return tl.where(valid, logits, float("-inf"))
 
 
 @triton.jit
-def tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups, col_groups,
-                n_cols, n_grad_cols, hard_start, n_hard, gauss_start, self_start, n_self, HARD_WEIGHTED: tl.constexpr,
-                GAUSS_WEIGHTED: tl.constexpr, EXCLUDE_SELF: tl.constexpr, GROUPED: tl.constexpr,
-                NORMALIZED: tl.constexpr):
+def tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, targets, thresholds,
+                row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard, n_hard_blocks, gauss_start, self_start,
+                n_self, strength, HARD_WEIGHTED: tl.constexpr, GAUSS_WEIGHTED: tl.constexpr,
+                EXCLUDE_SELF: tl.constexpr, GROUPED: tl.constexpr, NORMALIZED: tl.constexpr,
+                HARD_BLOCKS: tl.constexpr, HARDNESS: tl.constexpr, MARGIN: tl.constexpr):
     """``(s, logits)`` of a :func:`similarity_tile` ``s``: with NORMALIZED, ``s`` scaled to
     cosines by the rows' inverse norms ``row_scale`` and ``col_scale`` (:func:`load_scales`),
     and its :func:`logit_tile`. (The caller loads the scales after forming ``s``, so that
     they are not held in registers through the product.)"""
     if NORMALIZED:
         s = s * row_scale[:, None] * col_scale[None, :]
-    logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, row_groups, col_groups, n_cols,
-                        n_grad_cols, hard_start, n_hard, gauss_start, self_start, n_self, HARD_WEIGHTED,
-                        GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED)
+    logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, targets, thresholds, row_groups,
+                        col_groups, n_cols, n_grad_cols, hard_start, n_hard, n_hard_blocks, gauss_start, self_start,
+                        n_self, strength, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, HARD_BLOCKS, HARDNESS,
+                        MARGIN)
     return s, logits
+
+
+@triton.jit
+def load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS: tl.constexpr, MARGIN: tl.constexpr):
+    """``(strength, thresholds)``: the hardness strength (HARDNESS: the second entry of
+    the scalars at ``eps_ptr``, ``[eps, strength]`` in the accumulator dtype) and the
+    rows' false-negative thresholds (MARGIN; +inf past the rows). A rule that is off gets
+    a placeholder of the same type that nothing reads."""
+    strength = eps
+    if HARDNESS != 0:
+        strength = tl.load(eps_ptr + 1)
+    if MARGIN:
+        thresholds = tl.load(thresholds_ptr + rows, mask=row_in, other=float("inf"))
+    else:
+        thresholds = rows.to(eps_ptr.dtype.element_ty)
+    return strength, thresholds
+
+
+@triton.jit
+def finite_lse(lse, EMPTY_ROWS: tl.constexpr):
+    """A row's log-sum-exp as the softmax divides by it: with EMPTY_ROWS (rows may have
+    every entry masked), -inf becomes 0, so that such a row's probabilities are
+    exp(-inf - 0) = 0 rather than exp(-inf - -inf) = NaN."""
+    if EMPTY_ROWS:
+        return tl.where(lse == float("-inf"), 0.0, lse)
+    return lse
 
 
 @triton.jit
@@ -159,11 +223,11 @@ def load_projections(norm_ptr, idx, n_valid, eps):
 
 @triton.jit
 def load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype: tl.constexpr,
-                       HAS_TARGETS: tl.constexpr):
-    """What a backward needs of each row: its log-sum-exp, its incoming gradient g_i (in
-    ``acc_dtype``) and its target column. Rows past the end get g = 0, so they contribute
-    nothing anywhere."""
-    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+                       HAS_TARGETS: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+    """What a backward needs of each row: its log-sum-exp (:func:`finite_lse`), its
+    incoming gradient g_i (in ``acc_dtype``) and its target column. Rows past the end get
+    g = 0, so they contribute nothing anywhere."""
+    lse = finite_lse(tl.load(lse_ptr + rows, mask=row_in, other=0.0), EMPTY_ROWS)
     grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
     return lse, grad_rows, load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
 

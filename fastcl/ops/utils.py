@@ -39,12 +39,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def eps_tensor(eps: float | None, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+def eps_tensor(eps: float | None, acc: torch.dtype, device: torch.device, size: int = 1) -> torch.Tensor:
     """The normalization's eps as a one-element tensor in the accumulator dtype, for the
     kernels to read from memory: Triton passes a Python float as an fp32 scalar, which
     would round eps for float64 inputs (rows below eps are scaled by exactly 1 / eps).
-    Filled on the device (no host copy, no sync); 0 when not normalizing."""
-    return torch.full((1,), 0.0 if eps is None else eps, dtype=acc, device=device)
+    Filled on the device (no host copy, no sync); 0 when not normalizing. ``size`` > 1
+    leaves room for more scalars after it (every entry starts as eps)."""
+    return torch.full((size,), 0.0 if eps is None else eps, dtype=acc, device=device)
 
 
 def upcast_for_interpreter(dtype: torch.dtype) -> bool:
