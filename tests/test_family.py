@@ -72,8 +72,10 @@ def test_per_direction_with_same_tower_refused_by_sentence_transformers():
 # ----------------------------------------------------------------- the layout level
 
 
-def _layout_case(n, d, k_blocks, n_extra, mode, strength, margin, masked_hard, seed, normalize=True):
-    """Queries, columns [p; h blocks; extra], a layout with every new rule, thresholds."""
+def _layout_case(n, d, k_blocks, n_extra, mode, strength, margin, masked_hard, seed,
+                 hard_weight=0.3):
+    """Queries, columns [p; h blocks; extra], a layout with every new rule (own hard
+    negatives at log weight ``hard_weight``, or -inf when ``masked_hard``), thresholds."""
     from fastcl.ops.layout import HARDNESS_MODES, ColumnLayout
 
     g = torch.Generator().manual_seed(seed)
@@ -82,7 +84,7 @@ def _layout_case(n, d, k_blocks, n_extra, mode, strength, margin, masked_hard, s
     k = torch.randn(n_grad + n_extra, d, generator=g, dtype=torch.float64)
     layout = ColumnLayout(n_cols=n_grad + n_extra, n_grad_cols=n_grad, hard_start=n, n_hard=n if k_blocks else 0,
                           n_hard_blocks=max(k_blocks, 1), gauss_start=n_grad + n_extra,
-                          log_hard_weight=float("-inf") if masked_hard else 0.3,
+                          log_hard_weight=float("-inf") if masked_hard else hard_weight,
                           hardness_mode=HARDNESS_MODES[mode] if mode else 0, hardness_strength=strength)
     thresholds = None
     if margin is not None:

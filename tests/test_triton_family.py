@@ -19,7 +19,7 @@ from fastcl.ops.infonce_one_pass import infonce_forward_grad
 from fastcl.ops.layout import HARDNESS_MODES, ColumnLayout
 from fastcl.reference import layout_loss_reference
 
-from .test_family import ALL4, OPTION_CASES, Q2D, D2Q, _inputs, _loss_and_grads
+from .test_family import ALL4, OPTION_CASES, Q2D, D2Q, _inputs, _layout_case, _loss_and_grads
 
 #: The loss-level tests below run the Triton entries of CPU tensors (the interpreter). On
 #: a GPU, test_launchers_equal_layout_reference runs the compiled kernels on CUDA tensors,
@@ -32,19 +32,7 @@ interpreted = pytest.mark.skipif(torch.cuda.is_available(), reason="written for 
 
 def _case(n, d, k_blocks, n_extra, mode, strength, margin, masked_hard, seed):
     """Queries, columns [p; K hard blocks; extra], the layout and the thresholds."""
-    g = torch.Generator().manual_seed(seed)
-    n_grad = n + k_blocks * n
-    q = torch.randn(n, d, generator=g, dtype=torch.float64)
-    k = torch.randn(n_grad + n_extra, d, generator=g, dtype=torch.float64)
-    layout = ColumnLayout(n_cols=n_grad + n_extra, n_grad_cols=n_grad, hard_start=n, n_hard=n if k_blocks else 0,
-                          n_hard_blocks=max(k_blocks, 1), gauss_start=n_grad + n_extra,
-                          log_hard_weight=float("-inf") if masked_hard else 0.4,
-                          hardness_mode=HARDNESS_MODES[mode] if mode else 0, hardness_strength=strength)
-    thresholds = None
-    if margin is not None:
-        unit = torch.nn.functional.normalize
-        thresholds = (unit(q, dim=-1) * unit(k[:n], dim=-1)).sum(-1) + margin
-    return q, k, layout, thresholds
+    return _layout_case(n, d, k_blocks, n_extra, mode, strength, margin, masked_hard, seed, hard_weight=0.4)
 
 
 CASES = [
