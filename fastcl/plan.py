@@ -192,16 +192,17 @@ def choose_backend(backend: str, device: torch.device, n_logits: int, strategy: 
     if backend == "dense" and not dense:
         return "chunked"
     if backend != "auto":
-        lacking = dispatch.unsupported(backend, needed, device.type)
+        lacking = dispatch.unsupported(backend, needed)
         if backend != "dense" and lacking:
             raise ValueError(f"backend {backend!r} does not compute {', '.join(lacking)} on {device.type} tensors"
                              ": use backend='chunked' (or 'auto', which picks a backend that does)")
         return backend
     chosen = _auto_backend(device, n_logits, strategy, dense)
-    if chosen != "dense" and dispatch.unsupported(chosen, needed, device.type):
+    lacking = dispatch.unsupported(chosen, needed) if chosen != "dense" else ()
+    if lacking:
         if strategy not in ("auto",) + dispatch.strategies_of("chunked"):
             raise ValueError(f"backward_strategy={strategy!r} is offered only by backends that do not compute "
-                             f"{', '.join(dispatch.unsupported(chosen, needed, device.type))}")
+                             f"{', '.join(lacking)}")
         return "chunked"
     return chosen
 

@@ -218,7 +218,7 @@ def test_cuda_triton_is_planned_with_every_rule():
     cuda = torch.device("cuda")
     for rule in dispatch.LAYOUT_FEATURES:
         needed = frozenset({rule})
-        assert dispatch.unsupported("triton", needed, "cuda") == ()
+        assert dispatch.unsupported("triton", needed) == ()
         assert choose_backend("triton", cuda, 10 ** 6, needed=needed) == "triton"
         assert choose_backend("auto", cuda, 10 ** 6, needed=needed) == "triton"
 

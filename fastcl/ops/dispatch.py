@@ -137,13 +137,6 @@ FEATURES: dict[str, frozenset[str]] = {
     "triton": frozenset(LAYOUT_FEATURES),  # forward, slab and workspace backwards, one pass
 }
 
-#: Rules a backend computes on some devices only: (device type, backend) -> the rules of
-#: FEATURES[backend] it lacks there (none today: the CUDA operators pass every rule on to
-#: the Triton launchers). A call that needs one is refused when the backend is named,
-#: and "auto" takes the chunked path.
-NOT_ON_DEVICE: dict[tuple[str, str], frozenset[str]] = {
-}
-
 
 def layout_features(layout: ColumnLayout, margin: bool = False) -> frozenset[str]:
     """The names of :data:`LAYOUT_FEATURES` that ``layout`` (and per-row thresholds, if
@@ -160,14 +153,10 @@ def layout_features(layout: ColumnLayout, margin: bool = False) -> frozenset[str
     return frozenset(needed)
 
 
-def unsupported(backend: str, needed: frozenset[str], device_type: str | None = None) -> tuple[str, ...]:
+def unsupported(backend: str, needed: frozenset[str]) -> tuple[str, ...]:
     """The options among ``needed`` (names of :data:`LAYOUT_FEATURES`) that ``backend``
-    does not compute (on tensors of ``device_type``, when given: :data:`NOT_ON_DEVICE`),
-    as the loss's option names."""
-    computed = FEATURES.get(backend, frozenset())
-    if device_type is not None:
-        computed = computed - NOT_ON_DEVICE.get((device_type, backend), frozenset())
-    return tuple(LAYOUT_FEATURES[f] for f in sorted(needed - computed))
+    does not compute, as the loss's option names."""
+    return tuple(LAYOUT_FEATURES[f] for f in sorted(needed - FEATURES.get(backend, frozenset())))
 
 
 def strategies(device_type: str, backend: str) -> tuple[str, ...]:
