@@ -83,8 +83,7 @@ def _triton_one_pass() -> Kernels:
         loss_rows, dq, dk, row_dot = infonce_forward_grad(q, k, params, targets, layout, 1.0, need_dq, need_dk,
                                                           groups=groups, normalize_eps=normalize_eps,
                                                           thresholds=thresholds)
-        want_dk = need_dk and layout.n_grad_cols > 0
-        return loss_rows, (dq if need_dq else None), (dk if want_dk else None), (row_dot if need_dq else None)
+        return (loss_rows, *operators.asked_for(dq, dk, row_dot, need_dq, need_dk, layout))
 
     return Kernels(forward, None)
 

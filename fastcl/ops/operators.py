@@ -210,11 +210,17 @@ def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None, n
     return _call(torch.ops.fastcl.infonce_fwd, q, k, params, targets, layout, groups, (), normalize_eps, thresholds)
 
 
+def asked_for(dq, dk, row_dot, need_dq: bool, need_dk: bool, layout: ColumnLayout):
+    """``(dq, dk, row_dot)`` with None for what was not asked for (a schema returns an
+    empty tensor there; dk also when no column takes a gradient)."""
+    return ((dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
+            (row_dot if need_dq else None))
+
+
 def _backward(op, q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups, normalize_eps, thresholds):
     dq, dk, row_dot = _call(op, q, k, params, targets, layout, groups, (lse, grad_rows, need_dq, need_dk),
                             normalize_eps, thresholds)
-    return ((dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
-            (row_dot if need_dq else None))
+    return asked_for(dq, dk, row_dot, need_dq, need_dk, layout)
 
 
 def operator_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
@@ -247,5 +253,4 @@ def operator_forward_grad(q, k, params, targets, layout: ColumnLayout, groups=No
                                                      cpu_threads(), groups is not None)
     loss_rows, dq, dk, row_dot = _call(torch.ops.fastcl.infonce_fwd_grad, q, k, params, targets, layout, groups,
                                        (1.0, need_dq, need_dk, block_rows, block_cols), normalize_eps, thresholds)
-    return (loss_rows, (dq if need_dq else None), (dk if need_dk and layout.n_grad_cols > 0 else None),
-            (row_dot if need_dq else None))
+    return (loss_rows, *asked_for(dq, dk, row_dot, need_dq, need_dk, layout))
