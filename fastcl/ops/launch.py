@@ -1,12 +1,16 @@
 """What every Triton launcher passes its kernel, in one place.
 
-The forward, slab and workspace kernels take the same compile-time switches (which
-features of the column layout are on, the accumulator, the product precision), the
-same block options from their :class:`~fastcl.ops.configs.KernelConfig`, and inputs
-checked the same way; the two backwards share the scales of their 16-bit operands.
+The forward, slab, workspace and one-pass kernels take the column layout as two tuple
+arguments, its :class:`Segments` (runtime integers) and the launch's :class:`Switches`
+(compile time: which features of the layout are on, the accumulator, the product
+precision), the same block options from their :class:`~fastcl.ops.configs.KernelConfig`,
+and inputs checked the same way; the two backwards share the scales of their 16-bit
+operands.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -26,12 +30,53 @@ def check_rows_contiguous(*tensors: torch.Tensor) -> None:
                              "past 2**31); use backend='chunked' or 'cpp', or fewer rows per call")
 
 
+class Segments(NamedTuple):
+    """The column layout's segments as every kernel takes them: one tuple argument of
+    runtime integers (``seg.n_cols`` and so on in the kernels), so that a rule added to
+    the layout is one field here rather than a parameter in each kernel's list.
+    :class:`~fastcl.ops.layout.ColumnLayout` says what each one means."""
+
+    n_cols: int
+    n_grad_cols: int
+    hard_start: int
+    n_hard: int
+    n_hard_blocks: int
+    gauss_start: int
+    self_start: int
+    n_self: int
+
+
+class Switches(NamedTuple):
+    """The compile-time switches of a launch: one ``tl.constexpr`` tuple argument (``SW``
+    in the kernels). Each feature of the layout a call does not use is compiled out, and
+    the accumulator and the product precision follow the input dtype.
+
+    HARD_BLOCKS: K > 1 hard negatives per row; HARDNESS: the penalty's mode (0 when it
+    adds nothing); MARGIN: per-row false-negative thresholds are given; EMPTY_ROWS: a row
+    may have every entry masked (under the margin, or when a -inf weight masks the own
+    hard negatives), so its softmax must be read as 0."""
+
+    HAS_TARGETS: bool
+    HARD_WEIGHTED: bool
+    GAUSS_WEIGHTED: bool
+    EXCLUDE_SELF: bool
+    GROUPED: bool
+    NORMALIZED: bool
+    ACC_FP64: bool
+    PRECISION: str
+    UPCAST: bool
+    HARD_BLOCKS: bool
+    HARDNESS: int
+    MARGIN: bool
+    EMPTY_ROWS: bool
+
+
 def layout_switches(dtype: torch.dtype, targets: torch.Tensor | None, layout: ColumnLayout, grouped: bool,
-                    normalized: bool, margin: bool = False) -> dict:
-    """The compile-time switches of a kernel launch: each feature of the layout a call
-    does not use is compiled out, and the accumulator and product precision follow the
-    input dtype. ``margin``: per-row false-negative thresholds are given."""
-    return dict(
+                    normalized: bool, margin: bool = False) -> Switches:
+    """The :class:`Switches` of a launch. ``margin``: per-row false-negative thresholds
+    are given."""
+    hard_masked = layout.n_hard > 0 and layout.log_hard_weight == float("-inf")
+    return Switches(
         HAS_TARGETS=targets is not None,
         HARD_WEIGHTED=layout.hard_weighted,
         GAUSS_WEIGHTED=layout.gauss_weighted,
@@ -41,19 +86,11 @@ def layout_switches(dtype: torch.dtype, targets: torch.Tensor | None, layout: Co
         ACC_FP64=accumulator_dtype(dtype) == torch.float64,
         PRECISION=dot_precision(dtype),
         UPCAST=upcast_for_interpreter(dtype),
-        **family_switches(layout, margin),
+        HARD_BLOCKS=layout.n_hard > 0 and layout.n_hard_blocks > 1,
+        HARDNESS=layout.hardness_mode if layout.penalized else 0,
+        MARGIN=margin,
+        EMPTY_ROWS=margin or hard_masked,
     )
-
-
-def family_switches(layout: ColumnLayout, margin: bool) -> dict:
-    """The switches of the per-entry rules (fastcl/ops/layout.py): HARD_BLOCKS (K > 1
-    hard negatives per row), HARDNESS (the penalty's mode, 0 when it adds nothing),
-    MARGIN (thresholds given) and EMPTY_ROWS (a row may have every entry masked: under
-    the margin, or when a -inf weight masks the own hard negatives)."""
-    hard_masked = layout.n_hard > 0 and layout.log_hard_weight == float("-inf")
-    return dict(HARD_BLOCKS=layout.n_hard > 0 and layout.n_hard_blocks > 1,
-                HARDNESS=layout.hardness_mode if layout.penalized else 0,
-                MARGIN=margin, EMPTY_ROWS=margin or hard_masked)
 
 
 def checked_thresholds(thresholds: torch.Tensor | None, n_rows: int, acc: torch.dtype,
@@ -70,22 +107,22 @@ def checked_thresholds(thresholds: torch.Tensor | None, n_rows: int, acc: torch.
     return thresholds.detach().to(acc).contiguous()
 
 
-def layout_segments(layout: ColumnLayout, normalize_eps: float | None, acc: torch.dtype,
-                    device: torch.device, thresholds: torch.Tensor | None = None) -> tuple:
-    """The layout's segments as the kernels take them, after the sizes and strides:
-    ``hard_start, n_hard, gauss_start, self_start, n_self``, the scalars ``[eps,
-    hardness strength]`` (a two-element tensor in the accumulator dtype, read from
-    memory: a Python float would reach the GPU as fp32), ``n_hard_blocks`` and the
-    thresholds (checked by :func:`checked_thresholds`; a placeholder when None)."""
+def layout_args(layout: ColumnLayout, normalize_eps: float | None, acc: torch.dtype, device: torch.device,
+                thresholds: torch.Tensor | None = None) -> tuple[Segments, torch.Tensor, torch.Tensor]:
+    """What every kernel takes of the layout, after its sizes and strides: the
+    :class:`Segments`, the scalars ``[eps, hardness strength]`` (a two-element tensor in
+    the accumulator dtype, read from memory: a Python float would reach the GPU as fp32)
+    and the thresholds (checked by :func:`checked_thresholds`; a placeholder when None)."""
     scalars = eps_tensor(normalize_eps, acc, device, 2)
     if layout.penalized:
         scalars[1] = layout.hardness_strength
-    return (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self, scalars,
-            layout.n_hard_blocks, thresholds if thresholds is not None else scalars)
+    segments = Segments(layout.n_cols, layout.n_grad_cols, layout.hard_start, layout.n_hard, layout.n_hard_blocks,
+                        layout.gauss_start, layout.self_start, layout.n_self)
+    return segments, scalars, thresholds if thresholds is not None else scalars
 
 
-#: Where :func:`layout_segments` puts the scalars ``[eps, hardness strength]``.
-SCALARS_AT = 5
+#: Where :func:`layout_args` puts the scalars ``[eps, hardness strength]``.
+SCALARS_AT = 1
 
 
 def block_options(cfg: KernelConfig, slab: bool = False) -> dict:
