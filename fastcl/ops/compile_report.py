@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .configs import KernelConfig, kernel_config
-from .launch import Segments, Switches
+from .launch import Segments, Switches, TileInputs
 from .layout import HARDNESS_IN_BATCH
 
 #: Shared memory per block on an H100 (227 KB usable of 228 KB).
@@ -122,16 +122,17 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
                         HARDNESS=HARDNESS_IN_BATCH if family else 0, MARGIN=family, EMPTY_ROWS=family)
     # Every argument of the kernels below, by name: inputs and outputs in the input dtype,
     # per-row and per-column values in the accumulator dtype, sizes and strides in i32.
-    types = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", targets_ptr="*i64", row_groups_ptr="*i64", key_groups_ptr="*i64",
-                 tile_ranges_ptr="*i32", row_ranges_ptr="*i32", dq_ptr=f"*{t}", dk_ptr=f"*{t}", ds_ptr=f"*{t}",
-                 ds2_ptr=f"*{t}", seg=Segments(*["i32"] * len(Segments._fields)))
+    ins = TileInputs(q=f"*{t}", k=f"*{t}", params=f"*{acc}", targets="*i64", row_groups="*i64", key_groups="*i64",
+                     q_norm=f"*{acc}", k_norm=f"*{acc}", scalars=f"*{acc}", thresholds=f"*{acc}", n_rows="i32",
+                     dim="i32", stride_q="i32", stride_k="i32")
+    types = dict(ins=ins, seg=Segments(*["i32"] * len(Segments._fields)), tile_ranges_ptr="*i32",
+                 row_ranges_ptr="*i32", dq_ptr=f"*{t}", dk_ptr=f"*{t}", ds_ptr=f"*{t}", ds2_ptr=f"*{t}")
     types.update({name: f"*{acc}" for name in (
-        "params_ptr", "q_norm_ptr", "k_norm_ptr", "operand_scales_ptr", "lse_ptr", "target_logit_ptr",
-        "grad_rows_ptr", "row_dot_ptr", "col_dot_ptr", "w_ptr", "part_max_ptr", "part_sum_ptr", "part_target_ptr",
-        "eps_ptr", "thresholds_ptr")})
+        "operand_scales_ptr", "lse_ptr", "target_logit_ptr", "grad_rows_ptr", "row_dot_ptr", "col_dot_ptr", "w_ptr",
+        "part_max_ptr", "part_sum_ptr", "part_target_ptr")})
     types.update({name: "i32" for name in (
-        "n_rows", "dim", "stride_q", "stride_k", "stride_dq", "stride_dk", "stride_ds", "stride_ds2", "stride_w",
-        "row0", "n_chunk_rows", "split_cols", "stride_part")})
+        "stride_dq", "stride_dk", "stride_ds", "stride_ds2", "stride_w", "row0", "n_chunk_rows", "split_cols",
+        "stride_part")})
     constexprs = dict(SW=switches, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
     if kernel in ("backward_dq", "backward_dk"):
         constexprs["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT

@@ -51,60 +51,39 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .infonce_bwd_workspace import DEFAULT_WORKSPACE_BYTES
-from .launch import (
-    SCALARS_AT, block_options, check_rows_contiguous, checked_thresholds, layout_args, layout_switches,
-)
+from .launch import block_options, tile_inputs
 from .layout import ColumnLayout
-from .normalize import row_norms
 from .tiles import (
-    finite_lse, groups_overlap, load_family, load_groups, load_params, load_projections, load_scales, load_targets,
-    similarity_tile, tile_logits,
+    finite_lse, groups_overlap, load_groups, load_projections, load_scales, load_targets,
+    row_block, similarity_tile, tile_logits,
 )
 from .utils import accumulator_dtype, interpreting
 
 
 @triton.jit
 def _one_pass_logits_kernel(
-    q_ptr,
-    k_ptr,
-    params_ptr,
-    targets_ptr,
-    row_groups_ptr,
-    key_groups_ptr,
-    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
-    k_norm_ptr,
+    ins,  # launch.TileInputs: q, k and what every tile reads with them
+    seg,  # launch.Segments: the layout's column segments
     w_ptr,  # R x M workspace of logits (accumulator dtype)
     part_max_ptr,  # n_splits x R: each split's row max, rescaled sum and target logit
     part_sum_ptr,
     part_target_ptr,
     row0,
     n_chunk_rows,
-    n_rows,
-    dim,
-    stride_q,
-    stride_k,
     stride_w,
     split_cols,  # columns per split, a multiple of BLOCK_N
     stride_part,  # between the splits' rows in the partial statistics
-    seg,  # the layout's segments (launch.Segments)
-    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
-    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
     SW: tl.constexpr,  # the launch's switches (launch.Switches)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = tl.float64 if SW.ACC_FP64 else tl.float32
-    eps = tl.load(eps_ptr)  # from memory: a float argument would be rounded to fp32
     local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row within the chunk
     rows = row0 + local
     row_in = local < n_chunk_rows
     split = tl.program_id(1)
-    params = load_params(params_ptr)
-    targets = load_targets(targets_ptr, rows, row_in, SW.HAS_TARGETS)
-    strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, SW)
-    row_groups = load_groups(row_groups_ptr, rows, n_rows, SW.GROUPED)
-    row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, SW.NORMALIZED)
+    eps, params, targets, strength, thresholds, row_groups, row_scale = row_block(ins, rows, row_in, SW)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
     row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
@@ -113,7 +92,7 @@ def _one_pass_logits_kernel(
     end = tl.minimum(first + split_cols, seg.n_cols)
     for n0 in range(first, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_groups = load_groups(key_groups_ptr, cols, seg.n_grad_cols, SW.GROUPED)
+        col_groups = load_groups(ins.key_groups, cols, seg.n_grad_cols, SW.GROUPED)
         if SW.GROUPED:
             visit = groups_overlap(row_groups, row_in, col_groups, cols < seg.n_grad_cols,
                                    n0 + BLOCK_N > seg.n_grad_cols, SW.GROUPED)
@@ -121,9 +100,8 @@ def _one_pass_logits_kernel(
             visit = True
         if visit:  # the gradient kernel makes the same test and never reads skipped tiles
             # Rows past the chunk read zeros (masked), their logits are never stored.
-            s = similarity_tile(q_ptr, k_ptr, rows, cols, tl.minimum(n_rows, row0 + n_chunk_rows), seg.n_cols, dim,
-                                stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
-            col_scale = load_scales(k_norm_ptr, cols, seg.n_cols, eps, SW.NORMALIZED)
+            s = similarity_tile(ins, rows, cols, tl.minimum(ins.n_rows, row0 + n_chunk_rows), seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
+            col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
             _, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
                                     col_groups, seg, strength, SW)
             tl.store(w_ptr + local[:, None] * stride_w + cols[None, :], logits,
@@ -375,10 +353,8 @@ def infonce_forward_grad(
     """
     n_rows, dim = q.shape
     n_cols, n_grad = layout.n_cols, layout.n_grad_cols
-    check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     device = q.device
-    thresholds = checked_thresholds(thresholds, n_rows, acc, device)
     loss_rows = torch.empty(n_rows, dtype=acc, device=device)
     want_dk = need_dk and n_grad > 0
     dq = torch.empty((n_rows, dim), dtype=acc, device=device) if need_dq else q.new_empty((0, dim), dtype=acc)
@@ -392,13 +368,9 @@ def infonce_forward_grad(
     chunk = one_pass_rows(n_rows, n_cols, q.element_size(), torch.finfo(acc).bits // 8, chunk_rows)
     workspace = torch.empty((chunk, n_cols), dtype=acc, device=device)
     ds_buffer = torch.empty((chunk, n_cols), dtype=q.dtype, device=device)
-    normalized = normalize_eps is not None
-    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (loss_rows, loss_rows)
-    row_groups, key_groups = groups if groups is not None else (loss_rows, loss_rows)
-    targets_arg = targets if targets is not None else loss_rows
-    layout_arguments = layout_args(layout, normalize_eps, acc, device, thresholds)
-    eps = layout_arguments[SCALARS_AT]
-    switches = layout_switches(q.dtype, targets, layout, groups is not None, normalized, thresholds is not None)
+    ins, segments, switches = tile_inputs(q, k, params4, targets, layout, groups, normalize_eps, thresholds)
+    eps, q_norm, k_norm = ins.scalars, ins.q_norm, ins.k_norm
+    normalized = switches.NORMALIZED
     cfg = kernel_config("forward", q.dtype, dim, device)
     grads_blocks = _INTERPRETER_GRADS_BLOCKS if interpreting() else GRADS_BLOCKS
     row_blocks = triton.cdiv(chunk, cfg.BLOCK_M)
@@ -411,13 +383,12 @@ def infonce_forward_grad(
         rows = min(chunk, n_rows - row0)
         part = partials
         _one_pass_logits_kernel[(triton.cdiv(rows, cfg.BLOCK_M), n_splits)](
-            q, k, params4, targets_arg, row_groups, key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2],
-            row0, rows, n_rows, dim, q.stride(0), k.stride(0), workspace.stride(0), split_cols, chunk,
-            *layout_arguments, SW=switches, **block_options(cfg))
+            ins, segments, workspace, part[0], part[1], part[2], row0, rows, workspace.stride(0), split_cols, chunk,
+            SW=switches, **block_options(cfg))
         ds = ds_buffer[:rows]
         grid = (triton.cdiv(rows, grads_blocks["BLOCK_M"]), triton.cdiv(n_cols, grads_blocks["BLOCK_N"]))
         _one_pass_grads_kernel[grid](
-            params4, targets_arg, row_groups, key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2], ds,
+            params4, ins.targets, ins.row_groups, ins.key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2], ds,
             loss_rows, row0, rows, n_rows, n_cols, n_grad, n_splits, chunk, workspace.stride(0), ds.stride(0), eps,
             **grads_switches, **grads_blocks)
         if need_dq:

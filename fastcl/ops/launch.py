@@ -16,6 +16,7 @@ import torch
 
 from .configs import KernelConfig
 from .layout import ColumnLayout
+from .normalize import row_norms
 from .utils import accumulator_dtype, dot_precision, eps_tensor, upcast_for_interpreter
 
 
@@ -107,22 +108,51 @@ def checked_thresholds(thresholds: torch.Tensor | None, n_rows: int, acc: torch.
     return thresholds.detach().to(acc).contiguous()
 
 
-def layout_args(layout: ColumnLayout, normalize_eps: float | None, acc: torch.dtype, device: torch.device,
-                thresholds: torch.Tensor | None = None) -> tuple[Segments, torch.Tensor, torch.Tensor]:
-    """What every kernel takes of the layout, after its sizes and strides: the
-    :class:`Segments`, the scalars ``[eps, hardness strength]`` (a two-element tensor in
-    the accumulator dtype, read from memory: a Python float would reach the GPU as fp32)
-    and the thresholds (checked by :func:`checked_thresholds`; a placeholder when None)."""
-    scalars = eps_tensor(normalize_eps, acc, device, 2)
+class TileInputs(NamedTuple):
+    """q, k and what every kernel that forms logit tiles reads with them: one tuple
+    argument (``ins`` in the kernels). Inputs a call does not use hold a placeholder that
+    nothing reads (the switch that would read it is off)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    params: torch.Tensor  # [1/tau, log hard weight, log Gaussian weight(, row weight)], accumulator dtype
+    targets: torch.Tensor  # int64 target column per row (HAS_TARGETS)
+    row_groups: torch.Tensor  # int32 group ids of the rows and of the gradient columns (GROUPED)
+    key_groups: torch.Tensor
+    q_norm: torch.Tensor  # L2 norms of the rows of q and k (NORMALIZED)
+    k_norm: torch.Tensor
+    scalars: torch.Tensor  # [eps of the normalization, hardness strength], accumulator dtype
+    thresholds: torch.Tensor  # the rows' false-negative thresholds (MARGIN), accumulator dtype
+    n_rows: int
+    dim: int
+    stride_q: int
+    stride_k: int
+
+
+def tile_inputs(q: torch.Tensor, k: torch.Tensor, params: torch.Tensor, targets: torch.Tensor | None,
+                layout: ColumnLayout, groups: tuple[torch.Tensor, torch.Tensor] | None,
+                normalize_eps: float | None, thresholds: torch.Tensor | None) -> tuple[TileInputs, Segments, Switches]:
+    """Check a launch's inputs and gather what its kernels take: the :class:`TileInputs`,
+    the layout's :class:`Segments` and the :class:`Switches`. The scalars ``[eps,
+    hardness strength]`` travel as a tensor in the accumulator dtype, read from memory (a
+    Python float would reach the GPU as fp32); the rows' norms are computed here when
+    the kernels normalize."""
+    check_rows_contiguous(q, k)
+    acc = accumulator_dtype(q.dtype)
+    thresholds = checked_thresholds(thresholds, q.shape[0], acc, q.device)
+    scalars = eps_tensor(normalize_eps, acc, q.device, 2)
     if layout.penalized:
         scalars[1] = layout.hardness_strength
+    normalized = normalize_eps is not None
+    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (scalars, scalars)
+    row_groups, key_groups = groups if groups is not None else (scalars, scalars)
+    inputs = TileInputs(q, k, params, targets if targets is not None else scalars, row_groups, key_groups, q_norm,
+                        k_norm, scalars, thresholds if thresholds is not None else scalars, q.shape[0], q.shape[1],
+                        q.stride(0), k.stride(0))
     segments = Segments(layout.n_cols, layout.n_grad_cols, layout.hard_start, layout.n_hard, layout.n_hard_blocks,
                         layout.gauss_start, layout.self_start, layout.n_self)
-    return segments, scalars, thresholds if thresholds is not None else scalars
-
-
-#: Where :func:`layout_args` puts the scalars ``[eps, hardness strength]``.
-SCALARS_AT = 1
+    switches = layout_switches(q.dtype, targets, layout, groups is not None, normalized, thresholds is not None)
+    return inputs, segments, switches
 
 
 def block_options(cfg: KernelConfig, slab: bool = False) -> dict:

@@ -24,36 +24,22 @@ import triton.language as tl
 
 
 @triton.jit
-def similarity_tile(
-    q_ptr,
-    k_ptr,
-    rows,
-    cols,
-    n_rows,
-    n_cols,
-    dim,
-    stride_q,
-    stride_k,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    SW: tl.constexpr,
-):
-    """S[rows, cols] = q[rows] . k[cols], contracted over ``dim`` in BLOCK_D steps, at the
-    launch's product precision (``SW``, launch.Switches).
+def similarity_tile(ins, rows, cols, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, SW: tl.constexpr):
+    """S[rows, cols] = q[rows] . k[cols] (``ins``: launch.TileInputs), contracted over the
+    dimension in BLOCK_D steps, at the launch's product precision (``SW``, launch.Switches).
 
-    Out-of-range rows and columns read zeros, so their dot products are 0 (the caller
-    masks columns to -inf and never stores rows past ``n_rows``).
+    Rows from ``n_rows`` and columns from ``n_cols`` on read zeros, so their dot products
+    are 0 (the caller masks columns to -inf and never stores rows past ``n_rows``).
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     row_in = rows[:, None] < n_rows
     col_in = cols[:, None] < n_cols
-    for d0 in range(0, dim, BLOCK_D):
+    for d0 in range(0, ins.dim, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        d_in = dd[None, :] < dim
-        q = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :], mask=row_in & d_in, other=0.0)
-        k = tl.load(k_ptr + cols[:, None] * stride_k + dd[None, :], mask=col_in & d_in, other=0.0)
+        d_in = dd[None, :] < ins.dim
+        q = tl.load(ins.q + rows[:, None] * ins.stride_q + dd[None, :], mask=row_in & d_in, other=0.0)
+        k = tl.load(ins.k + cols[:, None] * ins.stride_k + dd[None, :], mask=col_in & d_in, other=0.0)
         if SW.UPCAST:
             q = q.to(tl.float32)
             k = k.to(tl.float32)
@@ -191,13 +177,26 @@ def load_projections(norm_ptr, idx, n_valid, eps):
 
 
 @triton.jit
-def load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype: tl.constexpr, SW: tl.constexpr):
-    """What a backward needs of each row: its log-sum-exp (:func:`finite_lse`), its
-    incoming gradient g_i (in ``acc_dtype``) and its target column. Rows past the end get
-    g = 0, so they contribute nothing anywhere."""
+def load_row_gradients(lse_ptr, grad_rows_ptr, rows, row_in, acc_dtype: tl.constexpr, SW: tl.constexpr):
+    """What a backward needs of each row besides :func:`row_block`'s: its log-sum-exp
+    (:func:`finite_lse`) and its incoming gradient g_i (in ``acc_dtype``). Rows past the
+    end get g = 0, so they contribute nothing anywhere."""
     lse = finite_lse(tl.load(lse_ptr + rows, mask=row_in, other=0.0), SW.EMPTY_ROWS)
-    grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
-    return lse, grad_rows, load_targets(targets_ptr, rows, row_in, SW.HAS_TARGETS)
+    return lse, tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
+
+
+@triton.jit
+def row_block(ins, rows, row_in, SW: tl.constexpr):
+    """What a program reads once for its block of rows (``ins``: launch.TileInputs):
+    ``(eps, params, targets, strength, thresholds, row_groups, row_scale)``, see
+    :func:`load_params`, :func:`load_targets`, :func:`load_family`, :func:`load_groups`
+    and :func:`load_scales`."""
+    eps = tl.load(ins.scalars)  # from memory: a float argument would be rounded to fp32
+    targets = load_targets(ins.targets, rows, row_in, SW.HAS_TARGETS)
+    strength, thresholds = load_family(ins.scalars, eps, ins.thresholds, rows, row_in, SW)
+    row_groups = load_groups(ins.row_groups, rows, ins.n_rows, SW.GROUPED)
+    row_scale = load_scales(ins.q_norm, rows, ins.n_rows, eps, SW.NORMALIZED)
+    return eps, load_params(ins.params), targets, strength, thresholds, row_groups, row_scale
 
 
 @triton.jit
