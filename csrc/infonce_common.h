@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <limits>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -231,6 +232,50 @@ void add_weights_and_masks(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t
       }
     }
   }
+}
+
+// The guide rule (infonce_cpu.h): the unit guide rows of the query rows (N x Dg) and of
+// the gradient columns (n_grad_cols x Dg) and one threshold per row; null thresholds: off.
+template <typename acc_t>
+struct GuideRule {
+  at::Tensor rows;
+  at::Tensor cols;
+  const acc_t* thresholds = nullptr;
+  bool active() const { return thresholds != nullptr; }
+};
+
+// x (nr x nc, rows r0.., columns c0..) holds logits; the guide sets -inf on the entries
+// it drops: gradient columns j other than the row's target whose guide product with the
+// row exceeds the row's threshold. The guide block is formed here, where the logits are,
+// in `buffer` (at least nr x nc values): nothing N x M is kept.
+template <typename acc_t>
+void apply_guide(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const GuideRule<acc_t>& guide,
+                 const int64_t* targets, int64_t n_grad_cols, const at::Tensor& buffer) {
+  if (!guide.active() || c0 >= n_grad_cols) {
+    return;
+  }
+  const int64_t ng = std::min(nc, n_grad_cols - c0);
+  at::Tensor block = block_view(buffer, nr, ng);
+  block_product(guide.rows.narrow(0, r0, nr), guide.cols.narrow(0, c0, ng).t(), block, false);
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t* g = block.data_ptr<acc_t>();
+  for (int64_t i = 0; i < nr; ++i) {
+    const acc_t threshold = guide.thresholds[r0 + i];
+    const int64_t t = target_of(targets, r0 + i) - c0;  // outside [0, ng) when not in this tile
+    const acc_t* g_row = g + i * ng;
+    acc_t* x_row = x + i * nc;
+    for (int64_t j = 0; j < ng; ++j) {
+      if (g_row[j] > threshold && j != t) {
+        x_row[j] = neg_inf;
+      }
+    }
+  }
+}
+
+// A per-thread buffer for apply_guide's blocks (undefined when the guide is off).
+template <typename acc_t>
+at::Tensor guide_buffer(const GuideRule<acc_t>& guide, const Tiling& tiling) {
+  return guide.active() ? at::empty({tiling.rows * tiling.cols}, guide.rows.options()) : at::Tensor();
 }
 
 // The per-entry rules that need each row's target and similarity: the hardness penalty
@@ -596,6 +641,46 @@ inline at::Tensor check_thresholds(const char* fn, const c10::optional<at::Tenso
               ": thresholds must be a 1-D floating CPU tensor of length ", n_rows, ", got ", t.scalar_type(),
               " of shape ", t.sizes(), " on ", t.device());
   return t.detach().to(acc).contiguous();
+}
+
+// The guide's tensors (rows, cols, thresholds) as contiguous accumulator-dtype tensors
+// (all undefined without the guide).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> check_guide(const char* fn, const Guide& guide,
+                                                                  int64_t n_rows, const ColumnLayout& layout,
+                                                                  at::ScalarType acc) {
+  const bool any = guide.rows.has_value() || guide.cols.has_value() || guide.thresholds.has_value();
+  if (!any) {
+    return {at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+  TORCH_CHECK(guide.rows.has_value() && guide.cols.has_value() && guide.thresholds.has_value(), fn,
+              ": guide_rows, guide_cols and guide_thresholds go together");
+  const at::Tensor& rows = *guide.rows;
+  const at::Tensor& cols = *guide.cols;
+  const at::Tensor& thr = *guide.thresholds;
+  TORCH_CHECK(rows.device().is_cpu() && cols.device().is_cpu() && thr.device().is_cpu(), fn,
+              ": the guide's tensors must be CPU tensors");
+  TORCH_CHECK(at::isFloatingType(rows.scalar_type()) && at::isFloatingType(cols.scalar_type()) &&
+                  at::isFloatingType(thr.scalar_type()),
+              fn, ": the guide's tensors must be floating point");
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == n_rows, fn, ": guide_rows must be ", n_rows,
+              " x Dg (one row per query row), got shape ", rows.sizes());
+  TORCH_CHECK(cols.dim() == 2 && cols.size(0) == layout.n_grad_cols && cols.size(1) == rows.size(1), fn,
+              ": guide_cols must be ", layout.n_grad_cols, " x ", rows.size(1),
+              " (one row per gradient column, the dim of guide_rows), got shape ", cols.sizes());
+  TORCH_CHECK(thr.dim() == 1 && thr.size(0) == n_rows, fn, ": guide_thresholds must be 1-D of length ", n_rows,
+              ", got shape ", thr.sizes());
+  return {rows.detach().to(acc).contiguous(), cols.detach().to(acc).contiguous(), thr.detach().to(acc).contiguous()};
+}
+
+template <typename acc_t>
+GuideRule<acc_t> guide_rule(const std::tuple<at::Tensor, at::Tensor, at::Tensor>& tensors) {
+  GuideRule<acc_t> guide;
+  if (std::get<2>(tensors).defined()) {
+    guide.rows = std::get<0>(tensors);
+    guide.cols = std::get<1>(tensors);
+    guide.thresholds = std::get<2>(tensors).data_ptr<acc_t>();
+  }
+  return guide;
 }
 
 // The group ids as contiguous int64 tensors (both undefined without groups).
