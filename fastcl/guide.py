@@ -93,12 +93,13 @@ def _thresholds(threshold, n: int, acc: torch.dtype, device: torch.device) -> to
     return torch.full((n,), float(threshold), dtype=acc, device=device)
 
 
-def direction_guide(guide: GuideMask | None, direction: str, n: int) -> GuideMask | None:
+def direction_guide(guide: GuideMask | None, direction: str, n: int, n_docs: int | None = None) -> GuideMask | None:
     """The guide of ``direction``'s term for a batch of ``n`` pairs (see the module
-    docstring); ``guide`` is the query_to_doc one."""
+    docstring); ``guide`` is the query_to_doc one; doc_to_doc scores the first
+    ``n_docs`` candidates (all by default)."""
     if guide is None:
         return None
     anchors, docs = guide.rows, guide.cols
     rows, cols = {QUERY_TO_QUERY: (anchors, anchors), DOC_TO_QUERY: (docs[:n], anchors),
-                  DOC_TO_DOC: (docs[:n], docs)}[direction]
+                  DOC_TO_DOC: (docs[:n], docs[:n_docs])}[direction]
     return GuideMask(rows, cols, guide.thresholds)

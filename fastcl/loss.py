@@ -46,6 +46,7 @@ def info_nce(
     guide_anchors: torch.Tensor | None = None,
     guide_candidates: torch.Tensor | None = None,
     guide_threshold: float | torch.Tensor | None = None,
+    doc_to_doc_negatives: bool = True,
 ) -> torch.Tensor:
     """InfoNCE over in-batch, hard, extra and Gaussian negatives, without an N x M matrix.
 
@@ -157,6 +158,10 @@ def info_nce(
             guide's products are formed tile by tile in the kernels (no N x M buffer).
             Not with ``groups``; the Triton kernels do not compute it yet (on CUDA,
             ``"auto"`` takes the chunked path).
+        doc_to_doc_negatives: with ``"doc_to_doc"``, whether positive i is also scored
+            against the other anchors' hard negatives (True, sentence-transformers'
+            ``MultipleNegativesRankingLoss``) or against the other positives only (False,
+            ``GISTEmbedLoss``'s positive-positive term).
 
     Returns:
         The reduced loss (a scalar), or the N per-row losses for ``reduction="none"``; in
@@ -180,7 +185,7 @@ def info_nce(
         gaussian_weight=gaussian_weight, symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps,
         backend=backend, backward_strategy=backward_strategy, check_finite=check_finite, directions=directions,
         partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
-        false_negative_margin=false_negative_margin).checked()
+        false_negative_margin=false_negative_margin, doc_to_doc_negatives=doc_to_doc_negatives).checked()
     plan = plan_info_nce(options, anchors, positives, hard_negatives, extra_negatives, labels=labels, groups=groups,
                          generator=generator, guide_anchors=guide_anchors, guide_candidates=guide_candidates,
                          guide_threshold=guide_threshold)
@@ -192,7 +197,7 @@ def info_nce(
             reduction=reduction, normalize=normalize, eps=eps, groups=groups, directions=options.directions,
             partition_mode=options.partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
             false_negative_margin=options.margin, guide_anchors=guide_anchors, guide_candidates=guide_candidates,
-            guide_threshold=guide_threshold)
+            guide_threshold=guide_threshold, doc_to_doc_negatives=doc_to_doc_negatives)
         return loss.to(output_dtype(x.anchors.dtype))
     per_row = per_row_losses(plan.rows, [plan.columns] if plan.columns is not None else [], plan.same_tower,
                              plan.positive, options.partition_mode)
@@ -247,6 +252,7 @@ class InfoNCELoss(nn.Module):
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
         false_negative_margin: float | None = None,
+        doc_to_doc_negatives: bool = True,
     ) -> None:
         super().__init__()
         LossOptions(temperature=temperature, hard_negative_weight=hard_negative_weight,
@@ -254,7 +260,7 @@ class InfoNCELoss(nn.Module):
                     reduction=reduction, normalize=normalize, eps=eps, backend=backend,
                     backward_strategy=backward_strategy, check_finite=check_finite, directions=directions,
                     partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
-                    false_negative_margin=false_negative_margin).checked()
+                    false_negative_margin=false_negative_margin, doc_to_doc_negatives=doc_to_doc_negatives).checked()
         if isinstance(temperature, torch.Tensor) and not isinstance(temperature, nn.Parameter):
             if not bool(temperature_tensor_ok(temperature)):
                 raise ValueError(f"{TEMPERATURE_TENSOR_MESSAGE}, got {temperature.item()}")
@@ -274,6 +280,7 @@ class InfoNCELoss(nn.Module):
         self.directions, self.partition_mode = tuple(directions), partition_mode
         self.hardness_mode, self.hardness_strength = hardness_mode, float(hardness_strength)
         self.false_negative_margin = false_negative_margin
+        self.doc_to_doc_negatives = doc_to_doc_negatives
 
     def forward(
         self,
@@ -303,6 +310,7 @@ class InfoNCELoss(nn.Module):
             check_finite=self.check_finite, groups=groups, directions=self.directions,
             partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength, false_negative_margin=self.false_negative_margin,
+            doc_to_doc_negatives=self.doc_to_doc_negatives,
             guide_anchors=guide_anchors, guide_candidates=guide_candidates, guide_threshold=guide_threshold)
 
     def extra_repr(self) -> str:
@@ -320,6 +328,8 @@ class InfoNCELoss(nn.Module):
             parts.append(f"hardness_mode={self.hardness_mode!r}, hardness_strength={self.hardness_strength}")
         if self.false_negative_margin is not None:
             parts.append(f"false_negative_margin={self.false_negative_margin}")
+        if not self.doc_to_doc_negatives:
+            parts.append("doc_to_doc_negatives=False")
         parts.append(f"reduction={self.reduction!r}")
         if not self.normalize:
             parts.append("normalize=False")

@@ -105,6 +105,7 @@ class LossOptions(NamedTuple):
     hardness_mode: str | None = None
     hardness_strength: float = 0.0
     false_negative_margin: float | None = None
+    doc_to_doc_negatives: bool = True
 
     @classmethod
     def from_keywords(cls, function: str, keywords: dict) -> LossOptions:
@@ -131,7 +132,7 @@ class LossOptions(NamedTuple):
         else:
             check_temperature_float(temperature)
         check_eps(self.eps)
-        for name in ("symmetric", "normalize", "check_finite"):
+        for name in ("symmetric", "normalize", "check_finite", "doc_to_doc_negatives"):
             check_flag(name, getattr(self, name))
         _check_positive("hard_negative_weight", self.hard_negative_weight)
         _check_positive("gaussian_weight", self.gaussian_weight)
@@ -391,7 +392,8 @@ def plan_info_nce(options: LossOptions, anchors, positives, hard_negatives=None,
     directions = set(options.directions)
     # Same-tower terms of a one-row batch have no entry at all: they add nothing.
     same_tower = [d for d in (QUERY_TO_QUERY, DOC_TO_DOC) if d in directions and n > 1]
-    others = [query_to_query_layout(n, n) if d == QUERY_TO_QUERY else doc_to_doc_layout(n, n, k_blocks)
+    d2d_blocks = k_blocks if options.doc_to_doc_negatives else 0  # doc_to_doc against hard negatives too
+    others = [query_to_query_layout(n, n) if d == QUERY_TO_QUERY else doc_to_doc_layout(n, n, d2d_blocks)
               for d in same_tower]
     needed = frozenset().union(*(dispatch.layout_features(o, guide=guide is not None) for o in [layout, *others]))
     grouped = groups is not None
@@ -420,9 +422,10 @@ def plan_info_nce(options: LossOptions, anchors, positives, hard_negatives=None,
                                plan._replace(layout=ColumnLayout.plain(n)), thresholds,
                                direction_guide(guide, DOC_TO_QUERY, n))
     no_target = torch.full((n,), -1, dtype=torch.int64, device=q.device)
-    terms = tuple(FunctionArgs(q if d == QUERY_TO_QUERY else k_grad[:n], q if d == QUERY_TO_QUERY else k_grad, None,
+    terms = tuple(FunctionArgs(q if d == QUERY_TO_QUERY else k_grad[:n],
+                               q if d == QUERY_TO_QUERY else k_grad[:n * (1 + d2d_blocks)], None,
                                inv_tau, no_target, None, plan._replace(layout=o), thresholds,
-                               direction_guide(guide, d, n))
+                               direction_guide(guide, d, n, n * (1 + d2d_blocks)))
                   for d, o in zip(same_tower, others))
     positive = positive_logits(q, target_rows, inv_tau, eps) if terms else None
     return LossPlan(options, x, gaussian, rows, columns, terms, positive)

@@ -61,6 +61,7 @@ def info_nce_reference(
     guide_anchors: torch.Tensor | None = None,
     guide_candidates: torch.Tensor | None = None,
     guide_threshold: float | torch.Tensor | None = None,
+    doc_to_doc_negatives: bool = True,
 ) -> torch.Tensor:
     """InfoNCE with in-batch, hard, extra and Gaussian negatives, computed densely.
 
@@ -76,7 +77,8 @@ def info_nce_reference(
     - query_to_doc: the row above;
     - query_to_query: a_i against every a_j, j != i;
     - doc_to_query: p_i against every a_j;
-    - doc_to_doc: p_i against ``[positives; hard negatives]`` but row i's own ones.
+    - doc_to_doc: p_i against ``[positives; hard negatives]`` but row i's own ones
+      (against the positives alone when ``doc_to_doc_negatives`` is False).
 
     ``hardness_mode`` adds ``hardness_strength * cos`` (no gradient, not divided by the
     temperature) to query_to_doc entries other than the target: ``"in_batch_negatives"``
@@ -154,13 +156,14 @@ def info_nce_reference(
     if false_negative_margin is not None:
         threshold = sim.detach().gather(1, targets[:, None]) + false_negative_margin  # N x 1
         masked |= (sim.detach() > threshold) & ~is_target
+    d2d_docs = docs if doc_to_doc_negatives else p
     guide = None
     if guide_anchors is not None:
         ga = F.normalize(guide_anchors.detach().to(a.dtype), dim=-1, eps=eps)
         gd = F.normalize(guide_candidates.detach().to(a.dtype), dim=-1, eps=eps)
         guide_thr = torch.as_tensor(guide_threshold, dtype=a.dtype, device=device).expand(n)[:, None]
         guide = {"query_to_doc": ga @ gd.T, "query_to_query": ga @ ga.T, "doc_to_query": gd[:n] @ ga.T,
-                 "doc_to_doc": gd[:n] @ gd.T}
+                 "doc_to_doc": gd[:n] @ gd[: d2d_docs.shape[0]].T}
         over = torch.zeros_like(masked)
         over[:, : docs.shape[0]] = guide["query_to_doc"] > guide_thr
         masked |= over & ~is_target
@@ -184,7 +187,7 @@ def info_nce_reference(
         other_group = groups[:, None] != groups[None, :] if groups is not None else torch.zeros_like(eye)
         terms["doc_to_query"] = term("doc_to_query", p @ a.T, other_group, keep=eye)  # (p_i, a_i) is the positive pair
     if "doc_to_doc" in directions:
-        terms["doc_to_doc"] = term("doc_to_doc", p @ docs.T, own_docs[:, : docs.shape[0]])
+        terms["doc_to_doc"] = term("doc_to_doc", p @ d2d_docs.T, own_docs[:, : d2d_docs.shape[0]])
     if partition_mode == "joint":
         log_z = _logsumexp_rows(torch.cat(list(terms.values()), dim=1))
     else:

@@ -16,7 +16,8 @@ ALL4 = (Q2D, Q2Q, D2Q, D2D)
 needs_cpp = pytest.mark.skipif(not native.available(), reason="the native extension is not built")
 
 
-def dense_guided(a, p, h, e, ga, gc, threshold, tau, directions=(Q2D,), labels=None, margin=None):
+def dense_guided(a, p, h, e, ga, gc, threshold, tau, directions=(Q2D,), labels=None, margin=None,
+                 d2d_negatives=True):
     """The rule written out entry by entry: each row's list of kept logits (joint)."""
     n = a.shape[0]
     unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731
@@ -52,7 +53,7 @@ def dense_guided(a, p, h, e, ga, gc, threshold, tau, directions=(Q2D,), labels=N
             for j in range(n):
                 keep(P[i] @ A[j], GD[i] @ GA[j], protected=j == i)
         if D2D in directions:
-            for j in range(m_grad):
+            for j in range(m_grad if d2d_negatives else n):
                 if j % n != i:
                     keep(docs[i] @ docs[j], GD[i] @ GD[j])
         losses.append(torch.logsumexp(torch.stack(kept), 0) - pos / tau)
@@ -72,15 +73,16 @@ def _case(n, d, dg, k, n_extra, seed=0):
     return a, p, h, e, ga, gc
 
 
-#: (name, n, d, Dg, K, extra, directions, threshold kind, labels, margin)
+#: (name, n, d, Dg, K, extra, directions, threshold kind, labels, margin, doc_to_doc_negatives)
 CASES = [
-    ("pairs-scalar", 7, 8, 5, 0, 0, (Q2D,), "scalar", False, None),
-    ("k2-extra-rows", 9, 6, 11, 2, 3, (Q2D,), "rows", False, None),
-    ("gte-k1", 8, 8, 4, 1, 2, ALL4, "rows", False, None),
-    ("q2q-d2d-k3", 6, 5, 7, 3, 0, (Q2D, Q2Q, D2D), "scalar", False, None),
-    ("d2q", 7, 4, 4, 1, 0, (Q2D, D2Q), "rows", False, None),
-    ("labels", 7, 8, 3, 1, 2, (Q2D,), "rows", True, None),
-    ("with-margin", 8, 6, 5, 1, 2, ALL4, "rows", False, 0.05),
+    ("pairs-scalar", 7, 8, 5, 0, 0, (Q2D,), "scalar", False, None, True),
+    ("k2-extra-rows", 9, 6, 11, 2, 3, (Q2D,), "rows", False, None, True),
+    ("gte-k1", 8, 8, 4, 1, 2, ALL4, "rows", False, None, True),
+    ("q2q-d2d-k3", 6, 5, 7, 3, 0, (Q2D, Q2Q, D2D), "scalar", False, None, True),
+    ("gist-k2", 6, 5, 7, 2, 0, (Q2D, Q2Q, D2D), "rows", False, None, False),
+    ("d2q", 7, 4, 4, 1, 0, (Q2D, D2Q), "rows", False, None, True),
+    ("labels", 7, 8, 3, 1, 2, (Q2D,), "rows", True, None, True),
+    ("with-margin", 8, 6, 5, 1, 2, ALL4, "rows", False, 0.05, True),
 ]
 
 
@@ -110,7 +112,7 @@ BACKEND_CASES = [pytest.param(case, backend, strategy, id=f"{case[0]}-{backend}-
 
 @pytest.mark.parametrize("case,backend,strategy", BACKEND_CASES)
 def test_every_backend_equals_the_dense_rule(case, backend, strategy, monkeypatch):
-    _, n, d, dg, k, n_extra, directions, kind, with_labels, margin = case
+    _, n, d, dg, k, n_extra, directions, kind, with_labels, margin, d2d_negatives = case
     monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "3")  # several chunks and tiles
     monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "4")
     monkeypatch.setenv("FASTCL_CHUNK_ELEMENTS", "20")
@@ -120,14 +122,15 @@ def test_every_backend_equals_the_dense_rule(case, backend, strategy, monkeypatc
     tau = 0.1
     leaves = [x.clone().requires_grad_() for x in (a, p) + ((h,) if h is not None else ())]
     ha = leaves[2] if h is not None else None
-    expected = dense_guided(leaves[0], leaves[1], ha, e, ga, gc, thr, tau, directions, labels, margin).mean()
+    expected = dense_guided(leaves[0], leaves[1], ha, e, ga, gc, thr, tau, directions, labels, margin,
+                            d2d_negatives).mean()
     want = torch.autograd.grad(expected, leaves)
     leaves2 = [x.detach().clone().requires_grad_() for x in leaves]
     hb = leaves2[2] if h is not None else None
     options = dict(directions=directions) if directions != (Q2D,) else {}
     loss = info_nce(leaves2[0], leaves2[1], hb, e, temperature=tau, labels=labels, backend=backend,
                     backward_strategy=strategy, guide_anchors=ga, guide_candidates=gc, guide_threshold=thr,
-                    false_negative_margin=margin, **options)
+                    false_negative_margin=margin, doc_to_doc_negatives=d2d_negatives, **options)
     got = torch.autograd.grad(loss, leaves2)
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
     for x, y in zip(got, want):
@@ -285,3 +288,21 @@ def test_module_forward_takes_the_guide():
     torch.testing.assert_close(module(a, p, guide_anchors=ga, guide_candidates=gc, guide_threshold=0.1),
                                info_nce(a, p, temperature=0.1, backend="chunked", guide_anchors=ga,
                                         guide_candidates=gc, guide_threshold=0.1))
+
+
+@pytest.mark.parametrize("backend", ["dense", "chunked", pytest.param("cpp", marks=needs_cpp)])
+def test_doc_to_doc_without_negatives_scores_the_positives_only(backend):
+    a, p, h, _, _, _ = _case(6, 5, 3, 2, 0)
+    directions = (Q2D, D2D)
+    got = info_nce(a, p, h, directions=directions, doc_to_doc_negatives=False, backend=backend, reduction="none")
+    # The hard negatives enter query_to_doc only: doc_to_doc of pairs (a, p) plus them.
+    plain = info_nce(a, p, h, backend="dense", reduction="none")
+    pairs = info_nce(a, p, directions=directions, backend="dense", reduction="none")
+    alone = info_nce(a, p, backend="dense", reduction="none")
+    # joint: lse(q2d with h, d2d of p) = log(e^plain + e^pairs - e^alone) (shared positive logit)
+    want = torch.log(plain.exp() + pairs.exp() - alone.exp())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with_negatives = info_nce(a, p, h, directions=directions, backend=backend, reduction="none")
+    assert (with_negatives - got).abs().max() > 1e-3
+    with pytest.raises(TypeError, match="doc_to_doc_negatives"):
+        info_nce(a, p, directions=directions, doc_to_doc_negatives=1)
