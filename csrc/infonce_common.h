@@ -747,5 +747,35 @@ inline GroupIds group_pointers(const std::pair<at::Tensor, at::Tensor>& ids) {
   return {ids.first.data_ptr<int64_t>(), ids.second.data_ptr<int64_t>()};
 }
 
+// The arguments that every operator checks the same way, checked: the targets (undefined:
+// the diagonal), the group ids, the margin's thresholds and the guide (undefined: off),
+// the last two in the accumulator dtype `acc` of q.
+struct CheckedRules {
+  at::ScalarType acc;
+  at::Tensor targets;
+  std::pair<at::Tensor, at::Tensor> groups;
+  at::Tensor thresholds;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> guide;
+
+  const int64_t* target_pointer() const { return targets.defined() ? targets.data_ptr<int64_t>() : nullptr; }
+  template <typename acc_t>
+  const acc_t* threshold_pointer() const {
+    return thresholds.defined() ? thresholds.data_ptr<acc_t>() : nullptr;
+  }
+};
+
+inline CheckedRules check_rules(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
+                                const c10::optional<at::Tensor>& targets, const ColumnLayout& layout,
+                                const Groups& groups, const c10::optional<at::Tensor>& thresholds,
+                                const Guide& guide) {
+  CheckedRules checked;
+  checked.targets = check_inputs(fn, q, k, params, targets, layout);
+  checked.groups = check_groups(fn, groups, q.size(0), layout);
+  checked.acc = accumulator_type(q.scalar_type());
+  checked.thresholds = check_thresholds(fn, thresholds, q.size(0), checked.acc);
+  checked.guide = check_guide(fn, guide, q.size(0), layout, checked.acc);
+  return checked;
+}
+
 }  // namespace detail
 }  // namespace fastcl

@@ -282,11 +282,9 @@ std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
     c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds, const Guide& guide) {
-  const at::Tensor tgt = check_inputs("fastcl::infonce_fwd", q, k, params, targets, layout);
-  const auto group_ids = check_groups("fastcl::infonce_fwd", groups, q.size(0), layout);
-  const at::ScalarType acc = accumulator_type(q.scalar_type());
-  const at::Tensor thr = check_thresholds("fastcl::infonce_fwd", thresholds, q.size(0), acc);
-  const auto guide_tensors = check_guide("fastcl::infonce_fwd", guide, q.size(0), layout, acc);
+  const CheckedRules checked = check_rules("fastcl::infonce_fwd", q, k, params, targets, layout, groups,
+                                           thresholds, guide);
+  const at::ScalarType acc = checked.acc;
   // Detached: the kernel's own products are not part of any autograd graph.
   const at::Tensor qa = q.detach().to(acc).contiguous();
   const at::Tensor ka = k.detach().to(acc).contiguous();
@@ -299,10 +297,10 @@ std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
   const at::Tensor scale_storage = row_scale_storage("fastcl::infonce_fwd", qa, ka, normalize_eps);
   AT_DISPATCH_FLOATING_TYPES(acc, "infonce_forward_cpu", [&] {
     forward_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(),
-                             tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
-                             group_pointers(group_ids),
+                             checked.target_pointer(), layout,
+                             group_pointers(checked.groups),
                              scale_pointers<scalar_t>(scale_storage, qa.size(0), ka.size(0)),
-                             thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, guide_rule<scalar_t>(guide_tensors),
+                             checked.threshold_pointer<scalar_t>(), guide_rule<scalar_t>(checked.guide),
                              lse.data_ptr<scalar_t>(),
                              target_logit.data_ptr<scalar_t>());
   });
@@ -314,11 +312,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
     const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk,
     c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds, const Guide& guide) {
-  const at::Tensor tgt = check_inputs("fastcl::infonce_bwd", q, k, params, targets, layout);
-  const auto group_ids = check_groups("fastcl::infonce_bwd", groups, q.size(0), layout);
-  const at::ScalarType acc = accumulator_type(q.scalar_type());
-  const at::Tensor thr = check_thresholds("fastcl::infonce_bwd", thresholds, q.size(0), acc);
-  const auto guide_tensors = check_guide("fastcl::infonce_bwd", guide, q.size(0), layout, acc);
+  const CheckedRules checked = check_rules("fastcl::infonce_bwd", q, k, params, targets, layout, groups,
+                                           thresholds, guide);
+  const at::ScalarType acc = checked.acc;
   const int64_t n_rows = q.size(0);
   const int64_t dim = q.size(1);
   TORCH_CHECK(lse.device().is_cpu() && lse.dim() == 1 && lse.size(0) == n_rows &&
@@ -346,10 +342,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     at::Tensor col_dot = at::zeros({scale_storage.defined() && want_dk ? layout.n_grad_cols : 0}, acc_options);
     AT_DISPATCH_FLOATING_TYPES(acc, "infonce_backward_cpu", [&] {
       backward_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(),
-                                tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
-                                group_pointers(group_ids),
+                                checked.target_pointer(), layout,
+                                group_pointers(checked.groups),
                                 scale_pointers<scalar_t>(scale_storage, n_rows, ka.size(0)),
-                                thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, guide_rule<scalar_t>(guide_tensors),
+                                checked.threshold_pointer<scalar_t>(), guide_rule<scalar_t>(checked.guide),
                                 lse_c.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dq_acc, dk_acc,
                                 need_dq ? row_dot.data_ptr<scalar_t>() : nullptr,
                                 col_dot.data_ptr<scalar_t>());

@@ -302,12 +302,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_forward_grad_
     int64_t block_rows, int64_t block_cols, c10::optional<double> normalize_eps,
     const c10::optional<at::Tensor>& thresholds, const Guide& guide) {
   const char* fn = "fastcl::infonce_fwd_grad";
-  const at::Tensor tgt = check_inputs(fn, q, k, params, targets, layout);
-  const auto group_ids = check_groups(fn, groups, q.size(0), layout);
+  const CheckedRules checked = check_rules(fn, q, k, params, targets, layout, groups, thresholds, guide);
   TORCH_CHECK(std::isfinite(row_weight), fn, ": row_weight must be finite, got ", row_weight);
-  const at::ScalarType acc = accumulator_type(q.scalar_type());
-  const at::Tensor thr = check_thresholds(fn, thresholds, q.size(0), acc);
-  const auto guide_tensors = check_guide(fn, guide, q.size(0), layout, acc);
+  const at::ScalarType acc = checked.acc;
   const int64_t n_rows = q.size(0);
   const int64_t dim = q.size(1);
   const bool want_dk = need_dk && layout.n_grad_cols > 0;
@@ -321,13 +318,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_forward_grad_
   at::Tensor dk = want_dk ? at::zeros({layout.n_grad_cols, dim}, acc_options) : at::Tensor();
   at::Tensor row_dot = at::empty({need_dq ? n_rows : 0}, acc_options);
   if (n_rows > 0) {
-    const Tiling tiling = one_pass_tiling(n_rows, layout.n_cols, block_rows, block_cols, group_ids.first.defined());
+    const Tiling tiling = one_pass_tiling(n_rows, layout.n_cols, block_rows, block_cols, checked.groups.first.defined());
     const at::Tensor scale_storage = row_scale_storage(fn, qa, ka, normalize_eps);
     AT_DISPATCH_FLOATING_TYPES(acc, "infonce_forward_grad_cpu", [&] {
-      one_pass_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(), tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr,
-                                layout, group_pointers(group_ids),
+      one_pass_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(), checked.target_pointer(),
+                                layout, group_pointers(checked.groups),
                                 scale_pointers<scalar_t>(scale_storage, n_rows, ka.size(0)),
-                                thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, guide_rule<scalar_t>(guide_tensors),
+                                checked.threshold_pointer<scalar_t>(), guide_rule<scalar_t>(checked.guide),
                                 scalar_t(row_weight),
                                 tiling, loss_rows.data_ptr<scalar_t>(), dq, dk,
                                 need_dq ? row_dot.data_ptr<scalar_t>() : nullptr);
