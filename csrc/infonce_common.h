@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <limits>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -231,6 +232,50 @@ void add_weights_and_masks(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t
       }
     }
   }
+}
+
+// The guide rule (infonce_cpu.h): the unit guide rows of the query rows (N x Dg) and of
+// the gradient columns (n_grad_cols x Dg) and one threshold per row; null thresholds: off.
+template <typename acc_t>
+struct GuideRule {
+  at::Tensor rows;
+  at::Tensor cols;
+  const acc_t* thresholds = nullptr;
+  bool active() const { return thresholds != nullptr; }
+};
+
+// x (nr x nc, rows r0.., columns c0..) holds logits; the guide sets -inf on the entries
+// it drops: gradient columns j other than the row's target whose guide product with the
+// row exceeds the row's threshold. The guide block is formed here, where the logits are,
+// in `buffer` (at least nr x nc values): nothing N x M is kept.
+template <typename acc_t>
+void apply_guide(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const GuideRule<acc_t>& guide,
+                 const int64_t* targets, int64_t n_grad_cols, const at::Tensor& buffer) {
+  if (!guide.active() || c0 >= n_grad_cols) {
+    return;
+  }
+  const int64_t ng = std::min(nc, n_grad_cols - c0);
+  at::Tensor block = block_view(buffer, nr, ng);
+  block_product(guide.rows.narrow(0, r0, nr), guide.cols.narrow(0, c0, ng).t(), block, false);
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t* g = block.data_ptr<acc_t>();
+  for (int64_t i = 0; i < nr; ++i) {
+    const acc_t threshold = guide.thresholds[r0 + i];
+    const int64_t t = target_of(targets, r0 + i) - c0;  // outside [0, ng) when not in this tile
+    const acc_t* g_row = g + i * ng;
+    acc_t* x_row = x + i * nc;
+    for (int64_t j = 0; j < ng; ++j) {
+      if (g_row[j] > threshold && j != t) {
+        x_row[j] = neg_inf;
+      }
+    }
+  }
+}
+
+// A per-thread buffer for apply_guide's blocks (undefined when the guide is off).
+template <typename acc_t>
+at::Tensor guide_buffer(const GuideRule<acc_t>& guide, const Tiling& tiling) {
+  return guide.active() ? at::empty({tiling.rows * tiling.cols}, guide.rows.options()) : at::Tensor();
 }
 
 // The per-entry rules that need each row's target and similarity: the hardness penalty
@@ -598,6 +643,46 @@ inline at::Tensor check_thresholds(const char* fn, const c10::optional<at::Tenso
   return t.detach().to(acc).contiguous();
 }
 
+// The guide's tensors (rows, cols, thresholds) as contiguous accumulator-dtype tensors
+// (all undefined without the guide).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> check_guide(const char* fn, const Guide& guide,
+                                                                  int64_t n_rows, const ColumnLayout& layout,
+                                                                  at::ScalarType acc) {
+  const bool any = guide.rows.has_value() || guide.cols.has_value() || guide.thresholds.has_value();
+  if (!any) {
+    return {at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+  TORCH_CHECK(guide.rows.has_value() && guide.cols.has_value() && guide.thresholds.has_value(), fn,
+              ": guide_rows, guide_cols and guide_thresholds go together");
+  const at::Tensor& rows = *guide.rows;
+  const at::Tensor& cols = *guide.cols;
+  const at::Tensor& thr = *guide.thresholds;
+  TORCH_CHECK(rows.device().is_cpu() && cols.device().is_cpu() && thr.device().is_cpu(), fn,
+              ": the guide's tensors must be CPU tensors");
+  TORCH_CHECK(at::isFloatingType(rows.scalar_type()) && at::isFloatingType(cols.scalar_type()) &&
+                  at::isFloatingType(thr.scalar_type()),
+              fn, ": the guide's tensors must be floating point");
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == n_rows, fn, ": guide_rows must be ", n_rows,
+              " x Dg (one row per query row), got shape ", rows.sizes());
+  TORCH_CHECK(cols.dim() == 2 && cols.size(0) == layout.n_grad_cols && cols.size(1) == rows.size(1), fn,
+              ": guide_cols must be ", layout.n_grad_cols, " x ", rows.size(1),
+              " (one row per gradient column, the dim of guide_rows), got shape ", cols.sizes());
+  TORCH_CHECK(thr.dim() == 1 && thr.size(0) == n_rows, fn, ": guide_thresholds must be 1-D of length ", n_rows,
+              ", got shape ", thr.sizes());
+  return {rows.detach().to(acc).contiguous(), cols.detach().to(acc).contiguous(), thr.detach().to(acc).contiguous()};
+}
+
+template <typename acc_t>
+GuideRule<acc_t> guide_rule(const std::tuple<at::Tensor, at::Tensor, at::Tensor>& tensors) {
+  GuideRule<acc_t> guide;
+  if (std::get<2>(tensors).defined()) {
+    guide.rows = std::get<0>(tensors);
+    guide.cols = std::get<1>(tensors);
+    guide.thresholds = std::get<2>(tensors).data_ptr<acc_t>();
+  }
+  return guide;
+}
+
 // The group ids as contiguous int64 tensors (both undefined without groups).
 inline std::pair<at::Tensor, at::Tensor> check_groups(const char* fn, const Groups& groups, int64_t n_rows,
                                                const ColumnLayout& layout) {
@@ -660,6 +745,36 @@ inline GroupIds group_pointers(const std::pair<at::Tensor, at::Tensor>& ids) {
     return {nullptr, nullptr};
   }
   return {ids.first.data_ptr<int64_t>(), ids.second.data_ptr<int64_t>()};
+}
+
+// The arguments that every operator checks the same way, checked: the targets (undefined:
+// the diagonal), the group ids, the margin's thresholds and the guide (undefined: off),
+// the last two in the accumulator dtype `acc` of q.
+struct CheckedRules {
+  at::ScalarType acc;
+  at::Tensor targets;
+  std::pair<at::Tensor, at::Tensor> groups;
+  at::Tensor thresholds;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> guide;
+
+  const int64_t* target_pointer() const { return targets.defined() ? targets.data_ptr<int64_t>() : nullptr; }
+  template <typename acc_t>
+  const acc_t* threshold_pointer() const {
+    return thresholds.defined() ? thresholds.data_ptr<acc_t>() : nullptr;
+  }
+};
+
+inline CheckedRules check_rules(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
+                                const c10::optional<at::Tensor>& targets, const ColumnLayout& layout,
+                                const Groups& groups, const c10::optional<at::Tensor>& thresholds,
+                                const Guide& guide) {
+  CheckedRules checked;
+  checked.targets = check_inputs(fn, q, k, params, targets, layout);
+  checked.groups = check_groups(fn, groups, q.size(0), layout);
+  checked.acc = accumulator_type(q.scalar_type());
+  checked.thresholds = check_thresholds(fn, thresholds, q.size(0), checked.acc);
+  checked.guide = check_guide(fn, guide, q.size(0), layout, checked.acc);
+  return checked;
 }
 
 }  // namespace detail

@@ -18,7 +18,7 @@
 // the result does not depend on scheduling.
 //
 // Masked columns (NT-Xent's self column, other groups' keys, entries the false-negative
-// margin drops) get logit -inf, so exp = 0: they drop out of the softmax and receive no
+// margin or the guide drops) get logit -inf, so exp = 0: they drop out of the softmax and receive no
 // gradient; a target of -1 (the ring's "not in this block") matches no column. The
 // hardness penalty moves a logit's value only, so the backward's G = g (P - onehot) uses
 // the penalized softmax and its products stay those of 1/tau.
@@ -48,7 +48,8 @@ using namespace detail;
 template <typename acc_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
                     const int64_t* targets, const ColumnLayout& layout, const GroupIds& groups,
-                    const RowScales<acc_t>& scales, const acc_t* thresholds, acc_t* lse, acc_t* target_logit) {
+                    const RowScales<acc_t>& scales, const acc_t* thresholds, const GuideRule<acc_t>& guide,
+                    acc_t* lse, acc_t* target_logit) {
   const int64_t n_rows = q.size(0);
   const int64_t n_cols = k.size(0);
   const Tiling tiling = make_tiling(n_rows, n_cols, groups.rows != nullptr);
@@ -61,6 +62,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
 
   for_chunks_in_pool(tiling, [&](std::atomic<int64_t>& next_chunk) {
     const at::Tensor buffer = at::empty({tiling.rows * tiling.cols}, q.options());
+    const at::Tensor guide_block = guide_buffer(guide, tiling);
     std::vector<acc_t> run_max(tiling.rows);
     std::vector<acc_t> run_sum(tiling.rows);
     for (int64_t chunk = next_chunk++; chunk < tiling.n_chunks; chunk = next_chunk++) {
@@ -83,6 +85,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
           scale_block(x, nr, nc, scales.q_inv + r0, scales.k_inv + c0);
         }
         to_logits(x, x, nr, nc, r0, c0, w, layout, groups, rules);
+        apply_guide(x, nr, nc, r0, c0, guide, targets, layout.n_grad_cols, guide_block);
         for (int64_t i = 0; i < nr; ++i) {
           acc_t* row = x + i * nc;
           const int64_t t = target_of(targets, r0 + i);  // -1 lies in no tile
@@ -123,7 +126,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
 template <typename acc_t>
 void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params,
                      const int64_t* targets, const ColumnLayout& layout, const GroupIds& groups,
-                     const RowScales<acc_t>& scales, const acc_t* thresholds, const acc_t* lse,
+                     const RowScales<acc_t>& scales, const acc_t* thresholds, const GuideRule<acc_t>& guide,
+                     const acc_t* lse,
                      const acc_t* grad_rows,
                      at::Tensor& dq, at::Tensor& dk, acc_t* row_dot, acc_t* col_dot) {
   const int64_t n_rows = q.size(0);
@@ -143,6 +147,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   for_chunks_in_pool(tiling, [&](std::atomic<int64_t>& next_chunk) {
     const at::Tensor sim_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
     const at::Tensor grad_buffer = at::empty({tiling.rows * tiling.cols}, q.options());
+    const at::Tensor guide_block = guide_buffer(guide, tiling);
     std::vector<acc_t> chunk_row_dot(tiling.rows);
     std::vector<acc_t> tile_col_dot(scales.enabled() && need_dk ? tiling.cols : 0);
     try {
@@ -173,6 +178,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           const acc_t* s = sim.data_ptr<acc_t>();
           acc_t* x = grad.data_ptr<acc_t>();
           to_logits(x, s, nr, nc, r0, c0, w, layout, groups, rules);
+          apply_guide(x, nr, nc, r0, c0, guide, targets, layout.n_grad_cols, guide_block);
           for (int64_t i = 0; i < nr; ++i) {
             acc_t* row = x + i * nc;
             // A row with every entry masked (lse -inf) keeps its -inf logits at -inf
@@ -275,11 +281,10 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
 std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
-    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds) {
-  const at::Tensor tgt = check_inputs("fastcl::infonce_fwd", q, k, params, targets, layout);
-  const auto group_ids = check_groups("fastcl::infonce_fwd", groups, q.size(0), layout);
-  const at::ScalarType acc = accumulator_type(q.scalar_type());
-  const at::Tensor thr = check_thresholds("fastcl::infonce_fwd", thresholds, q.size(0), acc);
+    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds, const Guide& guide) {
+  const CheckedRules checked = check_rules("fastcl::infonce_fwd", q, k, params, targets, layout, groups,
+                                           thresholds, guide);
+  const at::ScalarType acc = checked.acc;
   // Detached: the kernel's own products are not part of any autograd graph.
   const at::Tensor qa = q.detach().to(acc).contiguous();
   const at::Tensor ka = k.detach().to(acc).contiguous();
@@ -292,10 +297,11 @@ std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
   const at::Tensor scale_storage = row_scale_storage("fastcl::infonce_fwd", qa, ka, normalize_eps);
   AT_DISPATCH_FLOATING_TYPES(acc, "infonce_forward_cpu", [&] {
     forward_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(),
-                             tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
-                             group_pointers(group_ids),
+                             checked.target_pointer(), layout,
+                             group_pointers(checked.groups),
                              scale_pointers<scalar_t>(scale_storage, qa.size(0), ka.size(0)),
-                             thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, lse.data_ptr<scalar_t>(),
+                             checked.threshold_pointer<scalar_t>(), guide_rule<scalar_t>(checked.guide),
+                             lse.data_ptr<scalar_t>(),
                              target_logit.data_ptr<scalar_t>());
   });
   return {lse, target_logit};
@@ -305,11 +311,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
     const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk,
-    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds) {
-  const at::Tensor tgt = check_inputs("fastcl::infonce_bwd", q, k, params, targets, layout);
-  const auto group_ids = check_groups("fastcl::infonce_bwd", groups, q.size(0), layout);
-  const at::ScalarType acc = accumulator_type(q.scalar_type());
-  const at::Tensor thr = check_thresholds("fastcl::infonce_bwd", thresholds, q.size(0), acc);
+    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds, const Guide& guide) {
+  const CheckedRules checked = check_rules("fastcl::infonce_bwd", q, k, params, targets, layout, groups,
+                                           thresholds, guide);
+  const at::ScalarType acc = checked.acc;
   const int64_t n_rows = q.size(0);
   const int64_t dim = q.size(1);
   TORCH_CHECK(lse.device().is_cpu() && lse.dim() == 1 && lse.size(0) == n_rows &&
@@ -337,10 +342,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     at::Tensor col_dot = at::zeros({scale_storage.defined() && want_dk ? layout.n_grad_cols : 0}, acc_options);
     AT_DISPATCH_FLOATING_TYPES(acc, "infonce_backward_cpu", [&] {
       backward_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(),
-                                tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr, layout,
-                                group_pointers(group_ids),
+                                checked.target_pointer(), layout,
+                                group_pointers(checked.groups),
                                 scale_pointers<scalar_t>(scale_storage, n_rows, ka.size(0)),
-                                thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, lse_c.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dq_acc, dk_acc,
+                                checked.threshold_pointer<scalar_t>(), guide_rule<scalar_t>(checked.guide),
+                                lse_c.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dq_acc, dk_acc,
                                 need_dq ? row_dot.data_ptr<scalar_t>() : nullptr,
                                 col_dot.data_ptr<scalar_t>());
     });

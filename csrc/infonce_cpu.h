@@ -51,6 +51,17 @@ struct Groups {
   c10::optional<at::Tensor> keys;
 };
 
+// The guide rule (fastcl.ops.layout.GuideMask; all unset: off): unit rows of a second
+// model for the query rows (rows, N x Dg) and for the gradient columns (cols,
+// n_grad_cols x Dg), and one threshold per row. Entry (i, j) with j < n_grad_cols and
+// j != t_i is masked (-inf) when rows_i . cols_j > thresholds[i]; no gradient flows
+// through it. Every function takes it and must be given the forward's.
+struct Guide {
+  c10::optional<at::Tensor> rows;
+  c10::optional<at::Tensor> cols;
+  c10::optional<at::Tensor> thresholds;
+};
+
 // Per-row (lse, target_logit) in the accumulator dtype (fp64 for fp64 inputs, else fp32).
 // A target of -1 matches no column (target_logit 0).
 //
@@ -65,7 +76,7 @@ struct Groups {
 std::tuple<at::Tensor, at::Tensor> infonce_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
-    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds);
+    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds, const Guide& guide);
 
 // (dq, dk, row_dot): dq N x D and dk n_grad_cols x D in the input dtype, row_dot (length
 // N, accumulator dtype: sum_j dL/dlogit_ij * cos_ij, the 1/tau gradient) with dq; a
@@ -74,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
     const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq, bool need_dk,
-    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds);
+    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds, const Guide& guide);
 
 // One pass for a reduced loss (infonce_one_pass.cpp): (loss_rows, dq, dk, row_dot) with
 // every row's incoming gradient equal to row_weight (1/N for a mean, 1 for a sum): the
@@ -87,6 +98,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_forward_grad_
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params,
     const c10::optional<at::Tensor>& targets, const ColumnLayout& layout, const Groups& groups,
     double row_weight, bool need_dq, bool need_dk, int64_t block_rows, int64_t block_cols,
-    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds);
+    c10::optional<double> normalize_eps, const c10::optional<at::Tensor>& thresholds, const Guide& guide);
 
 }  // namespace fastcl

@@ -11,7 +11,7 @@
 //   1. per tile of key columns: S_t = q_R k_t^T into the chunk's strip (BLAS), turned
 //      into logits on the block while it is in cache (1/tau, the row and column inverse
 //      norms of fused normalization, the layout's weights and masks, the hardness
-//      penalty and the false-negative margin), the row maxima and the target logits
+//      penalty, the false-negative margin and the guide), the row maxima and the target logits
 //      picked out. The penalty moves a logit's value only: the steps below, which hold
 //      d logit / d sim = 1/tau, stay as they are;
 //   2. per tile: E = exp(logit - max) in ATen's vectorized exp (arguments clamped to its
@@ -99,8 +99,8 @@ struct StripTile {
 template <typename acc_t>
 void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* params, const int64_t* targets,
                      const ColumnLayout& layout, const GroupIds& groups, const RowScales<acc_t>& scales,
-                     const acc_t* thresholds, acc_t row_weight, const Tiling& tiling, acc_t* loss_rows, at::Tensor& dq, at::Tensor& dk,
-                     acc_t* row_dot) {
+                     const acc_t* thresholds, const GuideRule<acc_t>& guide, acc_t row_weight, const Tiling& tiling,
+                     acc_t* loss_rows, at::Tensor& dq, at::Tensor& dk, acc_t* row_dot) {
   const int64_t n_rows = q.size(0);
   const int64_t n_cols = k.size(0);
   const int64_t dim = q.size(1);
@@ -134,6 +134,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   for_chunks_in_pool(tiling, [&](std::atomic<int64_t>& next_chunk) {
     const at::Tensor strip = at::empty({std::max<int64_t>(1, tiling.rows * strip_cols)}, q.options());
     const at::Tensor q_scaled_buffer = need_dk ? at::empty({tiling.rows, dim}, q.options()) : at::Tensor();
+    const at::Tensor guide_block = guide_buffer(guide, tiling);
     std::vector<acc_t> row_factor(tiling.rows), row_max(tiling.rows), row_sum(tiling.rows), target_logit(tiling.rows);
     std::vector<int64_t> target_at(tiling.rows);  // the target's index in the strip, -1 if none
     std::vector<StripTile> visited;
@@ -168,6 +169,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           acc_t* x = base + t.offset;
           products_to_logits(x, nr, t.nc, r0, t.c0, row_factor.data(), scales.enabled() ? scales.q_inv + r0 : nullptr,
                              scales.enabled() ? scales.k_inv + t.c0 : nullptr, w, layout, groups, rules);
+          apply_guide(x, nr, t.nc, r0, t.c0, guide, targets, layout.n_grad_cols, guide_block);
           for (int64_t i = 0; i < nr; ++i) {
             const acc_t* row = x + i * t.nc;
             const int64_t target = target_of(targets, r0 + i);  // -1 lies in no tile
@@ -298,13 +300,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_forward_grad_
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& params, const c10::optional<at::Tensor>& targets,
     const ColumnLayout& layout, const Groups& groups, double row_weight, bool need_dq, bool need_dk,
     int64_t block_rows, int64_t block_cols, c10::optional<double> normalize_eps,
-    const c10::optional<at::Tensor>& thresholds) {
+    const c10::optional<at::Tensor>& thresholds, const Guide& guide) {
   const char* fn = "fastcl::infonce_fwd_grad";
-  const at::Tensor tgt = check_inputs(fn, q, k, params, targets, layout);
-  const auto group_ids = check_groups(fn, groups, q.size(0), layout);
+  const CheckedRules checked = check_rules(fn, q, k, params, targets, layout, groups, thresholds, guide);
   TORCH_CHECK(std::isfinite(row_weight), fn, ": row_weight must be finite, got ", row_weight);
-  const at::ScalarType acc = accumulator_type(q.scalar_type());
-  const at::Tensor thr = check_thresholds(fn, thresholds, q.size(0), acc);
+  const at::ScalarType acc = checked.acc;
   const int64_t n_rows = q.size(0);
   const int64_t dim = q.size(1);
   const bool want_dk = need_dk && layout.n_grad_cols > 0;
@@ -318,13 +318,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_forward_grad_
   at::Tensor dk = want_dk ? at::zeros({layout.n_grad_cols, dim}, acc_options) : at::Tensor();
   at::Tensor row_dot = at::empty({need_dq ? n_rows : 0}, acc_options);
   if (n_rows > 0) {
-    const Tiling tiling = one_pass_tiling(n_rows, layout.n_cols, block_rows, block_cols, group_ids.first.defined());
+    const Tiling tiling = one_pass_tiling(n_rows, layout.n_cols, block_rows, block_cols, checked.groups.first.defined());
     const at::Tensor scale_storage = row_scale_storage(fn, qa, ka, normalize_eps);
     AT_DISPATCH_FLOATING_TYPES(acc, "infonce_forward_grad_cpu", [&] {
-      one_pass_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(), tgt.defined() ? tgt.data_ptr<int64_t>() : nullptr,
-                                layout, group_pointers(group_ids),
+      one_pass_kernel<scalar_t>(qa, ka, pa.data_ptr<scalar_t>(), checked.target_pointer(),
+                                layout, group_pointers(checked.groups),
                                 scale_pointers<scalar_t>(scale_storage, n_rows, ka.size(0)),
-                                thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, scalar_t(row_weight),
+                                checked.threshold_pointer<scalar_t>(), guide_rule<scalar_t>(checked.guide),
+                                scalar_t(row_weight),
                                 tiling, loss_rows.data_ptr<scalar_t>(), dq, dk,
                                 need_dq ? row_dot.data_ptr<scalar_t>() : nullptr);
     });

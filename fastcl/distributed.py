@@ -111,7 +111,8 @@ def gathered_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negat
     keyword of :func:`fastcl.info_nce` but ``labels`` and ``groups`` (temperature,
     weights, Gaussian negatives and their generator, symmetric, reduction, normalize,
     eps, backend, backward_strategy, check_finite, directions, partition_mode,
-    hardness_mode, hardness_strength, false_negative_margin), with the same meaning and
+    hardness_mode, hardness_strength, false_negative_margin, doc_to_doc_negatives), with the
+    same meaning and
     defaults;
     ``backend="dense"`` (or ``"auto"`` on a tiny batch) takes the chunked PyTorch path
     here: the dense loss knows no ranks.
@@ -134,8 +135,9 @@ def gathered_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negat
                               n_local if k_blocks else 0, n_extra, k_blocks)
     directions = set(options.directions)
     same_tower = [d for d in (QUERY_TO_QUERY, DOC_TO_DOC) if d in directions and n_global > 1]
+    d2d_blocks = k_blocks if options.doc_to_doc_negatives else 0  # doc_to_doc against hard negatives too
     others = [query_to_query_layout(n_local, n_global, offset) if d == QUERY_TO_QUERY
-              else doc_to_doc_layout(n_local, n_global, k_blocks, offset) for d in same_tower]
+              else doc_to_doc_layout(n_local, n_global, d2d_blocks, offset) for d in same_tower]
     needed = frozenset().union(*(dispatch.layout_features(o) for o in others))
     plan = kernel_plan(options, layout, x.anchors, n_local * layout.n_cols, dense=False, needed=needed,
                        reduced=uniform_row_gradients(options, 1 + (DOC_TO_QUERY in directions) + len(others)),
@@ -160,7 +162,8 @@ def gathered_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negat
     no_target = torch.full((n_local,), -1, dtype=torch.int64, device=q.device)
     without_target = [(q, a_all, None, inv_tau, no_target, None, plan._replace(layout=o), thresholds)
                       if d == QUERY_TO_QUERY else
-                      (p_local, k_grad, None, inv_tau, no_target, None, plan._replace(layout=o), thresholds)
+                      (p_local, k_grad[:n_global * (1 + d2d_blocks)], None, inv_tau, no_target, None,
+                       plan._replace(layout=o), thresholds)
                       for d, o in zip(same_tower, others)]
     positive = positive_logits(q, x.positives, inv_tau, plan.normalize_eps) if without_target else None
     per_row = per_row_losses(rows, with_target, without_target, positive, options.partition_mode)

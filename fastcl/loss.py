@@ -43,6 +43,10 @@ def info_nce(
     hardness_mode: str | None = None,
     hardness_strength: float = 0.0,
     false_negative_margin: float | None = None,
+    guide_anchors: torch.Tensor | None = None,
+    guide_candidates: torch.Tensor | None = None,
+    guide_threshold: float | torch.Tensor | None = None,
+    doc_to_doc_negatives: bool = True,
 ) -> torch.Tensor:
     """InfoNCE over in-batch, hard, extra and Gaussian negatives, without an N x M matrix.
 
@@ -139,6 +143,25 @@ def info_nce(
             direction, an entry of row i other than its positive is dropped from the
             softmax when its cosine (dot product without ``normalize``) exceeds that of
             the positive pair plus m. No gradient flows through the decision.
+        guide_anchors, guide_candidates, guide_threshold: a guide model's embeddings
+            (GISTEmbed's guide, DCLR's complementary model), all three or none:
+            ``guide_anchors`` N x Dg (one row per anchor) and ``guide_candidates`` one row
+            per positive and hard negative, in the candidates' order (``[guide
+            positives; guide h[:, 0]; ...]``, N (1 + K) x Dg), any Dg and floating dtype;
+            ``guide_threshold`` a float or N values (row i's). In every direction an
+            entry of row i other than its positive, against a positive or hard negative,
+            is dropped from the softmax when the cosine of the two rows' guide
+            embeddings exceeds ``guide_threshold[i]`` (query_to_doc: guide anchor i
+            against guide candidate j; query_to_query: guide anchors; doc_to_query: guide
+            positive i against guide anchor j; doc_to_doc: guide candidates). Extra and
+            Gaussian negatives are never dropped; no gradient flows into the guide. The
+            guide's products are formed tile by tile in the kernels (no N x M buffer).
+            Not with ``groups``; the Triton kernels do not compute it yet (on CUDA,
+            ``"auto"`` takes the chunked path).
+        doc_to_doc_negatives: with ``"doc_to_doc"``, whether positive i is also scored
+            against the other anchors' hard negatives (True, sentence-transformers'
+            ``MultipleNegativesRankingLoss``) or against the other positives only (False,
+            ``GISTEmbedLoss``'s positive-positive term).
 
     Returns:
         The reduced loss (a scalar), or the N per-row losses for ``reduction="none"``; in
@@ -162,9 +185,10 @@ def info_nce(
         gaussian_weight=gaussian_weight, symmetric=symmetric, reduction=reduction, normalize=normalize, eps=eps,
         backend=backend, backward_strategy=backward_strategy, check_finite=check_finite, directions=directions,
         partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
-        false_negative_margin=false_negative_margin).checked()
+        false_negative_margin=false_negative_margin, doc_to_doc_negatives=doc_to_doc_negatives).checked()
     plan = plan_info_nce(options, anchors, positives, hard_negatives, extra_negatives, labels=labels, groups=groups,
-                         generator=generator)
+                         generator=generator, guide_anchors=guide_anchors, guide_candidates=guide_candidates,
+                         guide_threshold=guide_threshold)
     x = plan.inputs
     if plan.rows is None:  # the dense path
         loss = info_nce_reference(
@@ -172,7 +196,8 @@ def info_nce(
             hard_negative_weight=hard_negative_weight, gaussian_weight=gaussian_weight, labels=labels,
             reduction=reduction, normalize=normalize, eps=eps, groups=groups, directions=options.directions,
             partition_mode=options.partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
-            false_negative_margin=options.margin)
+            false_negative_margin=options.margin, guide_anchors=guide_anchors, guide_candidates=guide_candidates,
+            guide_threshold=guide_threshold, doc_to_doc_negatives=doc_to_doc_negatives)
         return loss.to(output_dtype(x.anchors.dtype))
     per_row = per_row_losses(plan.rows, [plan.columns] if plan.columns is not None else [], plan.same_tower,
                              plan.positive, options.partition_mode)
@@ -227,6 +252,7 @@ class InfoNCELoss(nn.Module):
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
         false_negative_margin: float | None = None,
+        doc_to_doc_negatives: bool = True,
     ) -> None:
         super().__init__()
         LossOptions(temperature=temperature, hard_negative_weight=hard_negative_weight,
@@ -234,7 +260,7 @@ class InfoNCELoss(nn.Module):
                     reduction=reduction, normalize=normalize, eps=eps, backend=backend,
                     backward_strategy=backward_strategy, check_finite=check_finite, directions=directions,
                     partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
-                    false_negative_margin=false_negative_margin).checked()
+                    false_negative_margin=false_negative_margin, doc_to_doc_negatives=doc_to_doc_negatives).checked()
         if isinstance(temperature, torch.Tensor) and not isinstance(temperature, nn.Parameter):
             if not bool(temperature_tensor_ok(temperature)):
                 raise ValueError(f"{TEMPERATURE_TENSOR_MESSAGE}, got {temperature.item()}")
@@ -254,6 +280,7 @@ class InfoNCELoss(nn.Module):
         self.directions, self.partition_mode = tuple(directions), partition_mode
         self.hardness_mode, self.hardness_strength = hardness_mode, float(hardness_strength)
         self.false_negative_margin = false_negative_margin
+        self.doc_to_doc_negatives = doc_to_doc_negatives
 
     def forward(
         self,
@@ -263,7 +290,11 @@ class InfoNCELoss(nn.Module):
         extra_negatives: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         groups: torch.Tensor | None = None,
+        guide_anchors: torch.Tensor | None = None,
+        guide_candidates: torch.Tensor | None = None,
+        guide_threshold: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The loss of one batch; every argument as in :func:`info_nce`."""
         if not self.gaussian_negatives:
             generator = None
         elif torch.compiler.is_compiling():
@@ -278,7 +309,9 @@ class InfoNCELoss(nn.Module):
             normalize=self.normalize, eps=self.eps, backend=self.backend, backward_strategy=self.backward_strategy,
             check_finite=self.check_finite, groups=groups, directions=self.directions,
             partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
-            hardness_strength=self.hardness_strength, false_negative_margin=self.false_negative_margin)
+            hardness_strength=self.hardness_strength, false_negative_margin=self.false_negative_margin,
+            doc_to_doc_negatives=self.doc_to_doc_negatives,
+            guide_anchors=guide_anchors, guide_candidates=guide_candidates, guide_threshold=guide_threshold)
 
     def extra_repr(self) -> str:
         tau = self.temperature if not isinstance(self.temperature, torch.Tensor) else "learnable"
@@ -295,6 +328,8 @@ class InfoNCELoss(nn.Module):
             parts.append(f"hardness_mode={self.hardness_mode!r}, hardness_strength={self.hardness_strength}")
         if self.false_negative_margin is not None:
             parts.append(f"false_negative_margin={self.false_negative_margin}")
+        if not self.doc_to_doc_negatives:
+            parts.append("doc_to_doc_negatives=False")
         parts.append(f"reduction={self.reduction!r}")
         if not self.normalize:
             parts.append("normalize=False")

@@ -58,13 +58,14 @@ from .directions import (
     doc_to_doc_layout, hard_blocks, hardness_fields, margin_thresholds, n_hard_blocks, positive_logits, query_to_query_layout,
 )
 from .gaussian import gaussian_negatives
+from .guide import check_guide, direction_guide
 from .numerics import check_eps, check_flag, check_real, check_temperature_float
 from .ops import dispatch
 from .ops.configs import BACKWARD_STRATEGIES as TRITON_STRATEGIES
 from .ops.configs import ONE_PASS_MIN_ROWS, one_pass_cpu_blocks
 from .ops.configs import backward_strategy as auto_triton_strategy
 from .ops.dispatch import KernelPlan
-from .ops.layout import ColumnLayout
+from .ops.layout import ColumnLayout, GuideMask
 from .ops.utils import accumulator_dtype, cpu_threads, interpreting
 
 BACKENDS = ("auto", "triton", "cpp", "chunked", "dense")
@@ -104,6 +105,7 @@ class LossOptions(NamedTuple):
     hardness_mode: str | None = None
     hardness_strength: float = 0.0
     false_negative_margin: float | None = None
+    doc_to_doc_negatives: bool = True
 
     @classmethod
     def from_keywords(cls, function: str, keywords: dict) -> LossOptions:
@@ -130,7 +132,7 @@ class LossOptions(NamedTuple):
         else:
             check_temperature_float(temperature)
         check_eps(self.eps)
-        for name in ("symmetric", "normalize", "check_finite"):
+        for name in ("symmetric", "normalize", "check_finite", "doc_to_doc_negatives"):
             check_flag(name, getattr(self, name))
         _check_positive("hard_negative_weight", self.hard_negative_weight)
         _check_positive("gaussian_weight", self.gaussian_weight)
@@ -311,6 +313,7 @@ class FunctionArgs(NamedTuple):
     groups: tuple[torch.Tensor, torch.Tensor] | None
     plan: KernelPlan
     thresholds: torch.Tensor | None = None
+    guide: GuideMask | None = None
 
 
 class LossPlan(NamedTuple):
@@ -373,21 +376,26 @@ def kernel_plan(options: LossOptions, layout: ColumnLayout, x: torch.Tensor, n_l
 
 
 def plan_info_nce(options: LossOptions, anchors, positives, hard_negatives=None, extra_negatives=None, *,
-                  labels=None, groups=None, generator=None) -> LossPlan:
+                  labels=None, groups=None, generator=None, guide_anchors=None, guide_candidates=None,
+                  guide_threshold=None) -> LossPlan:
     """The plan of :func:`fastcl.info_nce`: candidates ``[positives; hard blocks; extra;
-    gaussian]``, and the terms of the other directions (:mod:`fastcl.directions`)."""
+    gaussian]``, the terms of the other directions (:mod:`fastcl.directions`) and the
+    guide of each (:mod:`fastcl.guide`)."""
     x, gaussian = check_call(options, anchors, positives, hard_negatives, extra_negatives, labels=labels,
                              groups=groups, generator=generator)
     n, k_blocks = x.anchors.shape[0], n_hard_blocks(x.hard_negatives)
+    guide = check_guide(x.anchors, guide_anchors, guide_candidates, guide_threshold, n * (1 + k_blocks),
+                        eps=options.eps, check_finite=options.check_finite, groups=groups)
     n_extra = x.extra_negatives.shape[0] if x.extra_negatives is not None else 0
     n_docs = n * (1 + k_blocks)
     layout = candidate_layout(options, n_docs, n, n if k_blocks else 0, n_extra, k_blocks)
     directions = set(options.directions)
     # Same-tower terms of a one-row batch have no entry at all: they add nothing.
     same_tower = [d for d in (QUERY_TO_QUERY, DOC_TO_DOC) if d in directions and n > 1]
-    others = [query_to_query_layout(n, n) if d == QUERY_TO_QUERY else doc_to_doc_layout(n, n, k_blocks)
+    d2d_blocks = k_blocks if options.doc_to_doc_negatives else 0  # doc_to_doc against hard negatives too
+    others = [query_to_query_layout(n, n) if d == QUERY_TO_QUERY else doc_to_doc_layout(n, n, d2d_blocks)
               for d in same_tower]
-    needed = frozenset().union(*(dispatch.layout_features(o) for o in others))
+    needed = frozenset().union(*(dispatch.layout_features(o, guide=guide is not None) for o in [layout, *others]))
     grouped = groups is not None
     n_logits = n * (layout.n_cols + (n if DOC_TO_QUERY in directions else 0) + sum(o.n_cols for o in others))
     plan = kernel_plan(options, layout, x.anchors, n_logits, grouped=grouped, needed=needed,
@@ -406,15 +414,18 @@ def plan_info_nce(options: LossOptions, anchors, positives, hard_negatives=None,
     target_rows = k_grad[:n] if targets is None else candidate_rows(k_grad, x.extra_negatives)[targets]
     thresholds = margin_thresholds(q, target_rows, options.margin, eps)
     rows = FunctionArgs(q, k_grad, constant_rows(x.extra_negatives, gaussian), inv_tau, targets, group_ids, plan,
-                        thresholds)
+                        thresholds, guide)
     columns = None
     if DOC_TO_QUERY in directions:
         # Positive j against every anchor; its target, anchor j, is the positive pair.
         columns = FunctionArgs(k_grad[:n], q, None, inv_tau, None, (row_groups, row_groups) if grouped else None,
-                               plan._replace(layout=ColumnLayout.plain(n)), thresholds)
+                               plan._replace(layout=ColumnLayout.plain(n)), thresholds,
+                               direction_guide(guide, DOC_TO_QUERY, n))
     no_target = torch.full((n,), -1, dtype=torch.int64, device=q.device)
-    terms = tuple(FunctionArgs(q if d == QUERY_TO_QUERY else k_grad[:n], q if d == QUERY_TO_QUERY else k_grad, None,
-                               inv_tau, no_target, None, plan._replace(layout=o), thresholds)
+    terms = tuple(FunctionArgs(q if d == QUERY_TO_QUERY else k_grad[:n],
+                               q if d == QUERY_TO_QUERY else k_grad[:n * (1 + d2d_blocks)], None,
+                               inv_tau, no_target, None, plan._replace(layout=o), thresholds,
+                               direction_guide(guide, d, n, n * (1 + d2d_blocks)))
                   for d, o in zip(same_tower, others))
     positive = positive_logits(q, target_rows, inv_tau, eps) if terms else None
     return LossPlan(options, x, gaussian, rows, columns, terms, positive)

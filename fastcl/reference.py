@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ops.layout import HARDNESS_HARD, HARDNESS_IN_BATCH, ColumnLayout
+from .ops.layout import HARDNESS_HARD, HARDNESS_IN_BATCH, ColumnLayout, GuideMask
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -58,6 +58,10 @@ def info_nce_reference(
     hardness_mode: str | None = None,
     hardness_strength: float = 0.0,
     false_negative_margin: float | None = None,
+    guide_anchors: torch.Tensor | None = None,
+    guide_candidates: torch.Tensor | None = None,
+    guide_threshold: float | torch.Tensor | None = None,
+    doc_to_doc_negatives: bool = True,
 ) -> torch.Tensor:
     """InfoNCE with in-batch, hard, extra and Gaussian negatives, computed densely.
 
@@ -73,14 +77,22 @@ def info_nce_reference(
     - query_to_doc: the row above;
     - query_to_query: a_i against every a_j, j != i;
     - doc_to_query: p_i against every a_j;
-    - doc_to_doc: p_i against ``[positives; hard negatives]`` but row i's own ones.
+    - doc_to_doc: p_i against ``[positives; hard negatives]`` but row i's own ones
+      (against the positives alone when ``doc_to_doc_negatives`` is False).
 
     ``hardness_mode`` adds ``hardness_strength * cos`` (no gradient, not divided by the
     temperature) to query_to_doc entries other than the target: ``"in_batch_negatives"``
     those that are not row i's own hard negatives (nor its target), ``"hard_negatives"``
     its own hard negatives, ``"all_negatives"`` all of them. ``false_negative_margin`` m drops, in
     every direction, each entry of row i (other than its positive) whose cosine exceeds
-    ``cos(a_i, c_{t_i}) + m`` (no gradient through the decision). ``symmetric`` is
+    ``cos(a_i, c_{t_i}) + m`` (no gradient through the decision). The guide
+    (``guide_anchors`` N x Dg, ``guide_candidates`` one row per positive and hard
+    negative, ``guide_threshold`` a float or N values) drops, in every direction, each
+    entry of row i (other than its positive) between a row and a positive or hard
+    negative whose guide rows' cosine exceeds ``guide_threshold[i]``: query_to_doc
+    compares guide anchor i with guide candidate j, query_to_query guide anchors with
+    guide anchors, doc_to_query guide candidate i with guide anchor j, doc_to_doc guide
+    candidate i with guide candidate j. ``symmetric`` is
     ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"``.
     Extra and Gaussian negatives receive no gradient. With ``groups`` (one id per
     anchor, shared by its positive and hard negative), a row's positives, hard
@@ -144,23 +156,38 @@ def info_nce_reference(
     if false_negative_margin is not None:
         threshold = sim.detach().gather(1, targets[:, None]) + false_negative_margin  # N x 1
         masked |= (sim.detach() > threshold) & ~is_target
+    d2d_docs = docs if doc_to_doc_negatives else p
+    guide = None
+    if guide_anchors is not None:
+        ga = F.normalize(guide_anchors.detach().to(a.dtype), dim=-1, eps=eps)
+        gd = F.normalize(guide_candidates.detach().to(a.dtype), dim=-1, eps=eps)
+        guide_thr = torch.as_tensor(guide_threshold, dtype=a.dtype, device=device).expand(n)[:, None]
+        guide = {"query_to_doc": ga @ gd.T, "query_to_query": ga @ ga.T, "doc_to_query": gd[:n] @ ga.T,
+                 "doc_to_doc": gd[:n] @ gd[: d2d_docs.shape[0]].T}
+        over = torch.zeros_like(masked)
+        over[:, : docs.shape[0]] = guide["query_to_doc"] > guide_thr
+        masked |= over & ~is_target
     terms = {"query_to_doc": logits.masked_fill(masked, float("-inf"))}
     positive_logit = terms["query_to_doc"].gather(1, targets[:, None])[:, 0]
 
-    def term(sim_d: torch.Tensor, masked_d: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def term(direction: str, sim_d: torch.Tensor, masked_d: torch.Tensor,
+             keep: torch.Tensor | None = None) -> torch.Tensor:
+        dropped = torch.zeros_like(masked_d)
         if threshold is not None:
-            dropped = sim_d.detach() > threshold
-            masked_d = masked_d | (dropped if keep is None else dropped & ~keep)
+            dropped |= sim_d.detach() > threshold
+        if guide is not None:
+            dropped |= guide[direction] > guide_thr
+        masked_d = masked_d | (dropped if keep is None else dropped & ~keep)
         return (sim_d / temperature).masked_fill(masked_d, float("-inf"))
 
     eye = rows[:, None] == rows[None, :]
     if "query_to_query" in directions:
-        terms["query_to_query"] = term(a @ a.T, eye)
+        terms["query_to_query"] = term("query_to_query", a @ a.T, eye)
     if "doc_to_query" in directions:
         other_group = groups[:, None] != groups[None, :] if groups is not None else torch.zeros_like(eye)
-        terms["doc_to_query"] = term(p @ a.T, other_group, keep=eye)  # (p_i, a_i) is the positive pair
+        terms["doc_to_query"] = term("doc_to_query", p @ a.T, other_group, keep=eye)  # (p_i, a_i) is the positive pair
     if "doc_to_doc" in directions:
-        terms["doc_to_doc"] = term(p @ docs.T, own_docs[:, : docs.shape[0]])
+        terms["doc_to_doc"] = term("doc_to_doc", p @ d2d_docs.T, own_docs[:, : d2d_docs.shape[0]])
     if partition_mode == "joint":
         log_z = _logsumexp_rows(torch.cat(list(terms.values()), dim=1))
     else:
@@ -191,14 +218,15 @@ def layout_logits_reference(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     thresholds: torch.Tensor | None = None,
     normalize_eps: float | None = None,
+    guide: GuideMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The dense ``(similarity, logits, targets)`` of queries ``q`` (N x D) against the
     columns ``k`` (M x D) under ``layout``, with the arguments of the fused kernels
     (:class:`~fastcl.ops.layout.ColumnLayout` states every rule): ``targets`` (None: row
     i's target is column i; -1: none), ``groups`` (row ids, column ids of the first
     ``n_grad_cols`` columns), ``thresholds`` (the false-negative margin's per-row
-    thresholds) and ``normalize_eps`` (None: rows as given, else normalized as
-    ``F.normalize(x, dim=-1, eps=normalize_eps)``). Columns from ``n_grad_cols`` on are
+    thresholds), ``normalize_eps`` (None: rows as given, else normalized as
+    ``F.normalize(x, dim=-1, eps=normalize_eps)``) and ``guide`` (the guide rule). Columns from ``n_grad_cols`` on are
     constants (detached). Half-precision rows are computed in float32."""
     q, k = _upcast(q), _upcast(k)
     k = torch.cat([k[: layout.n_grad_cols], k[layout.n_grad_cols:].detach()])
@@ -227,6 +255,10 @@ def layout_logits_reference(
         masked = masked | torch.cat([other, torch.zeros_like(masked[:, layout.n_grad_cols:])], dim=1)
     if thresholds is not None:
         masked = masked | ((sim.detach() > thresholds.detach()[:, None]) & ~is_target)
+    if guide is not None:
+        over = torch.zeros_like(masked)
+        over[:, : layout.n_grad_cols] = guide.rows @ guide.cols.T > guide.thresholds[:, None]
+        masked = masked | (over & ~is_target)
     return sim, logits.masked_fill(masked, float("-inf")), targets
 
 
@@ -239,13 +271,15 @@ def layout_loss_reference(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     thresholds: torch.Tensor | None = None,
     normalize_eps: float | None = None,
+    guide: GuideMask | None = None,
 ) -> torch.Tensor:
     """The per-row values the fused kernels return, densely: ``lse_i - logit[i, t_i]``
     (``lse_i`` alone where ``t_i`` is -1; -inf for a row with no unmasked entry), from
     :func:`layout_logits_reference`'s logits. Differentiable with respect to ``q``, the
     first ``layout.n_grad_cols`` rows of ``k`` and a tensor ``inv_tau``: what every
     backend's gradients are tested against."""
-    _, logits, targets = layout_logits_reference(q, k, inv_tau, layout, targets, groups, thresholds, normalize_eps)
+    _, logits, targets = layout_logits_reference(q, k, inv_tau, layout, targets, groups, thresholds, normalize_eps,
+                                                guide)
     picked = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
     target_logit = torch.where(targets >= 0, picked, torch.zeros_like(picked))
     return _logsumexp_rows(logits) - target_logit

@@ -24,7 +24,9 @@ Every configuration of the sentence-transformers loss is computed: K negative co
 (``hard_negatives`` N x K x D), ``directions``, ``partition_mode``, ``hardness_mode`` and
 ``hardness_strength`` are fastcl's keywords of the same names (:func:`loss_options` is the
 one place that maps them); ``similarity_fct`` other than ``cos_sim`` / ``dot_score``
-raises ``ValueError``.
+raises ``ValueError``. ``GISTEmbedLoss`` and ``CachedGISTEmbedLoss`` are fastcl's guide
+mask (``guide_anchors``, ``guide_candidates``, ``guide_threshold``), formed tile by tile
+in the kernels.
 
 This module imports sentence-transformers; ``import fastcl`` never does.
 """
@@ -40,13 +42,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 try:
+    from sentence_transformers.base.losses.merged_forward import embed_columns
+    from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss as _STCachedGISTEmbedLoss
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss as _STCachedMultipleNegativesRankingLoss,
     )
+    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss as _STGISTEmbedLoss
     from sentence_transformers.sentence_transformer.losses import (
         MultipleNegativesRankingLoss as _STMultipleNegativesRankingLoss,
     )
-    from sentence_transformers.util import cos_sim, dot_score, pytorch_cos_sim, similarity_fct_name
+    from sentence_transformers.util import batch_to_device, cos_sim, dot_score, pytorch_cos_sim, similarity_fct_name
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "fastcl.sentence_transformers needs sentence-transformers >= 6.2: "
@@ -60,7 +65,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss",
-    "loss_options",
+    "GISTEmbedLoss", "CachedGISTEmbedLoss", "loss_options",
 ]
 
 SYMMETRIC_DIRECTIONS = ("query_to_doc", "doc_to_query")
@@ -249,3 +254,116 @@ class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRanking
                          mini_batch_num_tokens=mini_batch_num_tokens, gather_across_devices=gather_across_devices,
                          directions=SYMMETRIC_DIRECTIONS, partition_mode="per_direction",
                          show_progress_bar=show_progress_bar)
+
+
+# ------------------------------------------------------------------- GISTEmbed
+
+
+def _guide_features(loss, sentence_features: list[dict]) -> list[dict]:
+    """The guide's inputs: the model's features (shallow copies: the guide writes into
+    the dicts it is given), or, when the guide reads other tokens (``must_retokenize``),
+    the texts decoded with the model's tokenizer and encoded with the guide's, as
+    sentence-transformers does."""
+    if not loss.must_retokenize:
+        return [dict(feature) for feature in sentence_features]
+    guide_features = []
+    for feature in sentence_features:
+        input_ids = feature["input_ids"]
+        if "cu_seq_lens_q" in feature:  # packed rows: one flat sequence and its boundaries
+            flat, bounds = input_ids[0].tolist(), feature["cu_seq_lens_q"].tolist()
+            input_ids = [flat[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+        decoded = loss.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        guide_features.append(batch_to_device(loss.guide.preprocess(decoded), loss.guide.device))
+    return guide_features
+
+
+def gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tensor]) -> Tensor:
+    """GISTEmbed's loss of the columns' embeddings ``[anchors, positives, negatives...]``
+    and the guide's embeddings of the same columns, with ``loss``'s hyperparameters
+    (``temperature``, ``margin_strategy``, ``margin``, ``contrast_anchors``,
+    ``contrast_positives``, ``gather_across_devices``): fastcl's loss with the guide mask,
+    row i's threshold the guide's positive cosine less the margin."""
+    if len(guide_embeddings) != len(embeddings):
+        raise ValueError("the model's and the guide's embeddings must have the same columns")
+    if loss.gather_across_devices and dist.is_available() and dist.is_initialized():
+        raise ValueError("gather_across_devices=True under torch.distributed: fastcl's gathered loss does not take "
+                         "a guide yet; use gather_across_devices=False (each process's batch) or "
+                         "sentence_transformers.losses.GISTEmbedLoss")
+    if loss.gather_across_devices:
+        _warn_not_distributed()
+    guide_anchors, guide_positives = guide_embeddings[0], guide_embeddings[1]
+    with torch.no_grad():
+        positive = torch.nn.functional.cosine_similarity(guide_anchors, guide_positives, dim=-1)
+        margin = loss.margin if loss.margin_strategy == "absolute" else positive.abs() * loss.margin
+        threshold = positive - margin
+    directions = (("query_to_doc",) + (("query_to_query",) if loss.contrast_anchors else ())
+                  + (("doc_to_doc",) if loss.contrast_positives else ()))
+    options = dict(directions=directions, doc_to_doc_negatives=False) if len(directions) > 1 else {}
+    # check_finite=False: as sentence-transformers, a non-finite embedding gives a NaN loss.
+    return info_nce(embeddings[0], embeddings[1], _negatives(list(embeddings[2:])), temperature=loss.temperature,
+                    guide_anchors=guide_anchors, guide_candidates=torch.cat(list(guide_embeddings[1:])),
+                    guide_threshold=threshold, check_finite=False, **options)
+
+
+class GISTEmbedLoss(_STGISTEmbedLoss):
+    """sentence-transformers' ``GISTEmbedLoss`` (Solatorio 2024), computed by fastcl.
+
+    The same arguments, columns ((anchor, positive) pairs or (anchor, positive, negative)
+    triplets), loss and gradients as the sentence-transformers class (see its
+    documentation), with no batch x batch matrix: row i scores anchor i against every
+    positive and negative, against the other anchors (``contrast_anchors``) and
+    positive i against the other positives (``contrast_positives``), in one softmax; an
+    entry other than the positive pair is dropped when the guide model's cosine of its
+    two texts exceeds the guide's cosine of pair i less the margin (``"absolute"``:
+    ``g_i - margin``; ``"relative"``: ``g_i - |g_i| margin``). This is fastcl's guide
+    mask (:func:`fastcl.info_nce`'s ``guide_anchors``, ``guide_candidates`` and
+    ``guide_threshold``, with ``directions`` query_to_doc, query_to_query, doc_to_doc
+    and ``doc_to_doc_negatives=False``), formed tile by tile in the kernels.
+
+    One difference: sentence-transformers keeps each row's self similarity (anchor i
+    with itself, positive i with itself) as a column that only the guide can drop, and
+    the guide drops it unless it scores pair i as a duplicate (guide cosine 1, with
+    margin 0 or below); fastcl never scores a row against itself. The two agree
+    whenever the guide's positive cosine less the margin is below 1.
+
+    When the guide's tokenizer differs from the model's (or its ``max_seq_length`` is
+    shorter), the texts are decoded with the model's tokenizer and encoded with the
+    guide's, as sentence-transformers does. ``gather_across_devices=True`` under
+    torch.distributed is refused for now (without it, each process's batch).
+    """
+
+    def forward(self, sentence_features, labels: Tensor | None = None) -> Tensor:
+        sentence_features = list(sentence_features)
+        guide_features = _guide_features(self, sentence_features)
+        embeddings = embed_columns(self.model, sentence_features)
+        with torch.no_grad():
+            guide_embeddings = embed_columns(self.guide, guide_features)
+        if len(embeddings) not in (2, 3):
+            raise ValueError(f"Expected 2 or 3 embeddings, got {len(embeddings)}")
+        return gist_loss(self, embeddings, guide_embeddings)
+
+
+class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
+    """sentence-transformers' ``CachedGISTEmbedLoss`` (GradCache), computed by fastcl.
+
+    The gradient caching and the guide's embeddings are sentence-transformers' own (the
+    mini-batches are embedded without gradients, the guide beside them); the loss stage
+    is :func:`gist_loss` over the whole batch, as :class:`GISTEmbedLoss` computes it (its
+    documentation states the one difference), so ``mini_batch_size`` and
+    ``mini_batch_num_tokens`` bound the encoder's memory only. Any number of negative
+    columns.
+    """
+
+    def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
+                       with_backward: bool = False) -> Tensor:
+        """The loss over the whole batch from the per-mini-batch embeddings of the model
+        (``reps[column]``) and of the guide (``reps_guided[column]``). With
+        ``with_backward`` the gradients of the embeddings are left in their ``.grad`` and
+        the detached loss is returned."""
+        if len(reps) != len(reps_guided):
+            raise ValueError("reps and reps_guided must have the same length")
+        loss = gist_loss(self, [torch.cat(column) for column in reps], [torch.cat(column) for column in reps_guided])
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss

@@ -9,6 +9,7 @@ under the RNG states of their first pass.
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import subprocess
@@ -379,6 +380,8 @@ TRAINER_LOSSES = {
     "matryoshka-mnrl": lambda m: st.MatryoshkaLoss(m, fst.MultipleNegativesRankingLoss(m), [32, 16]),
     "matryoshka-cached": lambda m: st.MatryoshkaLoss(m, fst.CachedMultipleNegativesRankingLoss(m, mini_batch_size=8),
                                                      [32, 16]),
+    "gist": lambda m: fst.GISTEmbedLoss(m, copy.deepcopy(m), margin=0.05),  # the model's start as the guide
+    "cached-gist": lambda m: fst.CachedGISTEmbedLoss(m, copy.deepcopy(m), mini_batch_size=8),
 }
 
 
@@ -413,3 +416,71 @@ def test_trainer_trains_saves_and_loads(model_dirs, tmp_path, make_loss):
     model.eval()
     torch.testing.assert_close(loaded.encode(sentences, convert_to_tensor=True),
                                model.encode(sentences, convert_to_tensor=True), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------- GISTEmbed
+
+
+@pytest.fixture(scope="module")
+def guide_dir(tmp_path_factory):
+    return str(save_tiny_bert(tmp_path_factory.mktemp("tiny_guide") / "guide", dropout=0.0, seed=7))
+
+
+@pytest.fixture
+def guide(guide_dir):
+    return load(guide_dir)
+
+
+GIST_OPTIONS = {
+    "default": dict(),
+    "absolute-0.1": dict(margin=0.1),
+    "relative-0.1": dict(margin_strategy="relative", margin=0.1),
+    "no-contrast": dict(contrast_anchors=False, contrast_positives=False, temperature=0.05),
+    "anchors-only": dict(contrast_positives=False),
+    "positives-only": dict(contrast_anchors=False, margin=0.1),
+}
+
+
+@pytest.mark.parametrize("n_columns", [2, 3], ids=["pairs", "triplets"])
+@pytest.mark.parametrize("options", GIST_OPTIONS.values(), ids=GIST_OPTIONS.keys())
+def test_gist_equals_sentence_transformers(model, guide, n_columns, options):
+    ours = loss_and_grads(model, fst.GISTEmbedLoss(model, guide, **options), n_columns)
+    assert_same(ours, loss_and_grads(model, st.GISTEmbedLoss(model, guide, **options), n_columns))
+    if n_columns == 3:  # the guide masks something: without it (a threshold no cosine reaches) the loss differs
+        unguided = {k: v for k, v in options.items() if k not in ("margin", "margin_strategy")}
+        loss = fst.GISTEmbedLoss(model, guide, margin=-3.0, **unguided)(features(model, n_columns), None)
+        assert abs(ours[0].item() - loss.item()) > 1e-6
+
+
+def test_gist_guide_with_another_tokenization_equals_sentence_transformers(model, guide):
+    guide.max_seq_length = 12  # shorter than the model's: sentence-transformers re-tokenizes the texts
+    ours_loss, theirs_loss = fst.GISTEmbedLoss(model, guide), st.GISTEmbedLoss(model, guide)
+    assert ours_loss.must_retokenize and theirs_loss.must_retokenize
+    assert_same(loss_and_grads(model, ours_loss, 3), loss_and_grads(model, theirs_loss, 3))
+
+
+@pytest.mark.parametrize("n_columns", [2, 3, 5], ids=["pairs", "triplets", "K3"])
+@pytest.mark.parametrize("mini_batch_size", [2, 32])
+def test_cached_gist_equals_sentence_transformers(model, guide, n_columns, mini_batch_size):
+    options = dict(mini_batch_size=mini_batch_size, margin=0.05)
+    assert_same(loss_and_grads(model, fst.CachedGISTEmbedLoss(model, guide, **options), n_columns),
+                loss_and_grads(model, st.CachedGISTEmbedLoss(model, guide, **options), n_columns))
+
+
+@pytest.mark.parametrize("name, options", [("GISTEmbedLoss", dict(margin=0.1, contrast_anchors=False)),
+                                           ("CachedGISTEmbedLoss", dict(mini_batch_size=4, temperature=0.05))])
+def test_gist_config_and_citation_as_sentence_transformers(model, guide, name, options):
+    ours, theirs = getattr(fst, name)(model, guide, **options), getattr(st, name)(model, guide, **options)
+    assert isinstance(ours, type(theirs))
+    assert ours.get_config_dict() == theirs.get_config_dict()
+    assert getattr(ours, "citation", None) == getattr(theirs, "citation", None)  # the cached one has none
+
+
+def test_gist_refusals(model, guide):
+    with pytest.raises(ValueError, match="margin_strategy"):
+        fst.GISTEmbedLoss(model, guide, margin_strategy="percent")
+    loss = fst.GISTEmbedLoss(model, guide)
+    with pytest.raises(ValueError, match="Expected 2 or 3 embeddings"):
+        loss(features(model, 4), None)
+    with pytest.raises(ValueError, match="same columns"):
+        fst.gist_loss(loss, [torch.zeros(3, 4)] * 2, [torch.zeros(3, 4)] * 3)

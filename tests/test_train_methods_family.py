@@ -20,7 +20,6 @@ from fastcl.train import cli, trainer as trainer_module
 from fastcl.train.config import TrainConfig
 from fastcl.train.data import tokenize_rows
 from fastcl.train.methods import build_method
-from fastcl.train.methods import dclr as dclr_module
 from fastcl.train.methods.dclr import ascend_noise, dclr_loss, dclr_loss_reference
 from fastcl.train.methods.sgbert import others_logsumexp, pool_layers, sg_opt_loss
 from fastcl.train.methods.tacl import tacl_mask
@@ -134,8 +133,10 @@ def test_neighbourhood_info_nce_matches_dense(backend):
         torch.testing.assert_close(g, t.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["dense", "chunked", pytest.param("cpp", marks=pytest.mark.skipif(
+    not native.available(), reason="the native extension is not built"))])
 @pytest.mark.parametrize("with_noise", [True, False])
-def test_dclr_loss_blockwise_matches_dense_and_keeps_blocks_small(with_noise, monkeypatch):
+def test_dclr_loss_matches_dense(with_noise, backend):
     torch.manual_seed(4)
     n, m = 10, 7
     a = torch.randn(n, 6, dtype=torch.float64, requires_grad=True)
@@ -143,15 +144,7 @@ def test_dclr_loss_blockwise_matches_dense_and_keeps_blocks_small(with_noise, mo
     noise = torch.randn(m, 6, dtype=torch.float64) if with_noise else None
     g = torch.randn(n, 3, dtype=torch.float64)
     g[3] = g[7]  # a certain false negative both ways
-    seen = []
-    real = dclr_module._block_loss
-
-    def recording(a_block, c_all, *rest):
-        seen.append((a_block.shape[0], c_all.shape[0]))
-        return real(a_block, c_all, *rest)
-
-    monkeypatch.setattr(dclr_module, "_block_loss", recording)
-    got = dclr_loss(a, c, noise, g, g, 0.3, 0.05, block_rows=3)
+    got = dclr_loss(a, c, noise, g, g, 0.3, 0.05, backend=backend)
     got.backward()
     ga, gc = a.grad.clone(), c.grad.clone()
     a.grad = c.grad = None
@@ -160,8 +153,6 @@ def test_dclr_loss_blockwise_matches_dense_and_keeps_blocks_small(with_noise, mo
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ga, a.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gc, c.grad, rtol=1e-9, atol=1e-12)
-    # forward and the recomputation in the backward: never more than 3 rows at once
-    assert seen and max(rows for rows, _ in seen) == 3 and all(cols == n for _, cols in seen)
     # the mask does something: some pair above 0.3, and the loss differs without it
     assert float((_unit(g) @ _unit(g).T).fill_diagonal_(-1).max()) > 0.3
     assert abs(float(dclr_loss_reference(a, c, noise, g, g, 1.0, 0.05)) - float(want.detach())) > 1e-3

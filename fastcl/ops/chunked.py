@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .group_ranges import row_block_tile_ranges
-from .layout import HARDNESS_ALL, HARDNESS_HARD, ColumnLayout
+from .layout import HARDNESS_ALL, HARDNESS_HARD, ColumnLayout, GuideMask
 from .normalize import row_scales
 from .utils import accumulator_dtype
 
@@ -81,11 +81,11 @@ def _positions(cols: _Columns, col_index: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_logits(q_chunk, cols: _Columns, params, row0, layout: ColumnLayout, groups, norms, tgt,
-                  thresholds=None):
+                  thresholds=None, guide: GuideMask | None = None):
     """(similarity, logits) of rows [row0, row0 + len(q_chunk)) against the chunk's
     columns, in the accumulator dtype, with -inf where a column is not a candidate of the
     row (itself, another group, an own document under a -inf weight, a dropped false
-    negative); ``tgt`` are the rows' target positions among the chunk's columns (-1: none)."""
+    negative, a pair the guide drops); ``tgt`` are the rows' target positions among the chunk's columns (-1: none)."""
     n_chunk = q_chunk.shape[0]
     s = q_chunk @ cols.k.T
     if norms is not None:  # raw products to cosines
@@ -103,7 +103,7 @@ def _chunk_logits(q_chunk, cols: _Columns, params, row0, layout: ColumnLayout, g
             logits[:, layout.gauss_start:] += params[2]
         else:
             logits[:, cols.ids >= layout.gauss_start] += params[2]
-    if layout.penalized or thresholds is not None:
+    if layout.penalized or thresholds is not None or guide is not None:
         col_ids = cols.ids if cols.ids is not None else torch.arange(s.shape[1], device=s.device)
         not_target = col_ids[None, :] != _global(cols, tgt)[:, None]
     if layout.penalized:
@@ -126,6 +126,10 @@ def _chunk_logits(q_chunk, cols: _Columns, params, row0, layout: ColumnLayout, g
     if thresholds is not None:
         dropped = (s > thresholds[row0:row0 + n_chunk, None].to(s.dtype)) & not_target
         logits.masked_fill_(dropped, float("-inf"))
+    if guide is not None:  # the chunk's gradient columns come first
+        guide_cols = guide.cols if cols.ids is None else guide.cols[cols.ids[:cols.n_grad]]
+        over = guide.rows[row0:row0 + n_chunk] @ guide_cols.T > guide.thresholds[row0:row0 + n_chunk, None]
+        logits[:, :cols.n_grad].masked_fill_(over & not_target[:, :cols.n_grad], float("-inf"))
     return s, logits
 
 
@@ -151,7 +155,8 @@ def _target_logits(logits, tgt):
     return torch.where(tgt >= 0, picked, torch.zeros_like(picked))
 
 
-def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None, thresholds=None):
+def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None, thresholds=None,
+                    guide: GuideMask | None = None):
     """Per-row ``(lse, target_logit)`` in the accumulator dtype; see infonce_forward."""
     n_rows = q.shape[0]
     acc = accumulator_dtype(q.dtype)
@@ -165,14 +170,15 @@ def chunked_forward(q, k, params, targets, layout: ColumnLayout, groups=None, no
         q_chunk = q[row0:row0 + step]
         cols = _chunk_columns(k, norms, bounds[row0 // step] if bounds else None, layout)
         tgt = _chunk_targets(targets, row0, q_chunk.shape[0], cols, q.device)
-        _, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms, tgt, thresholds)
+        _, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms, tgt, thresholds, guide)
         lse[row0:row0 + step] = torch.logsumexp(logits, dim=1)
         target_logit[row0:row0 + step] = _target_logits(logits, tgt)
     return lse, target_logit
 
 
 def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
-                     need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None, thresholds=None):
+                     need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None, thresholds=None,
+                     guide: GuideMask | None = None):
     """``(dq, dk, row_dot)`` with the same meaning as infonce_backward."""
     n_rows, dim = q.shape
     in_dtype, acc = q.dtype, accumulator_dtype(q.dtype)
@@ -191,7 +197,7 @@ def chunked_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows
         n_chunk = q_chunk.shape[0]
         cols = _chunk_columns(k, norms, bounds[row0 // step] if bounds else None, layout)
         tgt = _chunk_targets(targets, row0, n_chunk, cols, q.device)
-        s, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms, tgt, thresholds)
+        s, logits = _chunk_logits(q_chunk, cols, params, row0, layout, groups, norms, tgt, thresholds, guide)
         # A row with every entry masked (lse -inf) has probabilities 0, not exp(-inf - -inf).
         row_lse = lse[row0:row0 + step, None]
         dlogits = torch.exp(logits - row_lse.masked_fill(torch.isneginf(row_lse), 0.0))

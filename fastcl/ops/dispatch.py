@@ -40,8 +40,9 @@ class Kernels(NamedTuple):
     ``(lse, target_logit)``, and ``backward(q, k, params, targets, layout, lse, grad_rows,
     need_dq=True, need_dk=True, groups=None, normalize_eps=None)`` returns ``(dq, dk,
     row_dot)``. Entries that compute the false-negative margin (:data:`FEATURES`) also
-    take ``thresholds=`` (one per row, see :class:`~fastcl.ops.layout.ColumnLayout`); the
-    others are never handed it. An entry whose ``backward`` is None forms the gradients
+    take ``thresholds=`` (one per row, see :class:`~fastcl.ops.layout.ColumnLayout`), and
+    those that compute the guide rule ``guide=`` (a :class:`~fastcl.ops.layout.GuideMask`);
+    the others are never handed them. An entry whose ``backward`` is None forms the gradients
     in its forward: ``forward(..., need_dq=..., need_dk=...)`` then returns ``(loss_rows, dq, dk,
     row_dot)`` for incoming row gradients of 1, and the autograd Function scales them by
     the incoming gradient (which is uniform: the plan offers such strategies only to
@@ -120,12 +121,14 @@ GRADIENTS_IN_FORWARD: frozenset[str] = frozenset({"one_pass"})
 #: needs each (the name a refusal gives): several hard negatives per row
 #: (``ColumnLayout.n_hard_blocks`` > 1), a -inf ``log_hard_weight`` (a document's own
 #: documents masked in doc_to_doc), the hardness penalty (``hardness_mode``), and the
-#: false-negative margin (per-row ``thresholds``, with rows that may end up fully masked).
+#: false-negative margin (per-row ``thresholds``, with rows that may end up fully masked)
+#: and the guide rule (a second model's rows and per-row thresholds).
 LAYOUT_FEATURES: dict[str, str] = {
     "hard_blocks": "hard_negatives with K > 1 per anchor (N x K x D)",
     "masked_hard": "directions with 'doc_to_doc'",
     "hardness": "hardness_mode",
     "margin": "false_negative_margin",
+    "guide": "guide_anchors / guide_candidates (the guide mask)",
 }
 
 #: Which of :data:`LAYOUT_FEATURES` each backend computes: the one place to change when
@@ -133,13 +136,14 @@ LAYOUT_FEATURES: dict[str, str] = {
 FEATURES: dict[str, frozenset[str]] = {
     "chunked": frozenset(LAYOUT_FEATURES),
     "cpp": frozenset(LAYOUT_FEATURES),  # forward, recomputing backward and one pass alike
-    "triton": frozenset(LAYOUT_FEATURES),  # forward, slab and workspace backwards, one pass
+    # forward, slab and workspace backwards, one pass; not yet the guide
+    "triton": frozenset(LAYOUT_FEATURES) - {"guide"},
 }
 
 
-def layout_features(layout: ColumnLayout, margin: bool = False) -> frozenset[str]:
+def layout_features(layout: ColumnLayout, margin: bool = False, guide: bool = False) -> frozenset[str]:
     """The names of :data:`LAYOUT_FEATURES` that ``layout`` (and per-row thresholds, if
-    ``margin``) need."""
+    ``margin``; the guide rule, if ``guide``) need."""
     needed = set()
     if layout.n_hard > 0 and layout.n_hard_blocks > 1:
         needed.add("hard_blocks")
@@ -149,6 +153,8 @@ def layout_features(layout: ColumnLayout, margin: bool = False) -> frozenset[str
         needed.add("hardness")
     if margin:
         needed.add("margin")
+    if guide:
+        needed.add("guide")
     return frozenset(needed)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import KernelPlan, kernels
-from .layout import ColumnLayout
+from .layout import ColumnLayout, GuideMask
 from .utils import accumulator_dtype
 
 
@@ -43,7 +43,8 @@ class InfoNCEFunction(torch.autograd.Function):
     :class:`~fastcl.ops.dispatch.KernelPlan` (its layout describes ``[k_grad; k_const]``),
     and optionally ``thresholds``: the false-negative margin's per-row thresholds on the
     similarity (see :class:`~fastcl.ops.layout.ColumnLayout`; no gradient), handed to the
-    kernels only when given. A target of -1 means no target: the row's value is its
+    kernels only when given, and optionally ``guide``: the guide rule's
+    :class:`~fastcl.ops.layout.GuideMask` (detached, no gradient), likewise. A target of -1 means no target: the row's value is its
     log-sum-exp (-inf when every entry is masked; such a row gets no gradient).
     With ``plan.normalize_eps`` the rows are raw, and their gradients are with respect to
     the raw rows; no backend keeps the unit rows or their gradients.
@@ -51,11 +52,14 @@ class InfoNCEFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k_grad, k_const, inv_tau, targets, groups, plan: KernelPlan, thresholds=None):
+    def forward(ctx, q, k_grad, k_const, inv_tau, targets, groups, plan: KernelPlan, thresholds=None,
+                guide: GuideMask | None = None):
         k = k_grad if k_const is None else torch.cat([k_grad, k_const])
-        # Kernels that do not know the margin are never handed it (the plan routes calls
-        # with thresholds to backends that compute them).
+        # Kernels that do not know the margin or the guide are never handed them (the plan
+        # routes such calls to backends that compute them).
         extra = {} if thresholds is None else {"thresholds": thresholds.detach()}
+        if guide is not None:
+            extra["guide"] = GuideMask(*(x.detach() for x in guide))
         params = kernel_params(inv_tau, plan.layout, q.dtype)
         entry = kernels(q.device.type, plan.backend, plan.backward)
         ctx.plan, ctx.groups, ctx.inv_tau_dtype = plan, groups, inv_tau.dtype
@@ -70,7 +74,8 @@ class InfoNCEFunction(torch.autograd.Function):
             return loss_rows
         lse, target_logit = entry.forward(q, k, params, targets, plan.layout, groups=groups,
                                           normalize_eps=plan.normalize_eps, **extra)
-        ctx.save_for_backward(q, k, params, targets, lse, extra.get("thresholds"))
+        ctx.save_for_backward(q, k, params, targets, lse, extra.get("thresholds"),
+                              *(extra["guide"] if guide is not None else (None, None, None)))
         return lse - target_logit
 
     @staticmethod
@@ -80,13 +85,15 @@ class InfoNCEFunction(torch.autograd.Function):
         if ctx.one_pass:
             dq, dk, row_dot = _scaled(ctx.saved_tensors, grad_rows, ctx.dtypes)
         else:
-            q, k, params, targets, lse, thresholds = ctx.saved_tensors
+            q, k, params, targets, lse, thresholds, *guide = ctx.saved_tensors
             extra = {} if thresholds is None else {"thresholds": thresholds}
+            if guide[0] is not None:
+                extra["guide"] = GuideMask(*guide)
             backward = kernels(q.device.type, plan.backend, plan.backward).backward
             dq, dk, row_dot = backward(q, k, params, targets, plan.layout, lse, grad_rows, need_dq=need_q or need_tau,
                                        need_dk=need_k, groups=ctx.groups, normalize_eps=plan.normalize_eps, **extra)
         d_inv_tau = row_dot.sum().to(ctx.inv_tau_dtype) if need_tau else None
-        return (dq if need_q else None), (dk if need_k else None), None, d_inv_tau, None, None, None, None
+        return (dq if need_q else None), (dk if need_k else None), None, d_inv_tau, None, None, None, None, None
 
 
 def _graph_is_kept() -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
 #: ``ColumnLayout.hardness_mode`` values: which entries of row i get the hardness penalty
 #: (see :class:`ColumnLayout`). Ints, so that every kernel can take them as they are.
 HARDNESS_NONE = 0
@@ -14,6 +16,16 @@ HARDNESS_ALL = 3  # every column but the row's target
 #: The loss's ``hardness_mode`` names, by code.
 HARDNESS_MODES = {"in_batch_negatives": HARDNESS_IN_BATCH, "hard_negatives": HARDNESS_HARD,
                   "all_negatives": HARDNESS_ALL}
+
+
+class GuideMask(NamedTuple):
+    """The guide rule's tensors (see :class:`ColumnLayout`), all detached and in the
+    accumulator dtype: ``rows`` (N x Dg unit rows, one per query row), ``cols`` (G x Dg
+    unit rows, one per gradient column) and ``thresholds`` (N)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    thresholds: torch.Tensor
 
 
 class ColumnLayout(NamedTuple):
@@ -57,7 +69,7 @@ class ColumnLayout(NamedTuple):
         logit_ij = sim_ij * inv_tau + [own hard] log_hard_weight
                    + [j >= gauss_start] log_gauss_weight + [penalized] s * sim_ij
 
-    Two rules live outside the layout because they are per-row tensors, passed to the
+    Three rules live outside the layout because they are per-row tensors, passed to the
     kernels as arguments:
 
     - ``targets``: a target of -1 matches no column; the row's target logit is then 0
@@ -67,6 +79,13 @@ class ColumnLayout(NamedTuple):
       row, in the accumulator dtype. Entry (i, j) with j != t_i and ``sim_ij >
       thresholds[i]`` is masked (-inf). The decision takes no gradient; the target entry
       is never dropped.
+    - ``guide`` (a :class:`GuideMask`; None: off): a second model's opinion of each pair.
+      Its unit rows ``guide.rows`` (one per row of q) and ``guide.cols`` (one per
+      gradient column: G = ``n_grad_cols``), and one threshold per row. Entry (i, j) with
+      j != t_i and j < G is masked (-inf) when ``guide.rows_i . guide.cols_j >
+      guide.thresholds[i]``. The guide product is formed tile by tile where the entry's
+      logit is (never an N x M buffer); it takes no gradient; constant columns (extra
+      and Gaussian negatives) and the target entry are never masked by it.
 
     A row whose every entry is masked has log-sum-exp -inf and gets no gradient at all:
     kernels must give its probabilities as 0 (never exp(-inf - -inf)).

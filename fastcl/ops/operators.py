@@ -17,10 +17,12 @@ tensors: a schema takes no tuples)::
 
 ``layout9`` is the layout's first nine fields (:data:`N_LAYOUT_FIELDS`), ``trailing``
 the arguments with defaults ``normalize_eps=None, n_hard_blocks=1, hardness_mode=0,
-hardness_strength=0., thresholds=None``: the layout's per-entry rules
-(:data:`RULE_FIELDS`) and the false-negative margin's per-row thresholds. The CPU
-kernels compute them; the CUDA kernels (Triton) refuse any value but the default, and
-the plan never sends them one (fastcl.ops.dispatch.FEATURES).
+hardness_strength=0., thresholds=None, guide_rows=None, guide_cols=None,
+guide_thresholds=None``: the layout's per-entry rules (:data:`RULE_FIELDS`), the
+false-negative margin's per-row thresholds and the guide rule's tensors
+(:class:`~fastcl.ops.layout.GuideMask`). The CPU kernels compute them all; the CUDA
+kernels (Triton) compute all but the guide, which they refuse, and the plan never sends
+them one (fastcl.ops.dispatch.FEATURES).
 
 The last is the one pass for a loss reduced to a scalar: the per-row losses together with
 the gradients for every row's incoming gradient ``row_weight``, in the accumulator dtype
@@ -49,16 +51,17 @@ import torch
 
 from .. import native
 from .configs import one_pass_cpu_blocks
-from .layout import ColumnLayout
+from .layout import ColumnLayout, GuideMask
 from .utils import accumulator_dtype, cpu_threads
 
 _LAYOUT_SCHEMA = ("int n_cols, int n_grad_cols, int hard_start, int n_hard, int gauss_start, float log_hard_weight, "
                   "float log_gauss_weight, int self_start, int n_self, Tensor? row_groups, Tensor? key_groups")
 #: The trailing arguments of every operator: the fused normalization's eps, the layout's
-#: per-entry rules (its fields after the first nine) and the false-negative margin's
-#: per-row thresholds. Their defaults leave the nine-field operators as they were.
+#: per-entry rules (its fields after the first nine), the false-negative margin's
+#: per-row thresholds and the guide rule's three tensors. Their defaults leave the nine-field operators as they were.
 _RULES_SCHEMA = ("float? normalize_eps=None, int n_hard_blocks=1, int hardness_mode=0, float hardness_strength=0., "
-                 "Tensor? thresholds=None")
+                 "Tensor? thresholds=None, Tensor? guide_rows=None, Tensor? guide_cols=None, "
+                 "Tensor? guide_thresholds=None")
 _BACKWARD_SCHEMA = (f"(Tensor q, Tensor k, Tensor params, Tensor? targets, {_LAYOUT_SCHEMA}, Tensor lse, "
                     f"Tensor grad_rows, bool need_dq, bool need_dk, {_RULES_SCHEMA}) "
                     "-> (Tensor dq, Tensor dk, Tensor row_dot)")
@@ -87,16 +90,25 @@ RULE_FIELDS = ColumnLayout._fields[N_LAYOUT_FIELDS:]
 def _split(rest, n_args: int):
     """The operator's arguments after ``targets`` as the launchers take them: the layout
     (its rules included), the groups pair (None without groups), the ``n_args``
-    arguments of the operator's own, ``normalize_eps`` and the thresholds. Trailing
-    arguments left out take the schema's defaults."""
+    arguments of the operator's own, ``normalize_eps``, the thresholds and the guide (a
+    :class:`~fastcl.ops.layout.GuideMask`, or None). Trailing arguments left out take
+    the schema's defaults."""
     layout = ColumnLayout(*rest[:N_LAYOUT_FIELDS])
     row_groups, key_groups, *tail = rest[N_LAYOUT_FIELDS:]
     own, trailing = tail[:n_args], tail[n_args:]
-    normalize_eps = trailing[0] if trailing else None
-    rules = trailing[1:1 + len(RULE_FIELDS)]
+    trailing = trailing + [None] * (1 + len(RULE_FIELDS) + 4 - len(trailing))
+    normalize_eps = trailing[0]
+    rules = [r for r in trailing[1:1 + len(RULE_FIELDS)] if r is not None]
     layout = layout._replace(**dict(zip(RULE_FIELDS, rules)))
-    thresholds = trailing[1 + len(RULE_FIELDS)] if len(trailing) > 1 + len(RULE_FIELDS) else None
-    return layout, (None if row_groups is None else (row_groups, key_groups)), own, normalize_eps, thresholds
+    thresholds, *guide = trailing[1 + len(RULE_FIELDS):]
+    guide = GuideMask(*guide) if guide[2] is not None else None
+    return layout, (None if row_groups is None else (row_groups, key_groups)), own, normalize_eps, thresholds, guide
+
+
+def _no_guide(guide) -> None:
+    if guide is not None:
+        raise ValueError("the Triton kernels do not compute the guide rule (guide_anchors / guide_candidates): "
+                         "use backend='cpp' or 'chunked' (or 'auto', which picks a backend that does)")
 
 
 # ------------------------------------------------------------------ fake and CUDA kernels
@@ -108,7 +120,7 @@ def _fake_forward(q, k, params, targets, *rest):
 
 
 def _fake_backward(q, k, params, targets, *rest):
-    layout, _, (_, _, need_dq, need_dk), _, _ = _split(rest, 4)
+    layout, _, (_, _, need_dq, need_dk), _, _, _ = _split(rest, 4)
     n_rows, dim = q.shape
     dq = q.new_empty((n_rows if need_dq else 0, dim))
     dk = q.new_empty((layout.n_grad_cols if need_dk and layout.n_grad_cols > 0 else 0, dim))
@@ -118,14 +130,16 @@ def _fake_backward(q, k, params, targets, *rest):
 def _cuda_forward(q, k, params, targets, *rest):
     from .infonce_fwd import infonce_forward
 
-    layout, groups, _, normalize_eps, thresholds = _split(rest, 0)
+    layout, groups, _, normalize_eps, thresholds, guide = _split(rest, 0)
+    _no_guide(guide)
     return infonce_forward(q.contiguous(), k.contiguous(), params, targets, layout, groups=groups,
                            normalize_eps=normalize_eps, thresholds=thresholds)
 
 
 def _run_backward(launcher, q, k, params, targets, rest):
     """A backward launcher's results with the schema's empty tensors for None."""
-    layout, groups, (lse, grad_rows, need_dq, need_dk), normalize_eps, thresholds = _split(rest, 4)
+    layout, groups, (lse, grad_rows, need_dq, need_dk), normalize_eps, thresholds, guide = _split(rest, 4)
+    _no_guide(guide)
     dq, dk, row_dot = launcher(q.contiguous(), k.contiguous(), params, targets, layout, lse, grad_rows,
                                need_dq=need_dq, need_dk=need_dk, groups=groups, normalize_eps=normalize_eps,
                                thresholds=thresholds)
@@ -148,7 +162,7 @@ def _cuda_backward_workspace(q, k, params, targets, *rest):
 
 
 def _fake_forward_grad(q, k, params, targets, *rest):
-    layout, _, (_, need_dq, need_dk, _, _), _, _ = _split(rest, 5)
+    layout, _, (_, need_dq, need_dk, _, _), _, _, _ = _split(rest, 5)
     n_rows, dim = q.shape
     acc = accumulator_dtype(q.dtype)
     n_grad = layout.n_grad_cols if need_dk else 0
@@ -159,7 +173,8 @@ def _fake_forward_grad(q, k, params, targets, *rest):
 def _cuda_forward_grad(q, k, params, targets, *rest):
     from .infonce_one_pass import infonce_forward_grad
 
-    layout, groups, (row_weight, need_dq, need_dk, block_rows, _), normalize_eps, thresholds = _split(rest, 5)
+    layout, groups, (row_weight, need_dq, need_dk, block_rows, _), normalize_eps, thresholds, guide = _split(rest, 5)
+    _no_guide(guide)
     return infonce_forward_grad(q.contiguous(), k.contiguous(), params, targets, layout, row_weight, need_dq, need_dk,
                                 groups=groups, normalize_eps=normalize_eps, chunk_rows=block_rows,
                                 thresholds=thresholds)
@@ -193,21 +208,23 @@ def _require_kernel(q: torch.Tensor) -> None:
                            "See docs/building.md.")
 
 
-def _call(op, q, k, params, targets, layout: ColumnLayout, groups, own, normalize_eps, thresholds):
+def _call(op, q, k, params, targets, layout: ColumnLayout, groups, own, normalize_eps, thresholds, guide=None):
     """``op`` with the schema's arguments: the layout's first fields, the groups pair,
     the operator's ``own`` arguments, then the trailing ones (normalize_eps, the layout's
-    rules, the thresholds)."""
+    rules, the thresholds, the guide's tensors)."""
     row_groups, key_groups = groups if groups is not None else (None, None)
     return op(q, k, params, targets, *layout[:N_LAYOUT_FIELDS], row_groups, key_groups, *own, normalize_eps,
-              *layout[N_LAYOUT_FIELDS:], thresholds)
+              *layout[N_LAYOUT_FIELDS:], thresholds, *(guide if guide is not None else (None, None, None)))
 
 
-def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None, thresholds=None):
+def operator_forward(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None, thresholds=None,
+                     guide: GuideMask | None = None):
     """``(lse, target_logit)`` from ``torch.ops.fastcl.infonce_fwd`` (any device), with
-    the arguments of :func:`~fastcl.ops.infonce_fwd.infonce_forward` and the
-    false-negative margin's per-row ``thresholds`` (CPU only, as are the layout's rules)."""
+    the arguments of :func:`~fastcl.ops.infonce_fwd.infonce_forward`, the
+    false-negative margin's per-row ``thresholds`` and the ``guide`` (CPU only)."""
     _require_kernel(q)
-    return _call(torch.ops.fastcl.infonce_fwd, q, k, params, targets, layout, groups, (), normalize_eps, thresholds)
+    return _call(torch.ops.fastcl.infonce_fwd, q, k, params, targets, layout, groups, (), normalize_eps, thresholds,
+                 guide)
 
 
 def asked_for(dq, dk, row_dot, need_dq: bool, need_dk: bool, layout: ColumnLayout):
@@ -217,19 +234,21 @@ def asked_for(dq, dk, row_dot, need_dq: bool, need_dk: bool, layout: ColumnLayou
             (row_dot if need_dq else None))
 
 
-def _backward(op, q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups, normalize_eps, thresholds):
+def _backward(op, q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk, groups, normalize_eps, thresholds,
+              guide):
     dq, dk, row_dot = _call(op, q, k, params, targets, layout, groups, (lse, grad_rows, need_dq, need_dk),
-                            normalize_eps, thresholds)
+                            normalize_eps, thresholds, guide)
     return asked_for(dq, dk, row_dot, need_dq, need_dk, layout)
 
 
 def operator_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
-                      need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None, thresholds=None):
+                      need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None, thresholds=None,
+                      guide: GuideMask | None = None):
     """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd`` (the native kernel on
     CPU, the slab kernels on CUDA), None where not asked for."""
     _require_kernel(q)
     return _backward(torch.ops.fastcl.infonce_bwd, q, k, params, targets, layout, lse, grad_rows, need_dq, need_dk,
-                     groups, normalize_eps, thresholds)
+                     groups, normalize_eps, thresholds, guide)
 
 
 def operator_backward_workspace(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
@@ -237,11 +256,11 @@ def operator_backward_workspace(q, k, params, targets, layout: ColumnLayout, lse
                                 thresholds=None):
     """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd_workspace`` (CUDA)."""
     return _backward(torch.ops.fastcl.infonce_bwd_workspace, q, k, params, targets, layout, lse, grad_rows, need_dq,
-                     need_dk, groups, normalize_eps, thresholds)
+                     need_dk, groups, normalize_eps, thresholds, None)
 
 
 def operator_forward_grad(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None,
-                          need_dq: bool = True, need_dk: bool = True, thresholds=None):
+                          need_dq: bool = True, need_dk: bool = True, thresholds=None, guide: GuideMask | None = None):
     """``(loss_rows, dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_fwd_grad`` (the
     native one-pass kernel on CPU, the Triton one pass on CUDA) for row gradients of 1,
     None where not asked for. The CPU blocks come from
@@ -252,5 +271,6 @@ def operator_forward_grad(q, k, params, targets, layout: ColumnLayout, groups=No
         block_rows, block_cols = one_pass_cpu_blocks(q.shape[0], layout.n_cols, layout.n_grad_cols, q.shape[1],
                                                      cpu_threads(), groups is not None)
     loss_rows, dq, dk, row_dot = _call(torch.ops.fastcl.infonce_fwd_grad, q, k, params, targets, layout, groups,
-                                       (1.0, need_dq, need_dk, block_rows, block_cols), normalize_eps, thresholds)
+                                       (1.0, need_dq, need_dk, block_rows, block_cols), normalize_eps, thresholds,
+                                       guide)
     return (loss_rows, *asked_for(dq, dk, row_dot, need_dq, need_dk, layout))

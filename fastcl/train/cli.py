@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dclr-noise-steps", type=int, default=4, help="gradient steps moving the noise negatives")
     t.add_argument("--dclr-noise-step-size", type=float, default=1e-3)
     t.add_argument("--dclr-block-rows", type=int, default=256,
-                   help="rows per block of the weighted loss (memory: block x columns)")
+                   help="rows per block of the logged count of dropped negatives (memory: block x batch)")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch-size", type=int, default=64, help="global batch (rows) across all processes")
     o.add_argument("--chunk-size", type=int, default=0,

@@ -15,20 +15,16 @@ SimCSE's two dropout views z_i, z'_i, and:
       L = mean_i -log e^{s(z_i, z'_i)} / (sum_j a_ij e^{s(z_i, z'_j)} + sum_k e^{s(z_i, n_k)})
       a_ij = 0 if j != i and cos(g_i, g_j) > phi else 1
 
-The weights need a second model's similarities per (row, column): that is a "guide"
-mask of the loss, :func:`dclr_loss`. Computed blockwise in PyTorch here (rows in blocks
-of ``--dclr-block-rows`` against all columns, each block's logits recomputed in the
-backward: memory block x columns, never B x columns at once) until fastcl's fused
-kernels take guide embeddings; :func:`dclr_loss` then hands the loss to them.
+The weights need a second model's similarities per (row, column): that is the guide
+mask of fastcl's loss (``info_nce(..., guide_anchors=, guide_candidates=,
+guide_threshold=)``), which the kernels form tile by tile: :func:`dclr_loss` hands the
+loss to them, with the noise as constant extra negatives (never masked by the guide).
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ...loss import info_nce
 from ...saved_model import load_sentence_encoder
@@ -36,24 +32,8 @@ from ..resume import vocabulary_digest
 from .common import Method, dropout_views, logged, view_inputs
 
 
-def _guided_by_kernels() -> bool:
-    return "guide_anchors" in inspect.signature(info_nce).parameters
-
-
-def _block_loss(a, c, noise, ga, gc, own, threshold: float, temperature: float):
-    """Summed losses of a block of rows (unit rows in; ``own`` their positive columns)."""
-    logits = a @ c.T / temperature
-    dropped = (ga @ gc.T) > threshold
-    dropped[torch.arange(a.shape[0], device=a.device), own] = False  # the positive always counts
-    positive = logits.gather(1, own[:, None])[:, 0]
-    parts = [logits.masked_fill(dropped, float("-inf"))]
-    if noise is not None:
-        parts.append(a @ noise.T / temperature)
-    return (torch.cat(parts, 1).logsumexp(1) - positive).sum()
-
-
 def dclr_loss(anchors: torch.Tensor, positives: torch.Tensor, noise: torch.Tensor | None, guide_anchors: torch.Tensor,
-              guide_candidates: torch.Tensor, threshold: float, temperature: float = 0.05, block_rows: int = 256,
+              guide_candidates: torch.Tensor, threshold: float, temperature: float = 0.05,
               backend: str = "auto") -> torch.Tensor:
     """DCLR's weighted InfoNCE, mean over the N anchors.
 
@@ -61,33 +41,15 @@ def dclr_loss(anchors: torch.Tensor, positives: torch.Tensor, noise: torch.Tenso
     (constants). Row i's target is column i. Entry (i, j), j < N, j != i, is dropped
     from row i's softmax when ``cos(guide_anchors_i, guide_candidates_j) > threshold``;
     the target and the noise columns are never dropped; no gradient flows through the
-    guides. Logits are cosines over ``temperature``.
-
-    With fastcl's fused guide mask (``info_nce(..., guide_anchors=, guide_candidates=,
-    guide_threshold=)``) the kernels compute it; otherwise rows go in blocks of
-    ``block_rows`` against all columns, each block recomputed in the backward
-    (checkpointed), so memory stays block x (N + M).
+    guides. Logits are cosines over ``temperature``. fastcl's guide mask computes it
+    (no N x (N + M) buffer on the fused backends). Half-precision views are scored in
+    float32 (the noise is drawn in float32 or wider); the result is float32 or wider.
     """
-    if _guided_by_kernels():
-        return info_nce(anchors, positives, extra_negatives=noise, temperature=temperature,
-                        guide_anchors=guide_anchors, guide_candidates=guide_candidates, guide_threshold=threshold,
-                        backend=backend)
-    n = anchors.shape[0]
-    if positives.shape[0] != n or guide_anchors.shape[0] != n or guide_candidates.shape[0] != n:
-        raise ValueError("dclr_loss: anchors, positives, guide_anchors and guide_candidates need one row per anchor")
     wide = torch.promote_types(anchors.dtype, torch.float32)
-    a = F.normalize(anchors.to(wide), dim=-1)
-    c = F.normalize(positives.to(wide), dim=-1)
-    u = F.normalize(noise.detach().to(wide), dim=-1) if noise is not None else None
-    ga = F.normalize(guide_anchors.detach().to(wide), dim=-1)
-    gc = F.normalize(guide_candidates.detach().to(wide), dim=-1)
-    total = a.new_zeros(())
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
-        own = torch.arange(start, stop, device=a.device)
-        total = total + checkpoint(_block_loss, a[start:stop], c, u, ga[start:stop], gc, own, threshold, temperature,
-                                   use_reentrant=False)
-    return total / n
+    noise = noise.to(wide) if noise is not None else None
+    return info_nce(anchors.to(wide), positives.to(wide), extra_negatives=noise, temperature=temperature,
+                    guide_anchors=guide_anchors, guide_candidates=guide_candidates, guide_threshold=threshold,
+                    backend=backend)
 
 
 def dclr_loss_reference(anchors, positives, noise, guide_anchors, guide_candidates, threshold: float,
@@ -168,7 +130,6 @@ class DCLR(Method):
         noise = ascend_noise(z1.to(wide), z2.to(wide), noise, cfg.dclr_noise_steps, cfg.dclr_noise_step_size,
                              cfg.temperature, self.backend)
         guide = guide.to(wide)
-        loss = dclr_loss(z1, z2, noise, guide, guide, cfg.dclr_threshold, cfg.temperature, cfg.dclr_block_rows,
-                         self.backend)
+        loss = dclr_loss(z1, z2, noise, guide, guide, cfg.dclr_threshold, cfg.temperature, self.backend)
         self.backward(loss, scaler)
         return logged(loss=loss, dropped_negatives=dropped_per_row(guide, cfg.dclr_threshold, cfg.dclr_block_rows))
