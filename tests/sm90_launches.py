@@ -20,7 +20,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from fastcl.ops import infonce_bwd_slab, infonce_bwd_workspace, infonce_fwd, infonce_one_pass
-from fastcl.ops.layout import HARDNESS_IN_BATCH, ColumnLayout
+from fastcl.ops.layout import HARDNESS_IN_BATCH, ColumnLayout, GuideMask
 
 MODULES = (infonce_fwd, infonce_bwd_slab, infonce_bwd_workspace, infonce_one_pass)
 TARGET = GPUTarget("cuda", 90, 32)
@@ -44,17 +44,21 @@ def record(variant: str, launches: list) -> None:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     n, k_blocks, dim = 48, 2, 96
     params = torch.tensor([20.0, 0.3, 0.0], dtype=acc)
-    if variant.endswith("family"):  # K hard blocks, the penalty and the margin
+    if variant.endswith("family"):  # K hard blocks, the penalty, the margin and the guide
         layout = ColumnLayout(n_cols=n * (1 + k_blocks), n_grad_cols=n * (1 + k_blocks), hard_start=n, n_hard=n,
                               gauss_start=n * (1 + k_blocks), log_hard_weight=0.3, n_hard_blocks=k_blocks,
                               hardness_mode=HARDNESS_IN_BATCH, hardness_strength=0.5)
         thresholds, targets = torch.full((n,), 0.9, dtype=acc), None
+        unit = torch.nn.functional.normalize
+        guide = GuideMask(unit(torch.randn(n, 40, dtype=acc), dim=-1),
+                          unit(torch.randn(layout.n_grad_cols, 40, dtype=acc), dim=-1),
+                          torch.full((n,), 0.5, dtype=acc))
     else:
-        layout, thresholds, targets = ColumnLayout.plain(n), None, torch.arange(n)
+        layout, thresholds, targets, guide = ColumnLayout.plain(n), None, torch.arange(n), None
     q = torch.randn(n, dim, dtype=dtype)
     k = torch.randn(layout.n_cols, dim, dtype=dtype)
     lse, grad_rows = torch.zeros(n, dtype=acc), torch.ones(n, dtype=acc)
-    common = dict(normalize_eps=1e-12, thresholds=thresholds)
+    common = dict(normalize_eps=1e-12, thresholds=thresholds, guide=guide)
     infonce_fwd.infonce_forward(q, k, params, targets, layout, **common)
     infonce_bwd_slab.infonce_backward_slab(q, k, params, targets, layout, lse, grad_rows, **common)
     infonce_bwd_workspace.infonce_backward_workspace(q, k, params, targets, layout, lse, grad_rows, **common)

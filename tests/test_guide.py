@@ -101,13 +101,29 @@ def _labels(n, k, n_extra):
     return torch.randint(0, n * (1 + k) + n_extra, (n,), generator=g)
 
 
-BACKENDS = [("dense", "auto"), ("chunked", "workspace"), ("cpp", "workspace"), ("cpp", "one_pass")]
-# The one pass serves one direction (a joint softmax over several gives rows unequal
-# gradients); the kernel test below runs it on the same-tower layouts.
+BACKENDS = [("dense", "auto"), ("chunked", "workspace"), ("cpp", "workspace"), ("cpp", "one_pass"),
+            ("triton", "workspace"), ("triton", "slab"), ("triton", "one_pass")]
+#: The Triton kernels run in the interpreter here (slow): the workspace backward on every
+#: case, the slab backward and the one pass on two.
+TRITON_SLAB_CASES = ("k2-extra-rows", "gist-k2")
+TRITON_ONE_PASS_CASES = ("pairs-scalar", "k2-extra-rows")
+#: Triton on CPU tensors is the interpreter; on a GPU these tests would hand it CPU tensors.
+interpreted = pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels in the interpreter")
+
+
+def _runs(case, backend: str, strategy: str) -> bool:
+    # The one pass serves one direction (a joint softmax over several gives rows unequal
+    # gradients); the kernel test below runs it on the same-tower layouts.
+    if strategy == "one_pass" and len(case[6]) != 1:
+        return False
+    if backend == "triton" and strategy != "workspace":
+        return case[0] in (TRITON_SLAB_CASES if strategy == "slab" else TRITON_ONE_PASS_CASES)
+    return True
+
+
 BACKEND_CASES = [pytest.param(case, backend, strategy, id=f"{case[0]}-{backend}-{strategy}",
-                              marks=[needs_cpp] if backend == "cpp" else [])
-                 for case in CASES for backend, strategy in BACKENDS
-                 if strategy != "one_pass" or len(case[6]) == 1]
+                              marks=[needs_cpp] if backend == "cpp" else [interpreted] if backend == "triton" else [])
+                 for case in CASES for backend, strategy in BACKENDS if _runs(case, backend, strategy)]
 
 
 @pytest.mark.parametrize("case,backend,strategy", BACKEND_CASES)
@@ -146,13 +162,13 @@ def test_the_guide_changes_the_loss():
     assert abs(guided.item() - info_nce(a, p, h, e, backend="chunked").item()) > 1e-3
 
 
-@pytest.mark.parametrize("backend", ["chunked", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("backend", ["chunked", pytest.param("cpp", marks=needs_cpp),
+                                     pytest.param("triton-slab", marks=interpreted),
+                                     pytest.param("triton-workspace", marks=interpreted)])
 def test_kernels_mask_fully_masked_rows_without_a_target(backend, monkeypatch):
     """Rows with no target (-1) whose every entry the guide drops: lse -inf, no gradient;
     the constant columns stay; the guide's products match the layout reference."""
-    from fastcl.ops.chunked import chunked_backward, chunked_forward
     from fastcl.ops.function import kernel_params
-    from fastcl.ops.operators import operator_backward, operator_forward, operator_forward_grad
     from fastcl.reference import layout_loss_reference
 
     monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "2")
@@ -176,8 +192,7 @@ def test_kernels_mask_fully_masked_rows_without_a_target(backend, monkeypatch):
     want = torch.autograd.grad(expected.where(finite, 0).sum(), (qr, kr, inv_tau))
     assert want[0][0].abs().max() == 0  # the fully masked row gets no gradient
     params = kernel_params(inv_tau, layout, torch.float64)
-    forward, backward = (chunked_forward, chunked_backward) if backend == "chunked" else (operator_forward,
-                                                                                          operator_backward)
+    forward, backward, one_pass = _launchers(backend)
     lse, target_logit = forward(q, k, params, targets, layout, normalize_eps=1e-12, guide=guide)
     torch.testing.assert_close(lse - target_logit, expected.detach(), rtol=0, atol=1e-12)
     ones = finite.to(torch.float64)
@@ -185,12 +200,33 @@ def test_kernels_mask_fully_masked_rows_without_a_target(backend, monkeypatch):
     torch.testing.assert_close(dq, want[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(dk, want[1], rtol=0, atol=1e-12)
     torch.testing.assert_close(row_dot.sum(), want[2], rtol=0, atol=1e-12)
-    if backend == "cpp":  # the one pass, for row gradients of 1 (the masked row's is 0 anyway)
-        loss_rows, dq1, dk1, _ = operator_forward_grad(q, k, params, targets, layout, normalize_eps=1e-12,
-                                                       guide=guide)
+    if one_pass is not None:  # for row gradients of 1 (the masked row's is 0 anyway)
+        loss_rows, dq1, dk1, _ = one_pass(q, k, params, targets, layout, normalize_eps=1e-12, guide=guide)
         torch.testing.assert_close(loss_rows, expected.detach(), rtol=0, atol=1e-12)
         torch.testing.assert_close(dq1, want[0], rtol=0, atol=1e-12)
         torch.testing.assert_close(dk1, want[1], rtol=0, atol=1e-12)
+
+
+def _launchers(backend: str):
+    """(forward, backward, one pass or None) of a backend, as the autograd Function calls them."""
+    if backend == "chunked":
+        from fastcl.ops.chunked import chunked_backward, chunked_forward
+
+        return chunked_forward, chunked_backward, None
+    if backend == "cpp":
+        from fastcl.ops.operators import operator_backward, operator_forward, operator_forward_grad
+
+        return operator_forward, operator_backward, operator_forward_grad
+    from fastcl.ops.infonce_bwd_slab import infonce_backward_slab
+    from fastcl.ops.infonce_bwd_workspace import infonce_backward_workspace
+    from fastcl.ops.infonce_fwd import infonce_forward
+    from fastcl.ops.infonce_one_pass import infonce_forward_grad
+
+    def one_pass(q, k, params, targets, layout, **options):
+        return infonce_forward_grad(q, k, params, targets, layout, 1.0, **options)
+
+    backward = infonce_backward_slab if backend == "triton-slab" else infonce_backward_workspace
+    return infonce_forward, backward, one_pass if backend == "triton-workspace" else None
 
 
 @needs_cpp
@@ -218,15 +254,11 @@ def test_no_gradient_flows_into_the_guide():
     assert ga.grad is None and gc.grad is None and a.grad is not None
 
 
-def test_triton_does_not_claim_the_guide_and_auto_routes_around_it():
+def test_every_kernel_backend_computes_the_guide():
     from fastcl.plan import choose_backend
 
-    assert "guide" not in dispatch.FEATURES["triton"]
-    assert all("guide" in dispatch.FEATURES[b] for b in ("cpp", "chunked"))
-    needed = frozenset({"guide"})
-    assert choose_backend("auto", torch.device("cuda"), 1 << 20, needed=needed) == "chunked"
-    with pytest.raises(ValueError, match="guide_anchors"):
-        choose_backend("triton", torch.device("cuda"), 1 << 20, needed=needed)
+    assert all("guide" in dispatch.FEATURES[b] for b in ("cpp", "chunked", "triton"))
+    assert choose_backend("auto", torch.device("cuda"), 1 << 20, needed=frozenset({"guide"})) == "triton"
 
 
 def test_guide_dimension_and_dtype_may_differ_from_the_inputs():

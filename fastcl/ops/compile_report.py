@@ -119,12 +119,14 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
     switches = Switches(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on,
                         GROUPED=on and not family, NORMALIZED=features in ("normalized", "all", "family"),
                         ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False, HARD_BLOCKS=family,
-                        HARDNESS=HARDNESS_IN_BATCH if family else 0, MARGIN=family, EMPTY_ROWS=family)
+                        HARDNESS=HARDNESS_IN_BATCH if family else 0, MARGIN=family, GUIDED=family,
+                        EMPTY_ROWS=family)
     # Every argument of the kernels below, by name: inputs and outputs in the input dtype,
     # per-row and per-column values in the accumulator dtype, sizes and strides in i32.
     ins = TileInputs(q=f"*{t}", k=f"*{t}", params=f"*{acc}", targets="*i64", row_groups="*i64", key_groups="*i64",
-                     q_norm=f"*{acc}", k_norm=f"*{acc}", scalars=f"*{acc}", thresholds=f"*{acc}", n_rows="i32",
-                     dim="i32", stride_q="i32", stride_k="i32")
+                     q_norm=f"*{acc}", k_norm=f"*{acc}", scalars=f"*{acc}", thresholds=f"*{acc}",
+                     guide_rows=f"*{acc}", guide_cols=f"*{acc}", guide_thresholds=f"*{acc}", n_rows="i32", dim="i32",
+                     stride_q="i32", stride_k="i32", n_guide_cols="i32", guide_dim="i32")
     types = dict(ins=ins, seg=Segments(*["i32"] * len(Segments._fields)), tile_ranges_ptr="*i32",
                  row_ranges_ptr="*i32", dq_ptr=f"*{t}", dk_ptr=f"*{t}", ds_ptr=f"*{t}", ds2_ptr=f"*{t}")
     types.update({name: f"*{acc}" for name in (

@@ -80,10 +80,10 @@ def _triton_one_pass() -> Kernels:
     from .infonce_one_pass import infonce_forward_grad
 
     def forward(q, k, params, targets, layout, groups=None, normalize_eps=None, need_dq=True, need_dk=True,
-                thresholds=None):
+                thresholds=None, guide=None):
         loss_rows, dq, dk, row_dot = infonce_forward_grad(q, k, params, targets, layout, 1.0, need_dq, need_dk,
                                                           groups=groups, normalize_eps=normalize_eps,
-                                                          thresholds=thresholds)
+                                                          thresholds=thresholds, guide=guide)
         return (loss_rows, *operators.asked_for(dq, dk, row_dot, need_dq, need_dk, layout))
 
     return Kernels(forward, None)
@@ -136,8 +136,7 @@ LAYOUT_FEATURES: dict[str, str] = {
 FEATURES: dict[str, frozenset[str]] = {
     "chunked": frozenset(LAYOUT_FEATURES),
     "cpp": frozenset(LAYOUT_FEATURES),  # forward, recomputing backward and one pass alike
-    # forward, slab and workspace backwards, one pass; not yet the guide
-    "triton": frozenset(LAYOUT_FEATURES) - {"guide"},
+    "triton": frozenset(LAYOUT_FEATURES),  # forward, slab and workspace backwards, one pass
 }
 
 

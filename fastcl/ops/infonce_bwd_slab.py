@@ -52,7 +52,7 @@ import triton.language as tl
 from .configs import kernel_config
 from .group_ranges import column_block_row_ranges, row_block_tile_ranges
 from .launch import backward_operand_scales, block_options, tile_inputs
-from .layout import ColumnLayout
+from .layout import ColumnLayout, GuideMask
 from .tiles import (
     GRAD_OPERAND_SCALE, column_interval, column_tile, groups_overlap, load_family, load_groups, load_params,
     load_projections, load_row_gradients, load_scales, load_targets, matmul_operand, row_block, similarity_tile,
@@ -100,8 +100,8 @@ def _infonce_bwd_dq_kernel(
             if visit:
                 s = similarity_tile(ins, rows, cols, ins.n_rows, seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
                 col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
-                s, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
-                                        col_groups, seg, strength, SW)
+                s, logits = tile_logits(s, row_scale, col_scale, ins, params, rows, cols, targets, thresholds,
+                                        row_groups, col_groups, seg, strength, SW, BLOCK_D)
                 p_minus = softmax_minus_target(logits, lse, targets, cols)
                 row_dot += tl.sum(p_minus * s, 1)
                 k_slab = tl.load(ins.k + cols[:, None] * ins.stride_k + slab[None, :],
@@ -177,13 +177,13 @@ def _infonce_bwd_dk_kernel(
         if groups_overlap(row_groups, row_in, col_groups, cols < seg.n_grad_cols, False, SW.GROUPED):
             lse, grad_rows = load_row_gradients(lse_ptr, grad_rows_ptr, rows, row_in, acc_dtype, SW)
             targets = load_targets(ins.targets, rows, row_in, SW.HAS_TARGETS)
-            strength, thresholds = load_family(ins.scalars, eps, ins.thresholds, rows, row_in, SW)
+            strength, thresholds = load_family(ins, eps, rows, row_in, SW)
             # The softmax runs over all n_cols columns; only the first n_grad_cols are
             # stored, and this program's columns are among them.
             s = similarity_tile(ins, rows, cols, ins.n_rows, seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
             row_scale = load_scales(ins.q_norm, rows, ins.n_rows, eps, SW.NORMALIZED)
-            s, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
-                                    col_groups, seg, strength, SW)
+            s, logits = tile_logits(s, row_scale, col_scale, ins, params, rows, cols, targets, thresholds,
+                                    row_groups, col_groups, seg, strength, SW, BLOCK_D)
             p_minus = softmax_minus_target(logits, lse, targets, cols)
             q_slab = tl.load(ins.q + rows[:, None] * ins.stride_q + slab[None, :],
                              mask=row_in[:, None] & slab_in[None, :], other=0.0)
@@ -227,6 +227,7 @@ def infonce_backward_slab(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
     thresholds: torch.Tensor | None = None,
+    guide: GuideMask | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the slab backward kernels.
 
@@ -238,7 +239,7 @@ def infonce_backward_slab(
     With ``normalize_eps`` the gradients are with respect to the raw rows.
     """
     n_rows, dim = q.shape
-    ins, segments, switches = tile_inputs(q, k, params, targets, layout, groups, normalize_eps, thresholds)
+    ins, segments, switches = tile_inputs(q, k, params, targets, layout, groups, normalize_eps, thresholds, guide)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
     operand_scales = backward_operand_scales(ins.q_norm, ins.k_norm, grad_rows, normalize_eps, acc)

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .launch import backward_operand_scales, block_options, tile_inputs
-from .layout import ColumnLayout
+from .layout import ColumnLayout, GuideMask
 from .tiles import (
     GRAD_OPERAND_SCALE, column_tile, load_family, load_groups, load_params, load_projections, load_row_gradients,
     load_scales, load_targets, matmul_operand, similarity_tile, softmax_minus_target, tile_logits,
@@ -88,12 +88,12 @@ def _infonce_dlogits_kernel(
         params = load_params(ins.params)
         lse, grad_rows = load_row_gradients(lse_ptr, grad_rows_ptr, rows, row_in, acc_dtype, SW)
         targets = load_targets(ins.targets, rows, row_in, SW.HAS_TARGETS)
-        strength, thresholds = load_family(ins.scalars, eps, ins.thresholds, rows, row_in, SW)
+        strength, thresholds = load_family(ins, eps, rows, row_in, SW)
         s = similarity_tile(ins, rows, cols, ins.n_rows, seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
         row_scale = load_scales(ins.q_norm, rows, ins.n_rows, eps, SW.NORMALIZED)
         col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
-        s, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
-                                col_groups, seg, strength, SW)
+        s, logits = tile_logits(s, row_scale, col_scale, ins, params, rows, cols, targets, thresholds,
+                                row_groups, col_groups, seg, strength, SW, BLOCK_D)
         p_minus = softmax_minus_target(logits, lse, targets, cols)
         dlogits = grad_rows[:, None] * p_minus
         tl.atomic_add(row_dot_ptr + rows, tl.sum(dlogits * s, 1), mask=row_in)
@@ -229,10 +229,11 @@ def infonce_backward_workspace(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
     thresholds: torch.Tensor | None = None,
+    guide: GuideMask | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as :func:`fastcl.ops.infonce_bwd_slab.infonce_backward_slab`."""
     n_rows, dim = q.shape
-    ins, segments, switches = tile_inputs(q, k, params, targets, layout, groups, normalize_eps, thresholds)
+    ins, segments, switches = tile_inputs(q, k, params, targets, layout, groups, normalize_eps, thresholds, guide)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
     # The workspace holds the logit-gradient operand in the input dtype (fp32 for fp32,

@@ -18,7 +18,7 @@ import triton.language as tl
 from .configs import kernel_config
 from .group_ranges import row_block_tile_ranges
 from .launch import block_options, tile_inputs
-from .layout import ColumnLayout
+from .layout import ColumnLayout, GuideMask
 from .tiles import (
     column_interval, column_tile, load_scales, row_block,
     similarity_tile, tile_logits,
@@ -56,8 +56,8 @@ def _infonce_fwd_kernel(
             if visit:  # tiles whose rows and columns share no group hold no candidate
                 s = similarity_tile(ins, rows, cols, ins.n_rows, seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
                 col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
-                _, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
-                                        col_groups, seg, strength, SW)
+                _, logits = tile_logits(s, row_scale, col_scale, ins, params, rows, cols, targets, thresholds,
+                                        row_groups, col_groups, seg, strength, SW, BLOCK_D)
                 new_max = tl.maximum(row_max, tl.max(logits, 1))
                 # A row may have no candidate yet (all -inf so far, with masking): shift by 0
                 # then, so that exp(-inf - -inf) never makes a NaN.
@@ -79,6 +79,7 @@ def infonce_forward(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     normalize_eps: float | None = None,
     thresholds: torch.Tensor | None = None,
+    guide: GuideMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
@@ -89,13 +90,14 @@ def infonce_forward(
     the first ``layout.n_grad_cols`` columns (later columns are visible to every group);
     normalize_eps: None (rows scored as given), or the rows are raw and are normalized on
     the fly as ``F.normalize(x, dim=-1, eps=normalize_eps)`` would; thresholds: None, or
-    the false-negative margin's threshold of each row (length N). The layout's per-entry
+    the false-negative margin's threshold of each row (length N); guide: None, or the
+    guide rule's :class:`~fastcl.ops.layout.GuideMask`. The layout's per-entry
     rules (K hard negatives per row, the hardness penalty) come with ``layout``
     (:class:`~fastcl.ops.layout.ColumnLayout` states them all).
     Returns ``(lse, target_logit)``, each of length N in the accumulator dtype.
     """
     n_rows, dim = q.shape
-    ins, segments, switches = tile_inputs(q, k, params, targets, layout, groups, normalize_eps, thresholds)
+    ins, segments, switches = tile_inputs(q, k, params, targets, layout, groups, normalize_eps, thresholds, guide)
     acc = accumulator_dtype(q.dtype)
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)

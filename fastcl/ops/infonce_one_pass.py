@@ -52,7 +52,7 @@ import triton.language as tl
 from .configs import kernel_config
 from .infonce_bwd_workspace import DEFAULT_WORKSPACE_BYTES
 from .launch import block_options, tile_inputs
-from .layout import ColumnLayout
+from .layout import ColumnLayout, GuideMask
 from .tiles import (
     finite_lse, groups_overlap, load_groups, load_projections, load_scales, load_targets,
     row_block, similarity_tile, tile_logits,
@@ -102,8 +102,8 @@ def _one_pass_logits_kernel(
             # Rows past the chunk read zeros (masked), their logits are never stored.
             s = similarity_tile(ins, rows, cols, tl.minimum(ins.n_rows, row0 + n_chunk_rows), seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
             col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
-            _, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
-                                    col_groups, seg, strength, SW)
+            _, logits = tile_logits(s, row_scale, col_scale, ins, params, rows, cols, targets, thresholds,
+                                    row_groups, col_groups, seg, strength, SW, BLOCK_D)
             tl.store(w_ptr + local[:, None] * stride_w + cols[None, :], logits,
                      mask=row_in[:, None] & (cols[None, :] < seg.n_cols))
             new_max = tl.maximum(row_max, tl.max(logits, 1))
@@ -343,6 +343,7 @@ def infonce_forward_grad(
     normalize_eps: float | None = None,
     chunk_rows: int = 0,
     thresholds: torch.Tensor | None = None,
+    guide: GuideMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss_rows, dq, dk, row_dot)`` of ``torch.ops.fastcl.infonce_fwd_grad`` on CUDA
     (or interpreted): the per-row losses, and the gradients and temperature row sums for
@@ -368,7 +369,8 @@ def infonce_forward_grad(
     chunk = one_pass_rows(n_rows, n_cols, q.element_size(), torch.finfo(acc).bits // 8, chunk_rows)
     workspace = torch.empty((chunk, n_cols), dtype=acc, device=device)
     ds_buffer = torch.empty((chunk, n_cols), dtype=q.dtype, device=device)
-    ins, segments, switches = tile_inputs(q, k, params4, targets, layout, groups, normalize_eps, thresholds)
+    ins, segments, switches = tile_inputs(q, k, params4, targets, layout, groups, normalize_eps, thresholds,
+                                          guide)
     eps, q_norm, k_norm = ins.scalars, ins.q_norm, ins.k_norm
     normalized = switches.NORMALIZED
     cfg = kernel_config("forward", q.dtype, dim, device)

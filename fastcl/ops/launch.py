@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .configs import KernelConfig
-from .layout import ColumnLayout
+from .layout import ColumnLayout, GuideMask
 from .normalize import row_norms
 from .utils import accumulator_dtype, dot_precision, eps_tensor, upcast_for_interpreter
 
@@ -53,9 +53,10 @@ class Switches(NamedTuple):
     the accumulator and the product precision follow the input dtype.
 
     HARD_BLOCKS: K > 1 hard negatives per row; HARDNESS: the penalty's mode (0 when it
-    adds nothing); MARGIN: per-row false-negative thresholds are given; EMPTY_ROWS: a row
-    may have every entry masked (under the margin, or when a -inf weight masks the own
-    hard negatives), so its softmax must be read as 0."""
+    adds nothing); MARGIN: per-row false-negative thresholds are given; GUIDED: the guide
+    rule (a GuideMask) is given; EMPTY_ROWS: a row may have every entry masked (under the
+    margin or the guide, or when a -inf weight masks the own hard negatives), so its
+    softmax must be read as 0."""
 
     HAS_TARGETS: bool
     HARD_WEIGHTED: bool
@@ -69,13 +70,14 @@ class Switches(NamedTuple):
     HARD_BLOCKS: bool
     HARDNESS: int
     MARGIN: bool
+    GUIDED: bool
     EMPTY_ROWS: bool
 
 
 def layout_switches(dtype: torch.dtype, targets: torch.Tensor | None, layout: ColumnLayout, grouped: bool,
-                    normalized: bool, margin: bool = False) -> Switches:
+                    normalized: bool, margin: bool = False, guided: bool = False) -> Switches:
     """The :class:`Switches` of a launch. ``margin``: per-row false-negative thresholds
-    are given."""
+    are given; ``guided``: the guide rule is."""
     hard_masked = layout.n_hard > 0 and layout.log_hard_weight == float("-inf")
     return Switches(
         HAS_TARGETS=targets is not None,
@@ -90,7 +92,8 @@ def layout_switches(dtype: torch.dtype, targets: torch.Tensor | None, layout: Co
         HARD_BLOCKS=layout.n_hard > 0 and layout.n_hard_blocks > 1,
         HARDNESS=layout.hardness_mode if layout.penalized else 0,
         MARGIN=margin,
-        EMPTY_ROWS=margin or hard_masked,
+        GUIDED=guided,
+        EMPTY_ROWS=margin or guided or hard_masked,
     )
 
 
@@ -123,20 +126,27 @@ class TileInputs(NamedTuple):
     k_norm: torch.Tensor
     scalars: torch.Tensor  # [eps of the normalization, hardness strength], accumulator dtype
     thresholds: torch.Tensor  # the rows' false-negative thresholds (MARGIN), accumulator dtype
+    guide_rows: torch.Tensor  # GUIDED: the guide's unit rows of q (N x Dg) and of the first
+    guide_cols: torch.Tensor  # n_guide_cols columns, and its thresholds, accumulator dtype
+    guide_thresholds: torch.Tensor
     n_rows: int
     dim: int
     stride_q: int
     stride_k: int
+    n_guide_cols: int
+    guide_dim: int
 
 
 def tile_inputs(q: torch.Tensor, k: torch.Tensor, params: torch.Tensor, targets: torch.Tensor | None,
                 layout: ColumnLayout, groups: tuple[torch.Tensor, torch.Tensor] | None,
-                normalize_eps: float | None, thresholds: torch.Tensor | None) -> tuple[TileInputs, Segments, Switches]:
+                normalize_eps: float | None, thresholds: torch.Tensor | None,
+                guide: GuideMask | None = None) -> tuple[TileInputs, Segments, Switches]:
     """Check a launch's inputs and gather what its kernels take: the :class:`TileInputs`,
     the layout's :class:`Segments` and the :class:`Switches`. The scalars ``[eps,
     hardness strength]`` travel as a tensor in the accumulator dtype, read from memory (a
     Python float would reach the GPU as fp32); the rows' norms are computed here when
-    the kernels normalize."""
+    the kernels normalize; the guide's rows (``guide``, a
+    :class:`~fastcl.ops.layout.GuideMask`, or None) are made contiguous."""
     check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     thresholds = checked_thresholds(thresholds, q.shape[0], acc, q.device)
@@ -146,13 +156,33 @@ def tile_inputs(q: torch.Tensor, k: torch.Tensor, params: torch.Tensor, targets:
     normalized = normalize_eps is not None
     q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (scalars, scalars)
     row_groups, key_groups = groups if groups is not None else (scalars, scalars)
+    guide_rows, guide_cols, guide_thresholds = (
+        (checked_guide_tensor(guide.rows, (q.shape[0], None), acc, q.device, "guide.rows"),
+         checked_guide_tensor(guide.cols, (None, guide.rows.shape[1]), acc, q.device, "guide.cols"),
+         checked_thresholds(guide.thresholds, q.shape[0], acc, q.device))
+        if guide is not None else (scalars, scalars, scalars))
     inputs = TileInputs(q, k, params, targets if targets is not None else scalars, row_groups, key_groups, q_norm,
-                        k_norm, scalars, thresholds if thresholds is not None else scalars, q.shape[0], q.shape[1],
-                        q.stride(0), k.stride(0))
+                        k_norm, scalars, thresholds if thresholds is not None else scalars, guide_rows, guide_cols,
+                        guide_thresholds, q.shape[0], q.shape[1], q.stride(0), k.stride(0),
+                        guide_cols.shape[0] if guide is not None else 0,
+                        guide_rows.shape[1] if guide is not None else 0)
     segments = Segments(layout.n_cols, layout.n_grad_cols, layout.hard_start, layout.n_hard, layout.n_hard_blocks,
                         layout.gauss_start, layout.self_start, layout.n_self)
-    switches = layout_switches(q.dtype, targets, layout, groups is not None, normalized, thresholds is not None)
+    switches = layout_switches(q.dtype, targets, layout, groups is not None, normalized, thresholds is not None,
+                               guide is not None)
     return inputs, segments, switches
+
+
+def checked_guide_tensor(x: torch.Tensor, shape: tuple, acc: torch.dtype, device: torch.device,
+                         name: str) -> torch.Tensor:
+    """A guide tensor as the kernels read it (contiguous rows, accumulator dtype; the
+    kernels use its width as the row stride); a ValueError names a wrong shape or
+    device (None in ``shape``: any size)."""
+    if x.dim() != 2 or any(want is not None and got != want for got, want in zip(x.shape, shape)):
+        raise ValueError(f"{name} must be 2-D of shape {shape} (None: any), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the inputs' device {device}, got {x.device}")
+    return x.detach().to(acc).contiguous()
 
 
 def block_options(cfg: KernelConfig, slab: bool = False) -> dict:

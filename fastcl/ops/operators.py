@@ -20,9 +20,8 @@ the arguments with defaults ``normalize_eps=None, n_hard_blocks=1, hardness_mode
 hardness_strength=0., thresholds=None, guide_rows=None, guide_cols=None,
 guide_thresholds=None``: the layout's per-entry rules (:data:`RULE_FIELDS`), the
 false-negative margin's per-row thresholds and the guide rule's tensors
-(:class:`~fastcl.ops.layout.GuideMask`). The CPU kernels compute them all; the CUDA
-kernels (Triton) compute all but the guide, which they refuse, and the plan never sends
-them one (fastcl.ops.dispatch.FEATURES).
+(:class:`~fastcl.ops.layout.GuideMask`). The CPU kernels (C++) and the CUDA kernels
+(Triton) compute them all (fastcl.ops.dispatch.FEATURES).
 
 The last is the one pass for a loss reduced to a scalar: the per-row losses together with
 the gradients for every row's incoming gradient ``row_weight``, in the accumulator dtype
@@ -105,12 +104,6 @@ def _split(rest, n_args: int):
     return layout, (None if row_groups is None else (row_groups, key_groups)), own, normalize_eps, thresholds, guide
 
 
-def _no_guide(guide) -> None:
-    if guide is not None:
-        raise ValueError("the Triton kernels do not compute the guide rule (guide_anchors / guide_candidates): "
-                         "use backend='cpp' or 'chunked' (or 'auto', which picks a backend that does)")
-
-
 # ------------------------------------------------------------------ fake and CUDA kernels
 
 
@@ -131,18 +124,16 @@ def _cuda_forward(q, k, params, targets, *rest):
     from .infonce_fwd import infonce_forward
 
     layout, groups, _, normalize_eps, thresholds, guide = _split(rest, 0)
-    _no_guide(guide)
     return infonce_forward(q.contiguous(), k.contiguous(), params, targets, layout, groups=groups,
-                           normalize_eps=normalize_eps, thresholds=thresholds)
+                           normalize_eps=normalize_eps, thresholds=thresholds, guide=guide)
 
 
 def _run_backward(launcher, q, k, params, targets, rest):
     """A backward launcher's results with the schema's empty tensors for None."""
     layout, groups, (lse, grad_rows, need_dq, need_dk), normalize_eps, thresholds, guide = _split(rest, 4)
-    _no_guide(guide)
     dq, dk, row_dot = launcher(q.contiguous(), k.contiguous(), params, targets, layout, lse, grad_rows,
                                need_dq=need_dq, need_dk=need_dk, groups=groups, normalize_eps=normalize_eps,
-                               thresholds=thresholds)
+                               thresholds=thresholds, guide=guide)
     dim = q.shape[1]
     return (dq if dq is not None else q.new_empty((0, dim)),
             dk if dk is not None else q.new_empty((0, dim)),
@@ -174,10 +165,9 @@ def _cuda_forward_grad(q, k, params, targets, *rest):
     from .infonce_one_pass import infonce_forward_grad
 
     layout, groups, (row_weight, need_dq, need_dk, block_rows, _), normalize_eps, thresholds, guide = _split(rest, 5)
-    _no_guide(guide)
     return infonce_forward_grad(q.contiguous(), k.contiguous(), params, targets, layout, row_weight, need_dq, need_dk,
                                 groups=groups, normalize_eps=normalize_eps, chunk_rows=block_rows,
-                                thresholds=thresholds)
+                                thresholds=thresholds, guide=guide)
 
 
 _library = torch.library.Library("fastcl", "FRAGMENT")  # the schemas this module defines

@@ -48,6 +48,25 @@ def similarity_tile(ins, rows, cols, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
+def guide_tile(ins, rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               ACC_DTYPE: tl.constexpr):
+    """The guide's similarities of a tile (GUIDED): ``guide_rows[rows] . guide_cols[cols]``
+    (launch.TileInputs; unit rows in the accumulator dtype), at full precision, so that
+    the mask decides as the reference does. Columns from ``n_guide_cols`` on read 0
+    (the caller never masks them)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    row_in = rows[:, None] < ins.n_rows
+    col_in = cols[:, None] < ins.n_guide_cols
+    for d0 in range(0, ins.guide_dim, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_in = dd[None, :] < ins.guide_dim
+        a = tl.load(ins.guide_rows + rows[:, None] * ins.guide_dim + dd[None, :], mask=row_in & d_in, other=0.0)
+        b = tl.load(ins.guide_cols + cols[:, None] * ins.guide_dim + dd[None, :], mask=col_in & d_in, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
 def own_hard_tile(rows, cols, hard_start, n_hard, n_hard_blocks, HARD_BLOCKS: tl.constexpr):
     """Whether column j is one of row i's own hard negatives: ``hard_start + i`` alone,
     or with HARD_BLOCKS (K = ``n_hard_blocks`` > 1, n_hard > 0) ``hard_start + k * n_hard
@@ -68,7 +87,7 @@ def logit_tile(s, params, rows, cols, targets, thresholds, row_groups, col_group
     With HARDNESS (the layout's mode, 1-3) the penalized entries get ``strength * s``
     added to their value: a stop-gradient term, so the backwards' d logit / d s stays
     ``inv_tau``. ``targets`` are read only by the penalty and the margin, ``thresholds``
-    (one per row) only by the margin."""
+    (:func:`load_family`) only by the margin (the guide's, by :func:`tile_logits`)."""
     inv_tau, log_hard_weight, log_gauss_weight = params
     logits = s * inv_tau
     own_hard = own_hard_tile(rows, cols, seg.hard_start, seg.n_hard, seg.n_hard_blocks, SW.HARD_BLOCKS)
@@ -89,36 +108,47 @@ def logit_tile(s, params, rows, cols, targets, thresholds, row_groups, col_group
     if SW.GROUPED:
         valid = valid & ((row_groups[:, None] == col_groups[None, :]) | (cols[None, :] >= seg.n_grad_cols))
     if SW.MARGIN:  # the target entry is never dropped
-        valid = valid & ((s <= thresholds[:, None]) | (cols[None, :] == targets[:, None]))
+        valid = valid & ((s <= thresholds[0][:, None]) | (cols[None, :] == targets[:, None]))
     return tl.where(valid, logits, float("-inf"))
 
 
 @triton.jit
-def tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups, col_groups, seg,
-                strength, SW: tl.constexpr):
+def tile_logits(s, row_scale, col_scale, ins, params, rows, cols, targets, thresholds, row_groups, col_groups, seg,
+                strength, SW: tl.constexpr, BLOCK_D: tl.constexpr):
     """``(s, logits)`` of a :func:`similarity_tile` ``s``: with NORMALIZED, ``s`` scaled to
     cosines by the rows' inverse norms ``row_scale`` and ``col_scale`` (:func:`load_scales`),
-    and its :func:`logit_tile`. (The caller loads the scales after forming ``s``, so that
-    they are not held in registers through the product.)"""
+    and its :func:`logit_tile`; with GUIDED, the entries the guide drops (the guide's tile,
+    :func:`guide_tile`, above the row's guide threshold) are -inf too. (The caller loads
+    the scales after forming ``s``, so that they are not held in registers through the
+    product.)"""
     if SW.NORMALIZED:
         s = s * row_scale[:, None] * col_scale[None, :]
-    return s, logit_tile(s, params, rows, cols, targets, thresholds, row_groups, col_groups, seg, strength, SW)
+    logits = logit_tile(s, params, rows, cols, targets, thresholds, row_groups, col_groups, seg, strength, SW)
+    if SW.GUIDED:  # never the target, nor columns past the guide's (constant negatives)
+        g = guide_tile(ins, rows, cols, s.shape[0], s.shape[1], BLOCK_D, s.dtype)
+        dropped = ((g > thresholds[1][:, None]) & (cols[None, :] != targets[:, None])
+                   & (cols[None, :] < ins.n_guide_cols))
+        logits = tl.where(dropped, float("-inf"), logits)
+    return s, logits
 
 
 @triton.jit
-def load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, SW: tl.constexpr):
+def load_family(ins, eps, rows, row_in, SW: tl.constexpr):
     """``(strength, thresholds)``: the hardness strength (HARDNESS: the second entry of
-    the scalars at ``eps_ptr``, ``[eps, strength]`` in the accumulator dtype) and the
-    rows' false-negative thresholds (MARGIN; +inf past the rows). A rule that is off gets
-    a placeholder of the same type that nothing reads."""
+    scalars ``[eps, strength]`` in the accumulator dtype) and the rows' thresholds, a
+    pair ``(margin, guide)``: the false-negative margin's (MARGIN) and
+    the guide's (GUIDED), +inf past the rows. A rule that is off gets a placeholder of
+    the same type that nothing reads."""
     strength = eps
     if SW.HARDNESS != 0:
-        strength = tl.load(eps_ptr + 1)
+        strength = tl.load(ins.scalars + 1)
+    margin = rows.to(ins.scalars.dtype.element_ty)
+    guide = margin
     if SW.MARGIN:
-        thresholds = tl.load(thresholds_ptr + rows, mask=row_in, other=float("inf"))
-    else:
-        thresholds = rows.to(eps_ptr.dtype.element_ty)
-    return strength, thresholds
+        margin = tl.load(ins.thresholds + rows, mask=row_in, other=float("inf"))
+    if SW.GUIDED:
+        guide = tl.load(ins.guide_thresholds + rows, mask=row_in, other=float("inf"))
+    return strength, (margin, guide)
 
 
 @triton.jit
@@ -193,7 +223,7 @@ def row_block(ins, rows, row_in, SW: tl.constexpr):
     and :func:`load_scales`."""
     eps = tl.load(ins.scalars)  # from memory: a float argument would be rounded to fp32
     targets = load_targets(ins.targets, rows, row_in, SW.HAS_TARGETS)
-    strength, thresholds = load_family(ins.scalars, eps, ins.thresholds, rows, row_in, SW)
+    strength, thresholds = load_family(ins, eps, rows, row_in, SW)
     row_groups = load_groups(ins.row_groups, rows, ins.n_rows, SW.GROUPED)
     row_scale = load_scales(ins.q_norm, rows, ins.n_rows, eps, SW.NORMALIZED)
     return eps, load_params(ins.params), targets, strength, thresholds, row_groups, row_scale
