@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from fastcl import draw_gaussian_negatives, info_nce, info_nce_reference, native
 from fastcl.ops.dispatch import kernels
-from fastcl.plan import choose_backend, choose_strategy
+from fastcl.backends import choose_backend, choose_strategy
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ LAYERS = [
     ("models", ["fastcl.sentence_model"]),
     ("integrations", ["fastcl.sentence_transformers", "fastcl.moco", "fastcl.optim"]),
     ("module", ["fastcl.loss", "fastcl.nt_xent", "fastcl.token_level", "fastcl.distributed"]),
-    ("plan", ["fastcl.plan", "fastcl.directions", "fastcl.checks", "fastcl.numerics", "fastcl.gaussian"]),
+    ("plan", ["fastcl.plan", "fastcl.backends", "fastcl.directions", "fastcl.checks", "fastcl.numerics", "fastcl.gaussian"]),
     ("autograd", ["fastcl.ops.function", "fastcl.ops.ring"]),
     ("dispatch", ["fastcl.ops.dispatch"]),
     ("operators and launchers", ["fastcl.ops.operators", "fastcl.ops.infonce_fwd", "fastcl.ops.infonce_bwd_slab",

@@ -20,7 +20,7 @@ from torch.autograd import gradcheck
 from fastcl import info_nce, info_nce_reference, native
 from fastcl.ops import operators
 from fastcl.ops.layout import ColumnLayout
-from fastcl.plan import choose_backend as _choose_backend
+from fastcl.backends import choose_backend as _choose_backend
 
 from .helpers import Case, check_groups_stay_apart, relative_error, run_both
 from .test_kernels import CASES as SMALL_CASES
@@ -487,7 +487,7 @@ _PROBE = """
 import torch, fastcl
 from fastcl import info_nce, info_nce_reference, native
 from fastcl.ops import operators
-from fastcl.plan import choose_backend as _choose_backend
+from fastcl.backends import choose_backend as _choose_backend
 s = native.status()
 print("STATUS", s.available, s.source, s.reason)
 print("AUTO", _choose_backend("auto", torch.device("cpu"), 1 << 20))

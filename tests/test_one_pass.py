@@ -2,7 +2,7 @@
 whose forward forms the gradients, ``torch.ops.fastcl.infonce_fwd_grad`` on CPU and the
 Triton launcher of fastcl/ops/infonce_one_pass.py): the native operator and the Triton
 kernels against the float64 reference for every option at ragged sizes, gradcheck, the
-rule that picks the strategy (fastcl.plan), retain_graph and repeated backward, the
+rule that picks the strategy (fastcl.backends), retain_graph and repeated backward, the
 recomputing path where the one pass does not apply, memory, opcheck and torch.compile.
 """
 
@@ -20,7 +20,8 @@ from fastcl.ops import function, operators
 from fastcl.ops.configs import ONE_PASS_MIN_ROWS, ONE_PASS_STRIP_FLOOR, one_pass_cpu_blocks
 from fastcl.ops.dispatch import GRADIENTS_IN_FORWARD, Kernels
 from fastcl.ops.layout import ColumnLayout
-from fastcl.plan import LossOptions, choose_strategy, kernel_plan, one_pass_applies
+from fastcl.backends import choose_strategy, one_pass_applies
+from fastcl.plan import LossOptions, kernel_plan
 
 from .helpers import NATIVE, Case, relative_error, run_both
 from .test_memory import _peak_cpu_bytes

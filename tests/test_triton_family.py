@@ -213,7 +213,7 @@ def test_cuda_triton_is_planned_with_every_rule():
     # which carry every rule: "auto" and a named "triton" keep the call there. Choosing
     # needs no device.
     from fastcl.ops import dispatch
-    from fastcl.plan import choose_backend
+    from fastcl.backends import choose_backend
 
     cuda = torch.device("cuda")
     for rule in dispatch.LAYOUT_FEATURES:
