@@ -53,3 +53,21 @@ def test_projection_kernel_stays_small_on_sm90():
     assert len(lines) == 16, result.stdout
     for g, x, regs, spills in lines:
         assert int(spills) == 0 and int(regs) <= 80, f"{g}/{x}: {regs} registers, {spills} bytes spilled"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas is a Linux binary")
+def test_every_launch_binds_and_compiles_as_on_a_gpu():
+    # The launchers' real arguments (tuple arguments included) through Triton's runtime
+    # binder, then compiled for sm_90a: what a GPU launch does before the kernel runs.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, os.path.join(root, "tests", "sm90_launches.py")], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    compiled = {tuple(line.split()) for line in result.stdout.splitlines()}
+    kernels = {name for name, _ in compiled}
+    assert kernels == {"_infonce_fwd_kernel", "_infonce_bwd_dq_kernel", "_infonce_bwd_dk_kernel",
+                       "_infonce_dlogits_kernel", "_project_rows_kernel", "_one_pass_logits_kernel",
+                       "_one_pass_grads_kernel", "_one_pass_rows_kernel"}, result.stdout
+    assert {variant for _, variant in compiled} == {"bf16/plain", "fp16/family", "fp32/family", "fp64/plain"}

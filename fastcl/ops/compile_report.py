@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .configs import KernelConfig, kernel_config
+from .launch import Segments, Switches, TileInputs
 from .layout import HARDNESS_IN_BATCH
 
 #: Shared memory per block on an H100 (227 KB usable of 228 KB).
@@ -69,8 +70,8 @@ def _compile(fn, signature: dict, constexprs: dict, cfg: KernelConfig, arch: int
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for name in constexprs:
-        signature[name] = "constexpr"
+    # In the kernel's argument order: the compiler reads the signature positionally.
+    signature = {name: "constexpr" if name in constexprs else signature[name] for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -109,55 +110,48 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
     from .infonce_bwd_slab import _infonce_bwd_dk_kernel, _infonce_bwd_dq_kernel
     from .infonce_bwd_workspace import _infonce_dlogits_kernel
     from .infonce_fwd import _infonce_fwd_kernel
+    from .infonce_one_pass import _one_pass_logits_kernel
 
     t = _TRITON_TYPES[dtype]
     acc = "fp64" if dtype == torch.float64 else "fp32"
     on = features in ("all", "family")
     family = features == "family"
-    flags = dict(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on, GROUPED=on and not family,
-                 NORMALIZED=features in ("normalized", "all", "family"),
-                 ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False,
-                 HARD_BLOCKS=family, HARDNESS=HARDNESS_IN_BATCH if family else 0, MARGIN=family, EMPTY_ROWS=family)
-    sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", params_ptr=f"*{acc}", targets_ptr="*i64",
-               row_groups_ptr="*i64", key_groups_ptr="*i64")
-    if kernel in ("forward", "backward_dq"):
-        sig["tile_ranges_ptr"] = "*i32"
-    elif kernel == "backward_dk":
-        sig["row_ranges_ptr"] = "*i32"
-    sig.update(q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}")
-    if kernel != "forward":
-        sig["operand_scales_ptr"] = f"*{acc}"
-    sig["lse_ptr"] = f"*{acc}"
-    segments = dict(hard_start="i32", n_hard="i32", gauss_start="i32", self_start="i32", n_self="i32",
-                    eps_ptr=f"*{acc}", n_hard_blocks="i32", thresholds_ptr=f"*{acc}")
-    sizes = dict(n_rows="i32", n_cols="i32", n_grad_cols="i32", dim="i32", stride_q="i32", stride_k="i32")
-    blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
-    if kernel == "forward":
-        fn = _infonce_fwd_kernel
-        sig.update(target_logit_ptr=f"*{acc}", **sizes, **segments)
-    elif kernel == "backward_dq":
-        fn = _infonce_bwd_dq_kernel
-        sig.update(grad_rows_ptr=f"*{acc}", dq_ptr=f"*{t}", row_dot_ptr=f"*{acc}", **sizes, stride_dq="i32",
-                   **segments)
-        blocks["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT
-    elif kernel == "backward_dk":
-        fn = _infonce_bwd_dk_kernel
-        sig.update(grad_rows_ptr=f"*{acc}", dk_ptr=f"*{t}", **sizes, stride_dk="i32", **segments)
-        blocks["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT
-    elif kernel == "backward_ds":
-        fn = _infonce_dlogits_kernel
-        sig.update(grad_rows_ptr=f"*{acc}", ds_ptr=f"*{t}", ds2_ptr=f"*{t}", row_dot_ptr=f"*{acc}",
-                   col_dot_ptr=f"*{acc}", row0="i32", n_chunk_rows="i32", **sizes, stride_ds="i32", stride_ds2="i32",
-                   **segments)
+    switches = Switches(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on,
+                        GROUPED=on and not family, NORMALIZED=features in ("normalized", "all", "family"),
+                        ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False, HARD_BLOCKS=family,
+                        HARDNESS=HARDNESS_IN_BATCH if family else 0, MARGIN=family, EMPTY_ROWS=family)
+    # Every argument of the kernels below, by name: inputs and outputs in the input dtype,
+    # per-row and per-column values in the accumulator dtype, sizes and strides in i32.
+    ins = TileInputs(q=f"*{t}", k=f"*{t}", params=f"*{acc}", targets="*i64", row_groups="*i64", key_groups="*i64",
+                     q_norm=f"*{acc}", k_norm=f"*{acc}", scalars=f"*{acc}", thresholds=f"*{acc}", n_rows="i32",
+                     dim="i32", stride_q="i32", stride_k="i32")
+    types = dict(ins=ins, seg=Segments(*["i32"] * len(Segments._fields)), tile_ranges_ptr="*i32",
+                 row_ranges_ptr="*i32", dq_ptr=f"*{t}", dk_ptr=f"*{t}", ds_ptr=f"*{t}", ds2_ptr=f"*{t}")
+    types.update({name: f"*{acc}" for name in (
+        "operand_scales_ptr", "lse_ptr", "target_logit_ptr", "grad_rows_ptr", "row_dot_ptr", "col_dot_ptr", "w_ptr",
+        "part_max_ptr", "part_sum_ptr", "part_target_ptr")})
+    types.update({name: "i32" for name in (
+        "stride_dq", "stride_dk", "stride_ds", "stride_ds2", "stride_w", "row0", "n_chunk_rows", "split_cols",
+        "stride_part")})
+    constexprs = dict(SW=switches, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
+    if kernel in ("backward_dq", "backward_dk"):
+        constexprs["BLOCK_D_OUT"] = cfg.BLOCK_D_OUT
+    if kernel == "backward_ds":
         # float16 writes a second operand for dk (infonce_bwd_workspace.py).
-        flags.update(SPLIT=dtype == torch.float16, WRITE_DS2=dtype == torch.float16)
+        constexprs.update(SPLIT=dtype == torch.float16, WRITE_DS2=dtype == torch.float16)
+    kernels = {"forward": _infonce_fwd_kernel, "backward_dq": _infonce_bwd_dq_kernel,
+               "backward_dk": _infonce_bwd_dk_kernel, "backward_ds": _infonce_dlogits_kernel,
+               "one_pass_logits": _one_pass_logits_kernel}
+    if kernel in kernels:
+        fn = kernels[kernel]
+        sig = {name: types[name] for name in fn.arg_names if name not in constexprs}
     elif kernel in ONE_PASS_KERNELS:
         from .infonce_one_pass import one_pass_signature
 
-        fn, sig, flags, blocks = one_pass_signature(kernel, t, acc, flags, sig, sizes, segments, blocks)
+        fn, sig, constexprs = one_pass_signature(kernel, t, acc, switches)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    compiled = _compile(fn, sig, {**flags, **blocks}, cfg, arch)
+    compiled = _compile(fn, sig, constexprs, cfg, arch)
     return Report(kernel, f"{t}/{precision}/{features}", cfg, *_split(compiled))
 
 

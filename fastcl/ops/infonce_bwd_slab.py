@@ -51,123 +51,81 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .group_ranges import column_block_row_ranges, row_block_tile_ranges
-from .launch import (
-    backward_operand_scales, block_options, check_rows_contiguous, checked_thresholds, layout_segments, layout_switches,
-)
+from .launch import backward_operand_scales, block_options, tile_inputs
 from .layout import ColumnLayout
-from .normalize import row_norms
 from .tiles import (
     GRAD_OPERAND_SCALE, column_interval, column_tile, groups_overlap, load_family, load_groups, load_params,
-    load_projections, load_row_gradients, load_scales, matmul_operand, similarity_tile, softmax_minus_target,
-    tile_logits,
+    load_projections, load_row_gradients, load_scales, load_targets, matmul_operand, row_block, similarity_tile,
+    softmax_minus_target, tile_logits,
 )
 from .utils import accumulator_dtype
 
 
 @triton.jit
 def _infonce_bwd_dq_kernel(
-    q_ptr,
-    k_ptr,
-    params_ptr,
-    targets_ptr,
-    row_groups_ptr,
-    key_groups_ptr,
+    ins,  # launch.TileInputs: q, k and what every tile reads with them
+    seg,  # launch.Segments: the layout's column segments
     tile_ranges_ptr,  # GROUPED only: per row block, 3 intervals of column tiles to visit
-    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
-    k_norm_ptr,
     operand_scales_ptr,  # [max_j c_j, max_i |g_i r_i|]: see backward_operand_scales
     lse_ptr,
     grad_rows_ptr,
     dq_ptr,
     row_dot_ptr,
-    n_rows,
-    n_cols,
-    n_grad_cols,
-    dim,
-    stride_q,
-    stride_k,
     stride_dq,
-    hard_start,
-    n_hard,
-    gauss_start,
-    self_start,
-    n_self,
-    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
-    n_hard_blocks,  # K hard negatives per row (HARD_BLOCKS only)
-    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
-    HAS_TARGETS: tl.constexpr,
-    HARD_WEIGHTED: tl.constexpr,
-    GAUSS_WEIGHTED: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    GROUPED: tl.constexpr,
-    NORMALIZED: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    HARD_BLOCKS: tl.constexpr,
-    HARDNESS: tl.constexpr,
-    MARGIN: tl.constexpr,
-    EMPTY_ROWS: tl.constexpr,
+    SW: tl.constexpr,  # the launch's switches (launch.Switches)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_D_OUT: tl.constexpr,
 ):
-    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    eps = tl.load(eps_ptr)  # from memory: a float argument would be rounded to fp32
+    acc_dtype: tl.constexpr = tl.float64 if SW.ACC_FP64 else tl.float32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     slab = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
-    row_in = rows < n_rows
-    slab_in = slab < dim
-    inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
-    lse, grad_rows, targets = load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype,
-                                                 HAS_TARGETS, EMPTY_ROWS)
-    strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS, MARGIN)
-    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
-    row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
+    row_in = rows < ins.n_rows
+    slab_in = slab < ins.dim
+    eps, params, targets, strength, thresholds, row_groups, row_scale = row_block(ins, rows, row_in, SW)
+    inv_tau = params[0]
+    lse, grad_rows = load_row_gradients(lse_ptr, grad_rows_ptr, rows, row_in, acc_dtype, SW)
     col_scale_max = tl.load(operand_scales_ptr)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D_OUT), dtype=acc_dtype)
     row_dot = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     # Column tiles: with groups, only the (at most 3) intervals that can hold a candidate
     # of these rows (group_ranges.py); otherwise all of them.
-    for interval in tl.static_range(3 if GROUPED else 1):
-        n_first, n_end = column_interval(tile_ranges_ptr, interval, n_cols, BLOCK_N, GROUPED)
+    for interval in tl.static_range(3 if SW.GROUPED else 1):
+        n_first, n_end = column_interval(tile_ranges_ptr, interval, seg.n_cols, BLOCK_N, SW.GROUPED)
         for n0 in range(n_first, n_end, BLOCK_N):
-            cols, col_groups, visit = column_tile(key_groups_ptr, n0, row_groups, row_in, n_grad_cols, BLOCK_N, GROUPED)
+            cols, col_groups, visit = column_tile(ins.key_groups, n0, row_groups, row_in, seg.n_grad_cols, BLOCK_N,
+                                                  SW.GROUPED)
             if visit:
-                s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                                    BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-                col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
-                s, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols,
-                                        targets, thresholds, row_groups, col_groups, n_cols, n_grad_cols, hard_start,
-                                        n_hard, n_hard_blocks, gauss_start, self_start, n_self, strength, HARD_WEIGHTED,
-                                        GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, NORMALIZED, HARD_BLOCKS, HARDNESS,
-                                        MARGIN)
+                s = similarity_tile(ins, rows, cols, ins.n_rows, seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
+                col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
+                s, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
+                                        col_groups, seg, strength, SW)
                 p_minus = softmax_minus_target(logits, lse, targets, cols)
                 row_dot += tl.sum(p_minus * s, 1)
-                k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
-                                 mask=(cols[:, None] < n_cols) & slab_in[None, :], other=0.0)
+                k_slab = tl.load(ins.k + cols[:, None] * ins.stride_k + slab[None, :],
+                                 mask=(cols[:, None] < seg.n_cols) & slab_in[None, :], other=0.0)
                 # The operand keeps only the per-column factor c_j / max c (in (0, 1]);
                 # 1/tau, g_i and r_i multiply the fp32 accumulator after the loop.
-                if NORMALIZED:
+                if SW.NORMALIZED:
                     ds = p_minus * (col_scale * (GRAD_OPERAND_SCALE / col_scale_max))[None, :]
                 else:
                     ds = p_minus * GRAD_OPERAND_SCALE
-                if UPCAST:
+                if SW.UPCAST:
                     k_slab = k_slab.to(tl.float32)
-                dq = tl.dot(matmul_operand(ds, k_slab.dtype, UPCAST), k_slab, dq, input_precision=PRECISION,
+                dq = tl.dot(matmul_operand(ds, k_slab.dtype, SW.UPCAST), k_slab, dq, input_precision=SW.PRECISION,
                             out_dtype=acc_dtype)
 
     # Per-row factors, in the accumulator dtype: dq_i = (1/tau) g_i r_i sum_j G'_ij c_j k_j.
     row_factor = inv_tau * grad_rows / GRAD_OPERAND_SCALE
-    if NORMALIZED:
+    if SW.NORMALIZED:
         row_factor = row_factor * row_scale * col_scale_max
     dq = dq * row_factor[:, None]
     row_dot = row_dot * grad_rows
-    if NORMALIZED:  # dq_i -= (1/tau) row_dot_i proj_i q_i, on this slab
-        proj = load_projections(q_norm_ptr, rows, n_rows, eps)
-        q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
+    if SW.NORMALIZED:  # dq_i -= (1/tau) row_dot_i proj_i q_i, on this slab
+        proj = load_projections(ins.q_norm, rows, ins.n_rows, eps)
+        q_slab = tl.load(ins.q + rows[:, None] * ins.stride_q + slab[None, :],
                          mask=row_in[:, None] & slab_in[None, :], other=0.0).to(acc_dtype)
         dq -= (inv_tau * row_dot * proj)[:, None] * q_slab
     tl.store(dq_ptr + rows[:, None] * stride_dq + slab[None, :], dq.to(dq_ptr.dtype.element_ty),
@@ -178,116 +136,82 @@ def _infonce_bwd_dq_kernel(
 
 @triton.jit
 def _infonce_bwd_dk_kernel(
-    q_ptr,
-    k_ptr,
-    params_ptr,
-    targets_ptr,
-    row_groups_ptr,
-    key_groups_ptr,
+    ins,  # launch.TileInputs: q, k and what every tile reads with them
+    seg,  # launch.Segments: the layout's column segments
     row_ranges_ptr,  # GROUPED only: per column block, the interval of row tiles to visit
-    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
-    k_norm_ptr,
     operand_scales_ptr,  # [max_j c_j, max_i |g_i r_i|]: see backward_operand_scales
     lse_ptr,
     grad_rows_ptr,
     dk_ptr,
-    n_rows,
-    n_cols,
-    n_grad_cols,
-    dim,
-    stride_q,
-    stride_k,
     stride_dk,
-    hard_start,
-    n_hard,
-    gauss_start,
-    self_start,
-    n_self,
-    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
-    n_hard_blocks,  # K hard negatives per row (HARD_BLOCKS only)
-    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
-    HAS_TARGETS: tl.constexpr,
-    HARD_WEIGHTED: tl.constexpr,
-    GAUSS_WEIGHTED: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    GROUPED: tl.constexpr,
-    NORMALIZED: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    HARD_BLOCKS: tl.constexpr,
-    HARDNESS: tl.constexpr,
-    MARGIN: tl.constexpr,
-    EMPTY_ROWS: tl.constexpr,
+    SW: tl.constexpr,  # the launch's switches (launch.Switches)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_D_OUT: tl.constexpr,
 ):
-    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    eps = tl.load(eps_ptr)  # from memory: a float argument would be rounded to fp32
+    acc_dtype: tl.constexpr = tl.float64 if SW.ACC_FP64 else tl.float32
+    eps = tl.load(ins.scalars)  # from memory: a float argument would be rounded to fp32
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     slab = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
-    slab_in = slab < dim
-    inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
+    slab_in = slab < ins.dim
+    params = load_params(ins.params)
+    inv_tau = params[0]
     # Every column here is a gradient column (< n_grad_cols), so it has a group.
-    col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
-    col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
+    col_groups = load_groups(ins.key_groups, cols, seg.n_grad_cols, SW.GROUPED)
+    col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
     row_weight_max = tl.load(operand_scales_ptr + 1)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D_OUT), dtype=acc_dtype)
     col_dot = tl.zeros((BLOCK_N,), dtype=acc_dtype)  # NORMALIZED: sum_i G_ij cos_ij
-    if GROUPED:  # only the row tiles whose groups can meet these columns (group_ranges.py)
+    if SW.GROUPED:  # only the row tiles whose groups can meet these columns (group_ranges.py)
         m_first = tl.load(row_ranges_ptr + tl.program_id(0) * 2) * BLOCK_M
         m_end = tl.load(row_ranges_ptr + tl.program_id(0) * 2 + 1) * BLOCK_M
     else:
         m_first = 0
-        m_end = n_rows
+        m_end = ins.n_rows
     for m0 in range(m_first, m_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        row_in = rows < n_rows
-        row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
-        if groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols, False, GROUPED):
-            lse, grad_rows, targets = load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype,
-                                                         HAS_TARGETS, EMPTY_ROWS)
-            strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS, MARGIN)
+        row_in = rows < ins.n_rows
+        row_groups = load_groups(ins.row_groups, rows, ins.n_rows, SW.GROUPED)
+        if groups_overlap(row_groups, row_in, col_groups, cols < seg.n_grad_cols, False, SW.GROUPED):
+            lse, grad_rows = load_row_gradients(lse_ptr, grad_rows_ptr, rows, row_in, acc_dtype, SW)
+            targets = load_targets(ins.targets, rows, row_in, SW.HAS_TARGETS)
+            strength, thresholds = load_family(ins.scalars, eps, ins.thresholds, rows, row_in, SW)
             # The softmax runs over all n_cols columns; only the first n_grad_cols are
             # stored, and this program's columns are among them.
-            s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                                BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-            row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
-            s, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols,
-                                    targets, thresholds, row_groups, col_groups, n_cols, n_grad_cols, hard_start,
-                                    n_hard, n_hard_blocks, gauss_start, self_start, n_self, strength, HARD_WEIGHTED,
-                                    GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, NORMALIZED, HARD_BLOCKS, HARDNESS, MARGIN)
+            s = similarity_tile(ins, rows, cols, ins.n_rows, seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
+            row_scale = load_scales(ins.q_norm, rows, ins.n_rows, eps, SW.NORMALIZED)
+            s, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
+                                    col_groups, seg, strength, SW)
             p_minus = softmax_minus_target(logits, lse, targets, cols)
-            q_slab = tl.load(q_ptr + rows[:, None] * stride_q + slab[None, :],
+            q_slab = tl.load(ins.q + rows[:, None] * ins.stride_q + slab[None, :],
                              mask=row_in[:, None] & slab_in[None, :], other=0.0)
             # The operand keeps only the per-row factor g_i r_i / max |g r| (in [-1, 1]);
             # 1/tau and c_j multiply the fp32 accumulator after the loop.
-            if NORMALIZED:
+            if SW.NORMALIZED:
                 row_weight = grad_rows * row_scale
                 col_dot += tl.sum(p_minus * s * grad_rows[:, None], 0)
             else:
                 row_weight = grad_rows
             ds = p_minus * (row_weight * (GRAD_OPERAND_SCALE / row_weight_max))[:, None]
-            if UPCAST:
+            if SW.UPCAST:
                 q_slab = q_slab.to(tl.float32)
-            dk = tl.dot(tl.trans(matmul_operand(ds, q_slab.dtype, UPCAST)), q_slab, dk, input_precision=PRECISION,
-                        out_dtype=acc_dtype)
+            dk = tl.dot(tl.trans(matmul_operand(ds, q_slab.dtype, SW.UPCAST)), q_slab, dk,
+                        input_precision=SW.PRECISION, out_dtype=acc_dtype)
 
     # Per-column factors, in the accumulator dtype: dk_j = (1/tau) c_j sum_i G'_ij g_i r_i q_i.
     col_factor = inv_tau * row_weight_max / GRAD_OPERAND_SCALE + tl.zeros((BLOCK_N,), dtype=acc_dtype)
-    if NORMALIZED:
+    if SW.NORMALIZED:
         col_factor = col_factor * col_scale
     dk = dk * col_factor[:, None]
-    if NORMALIZED:  # dk_j -= (1/tau) col_dot_j proj_j k_j, on this slab
-        proj = load_projections(k_norm_ptr, cols, n_grad_cols, eps)
-        k_slab = tl.load(k_ptr + cols[:, None] * stride_k + slab[None, :],
-                         mask=(cols[:, None] < n_grad_cols) & slab_in[None, :], other=0.0).to(acc_dtype)
+    if SW.NORMALIZED:  # dk_j -= (1/tau) col_dot_j proj_j k_j, on this slab
+        proj = load_projections(ins.k_norm, cols, seg.n_grad_cols, eps)
+        k_slab = tl.load(ins.k + cols[:, None] * ins.stride_k + slab[None, :],
+                         mask=(cols[:, None] < seg.n_grad_cols) & slab_in[None, :], other=0.0).to(acc_dtype)
         dk -= (inv_tau * col_dot * proj)[:, None] * k_slab
     tl.store(dk_ptr + cols[:, None] * stride_dk + slab[None, :], dk.to(dk_ptr.dtype.element_ty),
-             mask=(cols[:, None] < n_grad_cols) & slab_in[None, :])
+             mask=(cols[:, None] < seg.n_grad_cols) & slab_in[None, :])
 
 
 def infonce_backward_slab(
@@ -314,18 +238,10 @@ def infonce_backward_slab(
     With ``normalize_eps`` the gradients are with respect to the raw rows.
     """
     n_rows, dim = q.shape
-    check_rows_contiguous(q, k)
+    ins, segments, switches = tile_inputs(q, k, params, targets, layout, groups, normalize_eps, thresholds)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
-    thresholds = checked_thresholds(thresholds, n_rows, acc, q.device)
-    normalized = normalize_eps is not None
-    grouped = groups is not None
-    switches = layout_switches(q.dtype, targets, layout, grouped, normalized, thresholds is not None)
-    targets_arg = targets if targets is not None else lse
-    row_groups, key_groups = groups if grouped else (lse, lse)
-    segments = layout_segments(layout, normalize_eps, acc, q.device, thresholds)
-    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
-    operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc)
+    operand_scales = backward_operand_scales(ins.q_norm, ins.k_norm, grad_rows, normalize_eps, acc)
 
     dq = row_dot = None
     if need_dq:
@@ -333,23 +249,15 @@ def infonce_backward_slab(
         row_dot = torch.empty(n_rows, dtype=acc, device=q.device)
         cfg = kernel_config("backward_dq", q.dtype, dim, q.device)
         grid = (triton.cdiv(n_rows, cfg.BLOCK_M), triton.cdiv(dim, cfg.BLOCK_D_OUT))
-        _infonce_bwd_dq_kernel[grid](
-            q, k, params, targets_arg, row_groups, key_groups,
-            row_block_tile_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if grouped else lse,
-            q_norm, k_norm, operand_scales, lse, grad_rows, dq, row_dot,
-            n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dq.stride(0),
-            *segments, **switches, **block_options(cfg, slab=True),
-        )
+        tile_ranges = row_block_tile_ranges(*groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if groups is not None else lse
+        _infonce_bwd_dq_kernel[grid](ins, segments, tile_ranges, operand_scales, lse, grad_rows, dq, row_dot,
+                                     dq.stride(0), SW=switches, **block_options(cfg, slab=True))
     dk = None
     if need_dk and layout.n_grad_cols > 0:
         dk = torch.empty((layout.n_grad_cols, dim), dtype=k.dtype, device=k.device)
         cfg = kernel_config("backward_dk", q.dtype, dim, q.device)
         grid = (triton.cdiv(layout.n_grad_cols, cfg.BLOCK_N), triton.cdiv(dim, cfg.BLOCK_D_OUT))
-        _infonce_bwd_dk_kernel[grid](
-            q, k, params, targets_arg, row_groups, key_groups,
-            column_block_row_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if grouped else lse,
-            q_norm, k_norm, operand_scales, lse, grad_rows, dk,
-            n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), dk.stride(0),
-            *segments, **switches, **block_options(cfg, slab=True),
-        )
+        row_ranges = column_block_row_ranges(*groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if groups is not None else lse
+        _infonce_bwd_dk_kernel[grid](ins, segments, row_ranges, operand_scales, lse, grad_rows, dk, dk.stride(0),
+                                     SW=switches, **block_options(cfg, slab=True))
     return dq, dk, row_dot

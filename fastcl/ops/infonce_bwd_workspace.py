@@ -36,15 +36,11 @@ import triton
 import triton.language as tl
 
 from .configs import kernel_config
-from .launch import (
-    SCALARS_AT, backward_operand_scales, block_options, check_rows_contiguous, checked_thresholds, layout_segments,
-    layout_switches,
-)
+from .launch import backward_operand_scales, block_options, tile_inputs
 from .layout import ColumnLayout
-from .normalize import row_norms
 from .tiles import (
     GRAD_OPERAND_SCALE, column_tile, load_family, load_groups, load_params, load_projections, load_row_gradients,
-    load_scales, matmul_operand, similarity_tile, softmax_minus_target, tile_logits,
+    load_scales, load_targets, matmul_operand, similarity_tile, softmax_minus_target, tile_logits,
 )
 from .utils import accumulator_dtype
 
@@ -54,14 +50,8 @@ DEFAULT_WORKSPACE_BYTES = 1 << 30
 
 @triton.jit
 def _infonce_dlogits_kernel(
-    q_ptr,
-    k_ptr,
-    params_ptr,
-    targets_ptr,
-    row_groups_ptr,
-    key_groups_ptr,
-    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
-    k_norm_ptr,
+    ins,  # launch.TileInputs: q, k and what every tile reads with them
+    seg,  # launch.Segments: the layout's column segments
     operand_scales_ptr,  # [max_j c_j, max_i |g_i r_i|] (launch.backward_operand_scales)
     lse_ptr,
     grad_rows_ptr,
@@ -71,68 +61,39 @@ def _infonce_dlogits_kernel(
     col_dot_ptr,  # NORMALIZED only
     row0,
     n_chunk_rows,
-    n_rows,
-    n_cols,
-    n_grad_cols,
-    dim,
-    stride_q,
-    stride_k,
     stride_ds,
     stride_ds2,
-    hard_start,
-    n_hard,
-    gauss_start,
-    self_start,
-    n_self,
-    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
-    n_hard_blocks,  # K hard negatives per row (HARD_BLOCKS only)
-    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
-    HAS_TARGETS: tl.constexpr,
-    HARD_WEIGHTED: tl.constexpr,
-    GAUSS_WEIGHTED: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    GROUPED: tl.constexpr,
-    NORMALIZED: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    HARD_BLOCKS: tl.constexpr,
-    HARDNESS: tl.constexpr,
-    MARGIN: tl.constexpr,
-    EMPTY_ROWS: tl.constexpr,
+    SW: tl.constexpr,  # the launch's switches (launch.Switches)
     SPLIT: tl.constexpr,
     WRITE_DS2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    eps = tl.load(eps_ptr)  # from memory: a float argument would be rounded to fp32
+    acc_dtype: tl.constexpr = tl.float64 if SW.ACC_FP64 else tl.float32
+    eps = tl.load(ins.scalars)  # from memory: a float argument would be rounded to fp32
     local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row within the chunk
     rows = row0 + local                                          # row of the whole batch
     row_in = local < n_chunk_rows
-    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
-    cols, col_groups, visit = column_tile(key_groups_ptr, tl.program_id(1) * BLOCK_N, row_groups, row_in, n_grad_cols,
-                                          BLOCK_N, GROUPED)
-    col_in = cols < n_cols
+    row_groups = load_groups(ins.row_groups, rows, ins.n_rows, SW.GROUPED)
+    cols, col_groups, visit = column_tile(ins.key_groups, tl.program_id(1) * BLOCK_N, row_groups, row_in,
+                                          seg.n_grad_cols, BLOCK_N, SW.GROUPED)
+    col_in = cols < seg.n_cols
     out_ptrs = ds_ptr + local[:, None] * stride_ds + cols[None, :]
     out_mask = row_in[:, None] & col_in[None, :]
     out2_ptrs = ds2_ptr + local[:, None] * stride_ds2 + cols[None, :]
-    out2_mask = row_in[:, None] & (cols < n_grad_cols)[None, :]
+    out2_mask = row_in[:, None] & (cols < seg.n_grad_cols)[None, :]
 
     if visit:
-        inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
-        lse, grad_rows, targets = load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype,
-                                                     HAS_TARGETS, EMPTY_ROWS)
-        strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS, MARGIN)
-        s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                            BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-        row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
-        col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
-        s, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols,
-                                targets, thresholds, row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard,
-                                n_hard_blocks, gauss_start, self_start, n_self, strength, HARD_WEIGHTED, GAUSS_WEIGHTED,
-                                EXCLUDE_SELF, GROUPED, NORMALIZED, HARD_BLOCKS, HARDNESS, MARGIN)
+        params = load_params(ins.params)
+        lse, grad_rows = load_row_gradients(lse_ptr, grad_rows_ptr, rows, row_in, acc_dtype, SW)
+        targets = load_targets(ins.targets, rows, row_in, SW.HAS_TARGETS)
+        strength, thresholds = load_family(ins.scalars, eps, ins.thresholds, rows, row_in, SW)
+        s = similarity_tile(ins, rows, cols, ins.n_rows, seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
+        row_scale = load_scales(ins.q_norm, rows, ins.n_rows, eps, SW.NORMALIZED)
+        col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
+        s, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
+                                col_groups, seg, strength, SW)
         p_minus = softmax_minus_target(logits, lse, targets, cols)
         dlogits = grad_rows[:, None] * p_minus
         tl.atomic_add(row_dot_ptr + rows, tl.sum(dlogits * s, 1), mask=row_in)
@@ -144,8 +105,8 @@ def _infonce_dlogits_kernel(
         # the dq operand keeps c_j only and a second one, for dk, keeps g_i r_i only.
         col_scale_max = tl.load(operand_scales_ptr)
         row_weight_max = tl.load(operand_scales_ptr + 1)
-        if NORMALIZED:
-            tl.atomic_add(col_dot_ptr + cols, tl.sum(dlogits * s, 0), mask=cols < n_grad_cols)
+        if SW.NORMALIZED:
+            tl.atomic_add(col_dot_ptr + cols, tl.sum(dlogits * s, 0), mask=cols < seg.n_grad_cols)
             row_factor = grad_rows * row_scale * (GRAD_OPERAND_SCALE / row_weight_max)
             col_factor = col_scale / col_scale_max
         else:
@@ -155,11 +116,11 @@ def _infonce_dlogits_kernel(
             ds = p_minus * (col_factor * GRAD_OPERAND_SCALE)[None, :]
             if WRITE_DS2:
                 ds2 = p_minus * row_factor[:, None]
-                tl.store(out2_ptrs, matmul_operand(ds2, ds2_ptr.dtype.element_ty, UPCAST).to(
+                tl.store(out2_ptrs, matmul_operand(ds2, ds2_ptr.dtype.element_ty, SW.UPCAST).to(
                     ds2_ptr.dtype.element_ty), mask=out2_mask)
         else:
             ds = p_minus * row_factor[:, None] * col_factor[None, :]
-        tl.store(out_ptrs, matmul_operand(ds, ds_ptr.dtype.element_ty, UPCAST).to(ds_ptr.dtype.element_ty),
+        tl.store(out_ptrs, matmul_operand(ds, ds_ptr.dtype.element_ty, SW.UPCAST).to(ds_ptr.dtype.element_ty),
                  mask=out_mask)
     else:
         # A tile with no common group has zero gradient; the workspace is reused, so say so.
@@ -271,10 +232,9 @@ def infonce_backward_workspace(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as :func:`fastcl.ops.infonce_bwd_slab.infonce_backward_slab`."""
     n_rows, dim = q.shape
-    check_rows_contiguous(q, k)
+    ins, segments, switches = tile_inputs(q, k, params, targets, layout, groups, normalize_eps, thresholds)
     acc = accumulator_dtype(q.dtype)
     grad_rows = grad_rows.contiguous()
-    thresholds = checked_thresholds(thresholds, n_rows, acc, q.device)
     # The workspace holds the logit-gradient operand in the input dtype (fp32 for fp32,
     # fp64 for fp64); the products' results stay in the accumulator dtype until the last
     # step scales them and rounds once.
@@ -296,11 +256,8 @@ def infonce_backward_workspace(
     dk_acc = torch.zeros((n_grad, dim), dtype=acc, device=q.device) if want_dk and not direct_dk else None
 
     cfg = kernel_config("backward_ds", q.dtype, dim, q.device)
-    row_groups, key_groups = groups if groups is not None else (lse, lse)
     normalized = normalize_eps is not None
-    segments = layout_segments(layout, normalize_eps, acc, q.device, thresholds)
-    eps_arg = segments[SCALARS_AT]
-    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
+    eps_arg, q_norm, k_norm = ins.scalars, ins.q_norm, ins.k_norm
     operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc)
     # What the products' results are multiplied by: (1/tau) max(c) max|g r| / 2^15 when
     # one operand holds both factors; when split, dq's result by (1/tau) max(c) / 2^15
@@ -318,17 +275,14 @@ def infonce_backward_workspace(
         dq_row_factors = dk_row_factors = None
     # The kernel adds column sums whenever it normalizes (they are only read for dk).
     col_dot = torch.zeros(layout.n_grad_cols if normalized else 0, dtype=acc, device=q.device)
-    switches = layout_switches(q.dtype, targets, layout, groups is not None, normalized, thresholds is not None)
     for row0 in range(0, n_rows, chunk):
         rows = min(chunk, n_rows - row0)
         ds = workspace[:rows]
         ds2 = workspace2[:rows]
         grid = (triton.cdiv(rows, cfg.BLOCK_M), triton.cdiv(layout.n_cols, cfg.BLOCK_N))
         _infonce_dlogits_kernel[grid](
-            q, k, params, targets if targets is not None else lse, row_groups, key_groups, q_norm, k_norm,
-            operand_scales, lse, grad_rows, ds, ds2, row_dot, col_dot if normalized else lse, row0, rows, n_rows,
-            layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0), ds.stride(0), ds2.stride(0),
-            *segments, **switches, SPLIT=split, WRITE_DS2=write_ds2, **block_options(cfg),
+            ins, segments, operand_scales, lse, grad_rows, ds, ds2, row_dot, col_dot if normalized else lse, row0,
+            rows, ds.stride(0), ds2.stride(0), SW=switches, SPLIT=split, WRITE_DS2=write_ds2, **block_options(cfg),
         )
         q_chunk = q[row0:row0 + rows]
         if need_dq:

@@ -17,88 +17,47 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .group_ranges import row_block_tile_ranges
-from .launch import block_options, check_rows_contiguous, checked_thresholds, layout_segments, layout_switches
+from .launch import block_options, tile_inputs
 from .layout import ColumnLayout
-from .normalize import row_norms
 from .tiles import (
-    column_interval, column_tile, load_family, load_groups, load_params, load_scales, load_targets, similarity_tile,
-    tile_logits,
+    column_interval, column_tile, load_scales, row_block,
+    similarity_tile, tile_logits,
 )
 from .utils import accumulator_dtype
 
 
 @triton.jit
 def _infonce_fwd_kernel(
-    q_ptr,
-    k_ptr,
-    params_ptr,  # [1 / tau, log hard weight, log gaussian weight] in the accumulator dtype
-    targets_ptr,
-    row_groups_ptr,
-    key_groups_ptr,
+    ins,  # launch.TileInputs: q, k and what every tile reads with them
+    seg,  # launch.Segments: the layout's column segments
     tile_ranges_ptr,  # GROUPED only: per row block, 3 intervals of column tiles to visit
-    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
-    k_norm_ptr,
     lse_ptr,
     target_logit_ptr,
-    n_rows,
-    n_cols,
-    n_grad_cols,
-    dim,
-    stride_q,
-    stride_k,
-    hard_start,
-    n_hard,
-    gauss_start,
-    self_start,
-    n_self,
-    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
-    n_hard_blocks,  # K hard negatives per row (HARD_BLOCKS only)
-    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
-    HAS_TARGETS: tl.constexpr,
-    HARD_WEIGHTED: tl.constexpr,
-    GAUSS_WEIGHTED: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    GROUPED: tl.constexpr,
-    NORMALIZED: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    HARD_BLOCKS: tl.constexpr,
-    HARDNESS: tl.constexpr,
-    MARGIN: tl.constexpr,
-    EMPTY_ROWS: tl.constexpr,
+    SW: tl.constexpr,  # the launch's switches (launch.Switches)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    eps = tl.load(eps_ptr)  # from memory: a float argument would be rounded to fp32
+    acc_dtype: tl.constexpr = tl.float64 if SW.ACC_FP64 else tl.float32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < n_rows
-    inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
-    targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
-    strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS, MARGIN)
-    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
-    row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
+    row_in = rows < ins.n_rows
+    eps, params, targets, strength, thresholds, row_groups, row_scale = row_block(ins, rows, row_in, SW)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
     row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     target_logit = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     # Column tiles: with groups, only the (at most 3) intervals that can hold a candidate
     # of these rows (group_ranges.py); otherwise all of them.
-    for interval in tl.static_range(3 if GROUPED else 1):
-        n_first, n_end = column_interval(tile_ranges_ptr, interval, n_cols, BLOCK_N, GROUPED)
+    for interval in tl.static_range(3 if SW.GROUPED else 1):
+        n_first, n_end = column_interval(tile_ranges_ptr, interval, seg.n_cols, BLOCK_N, SW.GROUPED)
         for n0 in range(n_first, n_end, BLOCK_N):
-            cols, col_groups, visit = column_tile(key_groups_ptr, n0, row_groups, row_in, n_grad_cols, BLOCK_N, GROUPED)
+            cols, col_groups, visit = column_tile(ins.key_groups, n0, row_groups, row_in, seg.n_grad_cols, BLOCK_N,
+                                                  SW.GROUPED)
             if visit:  # tiles whose rows and columns share no group hold no candidate
-                s = similarity_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                                    BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-                col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
-                _, logits = tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols,
-                                        targets, thresholds, row_groups, col_groups, n_cols, n_grad_cols, hard_start,
-                                        n_hard, n_hard_blocks, gauss_start, self_start, n_self, strength, HARD_WEIGHTED,
-                                        GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, NORMALIZED, HARD_BLOCKS, HARDNESS,
-                                        MARGIN)
+                s = similarity_tile(ins, rows, cols, ins.n_rows, seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
+                col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
+                _, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
+                                        col_groups, seg, strength, SW)
                 new_max = tl.maximum(row_max, tl.max(logits, 1))
                 # A row may have no candidate yet (all -inf so far, with masking): shift by 0
                 # then, so that exp(-inf - -inf) never makes a NaN.
@@ -136,24 +95,12 @@ def infonce_forward(
     Returns ``(lse, target_logit)``, each of length N in the accumulator dtype.
     """
     n_rows, dim = q.shape
-    check_rows_contiguous(q, k)
+    ins, segments, switches = tile_inputs(q, k, params, targets, layout, groups, normalize_eps, thresholds)
     acc = accumulator_dtype(q.dtype)
-    thresholds = checked_thresholds(thresholds, n_rows, acc, q.device)
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
     cfg = kernel_config("forward", q.dtype, dim, q.device)
-    row_groups, key_groups = groups if groups is not None else (lse, lse)
-    tile_ranges = (row_block_tile_ranges(row_groups, key_groups, layout, cfg.BLOCK_M, cfg.BLOCK_N)
-                   if groups is not None else lse)
-    normalized = normalize_eps is not None
-    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (lse, lse)
+    tile_ranges = row_block_tile_ranges(*groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if groups is not None else lse
     grid = (triton.cdiv(n_rows, cfg.BLOCK_M),)
-    _infonce_fwd_kernel[grid](
-        q, k, params, targets if targets is not None else lse, row_groups, key_groups, tile_ranges, q_norm,
-        k_norm, lse, target_logit,
-        n_rows, layout.n_cols, layout.n_grad_cols, dim, q.stride(0), k.stride(0),
-        *layout_segments(layout, normalize_eps, acc, q.device, thresholds),
-        **layout_switches(q.dtype, targets, layout, groups is not None, normalized, thresholds is not None),
-        **block_options(cfg),
-    )
+    _infonce_fwd_kernel[grid](ins, segments, tile_ranges, lse, target_logit, SW=switches, **block_options(cfg))
     return lse, target_logit

@@ -5,7 +5,7 @@ log-sum-exps, the backward forms it again (slab: once per D slab of each gradien
 workspace: once, into a buffer of logit gradients) before the products for dq and dk
 (4NMD). With a reduced loss every row's incoming gradient is one weight w (1/N for a
 mean, 1 for a sum), so the gradients can be formed in the forward
-(fastcl/plan.py decides where) and S is needed once. Per chunk of R rows (R from the workspace
+(fastcl/backends.py decides where) and S is needed once. Per chunk of R rows (R from the workspace
 cap, ``FASTCL_WORKSPACE_BYTES``, as the workspace backward's):
 
 1. ``_one_pass_logits_kernel``, grid (row blocks, column splits): S tiles from tl.dot,
@@ -35,7 +35,7 @@ tiles of W are loaded) would save its 6 bytes but needs a D-wide accumulator per
 block (dq: 128 rows x 768 fp32 exceeds the registers), so each tile would be read and
 exponentiated once per D slab: three times at D = 768. The GPU runner times slab,
 workspace and one pass side by side (``fastcl-one_pass``), so the choice is measured
-there; :func:`fastcl.plan.one_pass_applies` takes the one pass by default for fp32 and fp64.
+there; :func:`fastcl.backends.one_pass_applies` takes the one pass by default for fp32 and fp64.
 
 With groups the kernels skip tiles without a common group, but the products run over
 every column, so on CUDA the plan keeps the recomputing slab path for groups.
@@ -51,102 +51,62 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .infonce_bwd_workspace import DEFAULT_WORKSPACE_BYTES
-from .launch import SCALARS_AT, check_rows_contiguous, checked_thresholds, family_switches, layout_segments
+from .launch import block_options, tile_inputs
 from .layout import ColumnLayout
-from .normalize import row_norms
 from .tiles import (
-    finite_lse, groups_overlap, load_family, load_groups, load_params, load_projections, load_scales, load_targets,
-    logit_tile, similarity_tile,
+    finite_lse, groups_overlap, load_groups, load_projections, load_scales, load_targets,
+    row_block, similarity_tile, tile_logits,
 )
-from .utils import accumulator_dtype, dot_precision, interpreting, upcast_for_interpreter
+from .utils import accumulator_dtype, interpreting
 
 
 @triton.jit
 def _one_pass_logits_kernel(
-    q_ptr,
-    k_ptr,
-    params_ptr,
-    targets_ptr,
-    row_groups_ptr,
-    key_groups_ptr,
-    q_norm_ptr,  # L2 norms of the rows of q and k (NORMALIZED only)
-    k_norm_ptr,
+    ins,  # launch.TileInputs: q, k and what every tile reads with them
+    seg,  # launch.Segments: the layout's column segments
     w_ptr,  # R x M workspace of logits (accumulator dtype)
     part_max_ptr,  # n_splits x R: each split's row max, rescaled sum and target logit
     part_sum_ptr,
     part_target_ptr,
     row0,
     n_chunk_rows,
-    n_rows,
-    n_cols,
-    n_grad_cols,
-    dim,
-    stride_q,
-    stride_k,
     stride_w,
     split_cols,  # columns per split, a multiple of BLOCK_N
     stride_part,  # between the splits' rows in the partial statistics
-    hard_start,
-    n_hard,
-    gauss_start,
-    self_start,
-    n_self,
-    eps_ptr,  # [eps of the normalization (NORMALIZED), hardness strength (HARDNESS)], accumulator dtype
-    n_hard_blocks,  # K hard negatives per row (HARD_BLOCKS only)
-    thresholds_ptr,  # MARGIN only: the rows' false-negative thresholds (accumulator dtype)
-    HAS_TARGETS: tl.constexpr,
-    HARD_WEIGHTED: tl.constexpr,
-    GAUSS_WEIGHTED: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    GROUPED: tl.constexpr,
-    NORMALIZED: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    HARD_BLOCKS: tl.constexpr,
-    HARDNESS: tl.constexpr,
-    MARGIN: tl.constexpr,
+    SW: tl.constexpr,  # the launch's switches (launch.Switches)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    eps = tl.load(eps_ptr)  # from memory: a float argument would be rounded to fp32
+    acc_dtype: tl.constexpr = tl.float64 if SW.ACC_FP64 else tl.float32
     local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row within the chunk
     rows = row0 + local
     row_in = local < n_chunk_rows
     split = tl.program_id(1)
-    inv_tau, log_hard_weight, log_gauss_weight = load_params(params_ptr)
-    targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
-    strength, thresholds = load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS, MARGIN)
-    row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
-    row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
+    eps, params, targets, strength, thresholds, row_groups, row_scale = row_block(ins, rows, row_in, SW)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
     row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     target_logit = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     first = split * split_cols
-    end = tl.minimum(first + split_cols, n_cols)
+    end = tl.minimum(first + split_cols, seg.n_cols)
     for n0 in range(first, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
-        if GROUPED:
-            visit = groups_overlap(row_groups, row_in, col_groups, cols < n_grad_cols,
-                                   n0 + BLOCK_N > n_grad_cols, GROUPED)
+        col_groups = load_groups(ins.key_groups, cols, seg.n_grad_cols, SW.GROUPED)
+        if SW.GROUPED:
+            visit = groups_overlap(row_groups, row_in, col_groups, cols < seg.n_grad_cols,
+                                   n0 + BLOCK_N > seg.n_grad_cols, SW.GROUPED)
         else:
             visit = True
         if visit:  # the gradient kernel makes the same test and never reads skipped tiles
             # Rows past the chunk read zeros (masked), their logits are never stored.
-            s = similarity_tile(q_ptr, k_ptr, rows, cols, tl.minimum(n_rows, row0 + n_chunk_rows), n_cols, dim,
-                                stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, PRECISION, UPCAST)
-            if NORMALIZED:
-                s = s * row_scale[:, None] * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
-            logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, targets, thresholds,
-                                row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard, n_hard_blocks,
-                                gauss_start, self_start, n_self, strength, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF,
-                                GROUPED, HARD_BLOCKS, HARDNESS, MARGIN)
+            s = similarity_tile(ins, rows, cols, tl.minimum(ins.n_rows, row0 + n_chunk_rows), seg.n_cols, BLOCK_M,
+                                BLOCK_N, BLOCK_D, acc_dtype, SW)
+            col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
+            _, logits = tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups,
+                                    col_groups, seg, strength, SW)
             tl.store(w_ptr + local[:, None] * stride_w + cols[None, :], logits,
-                     mask=row_in[:, None] & (cols[None, :] < n_cols))
+                     mask=row_in[:, None] & (cols[None, :] < seg.n_cols))
             new_max = tl.maximum(row_max, tl.max(logits, 1))
             # A row may have no candidate yet (all -inf so far): shift by 0 then.
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -283,6 +243,10 @@ def _one_pass_rows_kernel(
             tl.store(grad_ptrs, grad - coef[:, None].to(grad.dtype) * x, mask=mask)
 
 
+#: The switches (launch.Switches) the gradient kernel reads: it takes them one by one, so
+#: that rules it does not read (the logits kernel applied them) compile no variants of it.
+GRADS_SWITCHES = ("HAS_TARGETS", "GROUPED", "NORMALIZED", "ACC_FP64", "EMPTY_ROWS")
+
 #: Block shapes of the two kernels without tl.dot. The gradient kernel streams W: 16 x 128
 #: tiles on 4 warps take 48 registers on sm_90a with every option off, 157 with all on
 #: (64 x 128 on 8 warps took 128 and 255: one block per SM in a bandwidth-bound pass);
@@ -307,34 +271,24 @@ def one_pass_config(kernel: str, dtype: torch.dtype, dim: int):
     raise ValueError(f"unknown one-pass kernel {kernel!r}")
 
 
-def one_pass_signature(kernel: str, t: str, acc: str, flags: dict, sig: dict, sizes: dict, segments: dict,
-                       blocks: dict):
-    """(kernel, signature, constexpr flags, block constexprs) of a one-pass kernel for
+def one_pass_signature(kernel: str, t: str, acc: str, switches) -> tuple:
+    """(kernel, signature, constexprs) of the one-pass kernels without a product, for
     fastcl.ops.compile_report: ``t`` / ``acc`` the Triton names of the input and
-    accumulator dtypes, the other arguments the report's common pieces."""
-    if kernel == "one_pass_logits":
-        # The common pieces up to the norms; the forward's and backward's outputs, tile
-        # ranges and operand scales are not this kernel's.
-        sig = {name: sig[name] for name in ("q_ptr", "k_ptr", "params_ptr", "targets_ptr", "row_groups_ptr",
-                                            "key_groups_ptr", "q_norm_ptr", "k_norm_ptr")}
-        sig.update(w_ptr=f"*{acc}", part_max_ptr=f"*{acc}", part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}",
-                   row0="i32", n_chunk_rows="i32", **sizes, stride_w="i32", split_cols="i32", stride_part="i32",
-                   **segments)
-        return _one_pass_logits_kernel, sig, {k: v for k, v in flags.items() if k != "EMPTY_ROWS"}, blocks
-    grads_flags = {k: flags[k] for k in ("HAS_TARGETS", "GROUPED", "NORMALIZED", "ACC_FP64", "EMPTY_ROWS")}
+    accumulator dtypes, ``switches`` the report's launch.Switches."""
     if kernel == "one_pass_grads":
         sig = dict(params_ptr=f"*{acc}", targets_ptr="*i64", row_groups_ptr="*i64", key_groups_ptr="*i64",
                    q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}", w_ptr=f"*{acc}", part_max_ptr=f"*{acc}",
                    part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}", ds_ptr=f"*{t}", loss_ptr=f"*{acc}",
                    row0="i32", n_chunk_rows="i32", n_rows="i32", n_cols="i32", n_grad_cols="i32", n_splits="i32",
                    stride_part="i32", stride_w="i32", stride_ds="i32", eps_ptr=f"*{acc}")
-        return _one_pass_grads_kernel, sig, grads_flags, dict(BLOCK_M=GRADS_BLOCKS["BLOCK_M"],
-                                                              BLOCK_N=GRADS_BLOCKS["BLOCK_N"])
+        constexprs = {name: getattr(switches, name) for name in GRADS_SWITCHES}
+        return _one_pass_grads_kernel, sig, dict(constexprs, BLOCK_M=GRADS_BLOCKS["BLOCK_M"],
+                                                 BLOCK_N=GRADS_BLOCKS["BLOCK_N"])
     if kernel == "one_pass_rows":
         sig = dict(grad_ptr=f"*{acc}", x_ptr=f"*{t}", norm_ptr=f"*{acc}", params_ptr=f"*{acc}", dot_ptr=f"*{acc}",
                    n_rows="i32", dim="i32", stride_grad="i32", stride_x="i32", eps_ptr=f"*{acc}")
-        return _one_pass_rows_kernel, sig, dict(NORMALIZED=flags["NORMALIZED"], WRITE_DOT=True), dict(
-            BLOCK_R=ROWS_BLOCKS["BLOCK_R"], BLOCK_D=ROWS_BLOCKS["BLOCK_D"])
+        return _one_pass_rows_kernel, sig, dict(NORMALIZED=switches.NORMALIZED, WRITE_DOT=True,
+                                                BLOCK_R=ROWS_BLOCKS["BLOCK_R"], BLOCK_D=ROWS_BLOCKS["BLOCK_D"])
     raise ValueError(f"unknown one-pass kernel {kernel!r}")
 
 
@@ -400,10 +354,8 @@ def infonce_forward_grad(
     """
     n_rows, dim = q.shape
     n_cols, n_grad = layout.n_cols, layout.n_grad_cols
-    check_rows_contiguous(q, k)
     acc = accumulator_dtype(q.dtype)
     device = q.device
-    thresholds = checked_thresholds(thresholds, n_rows, acc, device)
     loss_rows = torch.empty(n_rows, dtype=acc, device=device)
     want_dk = need_dk and n_grad > 0
     dq = torch.empty((n_rows, dim), dtype=acc, device=device) if need_dq else q.new_empty((0, dim), dtype=acc)
@@ -417,13 +369,9 @@ def infonce_forward_grad(
     chunk = one_pass_rows(n_rows, n_cols, q.element_size(), torch.finfo(acc).bits // 8, chunk_rows)
     workspace = torch.empty((chunk, n_cols), dtype=acc, device=device)
     ds_buffer = torch.empty((chunk, n_cols), dtype=q.dtype, device=device)
-    normalized = normalize_eps is not None
-    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (loss_rows, loss_rows)
-    row_groups, key_groups = groups if groups is not None else (loss_rows, loss_rows)
-    targets_arg = targets if targets is not None else loss_rows
-    segments = layout_segments(layout, normalize_eps, acc, device, thresholds)
-    eps = segments[SCALARS_AT]
-    family = family_switches(layout, thresholds is not None)
+    ins, segments, switches = tile_inputs(q, k, params4, targets, layout, groups, normalize_eps, thresholds)
+    eps, q_norm, k_norm = ins.scalars, ins.q_norm, ins.k_norm
+    normalized = switches.NORMALIZED
     cfg = kernel_config("forward", q.dtype, dim, device)
     grads_blocks = _INTERPRETER_GRADS_BLOCKS if interpreting() else GRADS_BLOCKS
     row_blocks = triton.cdiv(chunk, cfg.BLOCK_M)
@@ -431,25 +379,19 @@ def infonce_forward_grad(
     split_cols = triton.cdiv(triton.cdiv(n_cols, n_splits), cfg.BLOCK_N) * cfg.BLOCK_N
     n_splits = triton.cdiv(n_cols, split_cols)
     partials = torch.empty((3, n_splits, chunk), dtype=acc, device=device)
-    flags = dict(HAS_TARGETS=targets is not None, GROUPED=groups is not None, NORMALIZED=normalized,
-                 ACC_FP64=acc == torch.float64)
-    logits_flags = dict(flags, HARD_BLOCKS=family["HARD_BLOCKS"], HARDNESS=family["HARDNESS"], MARGIN=family["MARGIN"])
+    grads_switches = {name: getattr(switches, name) for name in GRADS_SWITCHES}
     for row0 in range(0, n_rows, chunk):
         rows = min(chunk, n_rows - row0)
         part = partials
         _one_pass_logits_kernel[(triton.cdiv(rows, cfg.BLOCK_M), n_splits)](
-            q, k, params4, targets_arg, row_groups, key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2],
-            row0, rows, n_rows, n_cols, n_grad, dim, q.stride(0), k.stride(0), workspace.stride(0), split_cols, chunk,
-            *segments, HARD_WEIGHTED=layout.hard_weighted, GAUSS_WEIGHTED=layout.gauss_weighted,
-            EXCLUDE_SELF=layout.n_self > 0, PRECISION=dot_precision(q.dtype), UPCAST=upcast_for_interpreter(q.dtype),
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **logits_flags)
+            ins, segments, workspace, part[0], part[1], part[2], row0, rows, workspace.stride(0), split_cols, chunk,
+            SW=switches, **block_options(cfg))
         ds = ds_buffer[:rows]
         grid = (triton.cdiv(rows, grads_blocks["BLOCK_M"]), triton.cdiv(n_cols, grads_blocks["BLOCK_N"]))
         _one_pass_grads_kernel[grid](
-            params4, targets_arg, row_groups, key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2], ds,
-            loss_rows, row0, rows, n_rows, n_cols, n_grad, n_splits, chunk, workspace.stride(0), ds.stride(0), eps,
-            EMPTY_ROWS=family["EMPTY_ROWS"], **flags, **grads_blocks)
+            params4, ins.targets, ins.row_groups, ins.key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2],
+            ds, loss_rows, row0, rows, n_rows, n_cols, n_grad, n_splits, chunk, workspace.stride(0), ds.stride(0), eps,
+            **grads_switches, **grads_blocks)
         if need_dq:
             _product_into(dq[row0:row0 + rows], ds, k, accumulate=False)
         if want_dk:

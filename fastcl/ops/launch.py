@@ -1,17 +1,22 @@
 """What every Triton launcher passes its kernel, in one place.
 
-The forward, slab and workspace kernels take the same compile-time switches (which
-features of the column layout are on, the accumulator, the product precision), the
-same block options from their :class:`~fastcl.ops.configs.KernelConfig`, and inputs
-checked the same way; the two backwards share the scales of their 16-bit operands.
+The forward, slab, workspace and one-pass kernels take the column layout as two tuple
+arguments, its :class:`Segments` (runtime integers) and the launch's :class:`Switches`
+(compile time: which features of the layout are on, the accumulator, the product
+precision), the same block options from their :class:`~fastcl.ops.configs.KernelConfig`,
+and inputs checked the same way; the two backwards share the scales of their 16-bit
+operands.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from .configs import KernelConfig
 from .layout import ColumnLayout
+from .normalize import row_norms
 from .utils import accumulator_dtype, dot_precision, eps_tensor, upcast_for_interpreter
 
 
@@ -26,12 +31,53 @@ def check_rows_contiguous(*tensors: torch.Tensor) -> None:
                              "past 2**31); use backend='chunked' or 'cpp', or fewer rows per call")
 
 
+class Segments(NamedTuple):
+    """The column layout's segments as every kernel takes them: one tuple argument of
+    runtime integers (``seg.n_cols`` and so on in the kernels), so that a rule added to
+    the layout is one field here rather than a parameter in each kernel's list.
+    :class:`~fastcl.ops.layout.ColumnLayout` says what each one means."""
+
+    n_cols: int
+    n_grad_cols: int
+    hard_start: int
+    n_hard: int
+    n_hard_blocks: int
+    gauss_start: int
+    self_start: int
+    n_self: int
+
+
+class Switches(NamedTuple):
+    """The compile-time switches of a launch: one ``tl.constexpr`` tuple argument (``SW``
+    in the kernels). Each feature of the layout a call does not use is compiled out, and
+    the accumulator and the product precision follow the input dtype.
+
+    HARD_BLOCKS: K > 1 hard negatives per row; HARDNESS: the penalty's mode (0 when it
+    adds nothing); MARGIN: per-row false-negative thresholds are given; EMPTY_ROWS: a row
+    may have every entry masked (under the margin, or when a -inf weight masks the own
+    hard negatives), so its softmax must be read as 0."""
+
+    HAS_TARGETS: bool
+    HARD_WEIGHTED: bool
+    GAUSS_WEIGHTED: bool
+    EXCLUDE_SELF: bool
+    GROUPED: bool
+    NORMALIZED: bool
+    ACC_FP64: bool
+    PRECISION: str
+    UPCAST: bool
+    HARD_BLOCKS: bool
+    HARDNESS: int
+    MARGIN: bool
+    EMPTY_ROWS: bool
+
+
 def layout_switches(dtype: torch.dtype, targets: torch.Tensor | None, layout: ColumnLayout, grouped: bool,
-                    normalized: bool, margin: bool = False) -> dict:
-    """The compile-time switches of a kernel launch: each feature of the layout a call
-    does not use is compiled out, and the accumulator and product precision follow the
-    input dtype. ``margin``: per-row false-negative thresholds are given."""
-    return dict(
+                    normalized: bool, margin: bool = False) -> Switches:
+    """The :class:`Switches` of a launch. ``margin``: per-row false-negative thresholds
+    are given."""
+    hard_masked = layout.n_hard > 0 and layout.log_hard_weight == float("-inf")
+    return Switches(
         HAS_TARGETS=targets is not None,
         HARD_WEIGHTED=layout.hard_weighted,
         GAUSS_WEIGHTED=layout.gauss_weighted,
@@ -41,19 +87,11 @@ def layout_switches(dtype: torch.dtype, targets: torch.Tensor | None, layout: Co
         ACC_FP64=accumulator_dtype(dtype) == torch.float64,
         PRECISION=dot_precision(dtype),
         UPCAST=upcast_for_interpreter(dtype),
-        **family_switches(layout, margin),
+        HARD_BLOCKS=layout.n_hard > 0 and layout.n_hard_blocks > 1,
+        HARDNESS=layout.hardness_mode if layout.penalized else 0,
+        MARGIN=margin,
+        EMPTY_ROWS=margin or hard_masked,
     )
-
-
-def family_switches(layout: ColumnLayout, margin: bool) -> dict:
-    """The switches of the per-entry rules (fastcl/ops/layout.py): HARD_BLOCKS (K > 1
-    hard negatives per row), HARDNESS (the penalty's mode, 0 when it adds nothing),
-    MARGIN (thresholds given) and EMPTY_ROWS (a row may have every entry masked: under
-    the margin, or when a -inf weight masks the own hard negatives)."""
-    hard_masked = layout.n_hard > 0 and layout.log_hard_weight == float("-inf")
-    return dict(HARD_BLOCKS=layout.n_hard > 0 and layout.n_hard_blocks > 1,
-                HARDNESS=layout.hardness_mode if layout.penalized else 0,
-                MARGIN=margin, EMPTY_ROWS=margin or hard_masked)
 
 
 def checked_thresholds(thresholds: torch.Tensor | None, n_rows: int, acc: torch.dtype,
@@ -70,22 +108,51 @@ def checked_thresholds(thresholds: torch.Tensor | None, n_rows: int, acc: torch.
     return thresholds.detach().to(acc).contiguous()
 
 
-def layout_segments(layout: ColumnLayout, normalize_eps: float | None, acc: torch.dtype,
-                    device: torch.device, thresholds: torch.Tensor | None = None) -> tuple:
-    """The layout's segments as the kernels take them, after the sizes and strides:
-    ``hard_start, n_hard, gauss_start, self_start, n_self``, the scalars ``[eps,
-    hardness strength]`` (a two-element tensor in the accumulator dtype, read from
-    memory: a Python float would reach the GPU as fp32), ``n_hard_blocks`` and the
-    thresholds (checked by :func:`checked_thresholds`; a placeholder when None)."""
-    scalars = eps_tensor(normalize_eps, acc, device, 2)
+class TileInputs(NamedTuple):
+    """q, k and what every kernel that forms logit tiles reads with them: one tuple
+    argument (``ins`` in the kernels). Inputs a call does not use hold a placeholder that
+    nothing reads (the switch that would read it is off)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    params: torch.Tensor  # [1/tau, log hard weight, log Gaussian weight(, row weight)], accumulator dtype
+    targets: torch.Tensor  # int64 target column per row (HAS_TARGETS)
+    row_groups: torch.Tensor  # int32 group ids of the rows and of the gradient columns (GROUPED)
+    key_groups: torch.Tensor
+    q_norm: torch.Tensor  # L2 norms of the rows of q and k (NORMALIZED)
+    k_norm: torch.Tensor
+    scalars: torch.Tensor  # [eps of the normalization, hardness strength], accumulator dtype
+    thresholds: torch.Tensor  # the rows' false-negative thresholds (MARGIN), accumulator dtype
+    n_rows: int
+    dim: int
+    stride_q: int
+    stride_k: int
+
+
+def tile_inputs(q: torch.Tensor, k: torch.Tensor, params: torch.Tensor, targets: torch.Tensor | None,
+                layout: ColumnLayout, groups: tuple[torch.Tensor, torch.Tensor] | None,
+                normalize_eps: float | None, thresholds: torch.Tensor | None) -> tuple[TileInputs, Segments, Switches]:
+    """Check a launch's inputs and gather what its kernels take: the :class:`TileInputs`,
+    the layout's :class:`Segments` and the :class:`Switches`. The scalars ``[eps,
+    hardness strength]`` travel as a tensor in the accumulator dtype, read from memory (a
+    Python float would reach the GPU as fp32); the rows' norms are computed here when
+    the kernels normalize."""
+    check_rows_contiguous(q, k)
+    acc = accumulator_dtype(q.dtype)
+    thresholds = checked_thresholds(thresholds, q.shape[0], acc, q.device)
+    scalars = eps_tensor(normalize_eps, acc, q.device, 2)
     if layout.penalized:
         scalars[1] = layout.hardness_strength
-    return (layout.hard_start, layout.n_hard, layout.gauss_start, layout.self_start, layout.n_self, scalars,
-            layout.n_hard_blocks, thresholds if thresholds is not None else scalars)
-
-
-#: Where :func:`layout_segments` puts the scalars ``[eps, hardness strength]``.
-SCALARS_AT = 5
+    normalized = normalize_eps is not None
+    q_norm, k_norm = (row_norms(q), row_norms(k)) if normalized else (scalars, scalars)
+    row_groups, key_groups = groups if groups is not None else (scalars, scalars)
+    inputs = TileInputs(q, k, params, targets if targets is not None else scalars, row_groups, key_groups, q_norm,
+                        k_norm, scalars, thresholds if thresholds is not None else scalars, q.shape[0], q.shape[1],
+                        q.stride(0), k.stride(0))
+    segments = Segments(layout.n_cols, layout.n_grad_cols, layout.hard_start, layout.n_hard, layout.n_hard_blocks,
+                        layout.gauss_start, layout.self_start, layout.n_self)
+    switches = layout_switches(q.dtype, targets, layout, groups is not None, normalized, thresholds is not None)
+    return inputs, segments, switches
 
 
 def block_options(cfg: KernelConfig, slab: bool = False) -> dict:

@@ -24,40 +24,26 @@ import triton.language as tl
 
 
 @triton.jit
-def similarity_tile(
-    q_ptr,
-    k_ptr,
-    rows,
-    cols,
-    n_rows,
-    n_cols,
-    dim,
-    stride_q,
-    stride_k,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """S[rows, cols] = q[rows] . k[cols], contracted over ``dim`` in BLOCK_D steps.
+def similarity_tile(ins, rows, cols, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, SW: tl.constexpr):
+    """S[rows, cols] = q[rows] . k[cols] (``ins``: launch.TileInputs), contracted over the
+    dimension in BLOCK_D steps, at the launch's product precision (``SW``, launch.Switches).
 
-    Out-of-range rows and columns read zeros, so their dot products are 0 (the caller
-    masks columns to -inf and never stores rows past ``n_rows``).
+    Rows from ``n_rows`` and columns from ``n_cols`` on read zeros, so their dot products
+    are 0 (the caller masks columns to -inf and never stores rows past ``n_rows``).
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     row_in = rows[:, None] < n_rows
     col_in = cols[:, None] < n_cols
-    for d0 in range(0, dim, BLOCK_D):
+    for d0 in range(0, ins.dim, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        d_in = dd[None, :] < dim
-        q = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :], mask=row_in & d_in, other=0.0)
-        k = tl.load(k_ptr + cols[:, None] * stride_k + dd[None, :], mask=col_in & d_in, other=0.0)
-        if UPCAST:
+        d_in = dd[None, :] < ins.dim
+        q = tl.load(ins.q + rows[:, None] * ins.stride_q + dd[None, :], mask=row_in & d_in, other=0.0)
+        k = tl.load(ins.k + cols[:, None] * ins.stride_k + dd[None, :], mask=col_in & d_in, other=0.0)
+        if SW.UPCAST:
             q = q.to(tl.float32)
             k = k.to(tl.float32)
-        acc = tl.dot(q, tl.trans(k), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(q, tl.trans(k), acc, input_precision=SW.PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 
@@ -74,92 +60,61 @@ def own_hard_tile(rows, cols, hard_start, n_hard, n_hard_blocks, HARD_BLOCKS: tl
 
 
 @triton.jit
-def logit_tile(
-    s,
-    inv_tau,
-    log_hard_weight,
-    log_gauss_weight,
-    rows,
-    cols,
-    targets,
-    thresholds,
-    row_groups,
-    col_groups,
-    n_cols,
-    n_grad_cols,
-    hard_start,
-    n_hard,
-    n_hard_blocks,
-    gauss_start,
-    self_start,
-    n_self,
-    strength,
-    HARD_WEIGHTED: tl.constexpr,
-    GAUSS_WEIGHTED: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    GROUPED: tl.constexpr,
-    HARD_BLOCKS: tl.constexpr,
-    HARDNESS: tl.constexpr,
-    MARGIN: tl.constexpr,
-):
+def logit_tile(s, params, rows, cols, targets, thresholds, row_groups, col_groups, seg, strength, SW: tl.constexpr):
     """Scaled, weighted logits of a similarity tile, -inf where a column is not a
     candidate of the row (past ``n_cols``, the row itself, another group, a false
-    negative above the row's threshold). With HARDNESS (the layout's mode, 1-3) the
-    penalized entries get ``strength * s`` added to their value: a stop-gradient term,
-    so the backwards' d logit / d s stays ``inv_tau``. ``targets`` are read only by the
-    penalty and the margin, ``thresholds`` (one per row) only by the margin."""
+    negative above the row's threshold). ``params`` is :func:`load_params`' triple,
+    ``seg`` the layout's segments and ``SW`` the launch's switches (fastcl/ops/launch.py).
+    With HARDNESS (the layout's mode, 1-3) the penalized entries get ``strength * s``
+    added to their value: a stop-gradient term, so the backwards' d logit / d s stays
+    ``inv_tau``. ``targets`` are read only by the penalty and the margin, ``thresholds``
+    (one per row) only by the margin."""
+    inv_tau, log_hard_weight, log_gauss_weight = params
     logits = s * inv_tau
-    own_hard = own_hard_tile(rows, cols, hard_start, n_hard, n_hard_blocks, HARD_BLOCKS)
-    if HARD_WEIGHTED:
+    own_hard = own_hard_tile(rows, cols, seg.hard_start, seg.n_hard, seg.n_hard_blocks, SW.HARD_BLOCKS)
+    if SW.HARD_WEIGHTED:
         logits = tl.where(own_hard, logits + log_hard_weight, logits)
-    if GAUSS_WEIGHTED:
-        logits = tl.where(cols[None, :] >= gauss_start, logits + log_gauss_weight, logits)
-    if HARDNESS != 0:  # never the target; modes 1 and 2 split the rest by own hard negatives
+    if SW.GAUSS_WEIGHTED:
+        logits = tl.where(cols[None, :] >= seg.gauss_start, logits + log_gauss_weight, logits)
+    if SW.HARDNESS != 0:  # never the target; modes 1 and 2 split the rest by own hard negatives
         penalized = cols[None, :] != targets[:, None]
-        if HARDNESS == 1:
+        if SW.HARDNESS == 1:
             penalized = penalized & ~own_hard
-        if HARDNESS == 2:
+        if SW.HARDNESS == 2:
             penalized = penalized & own_hard
         logits = tl.where(penalized, logits + strength * s, logits)
-    valid = cols[None, :] < n_cols
-    if EXCLUDE_SELF:
-        valid = valid & ((cols[None, :] != rows[:, None] + self_start) | (rows[:, None] >= n_self))
-    if GROUPED:
-        valid = valid & ((row_groups[:, None] == col_groups[None, :]) | (cols[None, :] >= n_grad_cols))
-    if MARGIN:  # the target entry is never dropped
+    valid = cols[None, :] < seg.n_cols
+    if SW.EXCLUDE_SELF:
+        valid = valid & ((cols[None, :] != rows[:, None] + seg.self_start) | (rows[:, None] >= seg.n_self))
+    if SW.GROUPED:
+        valid = valid & ((row_groups[:, None] == col_groups[None, :]) | (cols[None, :] >= seg.n_grad_cols))
+    if SW.MARGIN:  # the target entry is never dropped
         valid = valid & ((s <= thresholds[:, None]) | (cols[None, :] == targets[:, None]))
     return tl.where(valid, logits, float("-inf"))
 
 
 @triton.jit
-def tile_logits(s, row_scale, col_scale, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, targets, thresholds,
-                row_groups, col_groups, n_cols, n_grad_cols, hard_start, n_hard, n_hard_blocks, gauss_start, self_start,
-                n_self, strength, HARD_WEIGHTED: tl.constexpr, GAUSS_WEIGHTED: tl.constexpr,
-                EXCLUDE_SELF: tl.constexpr, GROUPED: tl.constexpr, NORMALIZED: tl.constexpr,
-                HARD_BLOCKS: tl.constexpr, HARDNESS: tl.constexpr, MARGIN: tl.constexpr):
+def tile_logits(s, row_scale, col_scale, params, rows, cols, targets, thresholds, row_groups, col_groups, seg,
+                strength, SW: tl.constexpr):
     """``(s, logits)`` of a :func:`similarity_tile` ``s``: with NORMALIZED, ``s`` scaled to
     cosines by the rows' inverse norms ``row_scale`` and ``col_scale`` (:func:`load_scales`),
     and its :func:`logit_tile`. (The caller loads the scales after forming ``s``, so that
     they are not held in registers through the product.)"""
-    if NORMALIZED:
+    if SW.NORMALIZED:
         s = s * row_scale[:, None] * col_scale[None, :]
-    logits = logit_tile(s, inv_tau, log_hard_weight, log_gauss_weight, rows, cols, targets, thresholds, row_groups,
-                        col_groups, n_cols, n_grad_cols, hard_start, n_hard, n_hard_blocks, gauss_start, self_start,
-                        n_self, strength, HARD_WEIGHTED, GAUSS_WEIGHTED, EXCLUDE_SELF, GROUPED, HARD_BLOCKS, HARDNESS,
-                        MARGIN)
-    return s, logits
+    return s, logit_tile(s, params, rows, cols, targets, thresholds, row_groups, col_groups, seg, strength, SW)
 
 
 @triton.jit
-def load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, HARDNESS: tl.constexpr, MARGIN: tl.constexpr):
+def load_family(eps_ptr, eps, thresholds_ptr, rows, row_in, SW: tl.constexpr):
     """``(strength, thresholds)``: the hardness strength (HARDNESS: the second entry of
     the scalars at ``eps_ptr``, ``[eps, strength]`` in the accumulator dtype) and the
     rows' false-negative thresholds (MARGIN; +inf past the rows). A rule that is off gets
     a placeholder of the same type that nothing reads."""
     strength = eps
-    if HARDNESS != 0:
+    if SW.HARDNESS != 0:
         strength = tl.load(eps_ptr + 1)
-    if MARGIN:
+    if SW.MARGIN:
         thresholds = tl.load(thresholds_ptr + rows, mask=row_in, other=float("inf"))
     else:
         thresholds = rows.to(eps_ptr.dtype.element_ty)
@@ -222,14 +177,26 @@ def load_projections(norm_ptr, idx, n_valid, eps):
 
 
 @triton.jit
-def load_row_gradients(lse_ptr, grad_rows_ptr, targets_ptr, rows, row_in, acc_dtype: tl.constexpr,
-                       HAS_TARGETS: tl.constexpr, EMPTY_ROWS: tl.constexpr):
-    """What a backward needs of each row: its log-sum-exp (:func:`finite_lse`), its
-    incoming gradient g_i (in ``acc_dtype``) and its target column. Rows past the end get
-    g = 0, so they contribute nothing anywhere."""
-    lse = finite_lse(tl.load(lse_ptr + rows, mask=row_in, other=0.0), EMPTY_ROWS)
-    grad_rows = tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
-    return lse, grad_rows, load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
+def load_row_gradients(lse_ptr, grad_rows_ptr, rows, row_in, acc_dtype: tl.constexpr, SW: tl.constexpr):
+    """What a backward needs of each row besides :func:`row_block`'s: its log-sum-exp
+    (:func:`finite_lse`) and its incoming gradient g_i (in ``acc_dtype``). Rows past the
+    end get g = 0, so they contribute nothing anywhere."""
+    lse = finite_lse(tl.load(lse_ptr + rows, mask=row_in, other=0.0), SW.EMPTY_ROWS)
+    return lse, tl.load(grad_rows_ptr + rows, mask=row_in, other=0.0).to(acc_dtype)
+
+
+@triton.jit
+def row_block(ins, rows, row_in, SW: tl.constexpr):
+    """What a program reads once for its block of rows (``ins``: launch.TileInputs):
+    ``(eps, params, targets, strength, thresholds, row_groups, row_scale)``, see
+    :func:`load_params`, :func:`load_targets`, :func:`load_family`, :func:`load_groups`
+    and :func:`load_scales`."""
+    eps = tl.load(ins.scalars)  # from memory: a float argument would be rounded to fp32
+    targets = load_targets(ins.targets, rows, row_in, SW.HAS_TARGETS)
+    strength, thresholds = load_family(ins.scalars, eps, ins.thresholds, rows, row_in, SW)
+    row_groups = load_groups(ins.row_groups, rows, ins.n_rows, SW.GROUPED)
+    row_scale = load_scales(ins.q_norm, rows, ins.n_rows, eps, SW.NORMALIZED)
+    return eps, load_params(ins.params), targets, strength, thresholds, row_groups, row_scale
 
 
 @triton.jit
