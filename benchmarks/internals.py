@@ -32,7 +32,7 @@ def chosen_backend(backend: str, device, n_logits: int, needed: frozenset[str] =
     """The backend ``backend`` resolves to for a call with ``n_logits`` logits that needs
     the layout rules ``needed`` (fastcl.ops.dispatch.LAYOUT_FEATURES)."""
     try:
-        from fastcl.plan import choose_backend
+        from fastcl.backends import choose_backend
 
         return choose_backend(backend, device, n_logits, needed=needed)
     except Exception:

@@ -209,7 +209,7 @@ def _logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, torch.full_like(lse, float("-inf")), lse)
 
 
-def layout_logits_reference(
+def layout_loss_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     inv_tau: float | torch.Tensor,
@@ -219,15 +219,19 @@ def layout_logits_reference(
     thresholds: torch.Tensor | None = None,
     normalize_eps: float | None = None,
     guide: GuideMask | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The dense ``(similarity, logits, targets)`` of queries ``q`` (N x D) against the
-    columns ``k`` (M x D) under ``layout``, with the arguments of the fused kernels
-    (:class:`~fastcl.ops.layout.ColumnLayout` states every rule): ``targets`` (None: row
-    i's target is column i; -1: none), ``groups`` (row ids, column ids of the first
-    ``n_grad_cols`` columns), ``thresholds`` (the false-negative margin's per-row
-    thresholds), ``normalize_eps`` (None: rows as given, else normalized as
-    ``F.normalize(x, dim=-1, eps=normalize_eps)``) and ``guide`` (the guide rule). Columns from ``n_grad_cols`` on are
-    constants (detached). Half-precision rows are computed in float32."""
+) -> torch.Tensor:
+    """The per-row values the fused kernels return, densely: ``lse_i - logit[i, t_i]``
+    (``lse_i`` alone where ``t_i`` is -1; -inf for a row with no unmasked entry) for
+    queries ``q`` (N x D) against the columns ``k`` (M x D) under ``layout``, with the
+    arguments of the fused kernels (:class:`~fastcl.ops.layout.ColumnLayout` states every
+    rule): ``targets`` (None: row i's target is column i; -1: none), ``groups`` (row ids,
+    column ids of the first ``n_grad_cols`` columns), ``thresholds`` (the false-negative
+    margin's per-row thresholds), ``normalize_eps`` (None: rows as given, else
+    normalized as ``F.normalize(x, dim=-1, eps=normalize_eps)``) and ``guide`` (the guide
+    rule's :class:`~fastcl.ops.layout.GuideMask`). Differentiable with
+    respect to ``q``, the first ``layout.n_grad_cols`` rows of ``k`` and a tensor
+    ``inv_tau`` (the columns after those are constants): what every backend's gradients
+    are tested against. Half-precision rows are computed in float32."""
     q, k = _upcast(q), _upcast(k)
     k = torch.cat([k[: layout.n_grad_cols], k[layout.n_grad_cols:].detach()])
     if normalize_eps is not None:
@@ -259,27 +263,7 @@ def layout_logits_reference(
         over = torch.zeros_like(masked)
         over[:, : layout.n_grad_cols] = guide.rows @ guide.cols.T > guide.thresholds[:, None]
         masked = masked | (over & ~is_target)
-    return sim, logits.masked_fill(masked, float("-inf")), targets
-
-
-def layout_loss_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    inv_tau: float | torch.Tensor,
-    layout: ColumnLayout,
-    targets: torch.Tensor | None = None,
-    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
-    thresholds: torch.Tensor | None = None,
-    normalize_eps: float | None = None,
-    guide: GuideMask | None = None,
-) -> torch.Tensor:
-    """The per-row values the fused kernels return, densely: ``lse_i - logit[i, t_i]``
-    (``lse_i`` alone where ``t_i`` is -1; -inf for a row with no unmasked entry), from
-    :func:`layout_logits_reference`'s logits. Differentiable with respect to ``q``, the
-    first ``layout.n_grad_cols`` rows of ``k`` and a tensor ``inv_tau``: what every
-    backend's gradients are tested against."""
-    _, logits, targets = layout_logits_reference(q, k, inv_tau, layout, targets, groups, thresholds, normalize_eps,
-                                                guide)
+    logits = logits.masked_fill(masked, float("-inf"))
     picked = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
     target_logit = torch.where(targets >= 0, picked, torch.zeros_like(picked))
     return _logsumexp_rows(logits) - target_logit

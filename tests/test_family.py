@@ -209,6 +209,14 @@ def _loss_and_grads(backend, case, n, d, seed, reduction="mean", normalize=True)
     return loss.detach(), grads
 
 
+def _assert_matches(got, grads, expected, expected_grads):
+    """A loss and its gradients (finite) equal the expected ones to float64 rounding."""
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    for g, e in zip(grads, expected_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+
+
 SIZES = [(5, 3), (7, 16), (13, 3)]
 #: Every option case at two of the ragged sizes, in turn.
 SIZED_CASES = [(case, SIZES[(i + j) % 3]) for i, case in enumerate(OPTION_CASES) for j in (0, 1)]
@@ -222,10 +230,7 @@ def test_chunked_equals_reference(case, size, monkeypatch):
     for reduction in ("mean", "none"):
         expected, expected_grads = _loss_and_grads("dense", case, n, d, seed, reduction)
         got, grads = _loss_and_grads("chunked", case, n, d, seed, reduction)
-        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
-        for g, e in zip(grads, expected_grads):
-            assert torch.isfinite(g).all()
-            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+        _assert_matches(got, grads, expected, expected_grads)
 
 
 @pytest.mark.parametrize("case", [c for c in OPTION_CASES if c[0] in ("gte", "hard-all", "qwen3-gte", "k3")],
@@ -233,9 +238,7 @@ def test_chunked_equals_reference(case, size, monkeypatch):
 def test_chunked_equals_reference_without_normalization(case):
     expected, expected_grads = _loss_and_grads("dense", case, 7, 5, 3, normalize=False)
     got, grads = _loss_and_grads("chunked", case, 7, 5, 3, normalize=False)
-    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+    _assert_matches(got, grads, expected, expected_grads)
 
 
 def test_dense_backend_passes_every_option_to_the_reference():
@@ -261,9 +264,7 @@ def test_fused_backends_compute_directions(backend, directions):
     case = ("directions", dict(directions=directions), 1, 0, 0)
     expected, expected_grads = _loss_and_grads("dense", case, 13, 16, seed=2)
     got, grads = _loss_and_grads(backend, case, 13, 16, seed=2)
-    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+    _assert_matches(got, grads, expected, expected_grads)
 
 
 @pytest.mark.parametrize("interpret", ["1", "0"], ids=["triton-first", "cpp-first"])

@@ -10,7 +10,7 @@ import torch
 from fastcl import InfoNCELoss, info_nce
 from fastcl.ops.configs import KernelConfig, override_config
 
-from .helpers import NATIVE, Case, relative_error, run_both
+from .helpers import NATIVE, Case, assert_close, relative_error, run_both
 
 BASE = Case()  # N = 37, D = 24: not a multiple of any block size
 CASES = {
@@ -55,18 +55,11 @@ def _use(backend: str, monkeypatch) -> str:
     return backend
 
 
-def _assert_close(ours, ref, tol, what=""):
-    assert ours.keys() == ref.keys()
-    for name in ref:
-        err = relative_error(ours[name], ref[name])
-        assert err <= tol, f"{what} {name}: relative error {err:.3g} > {tol:g}"
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_float64_matches_reference(name, backend, device, monkeypatch):
     ours, ref = run_both(CASES[name], _use(backend, monkeypatch), device)
-    _assert_close(ours, ref, 1e-10, f"{name}/{backend}")
+    assert_close(ours, ref, 1e-10, f"{name}/{backend}")
 
 
 # Tolerances from docs/design.md section 5 (relative error against the float64 reference).
@@ -78,7 +71,7 @@ DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-
 @pytest.mark.parametrize("name", ["plain", "everything", "symmetric_all"])
 def test_low_precision_matches_reference(name, dtype, backend, device, monkeypatch):
     ours, ref = run_both(CASES[name], _use(backend, monkeypatch), device, dtype=dtype)
-    _assert_close(ours, ref, DTYPE_TOLERANCE[dtype], f"{name}/{backend}/{dtype}")
+    assert_close(ours, ref, DTYPE_TOLERANCE[dtype], f"{name}/{backend}/{dtype}")
     for grad_name in ("anchors", "positives", "hard_negatives"):
         if grad_name in ours:
             assert ours[grad_name].dtype == dtype, "gradients keep the input dtype"
@@ -126,7 +119,7 @@ def test_normalization_of_rows_at_every_scale(backend, device, monkeypatch):
 def test_block_shapes_do_not_change_the_result(config, backend, device, monkeypatch):
     with override_config(config):
         ours, ref = run_both(CASES["everything"].but(d=33), _use(backend, monkeypatch), device)
-    _assert_close(ours, ref, 1e-10)
+    assert_close(ours, ref, 1e-10)
 
 
 def test_workspace_backward_in_several_chunks(device, monkeypatch):
@@ -134,7 +127,7 @@ def test_workspace_backward_in_several_chunks(device, monkeypatch):
     case = CASES["everything"]
     monkeypatch.setenv("FASTCL_WORKSPACE_BYTES", str(3 * case.n_cols * 8 + 8 * (case.gaussian + 1)))
     ours, ref = run_both(case, _use("triton-workspace", monkeypatch), device)
-    _assert_close(ours, ref, 1e-10)
+    assert_close(ours, ref, 1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -144,7 +137,7 @@ def test_workspace_backward_chunks_in_low_precision(dtype, device, monkeypatch):
     case = CASES["everything"]
     monkeypatch.setenv("FASTCL_WORKSPACE_BYTES", str(5 * case.n_cols * 4))
     ours, ref = run_both(case, _use("triton-workspace", monkeypatch), device, dtype=dtype)
-    _assert_close(ours, ref, DTYPE_TOLERANCE[dtype], str(dtype))
+    assert_close(ours, ref, DTYPE_TOLERANCE[dtype], str(dtype))
 
 
 def test_half_precision_loss_is_float32(device):

@@ -18,11 +18,13 @@ import torch
 from torch.autograd import gradcheck
 
 from fastcl import info_nce, info_nce_reference, native
+from fastcl.backends import choose_backend as _choose_backend
 from fastcl.ops import operators
-from fastcl.ops.layout import ColumnLayout
-from fastcl.plan import choose_backend as _choose_backend
 
-from .helpers import Case, check_groups_stay_apart, relative_error, run_both
+from .helpers import (
+    OPCHECK_VARIANTS, Case, assert_close, assert_deterministic_across_threads, check_groups_stay_apart, cpu_tiles,
+    gradcheck_info_nce, operator_args, operator_inputs, relative_error, run_both,
+)
 from .test_kernels import CASES as SMALL_CASES
 from .test_kernels import DTYPE_TOLERANCE
 
@@ -88,19 +90,12 @@ REAL_CASES = {
 }
 
 
-def _assert_close(ours, ref, tol, what):
-    assert ours.keys() == ref.keys()
-    for name in ref:
-        err = relative_error(ours[name], ref[name])
-        assert err <= tol, f"{what} {name}: relative error {err:.3g} > {tol:g}"
-
-
 @needs_native
 @pytest.mark.parametrize("name", list(REAL_CASES))
 def test_real_sizes_match_reference(name):
     case, dtype = REAL_CASES[name]
     ours, ref = run_both(case, "native", "cpu", dtype=dtype)
-    _assert_close(ours, ref, 1e-10 if dtype == torch.float64 else 1e-5, name)
+    assert_close(ours, ref, 1e-10 if dtype == torch.float64 else 1e-5, name)
 
 
 def _loss_and_grads(fn, leaves):
@@ -140,9 +135,7 @@ def test_sorted_groups_skip_blocks_and_match_reference(tiles, monkeypatch):
     # fused normalization: the blocks the kernel skips must be exactly those that hold no
     # candidate. Bit-identical on 1 and 2 threads: a dk tile's turn passes over the
     # chunks that skip it.
-    if tiles is not None:
-        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
-        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
+    cpu_tiles(monkeypatch, tiles)
     g = torch.Generator().manual_seed(8)
     lengths = torch.randint(1, 40, (60,), generator=g)
     groups = torch.repeat_interleave(torch.arange(60), lengths)
@@ -170,8 +163,7 @@ def test_native_skips_blocks_without_a_common_group(monkeypatch):
     # As the Triton kernels' test (test_groups.py): 16 x 16 blocks, groups of 16 aligned
     # with them. A NaN candidate in group 1 would turn group 0's gradients to NaN
     # (0 * NaN in the gradient product) if group 0's rows visited its block.
-    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "16")
-    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "16")
+    cpu_tiles(monkeypatch, (16, 16))
     check_groups_stay_apart("native", dtype=torch.float32)
 
 
@@ -181,11 +173,9 @@ def test_native_skips_blocks_without_a_common_group(monkeypatch):
 def test_small_cases_match_reference(name, tiles, monkeypatch):
     # Tiny blocks make the small ragged cases span many row chunks and column tiles, so
     # the tile walk, its staggered start and the shared dk tiles are all exercised.
-    if tiles is not None:
-        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
-        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
+    cpu_tiles(monkeypatch, tiles)
     ours, ref = run_both(SMALL_CASES[name], "native", "cpu")
-    _assert_close(ours, ref, 1e-10, name)
+    assert_close(ours, ref, 1e-10, name)
 
 
 @needs_native
@@ -194,7 +184,7 @@ def test_small_cases_match_reference(name, tiles, monkeypatch):
 def test_low_precision_matches_reference(name, dtype):
     case = SMALL_CASES[name].but(n=300)
     ours, ref = run_both(case, "native", "cpu", dtype=dtype)
-    _assert_close(ours, ref, DTYPE_TOLERANCE[dtype], f"{name}/{dtype}")
+    assert_close(ours, ref, DTYPE_TOLERANCE[dtype], f"{name}/{dtype}")
     for grad_name in ("anchors", "positives", "hard_negatives"):
         if grad_name in ours:
             assert ours[grad_name].dtype == dtype, "gradients keep the input dtype"
@@ -202,27 +192,9 @@ def test_low_precision_matches_reference(name, dtype):
 
 @needs_native
 def test_backward_is_deterministic_across_runs_and_thread_counts(monkeypatch):
-    # 16 row chunks x 8 column tiles: dk tiles receive many chunks' blocks, in chunk order
-    # whatever the scheduling, so repeated runs, and 1 or 2 threads, agree bit for bit.
-    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "64")
-    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "128")
-    a, p, h = (torch.randn(1000, 64) for _ in range(3))
-
-    def grads():
-        leaves = [x.clone().requires_grad_() for x in (a, p, h)]
-        info_nce(*leaves, hard_negative_weight=2.0, backend="native").backward()
-        return [x.grad for x in leaves]
-
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first, second = grads(), grads()
-        torch.set_num_threads(1)
-        single = grads()
-    finally:
-        torch.set_num_threads(previous)
-    for x, y, z in zip(first, second, single):
-        assert torch.equal(x, y) and torch.equal(x, z)
+    # The recomputing backward: 16 row chunks x 8 column tiles, dk tiles receive many
+    # chunks' blocks, in chunk order whatever the scheduling.
+    assert_deterministic_across_threads(monkeypatch, 1000, 64, (64, 128), "workspace")
 
 
 # ------------------------------------------------------------------- gradcheck
@@ -231,7 +203,7 @@ GRAD_N, GRAD_D = 17, 3
 GRAD_CASES = {
     "plain": dict(),
     "hard_negatives": dict(hard=True, hard_negative_weight=2.0),
-    "extra_gaussian_labels": dict(extra=True, gaussian_negatives=4, gaussian_weight=0.5, labels=True),
+    "extra_gaussian_labels": dict(n_extra=6, gaussian_negatives=4, gaussian_weight=0.5, labels=True),
     "symmetric": dict(symmetric=True, reduction="none"),
     "learnable_temperature": dict(learnable_tau=True, hard=True, hard_negative_weight=0.5),
     # Raw dot products of unit-variance rows: a larger temperature keeps the logits in the
@@ -244,33 +216,8 @@ GRAD_CASES = {
 @pytest.mark.parametrize("tiles", [None, (5, 6)], ids=["one_tile", "many_tiles"])
 @pytest.mark.parametrize("name", list(GRAD_CASES))
 def test_gradcheck_through_native_operator(name, tiles, monkeypatch):
-    if tiles is not None:
-        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
-        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
-    options = dict(GRAD_CASES[name])
-    hard, extra = options.pop("hard", False), options.pop("extra", False)
-    learnable_tau, use_labels = options.pop("learnable_tau", False), options.pop("labels", False)
-    temperature = options.pop("temperature", 0.3)
-    g = torch.Generator().manual_seed(0)
-
-    def leaf(rows):
-        return torch.randn(rows, GRAD_D, dtype=torch.float64, generator=g).requires_grad_()
-
-    inputs = [leaf(GRAD_N), leaf(GRAD_N)] + ([leaf(GRAD_N)] if hard else [])
-    if learnable_tau:
-        inputs.append(torch.tensor(temperature, dtype=torch.float64, requires_grad=True))
-    queue = torch.randn(6, GRAD_D, dtype=torch.float64, generator=g) if extra else None
-    n_cols = GRAD_N * (2 if hard else 1) + (6 if extra else 0)
-    labels = torch.randint(0, n_cols, (GRAD_N,), generator=g) if use_labels else None
-
-    def loss(*args):
-        h = args[2] if hard else None
-        tau = args[-1] if learnable_tau else temperature
-        generator = torch.Generator().manual_seed(0)  # the same Gaussian draws every call
-        return info_nce(args[0], args[1], h, queue, temperature=tau, generator=generator, labels=labels,
-                        backend="native", **options)
-
-    assert gradcheck(loss, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)
+    cpu_tiles(monkeypatch, tiles)
+    gradcheck_info_nce("native", GRAD_N, GRAD_D, **GRAD_CASES[name])
 
 
 @needs_native
@@ -316,7 +263,7 @@ def test_cuda_dispatch_normalization_matches_the_fused_cpu_kernel():
     q = q * torch.rand(q.shape[0], 1, dtype=q.dtype, generator=g) * 3
     k = k * torch.rand(k.shape[0], 1, dtype=k.dtype, generator=g) * 3
     eps = 0.375  # exact in every float dtype: both sides clamp at the same value
-    args = _op_args(q, k, params, targets, layout, groups)
+    args = operator_args(q, k, params, targets, layout, groups)
     lse, target_logit = torch.ops.fastcl.infonce_fwd(*args, normalize_eps=eps)
     grad_rows = torch.randn(q.shape[0], dtype=torch.float64, generator=g)
     ours = torch.ops.fastcl.infonce_bwd(*args, lse, grad_rows, True, True, normalize_eps=eps)
@@ -338,7 +285,7 @@ def test_cuda_dispatch_normalization_matches_the_fused_cpu_kernel():
     # And both equal autograd through F.normalize around the unnormalized operator.
     leaves = [x.clone().requires_grad_() for x in (q, k)]
     units = [torch.nn.functional.normalize(x, dim=-1, eps=eps) for x in leaves]
-    dq_unit, dk_unit, _ = torch.ops.fastcl.infonce_bwd(*_op_args(*units, params, targets, layout, groups),
+    dq_unit, dk_unit, _ = torch.ops.fastcl.infonce_bwd(*operator_args(*units, params, targets, layout, groups),
                                                        lse, grad_rows, True, True)
     dk_full = torch.cat([dk_unit, torch.zeros(k.shape[0] - dk_unit.shape[0], k.shape[1], dtype=k.dtype)])
     dq_raw, dk_raw = torch.autograd.grad(units, leaves, [dq_unit, dk_full])
@@ -353,40 +300,9 @@ def native_interpreter_available() -> bool:
 # --------------------------------------------------------------------- opcheck
 
 
-def _operator_inputs(dtype, hard: bool, gaussian: bool, with_targets: bool, n=37, d=24, exclude_self=False,
-                     grouped=False):
-    g = torch.Generator().manual_seed(1)
-    n_hard, n_extra, n_gauss = (n if hard else 0), 5, (4 if gaussian else 0)
-    n_cols = n + n_hard + n_extra + n_gauss
-    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
-    k = torch.nn.functional.normalize(torch.randn(n_cols, d, generator=g, dtype=torch.float64)).to(dtype)
-    layout = ColumnLayout(n_cols=n_cols, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard,
-                          gauss_start=n + n_hard + n_extra, log_hard_weight=0.4 if hard else 0.0,
-                          log_gauss_weight=-0.2 if gaussian else 0.0, self_start=0, n_self=n if exclude_self else 0)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    params = torch.tensor([12.5, layout.log_hard_weight, layout.log_gauss_weight], dtype=acc)
-    targets = torch.randint(-1 if not exclude_self else n, n_cols, (n,), generator=g) if with_targets else None
-    groups = None
-    if grouped:
-        row_groups = torch.randint(0, 3, (n,), generator=g)
-        groups = (row_groups, torch.cat([row_groups, row_groups]) if hard else row_groups)
-        if targets is None:  # each row's own positive is in its own group
-            targets = torch.arange(n)
-    return q, k, params, targets, layout, groups
-
-
-def _op_args(q, k, params, targets, layout, groups):
-    return (q, k, params, targets, *layout[:operators.N_LAYOUT_FIELDS], *(groups if groups is not None else (None, None)))
-
-
-OPCHECK_VARIANTS = {
-    "plain_fp32": (torch.float32, False, False, False),
-    "everything_fp64": (torch.float64, True, True, True),
-    "hard_targets_bf16": (torch.bfloat16, True, False, True),
-    "gauss_fp16": (torch.float16, False, True, False),
-    "self_excluded_fp64": (torch.float64, False, False, False, 37, 24, True),
-    "groups_hard_fp32": (torch.float32, True, True, False, 37, 24, False, True),
-}
+def _operator_inputs(*variant, **changes):
+    """:func:`operator_inputs` at 37 x 24, unit rows, 1 / tau = 12.5."""
+    return operator_inputs(*variant, **{"n": 37, "d": 24, "scale": 12.5, "unit": True, **changes})
 
 
 @needs_native
@@ -394,7 +310,7 @@ OPCHECK_VARIANTS = {
 @pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
 def test_opcheck_forward(variant, normalize_eps):
     inputs = _operator_inputs(*OPCHECK_VARIANTS[variant])
-    torch.library.opcheck(torch.ops.fastcl.infonce_fwd.default, (*_op_args(*inputs), normalize_eps))
+    torch.library.opcheck(torch.ops.fastcl.infonce_fwd.default, (*operator_args(*inputs), normalize_eps))
 
 
 @needs_native
@@ -403,10 +319,10 @@ def test_opcheck_forward(variant, normalize_eps):
 @pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
 def test_opcheck_backward(variant, need_dq, need_dk, normalize_eps):
     inputs = _operator_inputs(*OPCHECK_VARIANTS[variant])
-    lse, _ = torch.ops.fastcl.infonce_fwd(*_op_args(*inputs), normalize_eps)
+    lse, _ = torch.ops.fastcl.infonce_fwd(*operator_args(*inputs), normalize_eps)
     grad_rows = torch.randn(inputs[0].shape[0], dtype=lse.dtype)
     torch.library.opcheck(torch.ops.fastcl.infonce_bwd.default,
-                          (*_op_args(*inputs), lse, grad_rows, need_dq, need_dk, normalize_eps))
+                          (*operator_args(*inputs), lse, grad_rows, need_dq, need_dk, normalize_eps))
 
 
 @needs_native
@@ -439,7 +355,7 @@ def test_operator_outputs_follow_the_backend_contract():
 ], ids=["params_dtype", "target_range", "n_cols", "dim", "dtype", "hard_range", "target_below_minus_one",
         "half_groups", "group_length", "self_range"])
 def test_operator_rejects_bad_arguments(mutation, message):
-    args = list(_op_args(*_operator_inputs(torch.float32, True, False, True)))
+    args = list(operator_args(*_operator_inputs(torch.float32, True, False, True)))
     mutation(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fastcl.infonce_fwd(*args)
@@ -487,7 +403,7 @@ _PROBE = """
 import torch, fastcl
 from fastcl import info_nce, info_nce_reference, native
 from fastcl.ops import operators
-from fastcl.plan import choose_backend as _choose_backend
+from fastcl.backends import choose_backend as _choose_backend
 s = native.status()
 print("STATUS", s.available, s.source, s.reason)
 print("AUTO", _choose_backend("auto", torch.device("cpu"), 1 << 20))

@@ -22,7 +22,8 @@ from fastcl.ops.function import kernel_params
 from fastcl.ops.layout import HARDNESS_ALL, HARDNESS_HARD, HARDNESS_IN_BATCH
 from fastcl.reference import layout_loss_reference
 
-from .test_family import ALL4, LAYOUT_CASES, OPTION_CASES, _inputs, _layout_case, _loss_and_grads
+from .helpers import cpu_tiles
+from .test_family import ALL4, LAYOUT_CASES, OPTION_CASES, _assert_matches, _inputs, _layout_case, _loss_and_grads
 from .test_one_pass import count_paths  # noqa: F401 - a fixture
 
 REQUIRED = os.environ.get("FASTCL_REQUIRE_NATIVE") == "1"
@@ -31,12 +32,6 @@ pytestmark = pytest.mark.skipif(not native.available() and not REQUIRED,
 
 TILES = [None, (3, 4)]
 TILE_IDS = ["default_tiles", "tiles3x4"]
-
-
-def _tiles(monkeypatch, tiles):
-    if tiles is not None:
-        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
-        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
 
 
 def _targets(kind, n, masked_hard):
@@ -63,7 +58,7 @@ def test_operators_equal_layout_reference(case, targets, tiles, monkeypatch):
     # the margin, a -inf own-hard weight), with and without fused normalization: the
     # forward, the recomputing backward (per-row gradients) and the one pass (uniform
     # row gradients) against the reference's autograd.
-    _tiles(monkeypatch, tiles)
+    cpu_tiles(monkeypatch, tiles)
     n, d, k_blocks, n_extra, mode, strength, margin, masked_hard = case
     q, k, layout, thresholds = _layout_case(n, d, k_blocks, n_extra, mode, strength, margin, masked_hard, seed=n)
     tgt = _targets(targets, n, masked_hard)
@@ -156,17 +151,14 @@ def test_native_loss_equals_dense(case, monkeypatch, count_paths):  # noqa: F811
     # has them: reduction "none" takes the recomputing backward; "mean" and "sum" take
     # the one pass wherever every row's gradient is equal (small tiles make "auto" take
     # it at these sizes).
-    _tiles(monkeypatch, (4, 5))
+    cpu_tiles(monkeypatch, (4, 5))
     n, d = 13, 7
     seed = 17
     for reduction in ("none", "mean", "sum"):
         before = dict(count_paths)
         expected, expected_grads = _loss_and_grads("dense", case, n, d, seed, reduction)
         got, grads = _loss_and_grads("cpp", case, n, d, seed, reduction)
-        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
-        for g, e in zip(grads, expected_grads):
-            assert torch.isfinite(g).all()
-            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+        _assert_matches(got, grads, expected, expected_grads)
         ran = {p: count_paths[p] - before[p] for p in count_paths}
         assert ran["one_pass"] + ran["recompute"] > 0
         if reduction == "none":
@@ -175,15 +167,13 @@ def test_native_loss_equals_dense(case, monkeypatch, count_paths):  # noqa: F811
 
 def test_one_pass_serves_the_rules(monkeypatch, count_paths):  # noqa: F811 - the fixture
     # A reduced loss with one term and every rule runs the native one pass alone.
-    _tiles(monkeypatch, (4, 5))
+    cpu_tiles(monkeypatch, (4, 5))
     case = ("all-rules", dict(hardness_mode="in_batch_negatives", hardness_strength=2.0,
                               false_negative_margin=0.05, labels=True), 3, 2, 2)
     expected, expected_grads = _loss_and_grads("dense", case, 11, 6, 5)
     got, grads = _loss_and_grads("cpp", case, 11, 6, 5)
     assert count_paths == {"one_pass": 1, "recompute": 0}
-    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+    _assert_matches(got, grads, expected, expected_grads)
 
 
 def test_auto_takes_the_native_kernels_for_the_rules(monkeypatch):
@@ -202,7 +192,7 @@ def test_auto_takes_the_native_kernels_for_the_rules(monkeypatch):
 def test_fully_masked_rows_keep_every_gradient_finite(reduction, monkeypatch):
     # As in test_family for the chunked path: a margin below -2 drops every entry of the
     # same-tower rows; their -inf terms add nothing and no NaN, also to the temperature.
-    _tiles(monkeypatch, (4, 5))
+    cpu_tiles(monkeypatch, (4, 5))
     a, p, h, _ = _inputs(7, 3, 2, 0, seed=4)
     results = {}
     for backend in ("dense", "cpp"):
@@ -211,10 +201,7 @@ def test_fully_masked_rows_keep_every_gradient_finite(reduction, monkeypatch):
         loss = info_nce(*leaves, temperature=tau, directions=ALL4, false_negative_margin=-3.0, backend=backend,
                         reduction=reduction, partition_mode="joint")
         results[backend] = loss.detach(), torch.autograd.grad(loss.sum(), leaves + [tau])
-    assert all(torch.isfinite(g).all() for g in results["cpp"][1])
-    torch.testing.assert_close(results["cpp"][0], results["dense"][0], rtol=1e-13, atol=1e-13)
-    for g, e in zip(results["cpp"][1], results["dense"][1]):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+    _assert_matches(*results["cpp"], *results["dense"])
 
 
 # ----------------------------------------------------------------------- gradcheck
@@ -238,7 +225,7 @@ def test_gradcheck_native(name, options, k, n_extra, reduction, monkeypatch):
     # finite differences of the inputs cannot see: there only the temperature (on which
     # it does not depend) is checked; the inputs' gradients are held to the reference's
     # autograd above.
-    _tiles(monkeypatch, (2, 3))
+    cpu_tiles(monkeypatch, (2, 3))
     a, p, h, e = _inputs(5, 3, k, n_extra, seed=11)
     options = dict(options)
     if options.pop("labels", False):

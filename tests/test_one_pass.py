@@ -2,7 +2,7 @@
 whose forward forms the gradients, ``torch.ops.fastcl.infonce_fwd_grad`` on CPU and the
 Triton launcher of fastcl/ops/infonce_one_pass.py): the native operator and the Triton
 kernels against the float64 reference for every option at ragged sizes, gradcheck, the
-rule that picks the strategy (fastcl.plan), retain_graph and repeated backward, the
+rule that picks the strategy (fastcl.backends), retain_graph and repeated backward, the
 recomputing path where the one pass does not apply, memory, opcheck and torch.compile.
 """
 
@@ -13,16 +13,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.autograd import gradcheck
 
 from fastcl import info_nce, native, nt_xent, nt_xent_reference
+from fastcl.backends import choose_strategy, one_pass_applies
 from fastcl.ops import function, operators
 from fastcl.ops.configs import ONE_PASS_MIN_ROWS, ONE_PASS_STRIP_FLOOR, one_pass_cpu_blocks
 from fastcl.ops.dispatch import GRADIENTS_IN_FORWARD, Kernels
 from fastcl.ops.layout import ColumnLayout
-from fastcl.plan import LossOptions, choose_strategy, kernel_plan, one_pass_applies
+from fastcl.plan import LossOptions, kernel_plan
 
-from .helpers import NATIVE, Case, relative_error, run_both
+from .helpers import (
+    NATIVE, OPCHECK_VARIANTS, Case, assert_close, assert_deterministic_across_threads, gradcheck_info_nce, operator_args,
+    cpu_tiles, operator_inputs, relative_error, run_both,
+)
 from .test_memory import _peak_cpu_bytes
 
 REQUIRED = os.environ.get("FASTCL_REQUIRE_NATIVE") == "1"
@@ -54,13 +57,6 @@ def count_paths(monkeypatch):
     return counts
 
 
-def _assert_close(ours, ref, tol, what=""):
-    assert ours.keys() == ref.keys()
-    for name in ref:
-        err = relative_error(ours[name], ref[name])
-        assert err <= tol, f"{what} {name}: relative error {err:.3g} > {tol:g}"
-
-
 # ---------------------------------------------------------------- against the reference
 
 # Every option of the column layout on reduced losses, ragged against every block size.
@@ -79,11 +75,9 @@ CASES = {
 @pytest.mark.parametrize("tiles", [None, (5, 7), (16, 64)], ids=["default", "tiles5x7", "tiles16x64"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_native_matches_reference(name, tiles, monkeypatch, count_paths):
-    if tiles is not None:
-        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
-        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
+    cpu_tiles(monkeypatch, tiles)
     ours, ref = run_both(CASES[name], "native", "cpu")
-    _assert_close(ours, ref, 1e-10, name)
+    assert_close(ours, ref, 1e-10, name)
     assert count_paths["one_pass"] > 0 and count_paths["recompute"] == 0
 
 
@@ -114,7 +108,7 @@ def test_native_real_size_fp32_matches_reference(products):
 def test_native_half_inputs(dtype):
     case = CASES["everything"].but(n=200, d=40)
     ours, ref = run_both(case, "native", "cpu", dtype=dtype)
-    _assert_close(ours, ref, 2e-2, str(dtype))
+    assert_close(ours, ref, 2e-2, str(dtype))
     for name in ("anchors", "positives", "hard_negatives"):
         assert ours[name].dtype == dtype, "gradients keep the input dtype"
     assert ours["loss"].dtype == torch.float32
@@ -128,7 +122,7 @@ def test_triton_matches_reference(name, workspace_rows, monkeypatch, count_paths
     if workspace_rows:  # several chunks: W and dS of 8 rows (fp64: 16 bytes a logit)
         monkeypatch.setenv("FASTCL_WORKSPACE_BYTES", str(workspace_rows * 16 * (case.n_cols + case.gaussian)))
     ours, ref = run_both(case, "triton", "cpu")
-    _assert_close(ours, ref, 1e-10, name)
+    assert_close(ours, ref, 1e-10, name)
     assert count_paths["one_pass"] > 0 and count_paths["recompute"] == 0
 
 
@@ -136,7 +130,7 @@ def test_triton_matches_reference(name, workspace_rows, monkeypatch, count_paths
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_other_dtypes(dtype, count_paths):
     ours, ref = run_both(CASES["everything"], "triton", "cpu", dtype=dtype)
-    _assert_close(ours, ref, 1e-5 if dtype == torch.float32 else 2e-2, str(dtype))
+    assert_close(ours, ref, 1e-5 if dtype == torch.float32 else 2e-2, str(dtype))
     assert ours["anchors"].dtype == dtype
     # 16-bit inputs recompute on Triton: the one pass does not scale their logit
     # gradients into range (see test_rule_takes_the_one_pass_for_reduced_losses_with_gradients).
@@ -176,8 +170,7 @@ def test_groups_and_nt_xent(backend, monkeypatch, count_paths):
     # Masked columns: other groups' keys (blocks without a common group skipped) and
     # NT-Xent's self column. On Triton the rule keeps groups on the slab path; forced here.
     if backend == "native":
-        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "16")
-        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "16")
+        cpu_tiles(monkeypatch, (16, 16))
     g = torch.Generator().manual_seed(5)
     n, d = 67, 12
     a, p, h = (torch.randn(n, d, dtype=torch.float64, generator=g) for _ in range(3))
@@ -202,8 +195,7 @@ def test_native_skips_blocks_without_a_common_group(monkeypatch, count_paths):
     # Sorted groups of 8 rows, 8 x 8 blocks: only the diagonal blocks hold candidates. A
     # planted NaN in a row of another group must not reach a skipped block's gradient
     # (a masked block multiplied out would give 0 * NaN = NaN).
-    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "8")
-    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "8")
+    cpu_tiles(monkeypatch, (8, 8))
     n, d = 64, 6
     a, p = (torch.randn(n, d, dtype=torch.float64) for _ in range(2))
     groups = torch.arange(n) // 8
@@ -228,30 +220,11 @@ def test_native_skips_blocks_without_a_common_group(monkeypatch, count_paths):
 GRAD_N, GRAD_D = 13, 3
 
 
-def _gradcheck(backend, options, hard=False, learnable_tau=False, n=GRAD_N):
-    g = torch.Generator().manual_seed(0)
-
-    def leaf(rows):
-        return torch.randn(rows, GRAD_D, dtype=torch.float64, generator=g).requires_grad_()
-
-    inputs = [leaf(n), leaf(n)] + ([leaf(n)] if hard else [])
-    if learnable_tau:
-        inputs.append(torch.tensor(0.4, dtype=torch.float64, requires_grad=True))
-    queue = torch.randn(4, GRAD_D, dtype=torch.float64, generator=g)
-
-    def loss(*args):
-        h = args[2] if hard else None
-        tau = args[-1] if learnable_tau else 0.4
-        return info_nce(args[0], args[1], h, queue, temperature=tau, backend=backend,
-                        generator=torch.Generator().manual_seed(0), **options)
-
-    assert gradcheck(loss, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)
-
-
 GRAD_CASES = {
-    "hard_tau_gauss": (dict(hard_negative_weight=2.0, gaussian_negatives=3, gaussian_weight=0.5), True, True),
-    "symmetric_sum": (dict(symmetric=True, reduction="sum"), False, True),
-    "clamped_norms": (dict(eps=1.5, hard_negative_weight=0.5), True, False),
+    "hard_tau_gauss": dict(hard_negative_weight=2.0, gaussian_negatives=3, gaussian_weight=0.5, hard=True,
+                           learnable_tau=True),
+    "symmetric_sum": dict(symmetric=True, reduction="sum", learnable_tau=True),
+    "clamped_norms": dict(eps=1.5, hard_negative_weight=0.5, hard=True),
 }
 
 
@@ -259,16 +232,14 @@ GRAD_CASES = {
 @pytest.mark.parametrize("tiles", [None, (4, 5)], ids=["one_block", "many_blocks"])
 @pytest.mark.parametrize("name", list(GRAD_CASES))
 def test_gradcheck_native(name, tiles, monkeypatch):
-    if tiles is not None:
-        monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", str(tiles[0]))
-        monkeypatch.setenv("FASTCL_CPU_TILE_COLS", str(tiles[1]))
-    _gradcheck("native", *GRAD_CASES[name])
+    cpu_tiles(monkeypatch, tiles)
+    gradcheck_info_nce("native", GRAD_N, GRAD_D, temperature=0.4, n_extra=4, **GRAD_CASES[name])
 
 
 @needs_interpreter
 @pytest.mark.parametrize("name", list(GRAD_CASES))
 def test_gradcheck_triton(name):
-    _gradcheck("triton", *GRAD_CASES[name], n=6)  # interpreted: a few seconds a case
+    gradcheck_info_nce("triton", 6, GRAD_D, temperature=0.4, n_extra=4, **GRAD_CASES[name])  # interpreted: seconds
 
 
 # ------------------------------------------------------------------------- the rule
@@ -369,8 +340,7 @@ def test_rule_bounds_the_strips_by_the_gradients(monkeypatch, two_threads):
     assert one_pass_cpu_blocks(4096, 1 << 24, 4096, 16, 2, False)[0] < ONE_PASS_MIN_ROWS
     assert not _applies(n_cols=1 << 24, dim=16)
     assert _strategy(n_cols=1 << 24, dim=16) == "workspace"
-    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "7")
-    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "9")
+    cpu_tiles(monkeypatch, (7, 9))
     assert one_pass_cpu_blocks(4096, 4096, 4096, 768, 2, False) == (7, 9)
     assert _applies(n_cols=1 << 24, dim=16)  # blocks set by hand: taken as given
     monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "zero")
@@ -452,25 +422,7 @@ def test_only_the_gradients_asked_for(backend):
 
 @needs_native
 def test_native_is_deterministic_across_runs_and_thread_counts(monkeypatch):
-    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "32")
-    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "96")
-    a, p, h = (torch.randn(600, 48) for _ in range(3))
-
-    def grads():
-        leaves = [x.clone().requires_grad_() for x in (a, p, h)]
-        info_nce(*leaves, hard_negative_weight=2.0, backend="native").backward()
-        return [x.grad for x in leaves]
-
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first, second = grads(), grads()
-        torch.set_num_threads(1)
-        single = grads()
-    finally:
-        torch.set_num_threads(previous)
-    for x, y, z in zip(first, second, single):
-        assert torch.equal(x, y) and torch.equal(x, z)
+    assert_deterministic_across_threads(monkeypatch, 600, 48, (32, 96), "one_pass")
 
 
 # --------------------------------------------------------------------------- memory
@@ -515,42 +467,8 @@ def test_triton_workspace_stays_within_its_cap(monkeypatch):
 # ------------------------------------------------------------ the operator: opcheck
 
 
-def _op_inputs(dtype, hard, gaussian, targets, exclude_self=False, grouped=False, n=23, d=10):
-    g = torch.Generator().manual_seed(1)
-    n_hard, n_extra, n_gauss = (n if hard else 0), 5, (4 if gaussian else 0)
-    n_cols = n + n_hard + n_extra + n_gauss
-    q = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
-    k = torch.randn(n_cols, d, generator=g, dtype=torch.float64).to(dtype)
-    layout = ColumnLayout(n_cols=n_cols, n_grad_cols=n + n_hard, hard_start=n, n_hard=n_hard,
-                          gauss_start=n + n_hard + n_extra, log_hard_weight=0.4 if hard else 0.0,
-                          log_gauss_weight=-0.2 if gaussian else 0.0, n_self=n if exclude_self else 0)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    params = torch.tensor([2.5, layout.log_hard_weight, layout.log_gauss_weight], dtype=acc)
-    tgt = torch.randint(-1, n_cols, (n,), generator=g) if targets else None
-    if exclude_self and tgt is None:  # a row's own column is masked: target the next row
-        tgt = (torch.arange(n) + 1) % n
-    groups = None
-    if grouped:
-        row_groups = torch.randint(0, 3, (n,), generator=g)
-        groups = (row_groups, torch.cat([row_groups, row_groups]) if hard else row_groups)
-        tgt = torch.arange(n)
-    return q, k, params, tgt, layout, groups
-
-
-OPCHECK_VARIANTS = {
-    "plain_fp32": (torch.float32, False, False, False),
-    "everything_fp64": (torch.float64, True, True, True),
-    "hard_targets_bf16": (torch.bfloat16, True, False, True),
-    "gauss_fp16": (torch.float16, False, True, False),
-    "self_excluded_fp64": (torch.float64, False, False, False, True),
-    "groups_hard_fp32": (torch.float32, True, True, False, False, True),
-}
-
-
 def _op_args(q, k, params, tgt, layout, groups, need_dq=True, need_dk=True, weight=0.25, blocks=(0, 0)):
-    # The operators take the layout's first fields (their schema's), then the groups pair.
-    return (q, k, params, tgt, *layout[:operators.N_LAYOUT_FIELDS], *(groups if groups is not None else (None, None)),
-            weight, need_dq, need_dk, *blocks)
+    return operator_args(q, k, params, tgt, layout, groups, weight, need_dq, need_dk, *blocks)
 
 
 @needs_native
@@ -558,7 +476,7 @@ def _op_args(q, k, params, tgt, layout, groups, need_dq=True, need_dk=True, weig
 @pytest.mark.parametrize("need_dq, need_dk", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
 def test_opcheck(variant, need_dq, need_dk, normalize_eps):
-    inputs = _op_inputs(*OPCHECK_VARIANTS[variant])
+    inputs = operator_inputs(*OPCHECK_VARIANTS[variant])
     torch.library.opcheck(torch.ops.fastcl.infonce_fwd_grad.default,
                           (*_op_args(*inputs, need_dq, need_dk, blocks=(7, 9)), normalize_eps))
 
@@ -569,7 +487,7 @@ def test_opcheck(variant, need_dq, need_dk, normalize_eps):
 def test_operator_equals_forward_then_backward(variant, normalize_eps):
     # The one-pass operator returns what the two recomputing operators return for
     # grad_rows = row_weight: the per-row losses, dq, dk and the temperature's row sums.
-    q, k, params, tgt, layout, groups = _op_inputs(*OPCHECK_VARIANTS[variant], n=57)
+    q, k, params, tgt, layout, groups = operator_inputs(*OPCHECK_VARIANTS[variant], n=57)
     loss_rows, dq, dk, row_dot = torch.ops.fastcl.infonce_fwd_grad(
         *_op_args(q, k, params, tgt, layout, groups, blocks=(8, 11)), normalize_eps)
     lse, target_logit = operators.operator_forward(q, k, params, tgt, layout, groups=groups,
@@ -591,7 +509,7 @@ def test_operator_equals_forward_then_backward(variant, normalize_eps):
     (dict(blocks=(-1, 0)), "block_rows and block_cols must be >= 0"),
 ])
 def test_operator_rejects_bad_arguments(mutation, message):
-    inputs = _op_inputs(torch.float32, False, False, False)
+    inputs = operator_inputs(torch.float32, False, False, False)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fastcl.infonce_fwd_grad(*_op_args(*inputs, **mutation))
 
@@ -601,7 +519,7 @@ def test_operators_accept_an_empty_hard_segment_past_the_columns():
     # fastcl.distributed's gathered loss on rank 1 without hard negatives: hard_start =
     # N_global + offset lies past the N_global columns, and n_hard is 0. The operators
     # rejected it ("hard-negative columns [24, 24) fall outside the 16 columns").
-    q, _, params, _, _, _ = _op_inputs(torch.float64, False, False, False, n=8)
+    q, _, params, _, _, _ = operator_inputs(torch.float64, False, False, False, n=8)
     k = torch.randn(16, q.shape[1], dtype=torch.float64)
     layout = ColumnLayout(n_cols=16, n_grad_cols=16, hard_start=24, n_hard=0, gauss_start=16)
     targets = torch.arange(8, 16)
@@ -623,7 +541,7 @@ def test_cuda_kernel_of_the_operator_matches_the_cpu_kernel():
     # same function on CPU tensors, checked here against the native kernel.
     from fastcl.ops.infonce_one_pass import infonce_forward_grad
 
-    q, k, params, tgt, layout, groups = _op_inputs(torch.float64, True, True, True, n=29)
+    q, k, params, tgt, layout, groups = operator_inputs(torch.float64, True, True, True, n=29)
     cpu = torch.ops.fastcl.infonce_fwd_grad(*_op_args(q, k, params, tgt, layout, None, weight=0.5), 0.375)
     tri = infonce_forward_grad(q, k, params, tgt, layout, 0.5, normalize_eps=0.375, chunk_rows=10)
     for got, want in zip(tri, cpu):

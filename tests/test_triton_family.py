@@ -19,7 +19,7 @@ from fastcl.ops.infonce_one_pass import infonce_forward_grad
 from fastcl.ops.layout import HARDNESS_MODES, ColumnLayout
 from fastcl.reference import layout_loss_reference
 
-from .test_family import ALL4, OPTION_CASES, Q2D, D2Q, _inputs, _layout_case, _loss_and_grads
+from .test_family import ALL4, OPTION_CASES, Q2D, D2Q, _assert_matches, _inputs, _layout_case, _loss_and_grads
 
 #: The loss-level tests below run the Triton entries of CPU tensors (the interpreter). On
 #: a GPU, test_launchers_equal_layout_reference runs the compiled kernels on CUDA tensors,
@@ -150,10 +150,7 @@ def test_triton_loss_equals_reference(name, reduction, strategy):
     seed = n * 100 + d
     expected, expected_grads = _loss_and_grads("dense", (title, options, k, n_extra, gaussian), n, d, seed, reduction)
     got, grads = _loss_and_grads("triton", case, n, d, seed, reduction)
-    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
-    for g, e in zip(grads, expected_grads):  # the inputs' and the learnable temperature's
-        assert torch.isfinite(g).all()
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+    _assert_matches(got, grads, expected, expected_grads)  # the inputs' and the learnable temperature's
 
 
 @interpreted
@@ -213,7 +210,7 @@ def test_cuda_triton_is_planned_with_every_rule():
     # which carry every rule: "auto" and a named "triton" keep the call there. Choosing
     # needs no device.
     from fastcl.ops import dispatch
-    from fastcl.plan import choose_backend
+    from fastcl.backends import choose_backend
 
     cuda = torch.device("cuda")
     for rule in dispatch.LAYOUT_FEATURES:

@@ -145,7 +145,7 @@ def kernel_config(kernel: str, dtype: torch.dtype, dim: int, device: torch.devic
 #: similarity recomputed once per D slab), "workspace" (infonce_bwd_workspace.py: logit
 #: gradients of a chunk of rows in a capped buffer, then two matrix products) and
 #: "one_pass" (infonce_one_pass.py: for a loss reduced to a scalar, the gradients formed
-#: in the forward; fastcl/plan.py decides where it applies).
+#: in the forward; fastcl/backends.py decides where it applies).
 BACKWARD_STRATEGIES = ("slab", "workspace", "one_pass")
 
 

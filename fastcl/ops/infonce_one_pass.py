@@ -5,7 +5,7 @@ log-sum-exps, the backward forms it again (slab: once per D slab of each gradien
 workspace: once, into a buffer of logit gradients) before the products for dq and dk
 (4NMD). With a reduced loss every row's incoming gradient is one weight w (1/N for a
 mean, 1 for a sum), so the gradients can be formed in the forward
-(fastcl/plan.py decides where) and S is needed once. Per chunk of R rows (R from the workspace
+(fastcl/backends.py decides where) and S is needed once. Per chunk of R rows (R from the workspace
 cap, ``FASTCL_WORKSPACE_BYTES``, as the workspace backward's):
 
 1. ``_one_pass_logits_kernel``, grid (row blocks, column splits): S tiles from tl.dot,
@@ -35,7 +35,7 @@ tiles of W are loaded) would save its 6 bytes but needs a D-wide accumulator per
 block (dq: 128 rows x 768 fp32 exceeds the registers), so each tile would be read and
 exponentiated once per D slab: three times at D = 768. The GPU runner times slab,
 workspace and one pass side by side (``fastcl-one_pass``), so the choice is measured
-there; :func:`fastcl.plan.one_pass_applies` takes the one pass by default for fp32 and fp64.
+there; :func:`fastcl.backends.one_pass_applies` takes the one pass by default for fp32 and fp64.
 
 With groups the kernels skip tiles without a common group, but the products run over
 every column, so on CUDA the plan keeps the recomputing slab path for groups.
@@ -100,7 +100,8 @@ def _one_pass_logits_kernel(
             visit = True
         if visit:  # the gradient kernel makes the same test and never reads skipped tiles
             # Rows past the chunk read zeros (masked), their logits are never stored.
-            s = similarity_tile(ins, rows, cols, tl.minimum(ins.n_rows, row0 + n_chunk_rows), seg.n_cols, BLOCK_M, BLOCK_N, BLOCK_D, acc_dtype, SW)
+            s = similarity_tile(ins, rows, cols, tl.minimum(ins.n_rows, row0 + n_chunk_rows), seg.n_cols, BLOCK_M,
+                                BLOCK_N, BLOCK_D, acc_dtype, SW)
             col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
             _, logits = tile_logits(s, row_scale, col_scale, ins, params, rows, cols, targets, thresholds,
                                     row_groups, col_groups, seg, strength, SW, BLOCK_D)
@@ -390,8 +391,8 @@ def infonce_forward_grad(
         ds = ds_buffer[:rows]
         grid = (triton.cdiv(rows, grads_blocks["BLOCK_M"]), triton.cdiv(n_cols, grads_blocks["BLOCK_N"]))
         _one_pass_grads_kernel[grid](
-            params4, ins.targets, ins.row_groups, ins.key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2], ds,
-            loss_rows, row0, rows, n_rows, n_cols, n_grad, n_splits, chunk, workspace.stride(0), ds.stride(0), eps,
+            params4, ins.targets, ins.row_groups, ins.key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2],
+            ds, loss_rows, row0, rows, n_rows, n_cols, n_grad, n_splits, chunk, workspace.stride(0), ds.stride(0), eps,
             **grads_switches, **grads_blocks)
         if need_dq:
             _product_into(dq[row0:row0 + rows], ds, k, accumulate=False)

@@ -34,6 +34,7 @@ from ..sentence_model import MLP_MODES, POOLERS
 from .step import DISTRIBUTED_LOSSES
 from .config import TrainConfig, check_method_options
 from .methods.options import METHODS, OWN_TEMPERATURE, SGBERT_OBJECTIVES, SGBERT_POOLINGS
+from .stopping import AbortRun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +222,7 @@ def _interruption(e: BaseException | None) -> bool:
     interrupted in a class body turns it into a RuntimeError, for instance)."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "AbortRun":
+        if isinstance(e, (KeyboardInterrupt, AbortRun)):
             return True
         seen.add(id(e))
         e = e.__cause__ or e.__context__

@@ -15,9 +15,9 @@ Output directory layout (``--output-dir OUT``)::
     OUT/spectrum.png       singular spectrum of STS-B dev embeddings before and after
 
 The directory is checked before anything is loaded (:mod:`.output`). Interrupted (Ctrl-C
-or SIGTERM), the run finishes its step, writes a checkpoint and exits; a second Ctrl-C
-aborts at once and writes nothing, so the last checkpoint stays the one a resumed run
-starts from. Killed at any instant, the last checkpoint is whole and ``--resume``
+or SIGTERM, :mod:`.stopping`), the run finishes its step, writes a checkpoint and exits;
+a second Ctrl-C aborts at once and writes nothing, so the last checkpoint stays the one a
+resumed run starts from. Killed at any instant, the last checkpoint is whole and ``--resume``
 continues exactly (the log is cut back to that checkpoint's step).
 """
 
@@ -28,7 +28,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..interrupts import deferred, interrupt
+from ..interrupts import deferred
 from ..saved_model import inference_max_length, resolve_model, save_encoder
 from ..sentence_model import SentenceEncoder
 from .checkpoint import TMP_MARK, CheckpointError, WriteError, read_checkpoint, replace_directory
@@ -53,11 +52,7 @@ from .resume import (
 )
 from .methods import LABELS, auto_pooler, build_method
 from .step import LossConfig, MoCo, compute_gradients
-
-
-class AbortRun(BaseException):
-    """A second Ctrl-C: stop at once and write nothing (a BaseException, so no
-    ``except Exception`` on the way swallows it)."""
+from .stopping import AbortRun, StopSignals
 
 
 class Trainer:
@@ -71,7 +66,7 @@ class Trainer:
         self.world = dist.get_world_size() if self.distributed else 1
         self.main = self.rank == 0
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-        self._stop = self._aborting = False
+        self.signals = StopSignals(self.log)
         self._lock, self._created_out = None, False
         self._saved_step = None
         self.last_eval_step = None
@@ -236,31 +231,11 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
 
-    def _install_signals(self):
-        previous = {}
-
-        def handler(signum, frame):
-            if self._aborting:
-                return  # already on its way out
-            if self._stop:  # the second one: stop where we are, write nothing (or finish the file being written)
-                self._aborting = True
-                interrupt(AbortRun())
-                return
-            self._stop = True
-            self.log(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
-                     "(again to abort at once, keeping the last checkpoint)")
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        return previous
-
     def _stop_agreed(self) -> bool:
         if not self.distributed:
-            return self._stop
-        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+            return self.signals.requested
+        flag = torch.tensor([1.0 if self.signals.requested else 0.0],
+                            device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -304,7 +279,7 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
             self._bar = bar
-        previous = self._install_signals()
+        self.signals.install()
         interval_loss, interval_n, interval_t, interval_sent = 0.0, 0, 0.0, 0
         interrupted = aborted = False
         try:
@@ -371,8 +346,7 @@ class Trainer:
         except (AbortRun, KeyboardInterrupt):
             aborted = True
         finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
+            self.signals.restore()
             if bar is not None:
                 bar.close()
                 self._bar = None

@@ -9,13 +9,17 @@ import torch
 from torch import nn
 
 
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` that never trains: no gradients, evaluation mode (no dropout),
-    so it gives every sentence the same vectors at every step (and after ``--resume``)."""
-    frozen = copy.deepcopy(module)
-    for p in frozen.parameters():
+def freeze(module: nn.Module) -> nn.Module:
+    """``module``, made never to train: no gradients, evaluation mode (no dropout), so it
+    gives every sentence the same vectors at every step (and after ``--resume``)."""
+    for p in module.parameters():
         p.requires_grad_(False)
-    return frozen.eval()
+    return module.eval()
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that never trains (:func:`freeze`)."""
+    return freeze(copy.deepcopy(module))
 
 
 def view_inputs(batch: dict[str, torch.Tensor], view: int | None, device) -> dict[str, torch.Tensor]:
@@ -66,6 +70,12 @@ class Method:
 
     def describe(self) -> str:
         return ""
+
+    def on_backbone(self, module: nn.Module) -> nn.Module:
+        """``module`` (a head the method trains, a model it consults) on the trained
+        backbone's device and in its dtype."""
+        first = next(self.encoder.backbone.parameters())
+        return module.to(first.device, first.dtype)
 
     @staticmethod
     def backward(total: torch.Tensor, scaler) -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ...loss import info_nce
 from ...saved_model import load_sentence_encoder
 from ..resume import vocabulary_digest
-from .common import Method, dropout_views, logged, view_inputs
+from .common import Method, dropout_views, freeze, logged, view_inputs
 
 
 def dclr_loss(anchors: torch.Tensor, positives: torch.Tensor, noise: torch.Tensor | None, guide_anchors: torch.Tensor,
@@ -107,10 +107,7 @@ class DCLR(Method):
         if vocabulary_digest(tokenizer) != vocabulary_digest(self.tokenizer):
             raise ValueError(f"--dclr-model {path}: its tokenizer differs from that of the model being trained; the "
                              "complementary model must read the same token ids")
-        first = next(self.encoder.backbone.parameters())
-        self.complementary = complementary.to(self.device, first.dtype).eval()
-        for p in self.complementary.parameters():
-            p.requires_grad_(False)
+        self.complementary = freeze(self.on_backbone(complementary))
 
     def describe(self) -> str:
         c = self.cfg

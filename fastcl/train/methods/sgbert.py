@@ -122,10 +122,8 @@ class SGBERT(Method):
                 for p in embeddings.parameters():
                     p.requires_grad_(False)
         config = backbone.config
-        first = next(backbone.parameters())
-        self.encoder.method_head = ProjectionHead(config.hidden_size, self.cfg.sgbert_projection_dim,
-                                                  getattr(config, "initializer_range", 0.02)).to(first.device,
-                                                                                                  first.dtype)
+        self.encoder.method_head = self.on_backbone(ProjectionHead(
+            config.hidden_size, self.cfg.sgbert_projection_dim, getattr(config, "initializer_range", 0.02)))
 
     def describe(self) -> str:
         c = self.cfg

@@ -77,10 +77,9 @@ class TaCL(Method):
         backbone = self.encoder.backbone
         self.teacher = frozen_copy(backbone)
         if self.encoder.mlm_head is None:
-            first = next(backbone.parameters())
             eps = getattr(backbone.config, "layer_norm_eps", 1e-12)
-            self.encoder.mlm_head = MLMHead(backbone.config.hidden_size, backbone.get_input_embeddings(),
-                                            eps).to(first.device, first.dtype)
+            self.encoder.mlm_head = self.on_backbone(MLMHead(backbone.config.hidden_size,
+                                                             backbone.get_input_embeddings(), eps))
         if self.tokenizer.mask_token_id is None:
             raise ValueError("--method tacl needs a tokenizer with a mask token")
 

@@ -121,10 +121,8 @@ def vascl_virtual_loss(head: nn.Module, e: torch.Tensor, neighbours: torch.Tenso
 class VaSCL(Method):
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
-        backbone = self.encoder.backbone
-        first = next(backbone.parameters())
-        self.encoder.method_head = ContrastHead(backbone.config.hidden_size,
-                                                self.cfg.vascl_feature_dim).to(first.device, first.dtype)
+        hidden = self.encoder.backbone.config.hidden_size
+        self.encoder.method_head = self.on_backbone(ContrastHead(hidden, self.cfg.vascl_feature_dim))
         self.encoder.head_lr_scale = self.cfg.vascl_head_lr_scale
 
     def describe(self) -> str:
