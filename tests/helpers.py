@@ -114,11 +114,14 @@ def run_both(case: Case, backend: str, device, dtype=torch.float64, seed: int = 
     return ours, ref
 
 
-#: The "native" backend as a pytest parameter: skipped when the C++ extension is not
-#: built, except in CI (FASTCL_REQUIRE_NATIVE=1), where a missing extension must fail.
-NATIVE = pytest.param("native", marks=pytest.mark.skipif(
-    not native.available() and os.environ.get("FASTCL_REQUIRE_NATIVE") != "1",
-    reason=f"native extension unavailable: {native.status().reason}"))
+#: Whether the C++ extension must be there (CI sets FASTCL_REQUIRE_NATIVE=1): tests that
+#: need it then fail without it instead of being skipped.
+NATIVE_REQUIRED = os.environ.get("FASTCL_REQUIRE_NATIVE") == "1"
+#: Marks a test that needs the C++ extension (see NATIVE_REQUIRED).
+needs_native = pytest.mark.skipif(not native.available() and not NATIVE_REQUIRED,
+                                  reason=f"native extension unavailable: {native.status().reason}")
+#: The "native" backend as a pytest parameter, under needs_native.
+NATIVE = pytest.param("native", marks=needs_native)
 
 
 def kernel_pair(backend: str, device: torch.device = torch.device("cpu"), dtype=torch.float64, dim: int = 8):
@@ -253,6 +256,17 @@ OPCHECK_VARIANTS = {
     "self_excluded_fp64": (torch.float64, False, False, False, True),
     "groups_hard_fp32": (torch.float32, True, True, False, False, True),
 }
+
+
+def opcheck_grid(test):
+    """Runs ``test(variant, need_dq, need_dk, normalize_eps)`` (a gradient operator's
+    torch.library.opcheck) on every :data:`OPCHECK_VARIANTS` entry, each pair of gradients
+    asked for, with the rows as given and normalized in the kernel; needs the extension."""
+    for mark in (pytest.mark.parametrize("normalize_eps", [None, 1e-12], ids=["raw", "fused_normalize"]),
+                 pytest.mark.parametrize("need_dq, need_dk", [(True, True), (True, False), (False, True)]),
+                 pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS)), needs_native):
+        test = mark(test)
+    return test
 
 
 def operator_args(q, k, params, targets, layout: ColumnLayout, groups, *own) -> tuple:

@@ -22,20 +22,17 @@ from fastcl.backends import choose_backend as _choose_backend
 from fastcl.ops import operators
 
 from .helpers import (
-    OPCHECK_VARIANTS, Case, assert_close, assert_deterministic_across_threads, check_groups_stay_apart, cpu_tiles,
-    gradcheck_info_nce, operator_args, operator_inputs, relative_error, run_both,
+    NATIVE_REQUIRED, OPCHECK_VARIANTS, Case, assert_close, assert_deterministic_across_threads, check_groups_stay_apart,
+    cpu_tiles, gradcheck_info_nce, needs_native, opcheck_grid, operator_args, operator_inputs, relative_error, run_both,
 )
 from .test_kernels import CASES as SMALL_CASES
 from .test_kernels import DTYPE_TOLERANCE
 
 REPO = Path(__file__).resolve().parent.parent
-REQUIRED = os.environ.get("FASTCL_REQUIRE_NATIVE") == "1"
-needs_native = pytest.mark.skipif(not native.available() and not REQUIRED,
-                                  reason=f"native extension unavailable: {native.status().reason}")
 
 
 def test_extension_is_loaded_when_required():
-    if not REQUIRED:
+    if not NATIVE_REQUIRED:
         pytest.skip("FASTCL_REQUIRE_NATIVE is not set (CI sets it)")
     assert native.available(), native.status().reason
     for op in ("infonce_fwd", "infonce_bwd"):
@@ -313,10 +310,7 @@ def test_opcheck_forward(variant, normalize_eps):
     torch.library.opcheck(torch.ops.fastcl.infonce_fwd.default, (*operator_args(*inputs), normalize_eps))
 
 
-@needs_native
-@pytest.mark.parametrize("normalize_eps", [None, 1e-12], ids=["prenormalized", "fused_normalize"])
-@pytest.mark.parametrize("need_dq, need_dk", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
+@opcheck_grid
 def test_opcheck_backward(variant, need_dq, need_dk, normalize_eps):
     inputs = _operator_inputs(*OPCHECK_VARIANTS[variant])
     lse, _ = torch.ops.fastcl.infonce_fwd(*operator_args(*inputs), normalize_eps)

@@ -10,25 +10,22 @@ refusal of the rules the Triton kernels lack.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 from torch.autograd import gradcheck
 
-from fastcl import info_nce, native
+from fastcl import info_nce
 from fastcl.ops import dispatch, operators
 from fastcl.ops.function import kernel_params
 from fastcl.ops.layout import HARDNESS_ALL, HARDNESS_HARD, HARDNESS_IN_BATCH
 from fastcl.reference import layout_loss_reference
 
-from .helpers import cpu_tiles
+from .helpers import cpu_tiles, needs_native
 from .test_family import ALL4, LAYOUT_CASES, OPTION_CASES, _assert_matches, _inputs, _layout_case, _loss_and_grads
 from .test_one_pass import count_paths  # noqa: F401 - a fixture
 
-REQUIRED = os.environ.get("FASTCL_REQUIRE_NATIVE") == "1"
-pytestmark = pytest.mark.skipif(not native.available() and not REQUIRED,
-                                reason=f"native extension unavailable: {native.status().reason}")
+pytestmark = needs_native
 
 TILES = [None, (3, 4)]
 TILE_IDS = ["default_tiles", "tiles3x4"]

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastcl import info_nce, native, nt_xent, nt_xent_reference
+from fastcl import info_nce, nt_xent, nt_xent_reference
 from fastcl.backends import choose_strategy, one_pass_applies
 from fastcl.ops import function, operators
 from fastcl.ops.configs import ONE_PASS_MIN_ROWS, ONE_PASS_STRIP_FLOOR, one_pass_cpu_blocks
@@ -23,14 +23,11 @@ from fastcl.ops.layout import ColumnLayout
 from fastcl.plan import LossOptions, kernel_plan
 
 from .helpers import (
-    NATIVE, OPCHECK_VARIANTS, Case, assert_close, assert_deterministic_across_threads, gradcheck_info_nce, operator_args,
-    cpu_tiles, operator_inputs, relative_error, run_both,
+    NATIVE, OPCHECK_VARIANTS, Case, assert_close, assert_deterministic_across_threads, cpu_tiles,
+    gradcheck_info_nce, needs_native, opcheck_grid, operator_args, operator_inputs, relative_error, run_both,
 )
 from .test_memory import _peak_cpu_bytes
 
-REQUIRED = os.environ.get("FASTCL_REQUIRE_NATIVE") == "1"
-needs_native = pytest.mark.skipif(not native.available() and not REQUIRED,
-                                  reason=f"native extension unavailable: {native.status().reason}")
 needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                        reason="Triton's interpreter (on a GPU these run compiled in test_at_scale)")
 
@@ -471,10 +468,7 @@ def _op_args(q, k, params, tgt, layout, groups, need_dq=True, need_dk=True, weig
     return operator_args(q, k, params, tgt, layout, groups, weight, need_dq, need_dk, *blocks)
 
 
-@needs_native
-@pytest.mark.parametrize("normalize_eps", [None, 1e-12], ids=["raw", "fused_normalize"])
-@pytest.mark.parametrize("need_dq, need_dk", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
+@opcheck_grid
 def test_opcheck(variant, need_dq, need_dk, normalize_eps):
     inputs = operator_inputs(*OPCHECK_VARIANTS[variant])
     torch.library.opcheck(torch.ops.fastcl.infonce_fwd_grad.default,
