@@ -2,7 +2,7 @@
 
 One entry of :data:`OPTIONS` per way of calling the loss that reaches a different kernel
 variant (hard negatives with a weight, labels, extra and Gaussian negatives, a learnable
-temperature, the symmetric direction, raw dot products, groups, NT-Xent). The GPU
+temperature, the symmetric direction, raw dot products, groups, NT-Xent, the guide mask). The GPU
 runner's first stage launches each on the GPU (compiling every kernel), and the NaN
 canary tests run each in Triton's interpreter; both call :func:`check` with a backend
 and compare against ``backend="reference"`` on float64 copies of the same inputs.
@@ -40,6 +40,9 @@ OPTIONS = {o.name: o for o in [
     Option("groups", lambda t, b: _info_nce(t, b, groups=t["groups"]), ("a", "p")),
     Option("groups+hard", lambda t, b: _info_nce(t, b, t["h"], groups=t["groups"]), ("a", "p", "h")),
     Option("nt_xent", lambda t, b: __import__("fastcl").nt_xent(t["a"], t["p"], backend=b), ("a", "p")),
+    # The guide mask (GISTEmbed, DCLR): a second model's rows decide which entries drop.
+    Option("guide+hard", lambda t, b: _info_nce(t, b, t["h"], guide_anchors=t["ga"], guide_candidates=t["gc"],
+                                                guide_threshold=0.2), ("a", "p", "h")),
 ]}
 
 
@@ -52,7 +55,7 @@ def _info_nce(t, backend, hard=None, **options):
 def make_case_inputs(n: int, d: int, dtype, device, seed: int = 0) -> dict:
     """Inputs of every option at one size: rows a, p, h (n x d), extra negatives x
     (about n / 3 rows), labels among the n + n columns of [p; h], ragged sorted groups,
-    and a temperature tensor."""
+    a temperature tensor and a guide's rows ga, gc (fp32, for a and for [p; h])."""
     a, p, h = make_inputs(n, d, dtype, device, hard=True, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(max(n // 3, 1), d, generator=gen) / d ** 0.5).to(dtype).to(device)
@@ -61,7 +64,9 @@ def make_case_inputs(n: int, d: int, dtype, device, seed: int = 0) -> dict:
     groups = torch.repeat_interleave(torch.arange(n), lengths)[:n].to(device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     tau = torch.tensor(0.07, dtype=acc, device=device, requires_grad=True)
-    return {"a": a, "p": p, "h": h, "x": x, "labels": labels, "groups": groups, "tau": tau}
+    # A guide model's rows (width 24) for the anchors and for the columns [p; h].
+    ga, gc = (torch.randn(rows, 24, generator=gen).to(device) for rows in (n, 2 * n))
+    return {"a": a, "p": p, "h": h, "x": x, "labels": labels, "groups": groups, "tau": tau, "ga": ga, "gc": gc}
 
 
 def _loss_and_grads(option: Option, inputs: dict, backend: str):
