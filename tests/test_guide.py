@@ -336,19 +336,3 @@ def test_the_guide_never_holds_n_by_m(backend, strategy, monkeypatch):
     assert _peak_cpu_bytes(step("dense", "auto")) > smallest_block  # the measurement sees a dense matrix
     peak = _peak_cpu_bytes(step(backend, strategy))
     assert peak < smallest_block // 2, f"peak {peak} bytes; one N x N block would be {smallest_block}"
-
-
-@pytest.mark.parametrize("op,own", [("forward", ()), ("backward", (torch.zeros(4), torch.ones(4), True, True)),
-                                    ("backward_workspace", (torch.zeros(4), torch.ones(4), True, True)),
-                                    ("forward_grad", (0.25, True, True, 0, 0))])
-def test_cuda_operators_refuse_a_guide(op, own):
-    """The CUDA kernels (Triton) do not compute the guide: handed one, they refuse before
-    any launch (the plan never hands them one)."""
-    from fastcl.ops import operators
-
-    layout = ColumnLayout.plain(6)
-    rest = (*layout[:operators.N_LAYOUT_FIELDS], None, None, *own, None,
-            *(getattr(layout, f) for f in operators.RULE_FIELDS), None, torch.zeros(4, 2), torch.zeros(6, 2),
-            torch.zeros(4))
-    with pytest.raises(ValueError, match="do not compute the guide"):
-        getattr(operators, f"_cuda_{op}")(torch.randn(4, 3), torch.randn(6, 3), torch.ones(3), None, *rest)

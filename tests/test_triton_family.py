@@ -210,15 +210,13 @@ def test_gradcheck_triton(name, options, k, n_extra, strategy):
 
 def test_cuda_triton_is_planned_with_every_rule():
     # On CUDA tensors the Triton kernels are reached through the dispatcher operators,
-    # which carry every rule but the guide mask: "auto" and a named "triton" keep the
-    # call there. With a guide "auto" takes the chunked path (tests/test_guide.py).
-    # Choosing needs no device.
+    # which carry every rule: "auto" and a named "triton" keep the call there. Choosing
+    # needs no device.
     from fastcl.ops import dispatch
     from fastcl.plan import choose_backend
 
     cuda = torch.device("cuda")
-    assert set(dispatch.LAYOUT_FEATURES) - dispatch.FEATURES["triton"] == {"guide"}
-    for rule in dispatch.FEATURES["triton"]:
+    for rule in dispatch.LAYOUT_FEATURES:
         needed = frozenset({rule})
         assert dispatch.unsupported("triton", needed) == ()
         assert choose_backend("triton", cuda, 10 ** 6, needed=needed) == "triton"
