@@ -264,10 +264,13 @@ void apply_guide(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const
     const int64_t t = target_of(targets, r0 + i) - c0;  // outside [0, ng) when not in this tile
     const acc_t* g_row = g + i * ng;
     acc_t* x_row = x + i * nc;
-    for (int64_t j = 0; j < ng; ++j) {
-      if (g_row[j] > threshold && j != t) {
-        x_row[j] = neg_inf;
-      }
+    const bool has_target = t >= 0 && t < ng;
+    const acc_t target_logit = has_target ? x_row[t] : acc_t(0);
+    for (int64_t j = 0; j < ng; ++j) {  // one select per entry (vectorizable), the target restored after
+      x_row[j] = g_row[j] > threshold ? neg_inf : x_row[j];
+    }
+    if (has_target) {
+      x_row[t] = target_logit;
     }
   }
 }

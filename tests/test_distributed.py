@@ -57,8 +57,11 @@ def _run(world, sizes, options, backend="torch"):
                             hardness_mode="all_negatives", hardness_strength=2.0), "torch"),
         (2, [6, 9], dict(hard=True, k=2, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
                          hardness_mode="in_batch_negatives", hardness_strength=1.0), "torch"),
+        (2, [6, 7], dict(hard=True, k=2, directions=("query_to_doc", "query_to_query", "doc_to_doc"),
+                         doc_to_doc_negatives=False), "torch"),
     ],
-    ids=["plain-2", "sup-sym-2", "unequal-3", "triton-2", "family-unequal-3", "family-per-direction-2"],
+    ids=["plain-2", "sup-sym-2", "unequal-3", "triton-2", "family-unequal-3", "family-per-direction-2",
+         "doc-to-doc-positives-2"],
 )
 def test_gathered_loss_equals_single_process(world, sizes, options, backend):
     results = _run(world, sizes, options, backend)

@@ -338,3 +338,33 @@ def test_doc_to_doc_without_negatives_scores_the_positives_only(backend):
     assert (with_negatives - got).abs().max() > 1e-3
     with pytest.raises(TypeError, match="doc_to_doc_negatives"):
         info_nce(a, p, directions=directions, doc_to_doc_negatives=1)
+
+
+@pytest.mark.parametrize("backend,strategy", [("chunked", "workspace"),
+                                              pytest.param("cpp", "workspace", marks=needs_cpp),
+                                              pytest.param("cpp", "one_pass", marks=needs_cpp)])
+def test_the_guide_never_holds_n_by_m(backend, strategy, monkeypatch):
+    """Every direction's block is at least N x N (1 MiB in float32 here); inputs, guides
+    and gradients are a few KiB, the chunks and tiles under 128 KiB."""
+    from .test_memory import _peak_cpu_bytes
+
+    monkeypatch.setenv("FASTCL_CHUNK_ELEMENTS", str(1 << 13))
+    monkeypatch.setenv("FASTCL_CPU_TILE_ROWS", "16")
+    monkeypatch.setenv("FASTCL_CPU_TILE_COLS", "128")
+    n, d, k, dg = 512, 4, 3, 3
+    g = torch.Generator().manual_seed(0)
+    a, p = torch.randn(n, d, generator=g, requires_grad=True), torch.randn(n, d, generator=g, requires_grad=True)
+    h = torch.randn(n, k, d, generator=g, requires_grad=True)
+    ga, gc = torch.randn(n, dg, generator=g), torch.randn(n * (1 + k), dg, generator=g)
+    directions = (Q2D,) if strategy == "one_pass" else ALL4
+    smallest_block = n * n * 4
+
+    def step(backend, strategy):
+        def run():
+            info_nce(a, p, h, backend=backend, backward_strategy=strategy, directions=directions, guide_anchors=ga,
+                     guide_candidates=gc, guide_threshold=0.2).backward()
+        return run
+
+    assert _peak_cpu_bytes(step("dense", "auto")) > smallest_block  # the measurement sees a dense matrix
+    peak = _peak_cpu_bytes(step(backend, strategy))
+    assert peak < smallest_block // 2, f"peak {peak} bytes; one N x N block would be {smallest_block}"

@@ -484,3 +484,12 @@ def test_gist_refusals(model, guide):
         loss(features(model, 4), None)
     with pytest.raises(ValueError, match="same columns"):
         fst.gist_loss(loss, [torch.zeros(3, 4)] * 2, [torch.zeros(3, 4)] * 3)
+
+
+@pytest.mark.parametrize("cls, options", [("GISTEmbedLoss", dict(margin=0.1)),
+                                          ("CachedGISTEmbedLoss", dict(mini_batch_size=4))], ids=["plain", "cached"])
+def test_matryoshka_around_gist_equals_sentence_transformers(model, guide, cls, options):
+    def wrapped(lib):
+        return st.MatryoshkaLoss(model, getattr(lib, cls)(model, guide, **options), [32, 16], matryoshka_weights=[1, 2])
+
+    assert_same(loss_and_grads(model, wrapped(fst), 3), loss_and_grads(model, wrapped(st), 3))
