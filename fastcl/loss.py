@@ -156,9 +156,9 @@ def info_nce(
             positive i against guide anchor j; doc_to_doc: guide candidates). Extra and
             Gaussian negatives are never dropped; no gradient flows into the guide. The
             guide's products are formed tile by tile in the kernels (no N x M buffer).
-            Not with ``groups``; the Triton kernels do not compute it yet (on CUDA,
-            ``"auto"`` takes the chunked path). With ``check_finite`` the guide's values
-            are checked too (one more device sync).
+            Every backend computes it (the guide's products at full precision, so the
+            mask decides as the float64 reference does); not with ``groups``. With
+            ``check_finite`` the guide's values are checked too (one more device sync).
         doc_to_doc_negatives: with ``"doc_to_doc"``, whether positive i is also scored
             against the other anchors' hard negatives (True, sentence-transformers'
             ``MultipleNegativesRankingLoss``) or against the other positives only (False,
