@@ -68,8 +68,12 @@ class Method:
     def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         return batch
 
+    #: How the training log names the method and its options: a format string over the
+    #: run's config ``c``, e.g. ``"TaCL (tau {c.tacl_temperature})"``.
+    SUMMARY = ""
+
     def describe(self) -> str:
-        return ""
+        return self.SUMMARY.format(c=self.cfg)
 
     def on_backbone(self, module: nn.Module) -> nn.Module:
         """``module`` (a head the method trains, a model it consults) on the trained

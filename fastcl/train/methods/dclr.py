@@ -100,6 +100,9 @@ def ascend_noise(anchors: torch.Tensor, positives: torch.Tensor, noise: torch.Te
 
 
 class DCLR(Method):
+    SUMMARY = ("DCLR (phi {c.dclr_threshold}, {c.dclr_noise_times:g}x noise negatives, {c.dclr_noise_steps} steps of "
+               "{c.dclr_noise_step_size:g}, complementary model {c.dclr_model})")
+
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
         path = self.cfg.dclr_model
@@ -109,10 +112,6 @@ class DCLR(Method):
                              "complementary model must read the same token ids")
         self.complementary = freeze(self.on_backbone(complementary))
 
-    def describe(self) -> str:
-        c = self.cfg
-        return (f"DCLR (phi {c.dclr_threshold}, {c.dclr_noise_times:g}x noise negatives, {c.dclr_noise_steps} steps "
-                f"of {c.dclr_noise_step_size:g}, complementary model {c.dclr_model})")
 
     def compute_gradients(self, model, batch, *, autocast, scaler, device) -> dict[str, float]:
         cfg = self.cfg

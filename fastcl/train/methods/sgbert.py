@@ -112,6 +112,9 @@ def distance_to(trained: nn.Module, frozen: nn.Module) -> torch.Tensor:
 
 
 class SGBERT(Method):
+    SUMMARY = ("SG-BERT ({c.sgbert_objective} objective, tau {c.sgbert_temperature}, lambda {c.sgbert_lambda}, "
+               "{c.sgbert_pooling} pooling, head {c.sgbert_projection_dim})")
+
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
         backbone = self.encoder.backbone
@@ -125,10 +128,6 @@ class SGBERT(Method):
         self.encoder.method_head = self.on_backbone(ProjectionHead(
             config.hidden_size, self.cfg.sgbert_projection_dim, getattr(config, "initializer_range", 0.02)))
 
-    def describe(self) -> str:
-        c = self.cfg
-        return (f"SG-{'OPT' if c.sgbert_objective == 'opt' else 'BERT'} (tau {c.sgbert_temperature}, lambda "
-                f"{c.sgbert_lambda}, {c.sgbert_pooling} pooling, head {c.sgbert_projection_dim})")
 
     def compute_gradients(self, model, batch, *, autocast, scaler, device) -> dict[str, float]:
         cfg = self.cfg

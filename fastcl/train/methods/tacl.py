@@ -72,6 +72,8 @@ def tacl_loss(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torc
 
 
 class TaCL(Method):
+    SUMMARY = "TaCL (tau {c.tacl_temperature}, MLM weight {c.tacl_mlm_weight}, masking {c.tacl_mask_probability})"
+
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
         backbone = self.encoder.backbone
@@ -83,9 +85,6 @@ class TaCL(Method):
         if self.tokenizer.mask_token_id is None:
             raise ValueError("--method tacl needs a tokenizer with a mask token")
 
-    def describe(self) -> str:
-        c = self.cfg
-        return f"TaCL (tau {c.tacl_temperature}, MLM weight {c.tacl_mlm_weight}, masking {c.tacl_mask_probability})"
 
     def prepare(self, batch, generator):
         ids, mask = batch["input_ids"][:, 0], batch["attention_mask"][:, 0]

@@ -119,16 +119,15 @@ def vascl_virtual_loss(head: nn.Module, e: torch.Tensor, neighbours: torch.Tenso
 
 
 class VaSCL(Method):
+    SUMMARY = ("VaSCL (K {c.vascl_neighbours}, radius {c.vascl_radius}, tau {c.temperature}, head "
+               "{c.vascl_feature_dim} at {c.vascl_head_lr_scale:g}x lr)")
+
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
         hidden = self.encoder.backbone.config.hidden_size
         self.encoder.method_head = self.on_backbone(ContrastHead(hidden, self.cfg.vascl_feature_dim))
         self.encoder.head_lr_scale = self.cfg.vascl_head_lr_scale
 
-    def describe(self) -> str:
-        c = self.cfg
-        return (f"VaSCL (K {c.vascl_neighbours}, radius {c.vascl_radius}, tau {c.temperature}, head "
-                f"{c.vascl_feature_dim} at {c.vascl_head_lr_scale:g}x lr)")
 
     def compute_gradients(self, model, batch, *, autocast, scaler, device) -> dict[str, float]:
         cfg = self.cfg
