@@ -281,15 +281,19 @@ at::Tensor guide_buffer(const GuideRule<acc_t>& guide, const Tiling& tiling) {
   return guide.active() ? at::empty({tiling.rows * tiling.cols}, guide.rows.options()) : at::Tensor();
 }
 
-// The per-entry rules that need each row's target and similarity: the hardness penalty
-// (from the layout) and the false-negative margin (per-row thresholds, null: off).
+// What turns a similarity into its logit: the logit parameters (w: 1/tau and the
+// weights), and the per-entry rules that need each row's target and similarity: the
+// hardness penalty (from the layout) and the false-negative margin (per-row thresholds,
+// null: off).
 template <typename acc_t>
 struct EntryRules {
-  EntryRules(const ColumnLayout& layout, const int64_t* targets, const acc_t* thresholds)
-      : targets(targets),
+  EntryRules(const ColumnLayout& layout, const acc_t* params, const int64_t* targets, const acc_t* thresholds)
+      : w(params),
+        targets(targets),
         thresholds(thresholds),
         strength(acc_t(layout.hardness_strength)),
         mode(layout.penalized() ? layout.hardness_mode : int64_t(HARDNESS_NONE)) {}
+  LogitParams<acc_t> w;
   const int64_t* targets;
   const acc_t* thresholds;
   acc_t strength;
@@ -308,9 +312,8 @@ struct EntryRules {
 // apart) are read before the row is written and set afterwards.
 template <typename acc_t>
 void to_logits(acc_t* x, const acc_t* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
-               const LogitParams<acc_t>& w, const ColumnLayout& layout, const GroupIds& groups,
-               const EntryRules<acc_t>& rules) {
-  const acc_t inv_tau = w.inv_tau;
+               const ColumnLayout& layout, const GroupIds& groups, const EntryRules<acc_t>& rules) {
+  const acc_t inv_tau = rules.w.inv_tau;
   if (!rules.active()) {
     const int64_t n = nr * nc;
     for (int64_t idx = 0; idx < n; ++idx) {
@@ -374,7 +377,7 @@ void to_logits(acc_t* x, const acc_t* s, int64_t nr, int64_t nc, int64_t r0, int
       }
     }
   }
-  add_weights_and_masks(x, nr, nc, r0, c0, w, layout, groups);
+  add_weights_and_masks(x, nr, nc, r0, c0, rules.w, layout, groups);
 }
 
 // The inverse norms of the rows of q and k (both null without normalization), and the

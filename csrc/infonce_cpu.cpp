@@ -54,8 +54,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
   const int64_t n_cols = k.size(0);
   const Tiling tiling = make_tiling(n_rows, n_cols, groups.rows != nullptr);
   const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
-  const LogitParams<acc_t> w(params);
-  const EntryRules<acc_t> rules(layout, targets, thresholds);
+  const EntryRules<acc_t> rules(layout, params, targets, thresholds);
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr acc_t exp_floor = ExpRange<acc_t>::floor;
   const acc_t cutoff = exp_cutoff<acc_t>();
@@ -84,7 +83,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* param
         if (scales.enabled()) {
           scale_block(x, nr, nc, scales.q_inv + r0, scales.k_inv + c0);
         }
-        to_logits(x, x, nr, nc, r0, c0, w, layout, groups, rules);
+        to_logits(x, x, nr, nc, r0, c0, layout, groups, rules);
         apply_guide(x, nr, nc, r0, c0, guide, targets, layout.n_grad_cols, guide_block);
         for (int64_t i = 0; i < nr; ++i) {
           acc_t* row = x + i * nc;
@@ -137,8 +136,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   const bool need_dk = dk.defined();
   const Tiling tiling = make_tiling(n_rows, n_cols, groups.rows != nullptr);
   const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
-  const LogitParams<acc_t> w(params);
-  const EntryRules<acc_t> rules(layout, targets, thresholds);
+  const EntryRules<acc_t> rules(layout, params, targets, thresholds);
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   TileTurns turns(tiling.n_tiles, tiling.n_chunks, skips);
   constexpr acc_t exp_floor = ExpRange<acc_t>::floor;
@@ -177,7 +175,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           }
           const acc_t* s = sim.data_ptr<acc_t>();
           acc_t* x = grad.data_ptr<acc_t>();
-          to_logits(x, s, nr, nc, r0, c0, w, layout, groups, rules);
+          to_logits(x, s, nr, nc, r0, c0, layout, groups, rules);
           apply_guide(x, nr, nc, r0, c0, guide, targets, layout.n_grad_cols, guide_block);
           for (int64_t i = 0; i < nr; ++i) {
             acc_t* row = x + i * nc;
@@ -231,12 +229,13 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
             scale_block(x, nr, nc, scales.q_inv + r0, scales.k_inv + c0);
           }
           if (need_dq) {
-            block_product(grad, k_tile, dq_chunk, /*accumulate=*/true, /*alpha=*/w.inv_tau);
+            block_product(grad, k_tile, dq_chunk, /*accumulate=*/true, /*alpha=*/rules.w.inv_tau);
           }
           if (tile_dk) {
             at::Tensor dk_tile = dk.narrow(0, c0, n_grad);
             turns.wait_for(tile, chunk);
-            block_product(grad.narrow(1, 0, n_grad).t(), q_chunk, dk_tile, /*accumulate=*/true, /*alpha=*/w.inv_tau);
+            block_product(grad.narrow(1, 0, n_grad).t(), q_chunk, dk_tile, /*accumulate=*/true,
+                          /*alpha=*/rules.w.inv_tau);
             if (scales.enabled()) {
               for (int64_t j = 0; j < n_grad; ++j) {
                 col_dot[c0 + j] += tile_col_dot[j];
@@ -250,7 +249,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           if (scales.enabled()) {
             // The projection term of the normalization: dq_i -= (1/tau) row_dot_i q_proj_i q_i.
             for (int64_t i = 0; i < nr; ++i) {
-              chunk_row_dot[i] *= w.inv_tau * scales.q_proj[r0 + i];
+              chunk_row_dot[i] *= rules.w.inv_tau * scales.q_proj[r0 + i];
             }
             subtract_scaled_rows(dq_chunk.data_ptr<acc_t>(), q_chunk.data_ptr<acc_t>(), chunk_row_dot.data(),
                                  nr, dim);
@@ -266,7 +265,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
     // The projection term of the key rows, now that col_dot is complete.
     const int64_t n_grad = layout.n_grad_cols;
     for (int64_t j = 0; j < n_grad; ++j) {
-      col_dot[j] *= w.inv_tau * scales.k_proj[j];
+      col_dot[j] *= rules.w.inv_tau * scales.k_proj[j];
     }
     acc_t* dk_data = dk.data_ptr<acc_t>();
     const acc_t* k_data = k.data_ptr<acc_t>();

@@ -71,21 +71,21 @@ Tiling one_pass_tiling(int64_t n_rows, int64_t n_cols, int64_t block_rows, int64
 // without normalization), then logits (to_logits).
 template <typename acc_t>
 void products_to_logits(acc_t* x, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const acc_t* row_factor,
-                        const acc_t* q_inv, const acc_t* col_scale, const LogitParams<acc_t>& w,
-                        const ColumnLayout& layout, const GroupIds& groups, const EntryRules<acc_t>& rules) {
+                        const acc_t* q_inv, const acc_t* col_scale, const ColumnLayout& layout,
+                        const GroupIds& groups, const EntryRules<acc_t>& rules) {
   if (rules.active()) {
     if (q_inv != nullptr) {
       for (int64_t i = 0; i < nr; ++i) {
         rows::scale(x + i * nc, nc, q_inv[i], col_scale);
       }
     }
-    to_logits(x, x, nr, nc, r0, c0, w, layout, groups, rules);
+    to_logits(x, x, nr, nc, r0, c0, layout, groups, rules);
     return;
   }
   for (int64_t i = 0; i < nr; ++i) {
     rows::scale(x + i * nc, nc, row_factor[i], col_scale);
   }
-  add_weights_and_masks(x, nr, nc, r0, c0, w, layout, groups);
+  add_weights_and_masks(x, nr, nc, r0, c0, rules.w, layout, groups);
 }
 
 // A visited tile of a chunk: its columns and where its block sits in the strip.
@@ -107,8 +107,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
   const bool need_dq = dq.defined();
   const bool need_dk = dk.defined();
   const GroupSkips skips(groups, tiling, n_rows, n_cols, layout.n_grad_cols);
-  const LogitParams<acc_t> w(params);
-  const EntryRules<acc_t> rules(layout, targets, thresholds);
+  const EntryRules<acc_t> rules(layout, params, targets, thresholds);
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr acc_t exp_floor = ExpRange<acc_t>::floor;
   const acc_t cutoff = exp_cutoff<acc_t>();
@@ -146,7 +145,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
         const int64_t nr = std::min(tiling.rows, n_rows - r0);
         const at::Tensor q_chunk = q.narrow(0, r0, nr);
         for (int64_t i = 0; i < nr; ++i) {
-          row_factor[i] = scales.enabled() ? w.inv_tau * scales.q_inv[r0 + i] : w.inv_tau;
+          row_factor[i] = scales.enabled() ? rules.w.inv_tau * scales.q_inv[r0 + i] : rules.w.inv_tau;
         }
         std::fill(row_max.begin(), row_max.end(), neg_inf);
         std::fill(target_logit.begin(), target_logit.end(), acc_t(0));
@@ -168,7 +167,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           block_product(q_chunk, k.narrow(0, t.c0, t.nc).t(), block, false);
           acc_t* x = base + t.offset;
           products_to_logits(x, nr, t.nc, r0, t.c0, row_factor.data(), scales.enabled() ? scales.q_inv + r0 : nullptr,
-                             scales.enabled() ? scales.k_inv + t.c0 : nullptr, w, layout, groups, rules);
+                             scales.enabled() ? scales.k_inv + t.c0 : nullptr, layout, groups, rules);
           apply_guide(x, nr, t.nc, r0, t.c0, guide, targets, layout.n_grad_cols, guide_block);
           for (int64_t i = 0; i < nr; ++i) {
             const acc_t* row = x + i * t.nc;
@@ -216,7 +215,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
           q_scaled = q_scaled_buffer.narrow(0, 0, nr);
           acc_t* out = q_scaled.data_ptr<acc_t>();
           for (int64_t i = 0; i < nr; ++i) {
-            rows::scaled_copy(out + i * dim, q_data + (r0 + i) * dim, dim, row_factor[i] * w.inv_tau);
+            rows::scaled_copy(out + i * dim, q_data + (r0 + i) * dim, dim, row_factor[i] * rules.w.inv_tau);
           }
         }
         at::Tensor dq_chunk = need_dq ? dq.narrow(0, r0, nr) : at::Tensor();
@@ -271,7 +270,7 @@ void one_pass_kernel(const at::Tensor& q, const at::Tensor& k, const acc_t* para
             const acc_t f = row_factor[i];
             row_dot[r0 + i] = f * dot;
             const acc_t proj = scales.enabled() ? dot * scales.q_proj[r0 + i] : acc_t(0);
-            rows::scale_minus(a_row, q_row, dim, f * w.inv_tau, proj);
+            rows::scale_minus(a_row, q_row, dim, f * rules.w.inv_tau, proj);
           }
         }
       }
