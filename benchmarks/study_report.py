@@ -181,7 +181,7 @@ def report() -> int:
         if sweep:
             plot_alignment_uniformity(sweep, out / "alignment_uniformity_batch.png",
                                       title="Batch size at an equal budget of sentences: InfoNCE and GS-InfoNCE")
-    finished = sum(S.finished(name) for name, _ in runs)
+    finished = sum(bool(S.finished(name)) for name, _ in runs)
     status = ("" if complete and finished == len(runs) else
               f" **In progress: {finished} of {len(runs)} planned runs finished"
               f"{'' if complete else ' (more are planned once the tuning runs are done)'}; the tables show those.**")
