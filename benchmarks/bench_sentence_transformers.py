@@ -332,7 +332,8 @@ def write_markdown(report: dict, path: str) -> None:
             "`fastcl_cached`: fastcl's CachedGISTEmbedLoss loss stage (mini_batch_size 32, one fastcl call). "
             "Relative difference of the loss: fastcl against sentence-transformers (`st`, else `st_cached`) on "
             "the same inputs. Calls under a second are dominated by the shared machine's thread scheduling "
-            "(hundreds of small operators), hence fastcl's N = 256 slower than N = 1024.", "",
+            "(hundreds of small operators) and vary several-fold between runs (fastcl at N = 256: 13 to 500 ms); "
+            "the peaks do not.", "",
         ]
         scaling = "N x (K + 3) N"
     else:
