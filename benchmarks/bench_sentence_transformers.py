@@ -411,7 +411,7 @@ def plot(report: dict, path: str) -> None:
                                   label=label)
                 axes[1][col].plot(xs, [r["peak_bytes"] / 2 ** 20 for r in rows], line, color=color,
                                   marker=markers.get(k, "x"), label=label)
-        name = "GISTEmbedLoss, " if report["meta"].get("loss") == "gist" else ""
+        name = "GIST, " if report["meta"].get("loss") == "gist" else ""
         axes[0][col].set_title(f"{name}D = {d}: seconds per loss step (fp32 CPU, {report['meta']['threads']} threads)")
         axes[1][col].set_title(f"{name}D = {d}: peak MiB of the loss step")
         for ax in (axes[0][col], axes[1][col]):
