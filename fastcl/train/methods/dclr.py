@@ -112,7 +112,6 @@ class DCLR(Method):
                              "complementary model must read the same token ids")
         self.complementary = freeze(self.on_backbone(complementary))
 
-
     def compute_gradients(self, model, batch, *, autocast, scaler, device) -> dict[str, float]:
         cfg = self.cfg
         n = batch["input_ids"].shape[0]

@@ -128,7 +128,6 @@ class SGBERT(Method):
         self.encoder.method_head = self.on_backbone(ProjectionHead(
             config.hidden_size, self.cfg.sgbert_projection_dim, getattr(config, "initializer_range", 0.02)))
 
-
     def compute_gradients(self, model, batch, *, autocast, scaler, device) -> dict[str, float]:
         cfg = self.cfg
         inputs = view_inputs(batch, 0, device)

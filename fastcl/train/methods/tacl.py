@@ -85,7 +85,6 @@ class TaCL(Method):
         if self.tokenizer.mask_token_id is None:
             raise ValueError("--method tacl needs a tokenizer with a mask token")
 
-
     def prepare(self, batch, generator):
         ids, mask = batch["input_ids"][:, 0], batch["attention_mask"][:, 0]
         masked, positions = tacl_mask(ids, mask, self.tokenizer, self.cfg.tacl_mask_probability,

@@ -128,7 +128,6 @@ class VaSCL(Method):
         self.encoder.method_head = self.on_backbone(ContrastHead(hidden, self.cfg.vascl_feature_dim))
         self.encoder.head_lr_scale = self.cfg.vascl_head_lr_scale
 
-
     def compute_gradients(self, model, batch, *, autocast, scaler, device) -> dict[str, float]:
         cfg = self.cfg
         head = self.encoder.method_head
