@@ -208,25 +208,13 @@ def test_kernels_mask_fully_masked_rows_without_a_target(backend, monkeypatch):
 
 
 def _launchers(backend: str):
-    """(forward, backward, one pass or None) of a backend, as the autograd Function calls them."""
-    if backend == "chunked":
-        from fastcl.ops.chunked import chunked_backward, chunked_forward
-
-        return chunked_forward, chunked_backward, None
-    if backend == "cpp":
-        from fastcl.ops.operators import operator_backward, operator_forward, operator_forward_grad
-
-        return operator_forward, operator_backward, operator_forward_grad
-    from fastcl.ops.infonce_bwd_slab import infonce_backward_slab
-    from fastcl.ops.infonce_bwd_workspace import infonce_backward_workspace
-    from fastcl.ops.infonce_fwd import infonce_forward
-    from fastcl.ops.infonce_one_pass import infonce_forward_grad
-
-    def one_pass(q, k, params, targets, layout, **options):
-        return infonce_forward_grad(q, k, params, targets, layout, 1.0, **options)
-
-    backward = infonce_backward_slab if backend == "triton-slab" else infonce_backward_workspace
-    return infonce_forward, backward, one_pass if backend == "triton-workspace" else None
+    """(forward, backward, one pass or None) of ``backend`` on CPU tensors, as the dispatch
+    table holds them ("triton-slab": Triton with its slab backward); the one pass of the
+    C++ kernel and of Triton (with the workspace case only: the interpreter is slow)."""
+    name, _, strategy = backend.partition("-")
+    entry = dispatch.kernels("cpu", name, strategy or "workspace")
+    with_one_pass = (name, strategy) in (("cpp", ""), ("triton", "workspace"))
+    return entry.forward, entry.backward, dispatch.kernels("cpu", name, "one_pass").forward if with_one_pass else None
 
 
 @needs_cpp
