@@ -23,8 +23,10 @@ from .directions import (
     DEFAULT_DIRECTIONS, DOC_TO_DOC, DOC_TO_QUERY, QUERY_TO_QUERY, doc_to_doc_layout, hard_blocks, margin_thresholds,
     n_hard_blocks, per_row_losses, positive_logits, query_to_query_layout,
 )
+from .guide import NAMES as GUIDE_NAMES
+from .guide import check_guide, direction_guide
 from .ops import dispatch
-from .ops.layout import ColumnLayout
+from .ops.layout import ColumnLayout, GuideMask
 from .ops.ring import RingInfoNCEFunction, world_and_rank
 from .plan import (
     LossOptions, candidate_layout, check_call, constant_rows, inverse_temperature, kernel_plan, needs_gradient,
@@ -93,7 +95,9 @@ def all_gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def gathered_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.Tensor | None = None,
-                      extra_negatives: torch.Tensor | None = None, *, group=None, **options) -> torch.Tensor:
+                      extra_negatives: torch.Tensor | None = None, *, group=None, gather_anchors: bool = True,
+                      guide_anchors: torch.Tensor | None = None, guide_candidates: torch.Tensor | None = None,
+                      guide_threshold: float | torch.Tensor | None = None, **options) -> torch.Tensor:
     """InfoNCE of this rank's anchors against every rank's positives and hard negatives.
 
     The positives and hard negatives of all ranks are gathered with their gradients
@@ -107,15 +111,26 @@ def gathered_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negat
     other anchors; doc_to_doc scores each local positive against every rank's positives
     and hard negatives but its own. ``hard_negatives`` may hold K per anchor (N x K x D).
 
+    ``gather_anchors=False`` keeps the anchors on their rank: query_to_query scores each
+    local anchor against this rank's other anchors only, as sentence-transformers'
+    GISTEmbedLoss does under ``gather_across_devices`` (then the sum over ranks is no
+    longer the one-process loss of the whole batch); doc_to_query needs every rank's
+    anchors and is refused with it.
+
+    The guide (``guide_anchors``, ``guide_candidates``, ``guide_threshold``; see
+    :func:`fastcl.info_nce`) is given per rank, for this rank's rows:
+    ``guide_candidates`` holds the guide rows of this rank's positives and hard
+    negatives in the candidates' order; they are gathered (without gradient) beside the
+    candidates, so every direction compares the guide rows of the entries it scores.
+    Every rank passes a guide, or none.
+
     Keyword arguments: ``group`` (the process group, default the whole world) and every
     keyword of :func:`fastcl.info_nce` but ``labels`` and ``groups`` (temperature,
     weights, Gaussian negatives and their generator, symmetric, reduction, normalize,
     eps, backend, backward_strategy, check_finite, directions, partition_mode,
-    hardness_mode, hardness_strength, false_negative_margin, doc_to_doc_negatives), with the
-    same meaning and
-    defaults;
-    ``backend="dense"`` (or ``"auto"`` on a tiny batch) takes the chunked PyTorch path
-    here: the dense loss knows no ranks.
+    hardness_mode, hardness_strength, false_negative_margin, doc_to_doc_negatives and
+    the guide), with the same meaning and defaults; ``backend="dense"`` (or ``"auto"``
+    on a tiny batch) takes the chunked PyTorch path here: the dense loss knows no ranks.
 
     The value is scaled for DistributedDataParallel, which averages gradients over the W
     ranks: ``"mean"`` returns ``W / N_global`` times the sum of the local rows' losses
@@ -127,18 +142,26 @@ def gathered_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negat
         "gathered_info_nce", anchors, positives, hard_negatives, extra_negatives, options, group)
     n_local, n_global, offset = sizes[rank], sum(sizes), sum(sizes[:rank])
     k_blocks = n_hard_blocks(x.hard_negatives)
+    directions = set(options.directions)
+    if not gather_anchors and DOC_TO_QUERY in directions:
+        raise ValueError("gather_anchors=False with doc_to_query (symmetric): the column direction scores each "
+                         "positive against every rank's anchors; drop one of them")
+    guide = check_guide(x.anchors, guide_anchors, guide_candidates, guide_threshold, n_local * (1 + k_blocks),
+                        eps=options.eps, check_finite=options.check_finite)
     n_extra = x.extra_negatives.shape[0] if x.extra_negatives is not None else 0
     # Columns [every rank's positives; every rank's hard blocks], each rank's K blocks
     # together (its own N_r rows per block): row i's own hard negatives then sit at
     # n_global + K offset + k n_local + i.
     layout = candidate_layout(options, n_global * (1 + k_blocks), n_global + k_blocks * offset,
                               n_local if k_blocks else 0, n_extra, k_blocks)
-    directions = set(options.directions)
-    same_tower = [d for d in (QUERY_TO_QUERY, DOC_TO_DOC) if d in directions and n_global > 1]
+    # The anchors a query_to_query row scores: every rank's, or this rank's.
+    n_peers, peer_offset = (n_global, offset) if gather_anchors else (n_local, 0)
+    same_tower = [d for d in (QUERY_TO_QUERY, DOC_TO_DOC)
+                  if d in directions and (n_peers if d == QUERY_TO_QUERY else n_global) > 1]
     d2d_blocks = k_blocks if options.doc_to_doc_negatives else 0  # doc_to_doc against hard negatives too
-    others = [query_to_query_layout(n_local, n_global, offset) if d == QUERY_TO_QUERY
+    others = [query_to_query_layout(n_local, n_peers, peer_offset) if d == QUERY_TO_QUERY
               else doc_to_doc_layout(n_local, n_global, d2d_blocks, offset) for d in same_tower]
-    needed = frozenset().union(*(dispatch.layout_features(o) for o in others))
+    needed = frozenset().union(*(dispatch.layout_features(o, guide=guide is not None) for o in [layout, *others]))
     plan = kernel_plan(options, layout, x.anchors, n_local * layout.n_cols, dense=False, needed=needed,
                        reduced=uniform_row_gradients(options, 1 + (DOC_TO_QUERY in directions) + len(others)),
                        needs_grad=needs_gradient(x.anchors, x.positives, x.hard_negatives, options.temperature))
@@ -152,22 +175,43 @@ def gathered_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negat
     inv_tau = inverse_temperature(options.temperature, x.anchors)
     targets = torch.arange(offset, offset + n_local, device=x.anchors.device)
     thresholds = margin_thresholds(q, x.positives, options.margin, plan.normalize_eps)
-    rows = (q, k_grad, constant_rows(x.extra_negatives, gaussian), inv_tau, targets, None, plan, thresholds)
-    a_all = all_gather_with_grad(q, group) if directions & {QUERY_TO_QUERY, DOC_TO_QUERY} else None
+    peers_gathered = gather_anchors and bool(directions & {QUERY_TO_QUERY, DOC_TO_QUERY})
+    a_all = all_gather_with_grad(q, group) if peers_gathered else q
+    guides = _gathered_guides(guide, n_local, n_global * (1 + d2d_blocks), k_blocks, peers_gathered, group)
+    rows = (q, k_grad, constant_rows(x.extra_negatives, gaussian), inv_tau, targets, None, plan, thresholds,
+            guides[None])
     p_local = p_all[offset:offset + n_local]
     with_target = []
     if DOC_TO_QUERY in directions:  # local positives against every rank's anchors
         with_target.append((p_local, a_all, None, inv_tau, targets, None,
-                            plan._replace(layout=ColumnLayout.plain(n_global)), thresholds))
+                            plan._replace(layout=ColumnLayout.plain(n_global)), thresholds, guides[DOC_TO_QUERY]))
     no_target = torch.full((n_local,), -1, dtype=torch.int64, device=q.device)
-    without_target = [(q, a_all, None, inv_tau, no_target, None, plan._replace(layout=o), thresholds)
+    without_target = [(q, a_all, None, inv_tau, no_target, None, plan._replace(layout=o), thresholds, guides[d])
                       if d == QUERY_TO_QUERY else
                       (p_local, k_grad[:n_global * (1 + d2d_blocks)], None, inv_tau, no_target, None,
-                       plan._replace(layout=o), thresholds)
+                       plan._replace(layout=o), thresholds, guides[d])
                       for d, o in zip(same_tower, others)]
     positive = positive_logits(q, x.positives, inv_tau, plan.normalize_eps) if without_target else None
     per_row = per_row_losses(rows, with_target, without_target, positive, options.partition_mode)
     return reduce_for_ddp(per_row, options.reduction, x.anchors.dtype, world, n_global)
+
+
+def _gathered_guides(guide: GuideMask | None, n_local: int, n_d2d: int, k_blocks: int, gather_anchors: bool,
+                     group) -> dict:
+    """Each direction's guide (None: query_to_doc) when the candidates, and with
+    ``gather_anchors`` the anchors, are every rank's: this rank's guide rows for its
+    queries, every rank's (gathered as constants, in the candidates' order) for the
+    columns. A dict of Nones without a guide."""
+    if guide is None:
+        return dict.fromkeys((None, DOC_TO_QUERY, QUERY_TO_QUERY, DOC_TO_DOC))
+    own_docs = guide.cols[:n_local]
+    docs = all_gather_no_grad(own_docs, group)
+    if k_blocks:
+        docs = torch.cat([docs, all_gather_no_grad(guide.cols[n_local:], group)])
+    anchors = all_gather_no_grad(guide.rows, group) if gather_anchors else guide.rows
+    rows = GuideMask(guide.rows, docs, guide.thresholds)
+    return {None: rows, **{d: direction_guide(rows, d, n_local, n_d2d, docs=own_docs, anchors=anchors)
+                           for d in (DOC_TO_QUERY, QUERY_TO_QUERY, DOC_TO_DOC)}}
 
 
 def _refuse_on_the_ring(options, hard_negatives) -> None:
@@ -209,8 +253,8 @@ def ring_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negatives
     rank's share of its gradient (DDP's average makes it the global one).
 
     The ring computes one hard negative per anchor, the query_to_doc direction and the
-    symmetric pair; K > 1 hard negatives, the other directions, ``hardness_mode`` and
-    ``false_negative_margin`` are refused (use :func:`gathered_info_nce`).
+    symmetric pair; K > 1 hard negatives, the other directions, ``hardness_mode``,
+    ``false_negative_margin`` and the guide are refused (use :func:`gathered_info_nce`).
 
     Every rank must call it, in the same order as its other collectives, with inputs of
     the same dtype, D and requires_grad (local batch sizes may differ); ``backward``
@@ -220,6 +264,10 @@ def ring_info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard_negatives
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_info_nce needs an initialized torch.distributed process group")
+    guided = [name for name in GUIDE_NAMES if name in options]
+    if guided:
+        raise ValueError(f"ring_info_nce does not compute the guide ({', '.join(guided)}): its blocks travel without "
+                         "their guide rows; use gathered_info_nce")
     options, x, gaussian, (world, rank, sizes) = _checked_call(
         "ring_info_nce", anchors, positives, hard_negatives, extra_negatives, options, group)
     _refuse_on_the_ring(options, x.hard_negatives)

@@ -93,13 +93,18 @@ def _thresholds(threshold, n: int, acc: torch.dtype, device: torch.device) -> to
     return torch.full((n,), float(threshold), dtype=acc, device=device)
 
 
-def direction_guide(guide: GuideMask | None, direction: str, n: int, n_docs: int | None = None) -> GuideMask | None:
+def direction_guide(guide: GuideMask | None, direction: str, n: int, n_docs: int | None = None, *,
+                    docs: torch.Tensor | None = None, anchors: torch.Tensor | None = None) -> GuideMask | None:
     """The guide of ``direction``'s term for a batch of ``n`` pairs (see the module
     docstring); ``guide`` is the query_to_doc one; doc_to_doc scores the first
-    ``n_docs`` candidates (all by default)."""
+    ``n_docs`` candidates (all by default). The distributed losses, whose candidates
+    (``guide.cols``) are every rank's, pass this rank's guide positives as ``docs``
+    (default: the first ``n`` candidates) and the anchors' guide rows that the
+    same-tower and column terms score against as ``anchors`` (default ``guide.rows``)."""
     if guide is None:
         return None
-    anchors, docs = guide.rows, guide.cols
-    rows, cols = {QUERY_TO_QUERY: (anchors, anchors), DOC_TO_QUERY: (docs[:n], anchors),
-                  DOC_TO_DOC: (docs[:n], docs[:n_docs])}[direction]
+    own_docs = guide.cols[:n] if docs is None else docs
+    all_anchors = guide.rows if anchors is None else anchors
+    rows, cols = {QUERY_TO_QUERY: (guide.rows, all_anchors), DOC_TO_QUERY: (own_docs, all_anchors),
+                  DOC_TO_DOC: (own_docs, guide.cols[:n_docs])}[direction]
     return GuideMask(rows, cols, guide.thresholds)

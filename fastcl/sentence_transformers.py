@@ -285,12 +285,15 @@ def gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tensor]) ->
     row i's threshold the guide's positive cosine less the margin."""
     if len(guide_embeddings) != len(embeddings):
         raise ValueError("the model's and the guide's embeddings must have the same columns")
-    if loss.gather_across_devices and dist.is_available() and dist.is_initialized():
-        raise ValueError("gather_across_devices=True under torch.distributed: fastcl's gathered loss does not take "
-                         "a guide yet; use gather_across_devices=False (each process's batch) or "
-                         "sentence_transformers.losses.GISTEmbedLoss")
+    function, gathered = info_nce, {}
     if loss.gather_across_devices:
-        _warn_not_distributed()
+        if dist.is_available() and dist.is_initialized():
+            # As sentence-transformers: every rank's positives and negatives (and their
+            # guide rows) are gathered, the anchors stay local (anchor-anchor scores this
+            # rank's anchors only).
+            function, gathered = gathered_info_nce, dict(gather_anchors=False)
+        else:
+            _warn_not_distributed()
     guide_anchors, guide_positives = guide_embeddings[0], guide_embeddings[1]
     with torch.no_grad():
         positive = torch.nn.functional.cosine_similarity(guide_anchors, guide_positives, dim=-1)
@@ -300,9 +303,9 @@ def gist_loss(loss, embeddings: list[Tensor], guide_embeddings: list[Tensor]) ->
                   + (("doc_to_doc",) if loss.contrast_positives else ()))
     options = dict(directions=directions, doc_to_doc_negatives=False) if len(directions) > 1 else {}
     # check_finite=False: as sentence-transformers, a non-finite embedding gives a NaN loss.
-    return info_nce(embeddings[0], embeddings[1], _negatives(list(embeddings[2:])), temperature=loss.temperature,
+    return function(embeddings[0], embeddings[1], _negatives(list(embeddings[2:])), temperature=loss.temperature,
                     guide_anchors=guide_anchors, guide_candidates=torch.cat(list(guide_embeddings[1:])),
-                    guide_threshold=threshold, check_finite=False, **options)
+                    guide_threshold=threshold, check_finite=False, **options, **gathered)
 
 
 class GISTEmbedLoss(_STGISTEmbedLoss):
@@ -328,8 +331,14 @@ class GISTEmbedLoss(_STGISTEmbedLoss):
 
     When the guide's tokenizer differs from the model's (or its ``max_seq_length`` is
     shorter), the texts are decoded with the model's tokenizer and encoded with the
-    guide's, as sentence-transformers does. ``gather_across_devices=True`` under
-    torch.distributed is refused for now (without it, each process's batch).
+    guide's, as sentence-transformers does.
+
+    With ``gather_across_devices=True`` under torch.distributed, as sentence-transformers:
+    every rank's positives and negatives, with their guide rows, are gathered
+    (:func:`fastcl.distributed.gathered_info_nce`), the anchors are not (the
+    anchor-anchor term scores this rank's anchors only), and each rank returns the mean
+    loss of its own anchors. With ``contrast_anchors=False`` the ranks' mean is the
+    one-process loss over the whole batch.
     """
 
     def forward(self, sentence_features, labels: Tensor | None = None) -> Tensor:

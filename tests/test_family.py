@@ -509,7 +509,8 @@ def test_chunked_path_never_holds_n_by_m_with_the_options(monkeypatch):
     (dict(hardness_mode="hard_negatives", hardness_strength=1.0), "hardness_mode"),
     (dict(false_negative_margin=0.1), "false_negative_margin"),
     (dict(k=2), "K > 1"),
-], ids=["gte", "d2q-joint", "hardness", "margin", "k2"])
+    (dict(guide_anchors=torch.ones(4, 2), guide_candidates=torch.ones(8, 2), guide_threshold=0.5), "the guide"),
+], ids=["gte", "d2q-joint", "hardness", "margin", "k2", "guide"])
 def test_ring_refuses_what_it_does_not_compute(options, message):
     from fastcl.distributed import ring_info_nce
 

@@ -486,6 +486,45 @@ def test_gist_refusals(model, guide):
         fst.gist_loss(loss, [torch.zeros(3, 4)] * 2, [torch.zeros(3, 4)] * 3)
 
 
+GIST_GATHERED = {
+    "pairs": ("GISTEmbedLoss", dict(), 2),
+    "triplets-relative": ("GISTEmbedLoss", dict(margin_strategy="relative", margin=0.1), 3),
+    "triplets-no-anchors": ("GISTEmbedLoss", dict(contrast_anchors=False, margin=0.05), 3),
+    "cached-triplets": ("CachedGISTEmbedLoss", dict(mini_batch_size=3, margin=0.05), 3),
+}
+GIST_LOCAL = 4  # sentence-transformers gathers equal shapes only: 2 x 4 of the N rows
+
+
+def _gist_gather_worker(rank, port, path, guide_path, results):
+    with gloo_group(rank, WORLD, port):
+        model, guide = load(path), load(guide_path)
+        rows = slice(rank * GIST_LOCAL, (rank + 1) * GIST_LOCAL)
+        out = {}
+        for case, (name, options, n_columns) in GIST_GATHERED.items():
+            out[case] = [loss_and_grads(model, getattr(lib, name)(model, guide, gather_across_devices=True,
+                                                                  **options), n_columns, rows=rows)
+                         for lib in (fst, st)]
+        results[rank] = out
+
+
+def test_gist_gather_across_devices_equals_sentence_transformers(model_dirs, guide_dir, model, guide):
+    results = mp.Manager().dict()
+    mp.spawn(_gist_gather_worker, args=(free_port(), model_dirs[0.0], guide_dir, results), nprocs=WORLD, join=True)
+    for case, (name, options, n_columns) in GIST_GATHERED.items():
+        for rank in range(WORLD):  # each rank's loss and gradients, theirs gathered the same way
+            ours, theirs = results[rank][case]
+            assert_same(ours, theirs, rtol=1e-10)
+        if not options.get("contrast_anchors", True):
+            # Without the anchor-anchor term (the one that stays on its rank), the ranks'
+            # mean is the one-process loss of the whole batch.
+            whole = loss_and_grads(model, st.GISTEmbedLoss(model, guide, **options), n_columns,
+                                   rows=slice(0, WORLD * GIST_LOCAL))
+            ranks = [results[r][case][0] for r in range(WORLD)]
+            mean_loss = sum(loss for loss, _ in ranks) / WORLD
+            mean_grads = {k: sum(grads[k] for _, grads in ranks) / WORLD for k in ranks[0][1]}
+            assert_same((mean_loss, mean_grads), whole, rtol=1e-10)
+
+
 @pytest.mark.parametrize("cls, options", [("GISTEmbedLoss", dict(margin=0.1)),
                                           ("CachedGISTEmbedLoss", dict(mini_batch_size=4))], ids=["plain", "cached"])
 def test_matryoshka_around_gist_equals_sentence_transformers(model, guide, cls, options):
