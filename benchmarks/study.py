@@ -62,6 +62,9 @@ class Recipe:
     data: str = "unsup"  # "unsup": wiki1m_subset.txt; "sup": the SNLI triplets
     batch: int = 64
     tuned_alpha: bool = False  # the hard-negative weight chosen on STS-B dev
+    #: DCLR's complementary model (``--dclr-model``), a frozen SimCSE-trained encoder:
+    #: this study's seed-42 unsup-avg run at the chosen learning rate.
+    simcse_model: bool = False
 
     @property
     def chunk(self) -> int:
@@ -88,7 +91,13 @@ RECIPES = [
       for b in (256, 1024, 4096)],
     *[Recipe(f"gs-infonce-b{b}", f"GS-InfoNCE, batch {b} (gradient caching, chunks of {CHUNK})", GS, batch=b)
       for b in (256, 1024, 4096)],
-    # SG-BERT, TaCL, VaSCL, DCLR: one Recipe line each, with the method's flags.
+    Recipe("sgbert", "SG-BERT: [CLS] pulled to a frozen copy's max-pooled random layer, + its regularizer",
+           ("--method", "sgbert")),
+    Recipe("tacl", "TaCL: masked tokens pulled to a frozen teacher's tokens, + masked LM", ("--method", "tacl")),
+    Recipe("vascl", "VaSCL: virtual augmentations hard against each instance's 16 neighbours, + SimCSE",
+           ("--method", "vascl")),
+    Recipe("dclr", "DCLR: + noise negatives moved toward non-uniform points; negatives a frozen SimCSE model "
+           "scores above 0.9 dropped", ("--method", "dclr"), simcse_model=True),
 ]
 BY_NAME = {r.name: r for r in RECIPES}
 #: The batch-size sweep (batch 64 is the plain recipe).
@@ -116,6 +125,8 @@ def command(recipe: Recipe, seed: int, lr: float, alpha: float | None = None) ->
     if recipe.chunk:
         args += ["--chunk-size", str(recipe.chunk)]
     args += list(recipe.args)
+    if recipe.simcse_model:
+        args += ["--dclr-model", str(run_dir(command(BY_NAME["unsup-avg"], 42, lr)[0]))]
     name = f"{recipe.name}_lr{_num(lr)}"
     if alpha is not None:
         args += ["--hard-negative-weight", _num(alpha)]
