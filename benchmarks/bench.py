@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--margin", type=float, default=None,
         help="false-negative margin (Qwen3-Embedding: 0.1): drop candidates more similar than the positive plus "
              "this; default 0.1 with --gte, else none")
+    add("--guide-dim", type=int, default=None, metavar="DG",
+        help="GISTEmbed's / DCLR's guide mask: a guide model's rows (DG wide) for the anchors and the candidates, "
+             "random +-1, and a threshold near 0.1 that every precision decides alike (about 2%% of the entries "
+             "dropped at DG = 384); fastcl forms the guide's products in its kernels, the dense loss as a matrix")
     add("--temperature", type=float, default=None, help="tau (default 0.05; NT-Xent 0.1)")
     add("--impls", type=_str_list, default=None,
         help="comma list of implementations (default: all for the device); see --list")

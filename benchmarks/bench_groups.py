@@ -40,8 +40,8 @@ def _cost(case) -> float:
 
 
 def _check(args) -> str | None:
-    if args.hard or args.symmetric or args.hard_k or args.gte or args.margin is not None:
-        return "--hard, --hard-k, --symmetric, --gte and --margin are InfoNCE options, not for --loss groups"
+    if args.hard or args.symmetric or args.hard_k or args.gte or args.margin is not None or args.guide_dim:
+        return "--hard, --hard-k, --symmetric, --gte, --margin and --guide-dim are InfoNCE options, not for --loss groups"
     if args.group_size < 2:
         return f"--group-size must be at least 2 (a token needs a negative), got {args.group_size}"
     bad = [n for n in args.sizes if n % args.group_size]

@@ -4,15 +4,19 @@ M = 2N with ``--hard`` (one hard negative per anchor, shared by all), cosine sim
 tau 0.05, mean over rows; ``--symmetric`` adds the column direction (CLIP). The loss
 family's cases: ``--hard-k K`` (K hard negatives per anchor, M = (K + 1) N), ``--gte``
 (all four directions in one softmax, GTE) and ``--margin m`` (the false-negative margin,
-Qwen3-Embedding's 0.1 by default with ``--gte``).
+Qwen3-Embedding's 0.1 by default with ``--gte``) and ``--guide-dim Dg`` (GISTEmbed's and
+DCLR's guide mask: a guide model's rows for every anchor and candidate; an entry other
+than the positive is dropped when the guide's cosine exceeds the threshold).
 
     python benchmarks/bench_infonce.py --sizes 16384,65536 --hard   # = bench.py --loss infonce ...
     python benchmarks/bench_infonce.py --hard-k 7                   # K = 7: M = 8N
     python benchmarks/bench_infonce.py --gte --hard                 # Qwen3 / GTE: 4 directions, margin 0.1
+    python benchmarks/bench_infonce.py --hard --guide-dim 384       # GISTEmbed / DCLR: the guide mask
 
 Counted work 8*N*M*D: the forward product plus a backward that recomputes it and forms
 both gradients (the dense and compiled losses really do 6*N*M*D); with ``--gte`` the
-other three directions add 8*N*(N + N + M)*D.
+other three directions add 8*N*(N + N + M)*D. The guide's products (2*N*M*Dg per pass
+over the logits) are not counted.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ def _check(args) -> str | None:
         return "--hard-k must be >= 1"
     if args.symmetric and (args.gte or args.margin is not None or (args.hard_k or 1) > 1):
         return "--symmetric is one direction pair: not with --gte, --margin or --hard-k > 1"
+    if args.guide_dim is not None:
+        if args.guide_dim < 1:
+            return "--guide-dim must be >= 1"
+        if args.gte or args.symmetric:
+            return "--guide-dim is measured on the query_to_doc direction: not with --gte or --symmetric"
     return "--group-size goes with --loss groups" if args.group_size is not None else None
 
 

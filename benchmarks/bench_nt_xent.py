@@ -29,8 +29,8 @@ def _reference(spec, x64, dense: bool):
 
 
 def _check(args) -> str | None:
-    if args.hard or args.symmetric or args.hard_k or args.gte or args.margin is not None:
-        return "--hard, --hard-k, --symmetric, --gte and --margin are InfoNCE options, not for --loss nt_xent"
+    if args.hard or args.symmetric or args.hard_k or args.gte or args.margin is not None or args.guide_dim:
+        return "--hard, --hard-k, --symmetric, --gte, --margin and --guide-dim are InfoNCE options, not for --loss nt_xent"
     return "--group-size goes with --loss groups" if args.group_size is not None else None
 
 

@@ -42,6 +42,7 @@ from internals import backward_strategies, chosen_backend, forced_backward
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 LOSSES = ("infonce", "nt_xent", "groups")
 GTE_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+GUIDE_SEED = 1234  # the guide rows of --guide-dim
 PEERS = ("memeff", "inf-cl", "cce")
 
 
@@ -67,6 +68,7 @@ class Spec:
     k: int = 1  # hard negatives per anchor (with hard)
     gte: bool = False  # all four directions in one softmax
     margin: float | None = None  # the false-negative margin
+    guide_dim: int = 0  # Dg of the guide mask's rows (0: no guide)
 
     @property
     def family_options(self) -> dict:
@@ -76,12 +78,16 @@ class Spec:
             options["directions"] = GTE_DIRECTIONS
         if self.margin is not None:
             options["false_negative_margin"] = self.margin
+        if self.guide_dim:
+            guide_anchors, guide_candidates, threshold = guide_rows(self)
+            options.update(guide_anchors=guide_anchors, guide_candidates=guide_candidates, guide_threshold=threshold)
         return options
 
     @property
     def plain(self) -> bool:
-        """SimCSE's shape: at most one hard negative per anchor, one direction, no margin."""
-        return self.k == 1 and not self.gte and self.margin is None
+        """SimCSE's shape: at most one hard negative per anchor, one direction, no margin,
+        no guide."""
+        return self.k == 1 and not self.gte and self.margin is None and not self.guide_dim
 
     def n_logits(self) -> int:
         """The logits fastcl's dispatch counts for this call (it picks a backend by it)."""
@@ -147,10 +153,31 @@ def dense_loss(a, p, h, *, temperature: float, symmetric: bool = False) -> torch
     return loss
 
 
-def dense_family_loss(a, p, h, *, temperature: float, gte: bool, margin: float | None) -> torch.Tensor:
+@functools.lru_cache(maxsize=2)
+def guide_rows(spec: Spec) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``--guide-dim``: a guide model's rows for the N anchors and the M candidates
+    (random +-1, float32, the same for every implementation of a case) and the
+    threshold. A cosine of two such rows is an integer of Dg's parity over Dg; the
+    threshold, near 0.1, has the other parity, so every precision (fp64, fp32, tf32)
+    drops the same entries (about 2% of them at Dg = 384)."""
+    g = torch.Generator(device=spec.device).manual_seed(GUIDE_SEED)
+
+    def signs(rows: int) -> torch.Tensor:
+        bits = torch.randint(0, 2, (rows, spec.guide_dim), generator=g, device=spec.device)
+        return (bits * 2 - 1).to(torch.float32)
+
+    numerator = round(0.1 * spec.guide_dim)
+    numerator += (numerator - spec.guide_dim) % 2 == 0
+    return signs(spec.n), signs(spec.m), numerator / spec.guide_dim
+
+
+def dense_family_loss(a, p, h, *, temperature: float, gte: bool, margin: float | None,
+                      guide: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """The loss family as people write it (sentence-transformers' MultipleNegativesRankingLoss
-    with a margin mask, as Qwen3-Embedding's training code does): every similarity matrix
-    at once, masks, one log-sum-exp. ``h`` is N x K x D (or N x D, or None)."""
+    with a margin mask, as Qwen3-Embedding's training code does; the guide mask as its
+    GISTEmbedLoss does): every similarity matrix at once, masks, one log-sum-exp. ``h``
+    is N x K x D (or N x D, or None); ``guide`` (query_to_doc only): the guide's anchor
+    and candidate rows and the threshold."""
     n = a.shape[0]
     q, d = F.normalize(a, dim=-1), F.normalize(p, dim=-1)
     hard = [] if h is None else [F.normalize(x, dim=-1) for x in (h.unbind(1) if h.dim() == 3 else [h])]
@@ -162,6 +189,11 @@ def dense_family_loss(a, p, h, *, temperature: float, gte: bool, margin: float |
         scores["doc_to_query"] = d @ q.T
         scores["doc_to_doc"] = (d @ docs.T).masked_fill(eye.repeat(1, 1 + len(hard)), float("-inf"))
     positive = scores["query_to_doc"].diagonal()
+    if guide is not None:
+        guide_anchors, guide_candidates, threshold = guide
+        dropped = F.normalize(guide_anchors, dim=-1) @ F.normalize(guide_candidates, dim=-1).T > threshold
+        dropped.fill_diagonal_(False)  # the positive pair is never dropped
+        scores["query_to_doc"] = scores["query_to_doc"].masked_fill(dropped, float("-inf"))
     if margin is not None:
         threshold = positive.detach()[:, None] + margin
         for name, s in scores.items():
@@ -219,7 +251,9 @@ def dense_form(spec: Spec, masked: bool = False) -> LossFn:
             return lambda a, p, _: dense_masked_grouped(a, p, groups, temperature=tau)
         return lambda a, p, _: dense_grouped(a, p, group_size=spec.group_size, temperature=tau)
     if not spec.plain:
-        return lambda a, p, h: dense_family_loss(a, p, h, temperature=tau, gte=spec.gte, margin=spec.margin)
+        guide = guide_rows(spec) if spec.guide_dim else None  # data: built once, outside the timed call
+        return lambda a, p, h: dense_family_loss(a, p, h, temperature=tau, gte=spec.gte, margin=spec.margin,
+                                                 guide=guide)
     return lambda a, p, h: dense_loss(a, p, h, temperature=tau, symmetric=spec.symmetric)
 
 
@@ -304,6 +338,8 @@ def _needed_rules(spec: Spec) -> frozenset[str]:
         needed.add("masked_hard")
     if spec.margin is not None:
         needed.add("margin")
+    if spec.guide_dim:
+        needed.add("guide")
     return frozenset(needed)
 
 
@@ -358,7 +394,7 @@ def _needs_cuda(spec: Spec, name: str) -> None:
 def _plain_only(spec: Spec, name: str) -> None:
     if not spec.plain:
         raise Unsupported(f"{name}: the benchmark has no adapter for K > 1 hard negatives per anchor, the GTE "
-                          "directions or the false-negative margin")
+                          "directions, the false-negative margin or the guide mask")
 
 
 def _make_memeff(spec: Spec) -> LossFn:
@@ -452,8 +488,9 @@ _DENSE_WORK = {
     "groups": _work("6 N G D", lambda s: 6.0 * s.n * s.group_size * s.d),
 }
 _DENSE_WORDS = {
-    "infonce": "dense PyTorch: normalize, a @ c.T / tau, F.cross_entropy (--hard-k > 1, --gte, --margin: every "
-               "similarity matrix, its masks, one log-sum-exp, as sentence-transformers writes it)",
+    "infonce": "dense PyTorch: normalize, a @ c.T / tau, F.cross_entropy (--hard-k > 1, --gte, --margin, "
+               "--guide-dim: every similarity matrix, its masks, one log-sum-exp, as sentence-transformers writes "
+               "it)",
     "nt_xent": "dense PyTorch NT-Xent: normalize, z @ z.T / tau (2N x 2N), identity mask, F.cross_entropy",
     "groups": "dense PyTorch per sequence: (B, G, D) x (B, D, G) torch.bmm logits, F.cross_entropy per token",
 }

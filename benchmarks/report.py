@@ -202,6 +202,7 @@ def plots(data, out: Path) -> list[Path]:
     subtitle = (f"{where}, {cfg['dtype']}, D={dims}{', hard negatives' if cfg['hard'] else ''}"
                 + (", GTE directions" if cfg.get("gte") else "")
                 + (f", margin {cfg['margin']:g}" if cfg.get("margin") is not None else "")
+                + (f", guide Dg={cfg['guide_dim']}" if cfg.get("guide_dim") else "")
                 + (f", G={cfg.get('group_size')}" if loss == "groups" else ""))
     paths = []
     for kind, ylabel, value in (
@@ -251,6 +252,8 @@ def _columns(cfg: dict) -> str:
         text += "; all four directions in one softmax (GTE)"
     if cfg.get("margin") is not None:
         text += f"; false-negative margin {cfg['margin']:g}"
+    if cfg.get("guide_dim"):
+        text += f"; a guide model's mask (Dg = {cfg['guide_dim']}, threshold near 0.1)"
     return text
 
 

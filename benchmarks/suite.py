@@ -117,6 +117,7 @@ class Run:
         parts += ([f"hard{a.hard_k}"] if getattr(a, "hard_k", None) else ["hard"]) if a.hard else []
         parts += ["gte"] if getattr(a, "gte", False) else []
         parts += [f"margin{a.margin:g}"] if getattr(a, "margin", None) is not None else []
+        parts += [f"guide{a.guide_dim}"] if getattr(a, "guide_dim", None) else []
         parts += ["sym"] if a.symmetric else []
         return parts + ([a.tag] if a.tag and a.tag not in parts else [])
 
@@ -138,7 +139,7 @@ class Run:
             "loss", "group_size", "sizes", "dims", "dtype", "hard", "symmetric", "temperature", "impls", "repeats",
             "min_repeats", "warmup", "case_budget_s", "max_call_s", "time_budget_s", "max_input_sets",
             "ref_max_flops", "ref_dense_max_gib", "seed")}
-        config.update({k: getattr(a, k, None) for k in ("hard_k", "gte", "margin")})
+        config.update({k: getattr(a, k, None) for k in ("hard_k", "gte", "margin", "guide_dim")})
         config.update(flop_count=self.family.flop_count, fp32_matmul_precision=a.fp32_precision,
                       compile_mode=a.compile_mode, check=not a.no_check, memory=not a.no_memory,
                       tolerances=harness.tolerances(a.dtype, self.tf32))
@@ -227,7 +228,8 @@ class Run:
         spec = Spec(n=n, m=m, d=d, dtype=getattr(self.torch, a.dtype), device=self.device,
                     temperature=a.temperature, hard=a.hard, symmetric=a.symmetric, compile_mode=a.compile_mode,
                     loss=a.loss, group_size=a.group_size, k=getattr(a, "hard_k", None) or 1,
-                    gte=getattr(a, "gte", False), margin=getattr(a, "margin", None))
+                    gte=getattr(a, "gte", False), margin=getattr(a, "margin", None),
+                    guide_dim=getattr(a, "guide_dim", None) or 0)
         flops, sets, reference = self.family.flops(spec), None, None
         try:
             for i, case in enumerate(cases):

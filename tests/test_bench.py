@@ -147,6 +147,40 @@ def test_hard_negatives_shape_and_chunked_reference(tmp_path):
     assert _result(data, "planted-error", 40)["status"] == "disagrees"
 
 
+def test_guide_mask_case_agrees_with_the_float64_reference(tmp_path):
+    # GISTEmbed / DCLR's guide mask: fastcl and the dense loss (the guide's matrix, masked)
+    # against fastcl's dense float64 reference; peers without a guide are refused.
+    proc = _run_bench(tmp_path, "--hard", "--guide-dim", "16", "--sizes", "40", "--no-plots", "--no-memory")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "test-run.json").read_text())
+    assert data["config"]["guide_dim"] == 16
+    for impl in ("fastcl", "fastcl-torch", "dense"):
+        r = _result(data, impl, 40)
+        assert r["status"] == "ok" and r["agreement"]["max_grad_rel_err"] < 1e-4, (impl, r)
+    assert _result(data, "fastcl", 40)["agreement"]["reference"].startswith("fastcl.info_nce_reference")
+    assert _result(data, "cce", 40)["status"] in ("unavailable", "unsupported")
+
+
+def test_guide_rows_are_decided_alike_in_every_precision():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import torch
+        from impls import Spec, guide_rows
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    spec = Spec(n=64, m=128, d=8, dtype=torch.float32, device=torch.device("cpu"), temperature=0.05, hard=True,
+                symmetric=False, guide_dim=384)
+    anchors, candidates, threshold = guide_rows(spec)
+    assert threshold == 39 / 384
+    cosines = [torch.nn.functional.normalize(anchors.to(dt), dim=-1) @ torch.nn.functional.normalize(
+        candidates.to(dt), dim=-1).T for dt in (torch.float64, torch.float32, torch.bfloat16)]
+    dropped = [c > threshold for c in cosines]
+    assert torch.equal(dropped[0], dropped[1]) and torch.equal(dropped[0], dropped[2])
+    assert 0.005 < dropped[0].double().mean() < 0.05  # some entries dropped, most kept
+    # Every cosine is an even numerator over 384: at least 1/384 from the threshold.
+    assert ((cosines[0] - threshold).abs() >= 1 / 384 - 1e-12).all()
+
+
 def test_reference_limit_leaves_cases_unchecked(tmp_path):
     proc = _run_bench(tmp_path, "--sizes", "40", "--impls", "dense", "--no-plots", "--no-memory",
                       "--ref-max-flops", "1")
@@ -300,6 +334,8 @@ def test_family_script_is_bench_with_its_loss(tmp_path):
     (["--loss", "groups", "--group-size", "5", "--sizes", "24"], "multiple of --group-size"),
     (["--loss", "nt_xent", "--hard"], "InfoNCE options"),
     (["--group-size", "4"], "goes with --loss groups"),
+    (["--guide-dim", "8", "--gte"], "not with --gte"),
+    (["--loss", "nt_xent", "--guide-dim", "8"], "InfoNCE options"),
     (["--loss", "nt_xent", "--impls", "dense-masked"], "unknown implementation"),
 ])
 def test_bad_loss_options_are_refused(tmp_path, capsys, monkeypatch, extra, message):
