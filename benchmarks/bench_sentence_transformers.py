@@ -5,6 +5,7 @@ classes (fastcl.sentence_transformers) against sentence-transformers' own.
     python benchmarks/bench_sentence_transformers.py                  # defaults (CPU, fp32, 2 threads)
     python benchmarks/bench_sentence_transformers.py --sizes 4096,8192 --dims 384 --negatives 0,1
     python benchmarks/bench_sentence_transformers.py --loss gist --sizes 1024,4096,8192 --dims 384
+    python benchmarks/bench_sentence_transformers.py --device cuda --sizes 4096,16384,65536 --max-peak-gib 100
 
 "The loss step" is what a training step does between the encoder's forward and its
 backward: column embeddings in (anchors, positives and K negatives, N x D each, fp32,
@@ -19,7 +20,8 @@ requiring grad), the loss and the embeddings' gradients out. For each
   classes (one fastcl loss call each; no matrix).
 
 Measured: the peak of torch's CPU allocations during one call, above what was allocated
-before it (the PyTorch profiler's allocator record; the returned gradients count), and
+before it (the PyTorch profiler's allocator record; the returned gradients count; with
+``--device cuda``, the peak of torch's CUDA allocator above what was allocated before), and
 the wall time of a call (after a warm-up call, which pays once for fresh memory pages and
 allocator growth, the median of a few calls; slow configurations: see ``measure``, flagged). The loss
 value of each call is recorded, and its relative difference from sentence-transformers'.
@@ -91,21 +93,22 @@ GIST_TEMPERATURE = 0.05  # see the module docstring
 SCALE = 20.0
 
 
-def make_columns(n: int, d: int, k: int, seed: int, dtype=torch.float32,
-                 requires_grad: bool = True) -> list[torch.Tensor]:
+def make_columns(n: int, d: int, k: int, seed: int, dtype=torch.float32, requires_grad: bool = True,
+                 device: str = "cpu") -> list[torch.Tensor]:
     """Anchors, positives close to them (cosine ~0.45), K negatives a little less close
-    (~0.37): a realistic loss, not the uniform softmax of independent random rows."""
+    (~0.37): a realistic loss, not the uniform softmax of independent random rows. Drawn
+    on the CPU (the same rows on every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     anchors = torch.randn(n, d, generator=g) / d ** 0.5
     cols = [anchors, anchors + 2 * torch.randn(n, d, generator=g) / d ** 0.5]
     cols += [anchors + 2.5 * torch.randn(n, d, generator=g) / d ** 0.5 for _ in range(k)]
-    return [c.to(dtype).requires_grad_(requires_grad) for c in cols]
+    return [c.to(device=device, dtype=dtype).requires_grad_(requires_grad) for c in cols]
 
 
-def make_guides(n: int, k: int, seed: int, dtype=torch.float32) -> list[torch.Tensor]:
+def make_guides(n: int, k: int, seed: int, dtype=torch.float32, device: str = "cpu") -> list[torch.Tensor]:
     """The guide model's embeddings of the same columns: another seeded set, without grad
     (the guide is never trained)."""
-    return make_columns(n, GUIDE_DIM, k, seed=seed + 1_000_003, dtype=dtype, requires_grad=False)
+    return make_columns(n, GUIDE_DIM, k, seed=seed + 1_000_003, dtype=dtype, requires_grad=False, device=device)
 
 
 def make_losses(dim: int, loss: str = "mnrl", max_n: int = 0) -> dict:
@@ -171,9 +174,19 @@ def allocation_peak(prof) -> int:
     return max(0, max(allocated_above_start(allocation_records(prof))))
 
 
-def peak_bytes(fn) -> tuple[int, float, object]:
-    """(peak bytes of torch CPU allocations during fn above what existed before it,
-    seconds, fn's result)."""
+def peak_bytes(fn, device: str = "cpu") -> tuple[int, float, object]:
+    """(peak bytes of torch allocations on ``device`` during fn above what existed before
+    it, seconds, fn's result). CPU: the profiler's allocator record; CUDA: the caching
+    allocator's peak statistic."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        return max(0, torch.cuda.max_memory_allocated(device) - base), seconds, result
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -190,7 +203,7 @@ def peak_bytes(fn) -> tuple[int, float, object]:
 
 
 def measure(name: str, loss_fn, columns, slow_seconds: float, repeats: int, warm_up: bool,
-            guides: list[torch.Tensor] | None = None) -> dict:
+            guides: list[torch.Tensor] | None = None, device: str = "cpu") -> dict:
     """A warm-up call (the first call of a size pays for fresh memory pages and allocator
     growth, which a training loop pays once), a profiled call for the peak, then timed
     calls. A configuration predicted to be slow gets no warm-up and is timed by its
@@ -202,7 +215,8 @@ def measure(name: str, loss_fn, columns, slow_seconds: float, repeats: int, warm
         t0 = time.perf_counter()
         step(name, loss_fn, columns, guides)
         warm_s = time.perf_counter() - t0
-    peak, profiled_s, value = peak_bytes(lambda: step(name, loss_fn, columns, guides))
+    # step() ends by reading the loss value, which waits for the device's queued work.
+    peak, profiled_s, value = peak_bytes(lambda: step(name, loss_fn, columns, guides), device)
     grad_norm = float(torch.sqrt(sum((c.grad.double() ** 2).sum() for c in columns)))
     row = dict(status="ok", peak_bytes=peak, loss=value, grad_norm=grad_norm, warm_up_seconds=warm_s,
                profiled_seconds=profiled_s)
@@ -236,17 +250,22 @@ def run(args) -> dict:
     import fastcl
 
     gist = args.loss == "gist"
-    meta = dict(loss=args.loss,
+    cuda = args.device.startswith("cuda")
+    backend = "triton" if cuda else ("native" if fastcl.native.available() else "torch")
+    meta = dict(loss=args.loss, device=args.device,
+        device_name=torch.cuda.get_device_name(args.device) if cuda else (platform.processor() or platform.machine()),
+        fp32_matmul_precision=torch.get_float32_matmul_precision(),
         date=_dt.datetime.now().isoformat(timespec="seconds"), command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         torch=torch.__version__, sentence_transformers=sentence_transformers.__version__, fastcl=fastcl.__version__,
-        fastcl_cpu_backend="native" if fastcl.native.available() else "torch", threads=torch.get_num_threads(),
+        fastcl_backend=backend, threads=torch.get_num_threads(),
         cpu=platform.processor() or platform.machine(), dtype="float32",
         **(dict(temperature=GIST_TEMPERATURE, guide_dim=GUIDE_DIM, st_mini_batch_size=max(max(args.sizes), 32))
            if gist else dict(scale=SCALE)),
         caps=dict(max_call_seconds=args.max_call_seconds, max_peak_gib=args.max_peak_gib, max_n=args.max_n),
         load_average_start=os.getloadavg(),
-        peak_memory="PyTorch profiler allocator record: peak of torch CPU allocations during one call, above "
-                    "what existed before it (the returned gradients count)",
+        peak_memory=("torch.cuda.max_memory_allocated during one call, above what was allocated before it"
+                     if cuda else "PyTorch profiler allocator record: peak of torch CPU allocations during one call, "
+                     "above what existed before it") + " (the returned gradients count)",
     )
     results: list[dict] = []
     last: dict[str, dict] = {}  # implementation -> its last measured call
@@ -270,18 +289,20 @@ def run(args) -> dict:
                                    f"{args.max_peak_gib} GiB)")
                     else:
                         if columns is None:
-                            columns = make_columns(n, dim, k, seed=n + dim + k)
-                            guides = make_guides(n, k, seed=n + dim + k) if gist else None
+                            columns = make_columns(n, dim, k, seed=n + dim + k, device=args.device)
+                            guides = make_guides(n, k, seed=n + dim + k, device=args.device) if gist else None
                         try:
                             warm_up = guess is None or guess[0] <= args.slow_seconds
                             row.update(measure(name, losses[name], columns, args.slow_seconds, args.repeats,
-                                               warm_up, guides))
+                                               warm_up, guides, args.device))
                             last[name] = row
                         except NotImplementedError as error:
                             row.update(status="unsupported", reason=str(error))
                             refused[name, k] = str(error)
-                        except (RuntimeError, MemoryError) as error:
+                        except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError included
                             row.update(status="failed", reason=f"{type(error).__name__}: {str(error)[:200]}")
+                            if cuda:
+                                torch.cuda.empty_cache()
                     results.append(row)
                     print(json.dumps(row), flush=True)
                     with open(out_json, "w") as f:
@@ -305,19 +326,33 @@ def _fmt_mem(row) -> str:
     return f"{row['peak_bytes'] / 2 ** 20:,.0f}" if row.get("status") == "ok" else ""
 
 
+def _on_cuda(meta: dict) -> bool:
+    return meta.get("device", "cpu").startswith("cuda")
+
+
+def _where(meta: dict) -> str:
+    """Where a run ran, for its report (records before --device name the CPU backend only)."""
+    backend = meta.get("fastcl_backend") or meta.get("fastcl_cpu_backend")
+    if _on_cuda(meta):
+        return (f"{meta['device_name']}, fastcl's {backend} kernels, fp32 matmul precision "
+                f"'{meta['fp32_matmul_precision']}'")
+    return f"{backend} CPU backend, {meta['threads']} threads"
+
+
 def write_markdown(report: dict, path: str) -> None:
     meta, results = report["meta"], report["results"]
     impls = list(dict.fromkeys(r["impl"] for r in results))
     gist = meta.get("loss") == "gist"
     timing = ("Time: ms per call after a warm-up call (median of 3; `*`: a slow configuration, timed by its "
               "profiled call, without warm-up when predicted slow, else the better of the warm-up and profiled "
-              "calls). Peak: MiB of torch CPU allocations during the call above the inputs (gradients included).")
+              f"calls). Peak: MiB of torch {'CUDA' if _on_cuda(meta) else 'CPU'} allocations during the call above "
+              "the inputs (gradients included).")
     if gist:
         head = [
             "# Loss step of GISTEmbedLoss: fastcl vs sentence-transformers", "",
             f"`{meta['command']}` on {meta['date']}: torch {meta['torch']}, sentence-transformers "
-            f"{meta['sentence_transformers']}, fastcl {meta['fastcl']} ({meta['fastcl_cpu_backend']} CPU backend), "
-            f"{meta['dtype']}, {meta['threads']} threads, temperature {meta['temperature']} (1 / scale 20, as in "
+            f"{meta['sentence_transformers']}, fastcl {meta['fastcl']} ({_where(meta)}), "
+            f"{meta['dtype']}, temperature {meta['temperature']} (1 / scale 20, as in "
             "loss_step.md: on these inputs GIST's default 0.01 leaves a loss of ~1e-7), margin 0 (absolute), "
             "contrast_anchors and contrast_positives (the defaults).", "",
             f"Embeddings in (N x D per column, and the guide's N x {meta['guide_dim']} per column, no grad), loss "
@@ -340,8 +375,8 @@ def write_markdown(report: dict, path: str) -> None:
         head = [
             "# Loss step of MultipleNegativesRankingLoss: fastcl vs sentence-transformers", "",
             f"`{meta['command']}` on {meta['date']}: torch {meta['torch']}, sentence-transformers "
-            f"{meta['sentence_transformers']}, fastcl {meta['fastcl']} ({meta['fastcl_cpu_backend']} CPU backend), "
-            f"{meta['dtype']}, {meta['threads']} threads, scale {meta['scale']}.", "",
+            f"{meta['sentence_transformers']}, fastcl {meta['fastcl']} ({_where(meta)}), "
+            f"{meta['dtype']}, scale {meta['scale']}.", "",
             f"Embeddings in (N x D per column), loss and embedding gradients out. {timing} `st_cached` is the loss "
             "stage of sentence-transformers' CachedMultipleNegativesRankingLoss (mini_batch_size 32). Relative "
             "difference of the loss: fastcl against sentence-transformers on the same inputs.", "",
@@ -412,7 +447,9 @@ def plot(report: dict, path: str) -> None:
                 axes[1][col].plot(xs, [r["peak_bytes"] / 2 ** 20 for r in rows], line, color=color,
                                   marker=markers.get(k, "x"), label=label)
         name = "GIST, " if report["meta"].get("loss") == "gist" else ""
-        axes[0][col].set_title(f"{name}D = {d}: seconds per loss step (fp32 CPU, {report['meta']['threads']} threads)")
+        where = report["meta"].get("device_name") if _on_cuda(report["meta"]) else \
+            f"CPU, {report['meta']['threads']} threads"
+        axes[0][col].set_title(f"{name}D = {d}: seconds per loss step (fp32, {where})")
         axes[1][col].set_title(f"{name}D = {d}: peak MiB of the loss step")
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xscale("log", base=2)
@@ -590,6 +627,7 @@ def main(argv=None) -> int:
                         help="K negative columns per anchor (0: pairs)")
     parser.add_argument("--impls", type=lambda s: s.split(","), default=["st", "st_cached", "fastcl", "fastcl_cached"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the embeddings and the loss on the GPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slow-seconds", type=float, default=10.0,
                         help="a call slower than this is not repeated (see measure)")

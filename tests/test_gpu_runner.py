@@ -96,9 +96,19 @@ def test_training_and_extra(dry_run):
     extra = _json(out / "5-extra.json")
     names = {r["name"]: r for r in extra["runs"]}
     assert names["cuda-suite"]["status"] == "skipped: GPU only"
-    for name in ("nt_xent", "groups", "hard7", "gte", "dims", "fp32"):
+    for name in ("nt_xent", "groups", "hard7", "gte", "guide", "dims", "fp32"):
         assert names[name]["status"] == "done", names[name]
         assert _json(out / f"5-extra-{name}.json")["complete"]
+    # The sentence-transformers loss step, in its own process: every implementation ran
+    # and fastcl's loss equals sentence-transformers' on the same embeddings.
+    for name, stem in (("st", "loss_step"), ("st-gist", "loss_step_gist")):
+        assert names[name]["status"] == "done", names[name]
+        rows = _json(out / f"5-extra-{name}" / f"{stem}.json")["results"]
+        assert rows and all(r["status"] == "ok" for r in rows), rows
+        for n, k in {(r["n"], r["k"]) for r in rows}:
+            losses = {r["impl"]: r["loss"] for r in rows if (r["n"], r["k"]) == (n, k)}
+            assert abs(losses["fastcl"] - losses["st"]) <= 1e-5 * abs(losses["st"]), losses
+        assert (out / f"5-extra-{name}" / f"{stem}.md").exists()
 
 
 def test_a_failing_stage_is_recorded_and_an_overrun_is_cut(tmp_path):

