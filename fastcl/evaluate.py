@@ -175,11 +175,11 @@ def format_table(results: dict) -> str:
 
 
 def default_data_dir() -> Path:
-    """``$FASTCL_DATA_DIR``, else ``<repo>/../shared/data``, else ``/work/shared/data``."""
+    """``$FASTCL_DATA_DIR``, else ``shared/data`` beside the repository (``../shared/data``
+    from its root, as the README's commands write it)."""
     if os.environ.get("FASTCL_DATA_DIR"):
         return Path(os.environ["FASTCL_DATA_DIR"])
-    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return beside if beside.is_dir() else Path("/work/shared/data")
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def check_output_path(path: str | None, flag: str) -> Path | None:

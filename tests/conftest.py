@@ -15,6 +15,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from .train_support import data_dir  # noqa: E402
+
+# The trainer and evaluator find the data through it, also in the subprocesses tests start
+# and from a clone that has no data folder beside it.
+os.environ.setdefault("FASTCL_DATA_DIR", str(data_dir()))
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
