@@ -129,10 +129,22 @@ def test_triton_other_dtypes(dtype, count_paths):
     ours, ref = run_both(CASES["everything"], "triton", "cpu", dtype=dtype)
     assert_close(ours, ref, 1e-5 if dtype == torch.float32 else 2e-2, str(dtype))
     assert ours["anchors"].dtype == dtype
-    # 16-bit inputs recompute on Triton: the one pass does not scale their logit
-    # gradients into range (see test_rule_takes_the_one_pass_for_reduced_losses_with_gradients).
+    # "auto" keeps 16-bit inputs on a recomputing backward on Triton (see
+    # test_rule_takes_the_one_pass_for_reduced_losses_with_gradients).
     one_pass = dtype == torch.float32
     assert (count_paths["one_pass"] > 0) == one_pass and (count_paths["recompute"] > 0) != one_pass
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", ["everything", "plain"])
+def test_triton_one_pass_in_bfloat16(name, count_paths, monkeypatch):
+    # Asked for, the one pass takes bf16 (its dS holds every factor: bf16 has fp32's
+    # range) and is as accurate as the recomputing backwards on the same inputs.
+    monkeypatch.setenv("FASTCL_BACKWARD", "one_pass")
+    ours, ref = run_both(CASES[name], "triton", "cpu", dtype=torch.bfloat16)
+    assert count_paths["one_pass"] > 0 and count_paths["recompute"] == 0
+    assert_close(ours, ref, 2e-2, name)
+    assert ours["anchors"].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("backend", [NATIVE, pytest.param("triton", marks=needs_interpreter)])
@@ -298,8 +310,9 @@ def test_rule_takes_the_one_pass_for_reduced_losses_with_gradients(monkeypatch, 
     assert _strategy("one_pass", backend="triton", device="cuda", grouped=True) == "one_pass"
     for dtype in (torch.float16, torch.bfloat16):
         assert _strategy(backend="triton", dtype=dtype) != "one_pass"
-        with pytest.raises(ValueError, match="one_pass.*float32 or float64"):
-            _strategy("one_pass", backend="triton", dtype=dtype)
+    assert _strategy("one_pass", backend="triton", dtype=torch.bfloat16) == "one_pass"
+    with pytest.raises(ValueError, match="one_pass.*bfloat16, float32 or float64"):
+        _strategy("one_pass", backend="triton", dtype=torch.float16)
     # Forcing never applies it where it cannot: per-row losses, the chunked path.
     with pytest.raises(ValueError, match="reduction='none'"):
         _strategy("one_pass", reduced=False)
@@ -315,7 +328,8 @@ def test_rule_takes_the_one_pass_for_reduced_losses_with_gradients(monkeypatch, 
     assert _strategy(n_cols=1 << 24, n_grad_cols=4096, dim=16) == "one_pass"
     assert _strategy(reduced=False) == "workspace"
     assert _strategy(needs_grad=False) == "workspace"
-    assert _strategy(backend="triton", dtype=torch.bfloat16) != "one_pass"
+    assert _strategy(backend="triton", dtype=torch.bfloat16) == "one_pass"
+    assert _strategy(backend="triton", dtype=torch.float16) != "one_pass"
     monkeypatch.setenv("FASTCL_BACKWARD", "slab")
     assert not _applies() and _strategy() == "workspace"
     monkeypatch.setenv("FASTCL_BACKWARD", "workspace")

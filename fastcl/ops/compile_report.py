@@ -131,7 +131,7 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
                  row_ranges_ptr="*i32", dq_ptr=f"*{t}", dk_ptr=f"*{t}", ds_ptr=f"*{t}", ds2_ptr=f"*{t}")
     types.update({name: f"*{acc}" for name in (
         "operand_scales_ptr", "lse_ptr", "target_logit_ptr", "grad_rows_ptr", "row_dot_ptr", "col_dot_ptr", "w_ptr",
-        "part_max_ptr", "part_sum_ptr", "part_target_ptr")})
+        "part_max_ptr", "part_sum_ptr", "part_target_ptr", "part_ssum_ptr", "part_starget_ptr")})
     types.update({name: "i32" for name in (
         "stride_dq", "stride_dk", "stride_ds", "stride_ds2", "stride_w", "row0", "n_chunk_rows", "split_cols",
         "stride_part")})

@@ -10,17 +10,19 @@ cap, ``FASTCL_WORKSPACE_BYTES``, as the workspace backward's):
 
 1. ``_one_pass_logits_kernel``, grid (row blocks, column splits): S tiles from tl.dot,
    turned into logits in registers (1/tau, inverse norms, weights, masks) and stored in an
-   R x M fp32 (fp64) workspace W; per row and split, the online max and rescaled sum and
-   the target logit. The splits give the GPU enough programs when R is small.
+   R x M fp32 (fp64) workspace W; per row and split, the online max, the rescaled sum,
+   the similarities summed with the same weights, and the target's logit and
+   similarity. The splits give the GPU enough programs when R is small.
 2. ``_one_pass_grads_kernel``, grid (row blocks, column blocks): combines the splits'
-   statistics into the row log-sum-exp (the per-row loss is written by the first column
-   block) and turns W into the logit gradients
+   statistics into the row log-sum-exp (the first column block writes the per-row loss
+   and the temperature's row sum ``w sum_j (P - onehot)_ij s_ij``, from the similarities
+   in the accumulator dtype) and turns W into the logit gradients
    ``dS = w (exp(logit - lse) - [j == t]) r_i c_j / tau`` in the input dtype;
 3. two matrix products (cuBLAS on the GPU): ``dq_R = dS k`` and ``dk += dS[:, :n_grad]^T
    q_R``, accumulated in fp32 for 16-bit inputs (``out_dtype``);
-4. ``_one_pass_rows_kernel`` per gradient row: ``dot = x_i . g_i``, the temperature's row
-   sum ``dot * tau`` (for dq) and fused normalization's rank-1 term ``g_i -= dot proj_i
-   x_i`` (fastcl/ops/normalize.py), after the last chunk for dk.
+4. with fused normalization, ``_one_pass_rows_kernel`` per gradient row: its rank-1
+   term ``g_i -= (x_i . g_i) proj_i x_i`` (fastcl/ops/normalize.py), after the last chunk
+   for dk.
 
 Counted per logit (N M of them), bf16 inputs, D = 768: FLOPs 2D (step 1) + 4D (step 3)
 = 6D = 4608, against the workspace backward's 8D = 6144 (its forward 2D, its backward
@@ -35,7 +37,16 @@ tiles of W are loaded) would save its 6 bytes but needs a D-wide accumulator per
 block (dq: 128 rows x 768 fp32 exceeds the registers), so each tile would be read and
 exponentiated once per D slab: three times at D = 768. The GPU runner times slab,
 workspace and one pass side by side (``fastcl-one_pass``), so the choice is measured
-there; :func:`fastcl.backends.one_pass_applies` takes the one pass by default for fp32 and fp64.
+there; :func:`fastcl.backends.one_pass_applies` takes the one pass by default for fp32 and fp64,
+and for bf16 when asked (``backward_strategy="one_pass"``) until the runner has timed it.
+
+Precision. dS is stored in the input dtype for the tensor-core products (step 3). In
+bfloat16 it holds ``w (P - onehot) r_i c_j / tau`` whole: bfloat16 has float32's exponent
+range, so none of those factors can push it out of range, and its one rounding (2^-8
+relative) is the operand's own, as in the recomputing backwards (tests/test_adversarial.py
+checks the same bound on both). float16's range is too narrow for the folded factors
+(infonce_bwd_slab.py, "Precision"); the recomputing backwards scale their operands into
+range and this kernel does not, so float16 inputs are refused here (fastcl/backends.py).
 
 With groups the kernels skip tiles without a common group, but the products run over
 every column, so on CUDA the plan keeps the recomputing slab path for groups.
@@ -55,7 +66,7 @@ from .launch import block_options, tile_inputs
 from .layout import ColumnLayout, GuideMask
 from .tiles import (
     finite_lse, groups_overlap, load_groups, load_projections, load_scales, load_targets,
-    row_block, similarity_tile, tile_logits,
+    matmul_operand, row_block, similarity_tile, tile_logits,
 )
 from .utils import accumulator_dtype, interpreting
 
@@ -65,9 +76,11 @@ def _one_pass_logits_kernel(
     ins,  # launch.TileInputs: q, k and what every tile reads with them
     seg,  # launch.Segments: the layout's column segments
     w_ptr,  # R x M workspace of logits (accumulator dtype)
-    part_max_ptr,  # n_splits x R: each split's row max, rescaled sum and target logit
-    part_sum_ptr,
-    part_target_ptr,
+    part_max_ptr,  # n_splits x R: each split's row max, rescaled sum and target logit,
+    part_sum_ptr,  # and the similarities' sum weighted as the rescaled sum and the
+    part_target_ptr,  # target's similarity (the temperature's row sums)
+    part_ssum_ptr,
+    part_starget_ptr,
     row0,
     n_chunk_rows,
     stride_w,
@@ -87,7 +100,9 @@ def _one_pass_logits_kernel(
 
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=acc_dtype)
     row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    sim_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)  # sum_j exp(logit - shift) s_j
     target_logit = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    target_sim = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     first = split * split_cols
     end = tl.minimum(first + split_cols, seg.n_cols)
     for n0 in range(first, end, BLOCK_N):
@@ -103,20 +118,27 @@ def _one_pass_logits_kernel(
             s = similarity_tile(ins, rows, cols, tl.minimum(ins.n_rows, row0 + n_chunk_rows), seg.n_cols, BLOCK_M,
                                 BLOCK_N, BLOCK_D, acc_dtype, SW)
             col_scale = load_scales(ins.k_norm, cols, seg.n_cols, eps, SW.NORMALIZED)
-            _, logits = tile_logits(s, row_scale, col_scale, ins, params, rows, cols, targets, thresholds,
+            s, logits = tile_logits(s, row_scale, col_scale, ins, params, rows, cols, targets, thresholds,
                                     row_groups, col_groups, seg, strength, SW, BLOCK_D)
             tl.store(w_ptr + local[:, None] * stride_w + cols[None, :], logits,
                      mask=row_in[:, None] & (cols[None, :] < seg.n_cols))
             new_max = tl.maximum(row_max, tl.max(logits, 1))
             # A row may have no candidate yet (all -inf so far): shift by 0 then.
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
+            rescale = tl.exp(row_max - shift)
+            e = tl.exp(logits - shift[:, None])
+            row_sum = row_sum * rescale + tl.sum(e, 1)
+            sim_sum = sim_sum * rescale + tl.sum(e * s, 1)
             row_max = new_max
-            target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), 1)
+            is_target = cols[None, :] == targets[:, None]
+            target_logit += tl.sum(tl.where(is_target, logits, 0.0), 1)
+            target_sim += tl.sum(tl.where(is_target, s, 0.0), 1)
     out = split * stride_part + local
     tl.store(part_max_ptr + out, row_max, mask=row_in)
     tl.store(part_sum_ptr + out, row_sum, mask=row_in)
     tl.store(part_target_ptr + out, target_logit, mask=row_in)
+    tl.store(part_ssum_ptr + out, sim_sum, mask=row_in)
+    tl.store(part_starget_ptr + out, target_sim, mask=row_in)
 
 
 @triton.jit
@@ -131,8 +153,11 @@ def _one_pass_grads_kernel(
     part_max_ptr,
     part_sum_ptr,
     part_target_ptr,
+    part_ssum_ptr,
+    part_starget_ptr,
     ds_ptr,  # R x M logit gradients, input dtype
     loss_ptr,  # N per-row losses (accumulator dtype)
+    row_dot_ptr,  # N: the temperature's row sums w sum_j (P - onehot)_ij s_ij
     row0,
     n_chunk_rows,
     n_rows,
@@ -148,6 +173,7 @@ def _one_pass_grads_kernel(
     NORMALIZED: tl.constexpr,
     ACC_FP64: tl.constexpr,
     EMPTY_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -174,19 +200,27 @@ def _one_pass_grads_kernel(
                                               other=float("-inf")))
     shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     total = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    sim_total = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     target_logit = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    target_sim = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     for split in range(0, n_splits):
         at = split * stride_part + local
         part_max = tl.load(part_max_ptr + at, mask=row_in, other=float("-inf"))
-        part_sum = tl.load(part_sum_ptr + at, mask=row_in, other=0.0)
-        total += tl.where(part_max == float("-inf"), 0.0, part_sum * tl.exp(part_max - shift))
+        factor = tl.where(part_max == float("-inf"), 0.0, tl.exp(part_max - shift))
+        total += factor * tl.load(part_sum_ptr + at, mask=row_in, other=0.0)
+        sim_total += factor * tl.load(part_ssum_ptr + at, mask=row_in, other=0.0)
         target_logit += tl.load(part_target_ptr + at, mask=row_in, other=0.0)
+        target_sim += tl.load(part_starget_ptr + at, mask=row_in, other=0.0)
     lse = tl.where(row_in, shift + tl.log(tl.where(row_in, total, 1.0)), 0.0)
+    weight = tl.load(params_ptr + 3)
     if tl.program_id(1) == 0:
         tl.store(loss_ptr + rows, lse - target_logit, mask=row_in)
+        # In the accumulator dtype from the similarities themselves, not from dq's
+        # 16-bit operand: the temperature's gradient as exact as the recomputing paths'.
+        mean_sim = tl.where(total > 0, sim_total / tl.where(total > 0, total, 1.0), 0.0)
+        tl.store(row_dot_ptr + rows, weight * (mean_sim - target_sim), mask=row_in)
     if visit:
         inv_tau = tl.load(params_ptr)
-        weight = tl.load(params_ptr + 3)
         targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
         logits = tl.load(w_ptr + local[:, None] * stride_w + cols[None, :], mask=mask, other=float("-inf"))
         probs = tl.exp(logits - finite_lse(lse, EMPTY_ROWS)[:, None])  # 0 in a row with no entry
@@ -195,7 +229,10 @@ def _one_pass_grads_kernel(
             eps = tl.load(eps_ptr)
             ds = ds * load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)[:, None]
             ds = ds * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
-        tl.store(out_ptrs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+        # bfloat16 dS keeps fp32's exponent range: every factor can stay folded in (see
+        # the module docstring, "Precision"); its one rounding is the operand's own.
+        tl.store(out_ptrs, matmul_operand(ds, ds_ptr.dtype.element_ty, UPCAST).to(ds_ptr.dtype.element_ty),
+                 mask=mask)
     else:
         # No common group: zero gradient (the workspace is reused between chunks).
         tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=ds_ptr.dtype.element_ty), mask=mask)
@@ -205,47 +242,39 @@ def _one_pass_grads_kernel(
 def _one_pass_rows_kernel(
     grad_ptr,  # rows of a gradient (accumulator dtype), corrected in place
     x_ptr,  # the matching input rows
-    norm_ptr,  # their L2 norms (NORMALIZED only)
-    params_ptr,
-    dot_ptr,  # WRITE_DOT: the temperature's row sums, x_i . g_i * tau
+    norm_ptr,  # their L2 norms
     n_rows,
     dim,
     stride_grad,
     stride_x,
     eps_ptr,
-    NORMALIZED: tl.constexpr,
-    WRITE_DOT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per row: dot = x_i . g_i; the temperature's row sum dot * tau; with
-    normalization, g_i -= dot proj_i x_i (F.normalize's rank-1 term)."""
+    """Fused normalization's rank-1 term, per row: g_i -= (x_i . g_i) proj_i x_i
+    (F.normalize's backward)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_in = rows < n_rows
-    inv_tau = tl.load(params_ptr)
-    dot = tl.zeros((BLOCK_R,), dtype=inv_tau.dtype)
+    dot = tl.zeros((BLOCK_R,), dtype=grad_ptr.dtype.element_ty)
     for d0 in range(0, dim, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         mask = row_in[:, None] & (dd[None, :] < dim)
         grad = tl.load(grad_ptr + rows[:, None] * stride_grad + dd[None, :], mask=mask, other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=mask, other=0.0).to(grad.dtype)
-        dot += tl.sum(grad * x, 1).to(inv_tau.dtype)
-    if WRITE_DOT:
-        tl.store(dot_ptr + rows, dot / inv_tau, mask=row_in)
-    if NORMALIZED:
-        coef = dot * load_projections(norm_ptr, rows, n_rows, tl.load(eps_ptr))
-        for d0 in range(0, dim, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            mask = row_in[:, None] & (dd[None, :] < dim)
-            grad_ptrs = grad_ptr + rows[:, None] * stride_grad + dd[None, :]
-            grad = tl.load(grad_ptrs, mask=mask, other=0.0)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=mask, other=0.0).to(grad.dtype)
-            tl.store(grad_ptrs, grad - coef[:, None].to(grad.dtype) * x, mask=mask)
+        dot += tl.sum(grad * x, 1)
+    coef = dot * load_projections(norm_ptr, rows, n_rows, tl.load(eps_ptr))
+    for d0 in range(0, dim, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        mask = row_in[:, None] & (dd[None, :] < dim)
+        grad_ptrs = grad_ptr + rows[:, None] * stride_grad + dd[None, :]
+        grad = tl.load(grad_ptrs, mask=mask, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=mask, other=0.0).to(grad.dtype)
+        tl.store(grad_ptrs, grad - coef[:, None].to(grad.dtype) * x, mask=mask)
 
 
 #: The switches (launch.Switches) the gradient kernel reads: it takes them one by one, so
 #: that rules it does not read (the logits kernel applied them) compile no variants of it.
-GRADS_SWITCHES = ("HAS_TARGETS", "GROUPED", "NORMALIZED", "ACC_FP64", "EMPTY_ROWS")
+GRADS_SWITCHES = ("HAS_TARGETS", "GROUPED", "NORMALIZED", "ACC_FP64", "EMPTY_ROWS", "UPCAST")
 
 #: Block shapes of the two kernels without tl.dot. The gradient kernel streams W: 16 x 128
 #: tiles on 4 warps take 48 registers on sm_90a with every option off, 157 with all on
@@ -278,17 +307,17 @@ def one_pass_signature(kernel: str, t: str, acc: str, switches) -> tuple:
     if kernel == "one_pass_grads":
         sig = dict(params_ptr=f"*{acc}", targets_ptr="*i64", row_groups_ptr="*i64", key_groups_ptr="*i64",
                    q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}", w_ptr=f"*{acc}", part_max_ptr=f"*{acc}",
-                   part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}", ds_ptr=f"*{t}", loss_ptr=f"*{acc}",
+                   part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}", part_ssum_ptr=f"*{acc}",
+                   part_starget_ptr=f"*{acc}", ds_ptr=f"*{t}", loss_ptr=f"*{acc}", row_dot_ptr=f"*{acc}",
                    row0="i32", n_chunk_rows="i32", n_rows="i32", n_cols="i32", n_grad_cols="i32", n_splits="i32",
                    stride_part="i32", stride_w="i32", stride_ds="i32", eps_ptr=f"*{acc}")
         constexprs = {name: getattr(switches, name) for name in GRADS_SWITCHES}
         return _one_pass_grads_kernel, sig, dict(constexprs, BLOCK_M=GRADS_BLOCKS["BLOCK_M"],
                                                  BLOCK_N=GRADS_BLOCKS["BLOCK_N"])
     if kernel == "one_pass_rows":
-        sig = dict(grad_ptr=f"*{acc}", x_ptr=f"*{t}", norm_ptr=f"*{acc}", params_ptr=f"*{acc}", dot_ptr=f"*{acc}",
-                   n_rows="i32", dim="i32", stride_grad="i32", stride_x="i32", eps_ptr=f"*{acc}")
-        return _one_pass_rows_kernel, sig, dict(NORMALIZED=switches.NORMALIZED, WRITE_DOT=True,
-                                                BLOCK_R=ROWS_BLOCKS["BLOCK_R"], BLOCK_D=ROWS_BLOCKS["BLOCK_D"])
+        sig = dict(grad_ptr=f"*{acc}", x_ptr=f"*{t}", norm_ptr=f"*{acc}", n_rows="i32", dim="i32",
+                   stride_grad="i32", stride_x="i32", eps_ptr=f"*{acc}")
+        return _one_pass_rows_kernel, sig, dict(BLOCK_R=ROWS_BLOCKS["BLOCK_R"], BLOCK_D=ROWS_BLOCKS["BLOCK_D"])
     raise ValueError(f"unknown one-pass kernel {kernel!r}")
 
 
@@ -312,6 +341,10 @@ def _column_splits(row_blocks: int, n_cols: int, block_n: int, device: torch.dev
     return max(1, min(tiles, triton.cdiv(wanted, row_blocks)))
 
 
+#: torch.addmm(..., out_dtype=torch.float32, out=...) for 16-bit CUDA operands.
+_ADDMM_OUT_DTYPE = torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", "CUDA")
+
+
 def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """out = a @ b (accumulate: out += a @ b), ``out`` in the accumulator dtype: 16-bit
     operands accumulate in fp32 inside the product (cuBLAS's out_dtype), with no
@@ -321,9 +354,9 @@ def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulat
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
-    elif a.is_cuda:
+    elif a.is_cuda and _ADDMM_OUT_DTYPE:
         torch.addmm(out, a, b, out_dtype=out.dtype, beta=1 if accumulate else 0, out=out)
-    else:  # the interpreter's CPU tensors: no 16-bit product with an fp32 result there
+    else:  # the interpreter's CPU tensors (or a torch without it): operands upcast, exactly
         product = a.to(out.dtype) @ b.to(out.dtype)
         if accumulate:
             out.add_(product)
@@ -380,31 +413,28 @@ def infonce_forward_grad(
     n_splits = _column_splits(row_blocks, n_cols, cfg.BLOCK_N, device)
     split_cols = triton.cdiv(triton.cdiv(n_cols, n_splits), cfg.BLOCK_N) * cfg.BLOCK_N
     n_splits = triton.cdiv(n_cols, split_cols)
-    partials = torch.empty((3, n_splits, chunk), dtype=acc, device=device)
+    partials = torch.empty((5, n_splits, chunk), dtype=acc, device=device)
+    scratch_dots = None if need_dq else torch.empty(n_rows, dtype=acc, device=device)  # written, never read
     grads_switches = {name: getattr(switches, name) for name in GRADS_SWITCHES}
     for row0 in range(0, n_rows, chunk):
         rows = min(chunk, n_rows - row0)
         part = partials
         _one_pass_logits_kernel[(triton.cdiv(rows, cfg.BLOCK_M), n_splits)](
-            ins, segments, workspace, part[0], part[1], part[2], row0, rows, workspace.stride(0), split_cols, chunk,
+            ins, segments, workspace, *part, row0, rows, workspace.stride(0), split_cols, chunk,
             SW=switches, **block_options(cfg))
         ds = ds_buffer[:rows]
         grid = (triton.cdiv(rows, grads_blocks["BLOCK_M"]), triton.cdiv(n_cols, grads_blocks["BLOCK_N"]))
         _one_pass_grads_kernel[grid](
-            params4, ins.targets, ins.row_groups, ins.key_groups, q_norm, k_norm, workspace, part[0], part[1], part[2],
-            ds, loss_rows, row0, rows, n_rows, n_cols, n_grad, n_splits, chunk, workspace.stride(0), ds.stride(0), eps,
-            **grads_switches, **grads_blocks)
+            params4, ins.targets, ins.row_groups, ins.key_groups, q_norm, k_norm, workspace, *part, ds, loss_rows,
+            row_dot if need_dq else scratch_dots, row0, rows, n_rows, n_cols, n_grad, n_splits, chunk,
+            workspace.stride(0), ds.stride(0), eps, **grads_switches, **grads_blocks)
         if need_dq:
             _product_into(dq[row0:row0 + rows], ds, k, accumulate=False)
         if want_dk:
             _product_into(dk, ds[:, :n_grad].T, q[row0:row0 + rows], accumulate=True)
     rows_blocks = _INTERPRETER_ROWS_BLOCKS if interpreting() else ROWS_BLOCKS
-    if need_dq:
-        _one_pass_rows_kernel[(triton.cdiv(n_rows, rows_blocks["BLOCK_R"]),)](
-            dq, q, q_norm, params4, row_dot, n_rows, dim, dq.stride(0), q.stride(0), eps, NORMALIZED=normalized,
-            WRITE_DOT=True, **rows_blocks)
-    if want_dk and normalized:
-        _one_pass_rows_kernel[(triton.cdiv(n_grad, rows_blocks["BLOCK_R"]),)](
-            dk, k, k_norm, params4, row_dot, n_grad, dim, dk.stride(0), k.stride(0), eps, NORMALIZED=True,
-            WRITE_DOT=False, **rows_blocks)
+    for grad, x, norm, wanted in ((dq, q, q_norm, need_dq), (dk, k, k_norm, want_dk)):
+        if wanted and normalized:
+            _one_pass_rows_kernel[(triton.cdiv(grad.shape[0], rows_blocks["BLOCK_R"]),)](
+                grad, x, norm, grad.shape[0], dim, grad.stride(0), x.stride(0), eps, **rows_blocks)
     return loss_rows, dq, dk, row_dot
