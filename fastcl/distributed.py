@@ -209,9 +209,9 @@ def _gathered_guides(guide: GuideMask | None, n_local: int, n_d2d: int, k_blocks
     if k_blocks:
         docs = torch.cat([docs, all_gather_no_grad(guide.cols[n_local:], group)])
     anchors = all_gather_no_grad(guide.rows, group) if gather_anchors else guide.rows
-    rows = GuideMask(guide.rows, docs, guide.thresholds)
-    return {None: rows, **{d: direction_guide(rows, d, n_local, n_d2d, docs=own_docs, anchors=anchors)
-                           for d in (DOC_TO_QUERY, QUERY_TO_QUERY, DOC_TO_DOC)}}
+    query_to_doc = GuideMask(guide.rows, docs, guide.thresholds)
+    return {None: query_to_doc, **{d: direction_guide(query_to_doc, d, n_local, n_d2d, docs=own_docs, anchors=anchors)
+                                   for d in (DOC_TO_QUERY, QUERY_TO_QUERY, DOC_TO_DOC)}}
 
 
 def _refuse_on_the_ring(options, hard_negatives) -> None:
