@@ -315,8 +315,6 @@ def _fastcl_factory(backend: str, strategy: str = "auto") -> Callable[[Spec], Lo
                 os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise Unsupported("the Triton backend needs CUDA (or TRITON_INTERPRET=1, which bench.py sets on "
                               "CPU when a Triton implementation is asked for)")
-        if strategy == "one_pass" and backend == "triton" and spec.dtype == torch.float16:
-            raise Unsupported("the Triton one pass takes bfloat16, float32 and float64 inputs, not float16")
         tau, options = spec.temperature, {"backend": backend, "backward_strategy": strategy}
         if spec.loss == "nt_xent":
             return lambda z1, z2, _: fastcl.nt_xent(z1, z2, temperature=tau, **options)

@@ -137,10 +137,6 @@ def choose_strategy(strategy: str, backend: str, x: torch.Tensor, grouped: bool 
     if strategy in dispatch.GRADIENTS_IN_FORWARD and not reduced and strategy in dispatch.strategies(device, backend):
         raise ValueError(f"backward_strategy={strategy!r} forms the gradients in the forward, which needs a loss "
                          "reduced to a scalar (reduction='mean' or 'sum'), not per-row losses (reduction='none')")
-    if strategy == "one_pass" and backend == "triton" and x.dtype == torch.float16:
-        raise ValueError("backward_strategy='one_pass' on the Triton kernels takes bfloat16, float32 or float64 "
-                         "inputs: its float16 logit gradients are not scaled into float16's range as the recomputing "
-                         "backwards' are (use 'slab' or 'workspace', or 'auto')")
     if strategy not in offered:
         raise ValueError(f"backward_strategy={strategy!r} is not offered by backend {backend!r} on {device} tensors"
                          + (f" (it offers {tuple(offered)})" if offered else ""))
@@ -157,9 +153,8 @@ def one_pass_applies(backend: str, x: torch.Tensor, grouped: bool, needs_grad: b
     2. ``FASTCL_BACKWARD`` does not name a recomputing strategy;
     3. Triton: float32 / float64 inputs and no groups (its products run over every
        column, where the slab backward skips the tiles without a common group);
-       bfloat16 only when forced (whether it beats the recomputing backwards there is
-       for the GPU runner to measure), float16 never (its logit gradients are not
-       scaled into float16's range, see :func:`choose_strategy`);
+       16-bit inputs only when forced (whether it beats the recomputing backwards there
+       is for the GPU runner to measure);
     4. native: a chunk keeps at least ``ONE_PASS_MIN_ROWS`` rows within the strip budget
        of :func:`~fastcl.ops.configs.one_pass_cpu_blocks` (fewer rows make the dk
        product memory-bound).
@@ -174,7 +169,7 @@ def one_pass_applies(backend: str, x: torch.Tensor, grouped: bool, needs_grad: b
         return False
     if backend == "triton":
         if forced == "one_pass":
-            return x.dtype != torch.float16
+            return True
         return x.dtype in (torch.float32, torch.float64) and not grouped
     if forced == "one_pass" or os.environ.get("FASTCL_CPU_TILE_ROWS", ""):
         return True

@@ -8,7 +8,7 @@ the same (rounded) inputs, for every gradient row x_i:
 
     reference, torch, native:  |dx_i - ref_i| <= rep_i + floor_i + 0.1 u |ref_i|
     triton (slab, workspace,   |dx_i - ref_i| <= rep_i + floor_i + 2 u |ref_i|
-    one pass in bfloat16):     (the 16-bit logit-gradient operand of the tensor-core
+    one pass):                 (the 16-bit logit-gradient operand of the tensor-core
                                products is rounded once more)
     every backend:             |loss - ref| <= 1e-6 (|ref| + sqrt(rows) / tau)   (float32 loss)
                                temperature gradient within 1e-5 (relative)
@@ -242,17 +242,19 @@ def test_half_precision_bound_hard_cases(name, scale, dtype_name, backend, monke
     _check_bound(name, scale, HALF[dtype_name], backend, monkeypatch)
 
 
+@pytest.mark.parametrize("dtype_name", list(HALF))
 @pytest.mark.parametrize("name, scale", [("plain", 1e-3), ("plain", 1e4), ("symmetric", 1e-3),
                                          ("near_duplicate", 3e3), ("spread", None), ("two_scales", None)])
-def test_one_pass_bfloat16_bound(name, scale, monkeypatch):
-    # The Triton one pass keeps every factor in its bf16 logit-gradient operand (bf16 has
-    # fp32's range): the same bound as the recomputing backwards, at the extremes of norm
-    # (every case with a reduced loss: per-row losses never take the one pass).
+def test_one_pass_half_precision_bound(name, scale, dtype_name, monkeypatch):
+    # The Triton one pass (bf16: every factor in its logit-gradient operand; fp16: one
+    # operand per product, scaled into range): the same bound as the recomputing
+    # backwards, at the extremes of norm (cases with a reduced loss: per-row losses never
+    # take the one pass).
     from fastcl.ops import function
 
     lookup, strategies = function.kernels, []
     monkeypatch.setattr(function, "kernels", lambda *key: strategies.append(key[2]) or lookup(*key))
-    _check_bound(name, scale, torch.bfloat16, "triton-one_pass", monkeypatch)
+    _check_bound(name, scale, HALF[dtype_name], "triton-one_pass", monkeypatch)
     assert strategies and set(strategies) == {"one_pass"}, strategies
 
 

@@ -136,15 +136,17 @@ def test_triton_other_dtypes(dtype, count_paths):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["everything", "plain"])
-def test_triton_one_pass_in_bfloat16(name, count_paths, monkeypatch):
-    # Asked for, the one pass takes bf16 (its dS holds every factor: bf16 has fp32's
-    # range) and is as accurate as the recomputing backwards on the same inputs.
+def test_triton_one_pass_in_16_bits(name, dtype, count_paths, monkeypatch):
+    # Asked for, the one pass takes 16-bit inputs (bf16: its dS holds every factor;
+    # fp16: dq's and dk's operands apart, scaled into range) and is as accurate as the
+    # recomputing backwards on the same inputs.
     monkeypatch.setenv("FASTCL_BACKWARD", "one_pass")
-    ours, ref = run_both(CASES[name], "triton", "cpu", dtype=torch.bfloat16)
+    ours, ref = run_both(CASES[name], "triton", "cpu", dtype=dtype)
     assert count_paths["one_pass"] > 0 and count_paths["recompute"] == 0
     assert_close(ours, ref, 2e-2, name)
-    assert ours["anchors"].dtype == torch.bfloat16
+    assert ours["anchors"].dtype == dtype
 
 
 @pytest.mark.parametrize("backend", [NATIVE, pytest.param("triton", marks=needs_interpreter)])
@@ -310,9 +312,7 @@ def test_rule_takes_the_one_pass_for_reduced_losses_with_gradients(monkeypatch, 
     assert _strategy("one_pass", backend="triton", device="cuda", grouped=True) == "one_pass"
     for dtype in (torch.float16, torch.bfloat16):
         assert _strategy(backend="triton", dtype=dtype) != "one_pass"
-    assert _strategy("one_pass", backend="triton", dtype=torch.bfloat16) == "one_pass"
-    with pytest.raises(ValueError, match="one_pass.*bfloat16, float32 or float64"):
-        _strategy("one_pass", backend="triton", dtype=torch.float16)
+        assert _strategy("one_pass", backend="triton", dtype=dtype) == "one_pass"
     # Forcing never applies it where it cannot: per-row losses, the chunked path.
     with pytest.raises(ValueError, match="reduction='none'"):
         _strategy("one_pass", reduced=False)
@@ -329,7 +329,7 @@ def test_rule_takes_the_one_pass_for_reduced_losses_with_gradients(monkeypatch, 
     assert _strategy(reduced=False) == "workspace"
     assert _strategy(needs_grad=False) == "workspace"
     assert _strategy(backend="triton", dtype=torch.bfloat16) == "one_pass"
-    assert _strategy(backend="triton", dtype=torch.float16) != "one_pass"
+    assert _strategy(backend="triton", dtype=torch.float16) == "one_pass"
     monkeypatch.setenv("FASTCL_BACKWARD", "slab")
     assert not _applies() and _strategy() == "workspace"
     monkeypatch.setenv("FASTCL_BACKWARD", "workspace")

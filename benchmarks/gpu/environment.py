@@ -70,11 +70,8 @@ def run(rec, args) -> None:
     # a dry run checks the stage, not the kernels (tests/test_canaries.py runs them all)
     dtypes = DTYPES[3:4] if args.dry_run else DTYPES
     options = ["plain", "groups"] if args.dry_run else list(OPTIONS)
-    # The one pass takes no float16 (forced, "auto" would run a recomputing backward
-    # under its name).
     cases = [(label, dtype, precision, option, strategy) for label, dtype, precision in dtypes
-             for option in options for strategy in backward_strategies()
-             if not (strategy == "one_pass" and dtype == torch.float16)]
+             for option in options for strategy in backward_strategies()]
     rec.data["kernels"] = results = []
     slowest = 0.0
     for label, dtype, precision, option, strategy in cases:

@@ -38,15 +38,19 @@ block (dq: 128 rows x 768 fp32 exceeds the registers), so each tile would be rea
 exponentiated once per D slab: three times at D = 768. The GPU runner times slab,
 workspace and one pass side by side (``fastcl-one_pass``), so the choice is measured
 there; :func:`fastcl.backends.one_pass_applies` takes the one pass by default for fp32 and fp64,
-and for bf16 when asked (``backward_strategy="one_pass"``) until the runner has timed it.
+and for bf16 and fp16 when asked (``backward_strategy="one_pass"``) until the runner has timed
+it there.
 
 Precision. dS is stored in the input dtype for the tensor-core products (step 3). In
 bfloat16 it holds ``w (P - onehot) r_i c_j / tau`` whole: bfloat16 has float32's exponent
 range, so none of those factors can push it out of range, and its one rounding (2^-8
-relative) is the operand's own, as in the recomputing backwards (tests/test_adversarial.py
-checks the same bound on both). float16's range is too narrow for the folded factors
-(infonce_bwd_slab.py, "Precision"); the recomputing backwards scale their operands into
-range and this kernel does not, so float16 inputs are refused here (fastcl/backends.py).
+relative) is the operand's own. float16's range is too narrow for the folded factors
+(infonce_bwd_slab.py, "Precision"), so there, as in the workspace backward, each product
+gets its own operand, ``P - onehot`` times only the factor that cannot leave its sum, over
+its maximum, times 2^15: ``(P - onehot) c_j / max c`` for dq, ``(P - onehot) w r_i / max
+|w r|`` for dk (n_grad wide); dq's chunk rows are then multiplied by ``(1/tau) max(c) w r_i
+/ 2^15``, and dk, after the last chunk, by ``(1/tau) max|w r| c_j / 2^15``. Either way the
+gradients are within the recomputing backwards' bound (tests/test_adversarial.py).
 
 With groups the kernels skip tiles without a common group, but the products run over
 every column, so on CUDA the plan keeps the recomputing slab path for groups.
@@ -62,10 +66,10 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .infonce_bwd_workspace import DEFAULT_WORKSPACE_BYTES
-from .launch import block_options, tile_inputs
+from .launch import backward_operand_scales, block_options, tile_inputs
 from .layout import ColumnLayout, GuideMask
 from .tiles import (
-    finite_lse, groups_overlap, load_groups, load_projections, load_scales, load_targets,
+    GRAD_OPERAND_SCALE, finite_lse, groups_overlap, load_groups, load_projections, load_scales, load_targets,
     matmul_operand, row_block, similarity_tile, tile_logits,
 )
 from .utils import accumulator_dtype, interpreting
@@ -155,7 +159,9 @@ def _one_pass_grads_kernel(
     part_target_ptr,
     part_ssum_ptr,
     part_starget_ptr,
-    ds_ptr,  # R x M logit gradients, input dtype
+    ds_ptr,  # R x M logit gradients, input dtype (SPLIT: dq's operand)
+    ds2_ptr,  # SPLIT: R x n_grad_cols, dk's operand
+    operand_scales_ptr,  # SPLIT: [max_j c_j, max_i |w r_i|] (launch.backward_operand_scales)
     loss_ptr,  # N per-row losses (accumulator dtype)
     row_dot_ptr,  # N: the temperature's row sums w sum_j (P - onehot)_ij s_ij
     row0,
@@ -167,6 +173,7 @@ def _one_pass_grads_kernel(
     stride_part,
     stride_w,
     stride_ds,
+    stride_ds2,
     eps_ptr,
     HAS_TARGETS: tl.constexpr,
     GROUPED: tl.constexpr,
@@ -174,6 +181,7 @@ def _one_pass_grads_kernel(
     ACC_FP64: tl.constexpr,
     EMPTY_ROWS: tl.constexpr,
     UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -185,6 +193,8 @@ def _one_pass_grads_kernel(
     col_in = cols < n_cols
     mask = row_in[:, None] & col_in[None, :]
     out_ptrs = ds_ptr + local[:, None] * stride_ds + cols[None, :]
+    mask2 = row_in[:, None] & (cols[None, :] < n_grad_cols)
+    out2_ptrs = ds2_ptr + local[:, None] * stride_ds2 + cols[None, :]
     row_groups = load_groups(row_groups_ptr, rows, n_rows, GROUPED)
     col_groups = load_groups(key_groups_ptr, cols, n_grad_cols, GROUPED)
     if GROUPED:
@@ -224,18 +234,34 @@ def _one_pass_grads_kernel(
         targets = load_targets(targets_ptr, rows, row_in, HAS_TARGETS)
         logits = tl.load(w_ptr + local[:, None] * stride_w + cols[None, :], mask=mask, other=float("-inf"))
         probs = tl.exp(logits - finite_lse(lse, EMPTY_ROWS)[:, None])  # 0 in a row with no entry
-        ds = weight * tl.where(cols[None, :] == targets[:, None], probs - 1.0, probs) * inv_tau
+        p_minus = tl.where(cols[None, :] == targets[:, None], probs - 1.0, probs)
         if NORMALIZED:
             eps = tl.load(eps_ptr)
-            ds = ds * load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)[:, None]
-            ds = ds * load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)[None, :]
-        # bfloat16 dS keeps fp32's exponent range: every factor can stay folded in (see
-        # the module docstring, "Precision"); its one rounding is the operand's own.
+            row_scale = load_scales(q_norm_ptr, rows, n_rows, eps, NORMALIZED)
+            col_scale = load_scales(k_norm_ptr, cols, n_cols, eps, NORMALIZED)
+        else:
+            row_scale = tl.full((BLOCK_M,), 1.0, dtype=acc_dtype)
+            col_scale = tl.full((BLOCK_N,), 1.0, dtype=acc_dtype)
+        if SPLIT:
+            # float16: each operand keeps P - onehot and the one factor that cannot leave
+            # its product's sum, over its maximum, times 2^15 (module docstring); the rest
+            # multiplies the products' fp32 results.
+            col_max = tl.load(operand_scales_ptr)
+            row_max = tl.load(operand_scales_ptr + 1)
+            ds = p_minus * (col_scale * (GRAD_OPERAND_SCALE / col_max))[None, :]
+            ds2 = p_minus * (weight * row_scale * (GRAD_OPERAND_SCALE / row_max))[:, None]
+            tl.store(out2_ptrs, ds2.to(ds2_ptr.dtype.element_ty), mask=mask2)
+        else:
+            # bfloat16 (and fp32 / fp64) dS keeps fp32's exponent range: every factor can
+            # stay folded in (module docstring); its one rounding is the operand's own.
+            ds = p_minus * ((weight * inv_tau) * row_scale)[:, None] * col_scale[None, :]
         tl.store(out_ptrs, matmul_operand(ds, ds_ptr.dtype.element_ty, UPCAST).to(ds_ptr.dtype.element_ty),
                  mask=mask)
     else:
         # No common group: zero gradient (the workspace is reused between chunks).
         tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=ds_ptr.dtype.element_ty), mask=mask)
+        if SPLIT:
+            tl.store(out2_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=ds2_ptr.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
@@ -308,11 +334,12 @@ def one_pass_signature(kernel: str, t: str, acc: str, switches) -> tuple:
         sig = dict(params_ptr=f"*{acc}", targets_ptr="*i64", row_groups_ptr="*i64", key_groups_ptr="*i64",
                    q_norm_ptr=f"*{acc}", k_norm_ptr=f"*{acc}", w_ptr=f"*{acc}", part_max_ptr=f"*{acc}",
                    part_sum_ptr=f"*{acc}", part_target_ptr=f"*{acc}", part_ssum_ptr=f"*{acc}",
-                   part_starget_ptr=f"*{acc}", ds_ptr=f"*{t}", loss_ptr=f"*{acc}", row_dot_ptr=f"*{acc}",
+                   part_starget_ptr=f"*{acc}", ds_ptr=f"*{t}", ds2_ptr=f"*{t}", operand_scales_ptr=f"*{acc}",
+                   loss_ptr=f"*{acc}", row_dot_ptr=f"*{acc}",
                    row0="i32", n_chunk_rows="i32", n_rows="i32", n_cols="i32", n_grad_cols="i32", n_splits="i32",
-                   stride_part="i32", stride_w="i32", stride_ds="i32", eps_ptr=f"*{acc}")
+                   stride_part="i32", stride_w="i32", stride_ds="i32", stride_ds2="i32", eps_ptr=f"*{acc}")
         constexprs = {name: getattr(switches, name) for name in GRADS_SWITCHES}
-        return _one_pass_grads_kernel, sig, dict(constexprs, BLOCK_M=GRADS_BLOCKS["BLOCK_M"],
+        return _one_pass_grads_kernel, sig, dict(constexprs, SPLIT=t == "fp16", BLOCK_M=GRADS_BLOCKS["BLOCK_M"],
                                                  BLOCK_N=GRADS_BLOCKS["BLOCK_N"])
     if kernel == "one_pass_rows":
         sig = dict(grad_ptr=f"*{acc}", x_ptr=f"*{t}", norm_ptr=f"*{acc}", n_rows="i32", dim="i32",
@@ -400,13 +427,31 @@ def infonce_forward_grad(
     # The row weight travels with the other scalars, in the accumulator dtype (a Python
     # float would be fp32 on the GPU).
     params4 = torch.cat([params.to(acc).reshape(3), torch.full((1,), row_weight, dtype=acc, device=device)])
-    chunk = one_pass_rows(n_rows, n_cols, q.element_size(), torch.finfo(acc).bits // 8, chunk_rows)
+    # float16: dq's and dk's operands apart (module docstring, "Precision"), dk's n_grad wide.
+    split = q.dtype == torch.float16
+    chunk = one_pass_rows(n_rows, n_cols, q.element_size() * (2 if split else 1), torch.finfo(acc).bits // 8,
+                          chunk_rows)
     workspace = torch.empty((chunk, n_cols), dtype=acc, device=device)
     ds_buffer = torch.empty((chunk, n_cols), dtype=q.dtype, device=device)
+    ds2_buffer = torch.empty((chunk, n_grad), dtype=q.dtype, device=device) if split else ds_buffer
     ins, segments, switches = tile_inputs(q, k, params4, targets, layout, groups, normalize_eps, thresholds,
                                           guide)
     eps, q_norm, k_norm = ins.scalars, ins.q_norm, ins.k_norm
     normalized = switches.NORMALIZED
+    if split:
+        # What the products' fp32 results are multiplied by: dq_i by (1/tau) max(c) / 2^15
+        # and w r_i, dk_j by (1/tau) max|w r| / 2^15 and c_j.
+        operand_scales = backward_operand_scales(q_norm, k_norm, torch.full((n_rows,), row_weight, dtype=acc,
+                                                                             device=device), normalize_eps, acc)
+        inv_tau = params4[0]
+        row_factors = row_weight / q_norm.clamp_min(normalize_eps) if normalized else torch.full(
+            (n_rows,), row_weight, dtype=acc, device=device)
+        dq_factors = row_factors * (inv_tau * operand_scales[0] / GRAD_OPERAND_SCALE.value)
+        dk_factors = inv_tau * operand_scales[1] / GRAD_OPERAND_SCALE.value
+        if normalized:
+            dk_factors = dk_factors / k_norm[:n_grad].clamp_min(normalize_eps)
+    else:
+        operand_scales = params4  # read by no kernel
     cfg = kernel_config("forward", q.dtype, dim, device)
     grads_blocks = _INTERPRETER_GRADS_BLOCKS if interpreting() else GRADS_BLOCKS
     row_blocks = triton.cdiv(chunk, cfg.BLOCK_M)
@@ -422,16 +467,21 @@ def infonce_forward_grad(
         _one_pass_logits_kernel[(triton.cdiv(rows, cfg.BLOCK_M), n_splits)](
             ins, segments, workspace, *part, row0, rows, workspace.stride(0), split_cols, chunk,
             SW=switches, **block_options(cfg))
-        ds = ds_buffer[:rows]
+        ds, ds2 = ds_buffer[:rows], ds2_buffer[:rows]
         grid = (triton.cdiv(rows, grads_blocks["BLOCK_M"]), triton.cdiv(n_cols, grads_blocks["BLOCK_N"]))
         _one_pass_grads_kernel[grid](
-            params4, ins.targets, ins.row_groups, ins.key_groups, q_norm, k_norm, workspace, *part, ds, loss_rows,
-            row_dot if need_dq else scratch_dots, row0, rows, n_rows, n_cols, n_grad, n_splits, chunk,
-            workspace.stride(0), ds.stride(0), eps, **grads_switches, **grads_blocks)
+            params4, ins.targets, ins.row_groups, ins.key_groups, q_norm, k_norm, workspace, *part, ds, ds2,
+            operand_scales, loss_rows, row_dot if need_dq else scratch_dots, row0, rows, n_rows, n_cols, n_grad,
+            n_splits, chunk, workspace.stride(0), ds.stride(0), ds2.stride(0), eps, **grads_switches, SPLIT=split,
+            **grads_blocks)
         if need_dq:
             _product_into(dq[row0:row0 + rows], ds, k, accumulate=False)
+            if split:
+                dq[row0:row0 + rows] *= dq_factors[row0:row0 + rows, None]
         if want_dk:
-            _product_into(dk, ds[:, :n_grad].T, q[row0:row0 + rows], accumulate=True)
+            _product_into(dk, (ds2 if split else ds[:, :n_grad]).T, q[row0:row0 + rows], accumulate=True)
+    if want_dk and split:
+        dk *= dk_factors[:, None] if normalized else dk_factors
     rows_blocks = _INTERPRETER_ROWS_BLOCKS if interpreting() else ROWS_BLOCKS
     for grad, x, norm, wanted in ((dq, q, q_norm, need_dq), (dk, k, k_norm, want_dk)):
         if wanted and normalized:
