@@ -441,11 +441,10 @@ def infonce_forward_grad(
     if split:
         # What the products' fp32 results are multiplied by: dq_i by (1/tau) max(c) / 2^15
         # and w r_i, dk_j by (1/tau) max|w r| / 2^15 and c_j.
-        operand_scales = backward_operand_scales(q_norm, k_norm, torch.full((n_rows,), row_weight, dtype=acc,
-                                                                             device=device), normalize_eps, acc)
+        weights = torch.full((n_rows,), row_weight, dtype=acc, device=device)
+        operand_scales = backward_operand_scales(q_norm, k_norm, weights, normalize_eps, acc)
         inv_tau = params4[0]
-        row_factors = row_weight / q_norm.clamp_min(normalize_eps) if normalized else torch.full(
-            (n_rows,), row_weight, dtype=acc, device=device)
+        row_factors = weights / q_norm.clamp_min(normalize_eps) if normalized else weights
         dq_factors = row_factors * (inv_tau * operand_scales[0] / GRAD_OPERAND_SCALE.value)
         dk_factors = inv_tau * operand_scales[1] / GRAD_OPERAND_SCALE.value
         if normalized:
