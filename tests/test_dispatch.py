@@ -126,3 +126,21 @@ def test_gradients_in_the_forward_are_refused_for_per_row_losses(one_pass):
     a, p, _ = _inputs()
     with pytest.raises(ValueError, match="'one_pass' forms the gradients in the forward.*reduction='none'"):
         info_nce(a, p, backend="chunked", backward_strategy="one_pass", reduction="none")
+
+
+@pytest.mark.parametrize("key", list(dispatch.TABLE))
+def test_every_table_entry_takes_the_keywords_the_autograd_function_passes(key):
+    # ops/function.py calls every entry the same way; an entry that misses a keyword
+    # (the guide, the margin's thresholds) fails only on its own device, which for the
+    # CUDA entries no CPU test reaches otherwise.
+    import inspect
+
+    entry = dispatch.TABLE[key]()
+    positional = ("q", "k", "params", "targets", "layout")
+    forward_keywords = dict(groups=None, normalize_eps=None, thresholds=None, guide=None)
+    if entry.backward is None:
+        forward_keywords.update(need_dq=True, need_dk=True)
+    inspect.signature(entry.forward).bind(*positional, **forward_keywords)
+    if entry.backward is not None:
+        inspect.signature(entry.backward).bind(*positional, "lse", "grad_rows", need_dq=True, need_dk=True,
+                                               groups=None, normalize_eps=None, thresholds=None, guide=None)

@@ -243,10 +243,10 @@ def operator_backward(q, k, params, targets, layout: ColumnLayout, lse, grad_row
 
 def operator_backward_workspace(q, k, params, targets, layout: ColumnLayout, lse, grad_rows,
                                 need_dq: bool = True, need_dk: bool = True, groups=None, normalize_eps=None,
-                                thresholds=None):
+                                thresholds=None, guide: GuideMask | None = None):
     """``(dq, dk, row_dot)`` from ``torch.ops.fastcl.infonce_bwd_workspace`` (CUDA)."""
     return _backward(torch.ops.fastcl.infonce_bwd_workspace, q, k, params, targets, layout, lse, grad_rows, need_dq,
-                     need_dk, groups, normalize_eps, thresholds, None)
+                     need_dk, groups, normalize_eps, thresholds, guide)
 
 
 def operator_forward_grad(q, k, params, targets, layout: ColumnLayout, groups=None, normalize_eps=None,
