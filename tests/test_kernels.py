@@ -212,3 +212,34 @@ def test_backward_strategy_choice(monkeypatch):
     monkeypatch.setenv("FASTCL_BACKWARD", "fast")
     with pytest.raises(ValueError, match="FASTCL_BACKWARD must be one of"):
         backward_strategy(torch.bfloat16, 768)
+
+
+def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to tf32's 10-bit mantissa, to nearest even."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tf32 product is exact on rounded operands")
+def test_tf32_products_see_operands_rounded_to_nearest(monkeypatch):
+    # Tensor cores truncate fp32 operands to tf32 (a bias that does not average out over
+    # D); the kernels round them to nearest first. The interpreter's product is exact
+    # fp32, so there the loss must be that of the tf32-rounded rows.
+    monkeypatch.setenv("FASTCL_BACKWARD", "slab")
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(37, 24, generator=g) * 3
+    p = a + torch.randn(37, 24, generator=g)  # aligned pairs
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        ours = info_nce(a, p, temperature=0.5, backend="triton", reduction="none")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+    def loss_rows(x, y):  # products of x and y over the exact rows' norms (the kernels' cosines), in fp64
+        logits = (x.double() @ y.double().T) / (a.double().norm(dim=1)[:, None] * p.double().norm(dim=1)) / 0.5
+        return torch.logsumexp(logits, 1) - logits.diagonal()
+
+    rounded, exact = loss_rows(_round_to_tf32(a), _round_to_tf32(p)), loss_rows(a, p)
+    assert relative_error(ours, rounded) < 1e-6
+    assert relative_error(rounded, exact) > 1e-5  # the check above can tell the two apart

@@ -56,7 +56,7 @@ from .layout import ColumnLayout, GuideMask
 from .tiles import (
     GRAD_OPERAND_SCALE, column_interval, column_tile, groups_overlap, load_family, load_groups, load_params,
     load_projections, load_row_gradients, load_scales, load_targets, matmul_operand, row_block, similarity_tile,
-    softmax_minus_target, tile_logits,
+    softmax_minus_target, tf32_operand, tile_logits,
 )
 from .utils import accumulator_dtype
 
@@ -114,8 +114,8 @@ def _infonce_bwd_dq_kernel(
                     ds = p_minus * GRAD_OPERAND_SCALE
                 if SW.UPCAST:
                     k_slab = k_slab.to(tl.float32)
-                dq = tl.dot(matmul_operand(ds, k_slab.dtype, SW.UPCAST), k_slab, dq, input_precision=SW.PRECISION,
-                            out_dtype=acc_dtype)
+                dq = tl.dot(tf32_operand(matmul_operand(ds, k_slab.dtype, SW.UPCAST), SW),
+                            tf32_operand(k_slab, SW), dq, input_precision=SW.PRECISION, out_dtype=acc_dtype)
 
     # Per-row factors, in the accumulator dtype: dq_i = (1/tau) g_i r_i sum_j G'_ij c_j k_j.
     row_factor = inv_tau * grad_rows / GRAD_OPERAND_SCALE
@@ -197,8 +197,8 @@ def _infonce_bwd_dk_kernel(
             ds = p_minus * (row_weight * (GRAD_OPERAND_SCALE / row_weight_max))[:, None]
             if SW.UPCAST:
                 q_slab = q_slab.to(tl.float32)
-            dk = tl.dot(tl.trans(matmul_operand(ds, q_slab.dtype, SW.UPCAST)), q_slab, dk,
-                        input_precision=SW.PRECISION, out_dtype=acc_dtype)
+            dk = tl.dot(tl.trans(tf32_operand(matmul_operand(ds, q_slab.dtype, SW.UPCAST), SW)),
+                        tf32_operand(q_slab, SW), dk, input_precision=SW.PRECISION, out_dtype=acc_dtype)
 
     # Per-column factors, in the accumulator dtype: dk_j = (1/tau) c_j sum_i G'_ij g_i r_i q_i.
     col_factor = inv_tau * row_weight_max / GRAD_OPERAND_SCALE + tl.zeros((BLOCK_N,), dtype=acc_dtype)
