@@ -25,6 +25,16 @@ TOLERANCE = {
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+
+def loss_scale(dtype_name: str, n: int) -> float:
+    """What the loss is multiplied by before the backward, as fp16 training's GradScaler
+    does. The gradients of a mean over N rows shrink as 1/N (a hard negative's as
+    N^-1.5): at N = 65536 they lie below float16's smallest normal number (6e-5), so the
+    stored fp16 gradients lose their digits whatever computes them. A scale of 2^16 N,
+    which a GradScaler grows to, keeps the largest gradient entries near 2e3 and the
+    smallest in range. bf16 and fp32 have fp32's exponent range and need none."""
+    return float(n << 16) if dtype_name == "fp16" else 1.0
+
 CASES = {
     "unsupervised": dict(),
     "supervised": dict(hard=True, hard_negative_weight=2.0),
@@ -42,6 +52,8 @@ def check_at_scale(n: int, d: int, dtype_name: str, precision: str, case: str, d
     inputs = [torch.randn(n, d, device=device, dtype=dtype, generator=gen) for _ in range(3 if hard else 2)]
     queue = torch.randn(max(n // 4, 1), d, device=device, dtype=dtype, generator=gen) if extra else None
 
+    scale = loss_scale(dtype_name, n)
+
     def loss_and_grads(xs, q, backend_name):
         leaves = [x.detach().clone().requires_grad_() for x in xs]
         tau = torch.tensor(0.05, dtype=torch.float32 if xs[0].dtype != torch.float64 else torch.float64,
@@ -49,7 +61,7 @@ def check_at_scale(n: int, d: int, dtype_name: str, precision: str, case: str, d
         loss = info_nce(*leaves[:2], leaves[2] if hard else None, q, temperature=tau, backend=backend_name,
                         generator=torch.Generator(device=device).manual_seed(1), **options)
         wrt = leaves + ([tau] if learnable_tau else [])
-        return [loss.detach()] + list(torch.autograd.grad(loss, wrt))
+        return [loss.detach()] + list(torch.autograd.grad(loss * scale, wrt))
 
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
