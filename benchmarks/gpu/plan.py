@@ -47,6 +47,8 @@ class Script:
     options: str
     share: float = 1.0
     tiny: str = ""
+    #: pass the runner's ``--model`` on as ``--model`` (a machine without the model package)
+    model: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ EXTRA = [
     Script("bench_sentence_transformers.py", "st-gist",
            "--loss gist --device cuda --sizes 1024,4096,16384 --dims 768 --negatives 1 --max-peak-gib 100 "
            "--max-call-seconds 20 --max-n st_cached=4096,fastcl_cached=16384",
-           tiny="--loss gist --device cpu --sizes 8 --dims 16 --negatives 1 --repeats 1 --threads 1"),
+           tiny="--loss gist --device cpu --sizes 8 --dims 16 --negatives 1 --repeats 1 --threads 1", model=True),
     Bench("dims", f"--sizes 16384 --dim 384,1024 --dtype bf16 --impls {FASTCL},dense,compiled,memeff,inf-cl,cce",
           tiny="--sizes 16 --dim 8,24"),
     Bench("fp32", f"--sizes 4096,16384 --dim 768 --dtype fp32 --fp32-precision high --impls {FASTCL},dense,compiled",
