@@ -95,20 +95,20 @@ def _triton_version() -> str:
 # ---------------------------------------------------------------------------- measure
 
 
-def _problem(kernel: str, dtype: torch.dtype, n: int, dim: int, seed: int = 0):
+def _problem(kernel: str, dtype: torch.dtype, n: int, dim: int, device: str = "cuda", seed: int = 0):
     """Inputs of one kernel launch at N = M = n: raw rows, normalized in the kernels, as
     the loss's default (normalize=True) runs them."""
     from fastcl.ops.function import kernel_params
     from fastcl.ops.infonce_fwd import infonce_forward
     from fastcl.ops.layout import ColumnLayout
 
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(n, dim, device="cuda", generator=gen).to(dtype)
-    k = torch.randn(n, dim, device="cuda", generator=gen).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(n, dim, device=device, generator=gen).to(dtype)
+    k = torch.randn(n, dim, device=device, generator=gen).to(dtype)
     layout = ColumnLayout.plain(n)
-    params = kernel_params(torch.tensor(20.0, device="cuda"), layout, dtype)
+    params = kernel_params(torch.tensor(20.0, device=device), layout, dtype)
     lse, _ = infonce_forward(q, k, params, None, layout, normalize_eps=EPS)
-    grad_rows = torch.full((n,), 1.0 / n, device="cuda", dtype=lse.dtype)
+    grad_rows = torch.full((n,), 1.0 / n, device=device, dtype=lse.dtype)
     return q, k, params, layout, lse, grad_rows
 
 
@@ -129,64 +129,100 @@ def _runner(kernel: str, problem):
                                          normalize_eps=EPS)[1]
 
 
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
 def _warm(args):
     """Compile one candidate in a worker process (fills Triton's on-disk cache)."""
-    kernel, family, dim, cfg_dict = args
+    kernel, family, dim, cfg_dict, device = args
     try:
-        problem = _problem(kernel, FAMILIES[family], 256, dim)
+        problem = _problem(kernel, FAMILIES[family], 256, dim, device)
         with override_config({kernel: KernelConfig(**cfg_dict)}):
             _runner(kernel, problem)()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return None
-    except Exception as exc:
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    except Exception as exc:  # noqa: BLE001 - reported, and the candidate is tried again in-process
+        return _error_text(exc)
+
+
+def _median_ms(fn, device: str) -> float:
+    """Median time of ``fn`` in ms: Triton's do_bench on CUDA, the wall clock elsewhere."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    import time
+
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
+
+
+def _measure_candidate(kernel: str, family: str, cfg_dict: dict, problem, baseline, device: str) -> dict:
+    """One candidate's time and its output's relative error against the default
+    configuration's; a candidate that fails to compile or run is recorded, not fatal."""
+    try:
+        with override_config({kernel: KernelConfig(**cfg_dict)}):
+            fn = _runner(kernel, problem)
+            out = fn().float()
+            err = ((out - baseline).norm() / baseline.norm()).item()
+            ok = err < (2e-2 if family == "half" else 2e-3) and bool(torch.isfinite(out).all())
+            ms = _median_ms(fn, device) if ok else float("nan")
+    except Exception as exc:  # noqa: BLE001 - a candidate this GPU cannot run is not a choice
+        return dict(config=cfg_dict, ms=float("nan"), rel_err=None, correct=False, error=_error_text(exc))
+    return dict(config=cfg_dict, ms=ms, rel_err=err, correct=ok)
 
 
 def run_measure(args) -> None:
-    import triton.testing
-
     with open(args.candidates) as f:
         candidates = json.load(f)["candidates"]
-    jobs = [(kernel, family, dim, c["config"]) for kernel, by_family in candidates.items()
+    jobs = [(kernel, family, dim, c["config"], args.device) for kernel, by_family in candidates.items()
             for family, by_dim in by_family.items() for dim, cs in by_dim.items() for c in cs
             if family in args.families and int(dim) in args.dims and kernel in args.kernels]
-    print(f"warming {len(jobs)} candidates in {args.jobs} processes", flush=True)
-    ctx = torch.multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-        failures = {job[:3] + (json.dumps(job[3]),): err for job, err in zip(jobs, pool.map(_warm, jobs)) if err}
-    print(f"{len(failures)} failed to compile or launch", flush=True)
+    if args.jobs > 1:  # the pool only warms Triton's cache; every candidate is measured below either way
+        print(f"warming {len(jobs)} candidates in {args.jobs} processes", flush=True)
+        ctx = torch.multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            errors = [err for err in pool.map(_warm, jobs) if err]
+        print(f"{len(errors)} of {len(jobs)} failed to warm; the first distinct errors:", flush=True)
+        for err in sorted(set(errors))[:5]:
+            print(f"  {err}", flush=True)
 
     table, log = {}, []
     for (kernel, family, dim), group in itertools.groupby(sorted(jobs, key=lambda j: j[:3]), key=lambda j: j[:3]):
-        problem = _problem(kernel, FAMILIES[family], args.n, int(dim))
+        problem = _problem(kernel, FAMILIES[family], args.n, int(dim), args.device)
         baseline = _runner(kernel, problem)().float()
-        results = []
-        for _, _, _, cfg_dict in group:
-            if (kernel, family, dim, json.dumps(cfg_dict)) in failures:
-                continue
-            with override_config({kernel: KernelConfig(**cfg_dict)}):
-                fn = _runner(kernel, problem)
-                out = fn().float()
-                err = ((out - baseline).norm() / baseline.norm()).item()
-                ok = err < (2e-2 if family == "half" else 2e-3) and bool(torch.isfinite(out).all())
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") if ok else float("nan")
-            results.append(dict(config=cfg_dict, ms=ms, rel_err=err, correct=ok))
+        results = [_measure_candidate(kernel, family, job[3], problem, baseline, args.device) for job in group]
+        default_ms = _median_ms(_runner(kernel, problem), args.device)
         correct = [r for r in results if r["correct"]]
+        entry = dict(kernel=kernel, family=family, dim=int(dim), n=args.n, default_ms=default_ms, results=results)
+        log.append(entry)
+        if not correct:
+            failed = sorted({r.get("error", "disagrees with the default") for r in results})
+            print(f"{kernel:<12} {family:<5} D={dim:<5} no candidate ran correctly: {failed[:3]}", flush=True)
+            continue
         best = min(correct, key=lambda r: r["ms"])
-        default_ms = triton.testing.do_bench(_runner(kernel, problem), warmup=25, rep=100, return_mode="median")
         print(f"{kernel:<12} {family:<5} D={dim:<5} default {default_ms:8.3f} ms  best {best['ms']:8.3f} ms "
               f"{best['config']}  ({len(correct)}/{len(results)} correct)", flush=True)
         table.setdefault(kernel, {}).setdefault(family, {})[str(dim)] = best["config"]
-        log.append(dict(kernel=kernel, family=family, dim=int(dim), n=args.n, default_ms=default_ms, results=results))
 
-    stamp = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=_triton_version(),
-                 date=str(datetime.date.today()), n=args.n, command=" ".join(sys.argv))
-    os.makedirs(os.path.dirname(os.path.abspath(args.write)), exist_ok=True)
-    with open(args.write, "w") as f:
-        json.dump(dict(measured=stamp, configs=table), f, indent=1)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.device} (Triton interpreter)"
+    stamp = dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), date=str(datetime.date.today()),
+                 n=args.n, command=" ".join(sys.argv))
     if args.log:
         with open(args.log, "w") as f:
             json.dump(dict(measured=stamp, runs=log), f, indent=1)
+    if not table:
+        print("nothing measured correctly: no table written", flush=True)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.write)), exist_ok=True)
+    with open(args.write, "w") as f:
+        json.dump(dict(measured=stamp, configs=table), f, indent=1)
     print(f"wrote {args.write}")
 
 
@@ -201,14 +237,18 @@ def main(argv=None) -> None:
     measure.add_argument("--n", type=int, default=16384, help="N = M of the timed launch")
     measure.add_argument("--write", default="fastcl/ops/tuned/sm90.json")
     measure.add_argument("--log", default=None, help="JSON with every candidate's time and error")
+    measure.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                         help="cpu: a check of the measuring code itself, in Triton's interpreter (tiny sizes)")
     for p in (static, measure):
         p.add_argument("--dims", type=int, nargs="+", default=[768])
         p.add_argument("--families", nargs="+", default=["half", "fp32"], choices=list(FAMILIES))
         p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
         p.add_argument("--jobs", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        parser.error("unset TRITON_INTERPRET: tuning compiles real kernels")
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if interpreting != (args.step == "measure" and args.device == "cpu"):
+        parser.error("measure --device cpu runs in Triton's interpreter (TRITON_INTERPRET=1); everything else "
+                     "compiles real kernels (unset TRITON_INTERPRET)")
     run_static(args) if args.step == "static" else run_measure(args)
 
 
