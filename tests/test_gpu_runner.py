@@ -63,6 +63,7 @@ def test_environment_and_kernels(dry_run):
     kernels = stage["kernels"]
     assert kernels and all(k["status"] == "ok" for k in kernels), kernels
     assert {k["strategy"] for k in kernels} == {"slab", "workspace", "one_pass"}
+    assert stage["workers"] == 2  # the cases ran in the pool of processes, as on a GPU
     assert all(math.isfinite(e) and e < 1e-4 for k in kernels for e in k["errors"].values())
 
 

