@@ -90,7 +90,7 @@ def run(rec, args) -> None:
             for future in concurrent.futures.as_completed(futures, timeout=max(rec.left() - 2.0, 1.0)):
                 results[futures[future]] = future.result()
                 rec.save()
-        except concurrent.futures.TimeoutError:
+        except (concurrent.futures.TimeoutError, KeyboardInterrupt):  # the budget, or the runner's stop
             pass
     finally:
         for future in futures:
