@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 def _runs_triton(name: str) -> bool:
     """fastcl-triton and the fastcl-<backward strategy> implementations (told by name:
     nothing that imports triton may run before the interpreter is switched on)."""
-    return name.startswith("fastcl-") and name != "fastcl-torch" and not name.startswith("fastcl-native")
+    return name.startswith("fastcl-") and name not in ("fastcl-torch", "fastcl-dense") \
+        and not name.startswith("fastcl-native")
 
 
 if __name__ == "__main__":

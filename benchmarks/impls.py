@@ -366,7 +366,8 @@ def _fastcl_impls(loss: str) -> list[Impl]:
     options = "a, p, groups=sequence, " if loss == "groups" else ""
     flops = _group_flops if loss == "groups" else (lambda backend: None)
     what = {"auto": "default backend for the device", "triton": "the Triton kernels",
-            "torch": "chunked PyTorch", "native": "the compiled CPU kernel"}
+            "torch": "chunked PyTorch", "native": "the compiled CPU kernel",
+            "dense": "its dense path (N x M logits, what 'auto' takes for tiny batches)"}
     impls = [Impl("fastcl" if b == "auto" else f"fastcl-{b}", f"{function}({options}backend='{b}'): {words}",
                   _fastcl_factory(b), real_flops=flops(b), backend=b) for b, words in what.items()]
     for strategy in backward_strategies():

@@ -97,7 +97,7 @@ def test_training_and_extra(dry_run):
     extra = _json(out / "5-extra.json")
     names = {r["name"]: r for r in extra["runs"]}
     assert names["cuda-suite"]["status"] == "skipped: GPU only"
-    for name in ("nt_xent", "groups", "hard7", "gte", "guide", "dims", "fp32"):
+    for name in ("nt_xent", "groups", "hard7", "gte", "guide", "small", "dims", "fp32"):
         assert names[name]["status"] == "done", names[name]
         assert _json(out / f"5-extra-{name}.json")["complete"]
     # The sentence-transformers loss step, in its own process: every implementation ran

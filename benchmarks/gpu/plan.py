@@ -109,6 +109,10 @@ EXTRA = [
            "--loss gist --device cuda --sizes 1024,4096,16384 --dims 768 --negatives 1 --max-peak-gib 100 "
            "--max-call-seconds 20 --max-n st_cached=4096,fastcl_cached=16384",
            tiny="--loss gist --device cpu --sizes 8 --dims 16 --negatives 1 --repeats 1 --threads 1", model=True),
+    # Small batches (a training step's): where the dense path or the one pass beats the
+    # recomputing kernels, to set the size below which "auto" takes the dense path on GPUs.
+    Bench("small", "--sizes 512,1024,2048,4096 --dim 768 --dtype bf16 "
+          "--impls fastcl,fastcl-one_pass,fastcl-dense,dense,compiled", tiny="--sizes 8,12 --impls fastcl,fastcl-dense"),
     Bench("dims", f"--sizes 16384 --dim 384,1024 --dtype bf16 --impls {FASTCL},dense,compiled,memeff,inf-cl,cce",
           tiny="--sizes 16 --dim 8,24"),
     Bench("fp32", f"--sizes 4096,16384 --dim 768 --dtype fp32 --fp32-precision high --impls {FASTCL},dense,compiled",
