@@ -143,6 +143,13 @@ def choose_strategy(strategy: str, backend: str, x: torch.Tensor, grouped: bool 
     return strategy
 
 
+#: bf16 on Triton takes the one pass up to this many logits. Measured on an H200 (D = 768,
+#: default block shapes; benchmarks/results/gpu/20261130-h200-runner): the one pass was
+#: faster at N x M = 2^24, 2^25 and 2^28 (1.43 vs 1.99 ms, 1.86 vs 2.84, 4.43 vs 4.82) and
+#: slower at 2^29, 2^32 and 2^33 (9.59 vs 9.08 ms, 70.5 vs 69.4, 178 vs 141).
+ONE_PASS_BF16_MAX_LOGITS = 1 << 28
+
+
 def one_pass_applies(backend: str, x: torch.Tensor, grouped: bool, needs_grad: bool, n_cols: int,
                      n_grad_cols: int) -> bool:
     """Whether "auto" takes the one pass for a loss reduced to a scalar (the caller has
@@ -151,10 +158,10 @@ def one_pass_applies(backend: str, x: torch.Tensor, grouped: bool, needs_grad: b
     1. a gradient is needed (grad mode on, some input or the temperature requires one)
        and torch.export is not tracing (an exported program runs the forward alone);
     2. ``FASTCL_BACKWARD`` does not name a recomputing strategy;
-    3. Triton: float32 / float64 inputs and no groups (its products run over every
-       column, where the slab backward skips the tiles without a common group);
-       16-bit inputs only when forced (whether it beats the recomputing backwards there
-       is for the GPU runner to measure);
+    3. Triton: no groups (its products run over every column, where the slab backward
+       skips the tiles without a common group), and float32 / float64 inputs, or
+       bfloat16 with at most :data:`ONE_PASS_BF16_MAX_LOGITS` logits (N x M); float16
+       only when forced (not yet timed on a GPU);
     4. native: a chunk keeps at least ``ONE_PASS_MIN_ROWS`` rows within the strip budget
        of :func:`~fastcl.ops.configs.one_pass_cpu_blocks` (fewer rows make the dk
        product memory-bound).
@@ -170,7 +177,11 @@ def one_pass_applies(backend: str, x: torch.Tensor, grouped: bool, needs_grad: b
     if backend == "triton":
         if forced == "one_pass":
             return True
-        return x.dtype in (torch.float32, torch.float64) and not grouped
+        if grouped:
+            return False
+        if x.dtype == torch.bfloat16:
+            return x.shape[0] * n_cols <= ONE_PASS_BF16_MAX_LOGITS
+        return x.dtype in (torch.float32, torch.float64)
     if forced == "one_pass" or os.environ.get("FASTCL_CPU_TILE_ROWS", ""):
         return True
     rows, _ = one_pass_cpu_blocks(x.shape[0], n_cols, n_grad_cols, x.shape[1], cpu_threads(), grouped)
