@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastcl.ops.configs import KERNELS, KernelConfig, override_config  # noqa: E402
+from harness import first_line  # noqa: E402
 
 FAMILIES = {"half": torch.bfloat16, "fp32": torch.float32}
 #: The loss's default normalization eps: kernels are tuned as the default loss runs them.
@@ -129,10 +130,6 @@ def _runner(kernel: str, problem):
                                          normalize_eps=EPS)[1]
 
 
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-
-
 def _warm(args):
     """Compile one candidate in a worker process (fills Triton's on-disk cache)."""
     kernel, family, dim, cfg_dict, device = args
@@ -144,7 +141,7 @@ def _warm(args):
             torch.cuda.synchronize()
         return None
     except Exception as exc:  # noqa: BLE001 - reported, and the candidate is tried again in-process
-        return _error_text(exc)
+        return first_line(exc, 200)
 
 
 def _median_ms(fn, device: str) -> float:
@@ -174,7 +171,7 @@ def _measure_candidate(kernel: str, family: str, cfg_dict: dict, problem, baseli
             ok = err < (2e-2 if family == "half" else 2e-3) and bool(torch.isfinite(out).all())
             ms = _median_ms(fn, device) if ok else float("nan")
     except Exception as exc:  # noqa: BLE001 - a candidate this GPU cannot run is not a choice
-        return dict(config=cfg_dict, ms=float("nan"), rel_err=None, correct=False, error=_error_text(exc))
+        return dict(config=cfg_dict, ms=float("nan"), rel_err=None, correct=False, error=first_line(exc, 200))
     return dict(config=cfg_dict, ms=ms, rel_err=err, correct=ok)
 
 

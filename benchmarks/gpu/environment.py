@@ -93,9 +93,8 @@ def run(rec, args) -> None:
         except (concurrent.futures.TimeoutError, KeyboardInterrupt):  # the budget, or the runner's stop
             pass
     finally:
-        for future in futures:
-            future.cancel()
-        # Workers still compiling are left to the stage's own stop; the pool is not waited for.
+        # Cases not started are cancelled; workers still compiling are left to the stage's
+        # own stop (the pool is not waited for).
         pool.shutdown(wait=False, cancel_futures=True)
     for i, (label, _, _, option, strategy) in enumerate(cases):
         if results[i] is None:
