@@ -43,7 +43,7 @@ STATIC_VARIANT = "normalized"
 def candidate_grid(kernel: str, family: str, dim: int):
     """The configurations worth trying for one kernel (before the static filter)."""
     d_steps = (64, 128) if family == "half" else (32, 64)
-    if kernel in ("forward", "backward_ds"):
+    if kernel in ("forward", "backward_ds", "one_pass_logits"):
         for bm, bn, bd, warps, stages in itertools.product((64, 128), (64, 128, 256), d_steps, (4, 8), (2, 3, 4)):
             yield KernelConfig(bm, bn, bd, 64, warps, stages)
     else:
@@ -121,6 +121,10 @@ def _runner(kernel: str, problem):
     q, k, params, layout, lse, grad_rows = problem
     if kernel == "forward":
         return lambda: infonce_forward(q, k, params, None, layout, normalize_eps=EPS)[0]
+    if kernel == "one_pass_logits":  # timed with the rest of the one pass: the loss and both gradients
+        from fastcl.ops.infonce_one_pass import infonce_forward_grad
+
+        return lambda: infonce_forward_grad(q, k, params, None, layout, 1.0 / q.shape[0], normalize_eps=EPS)[1]
     if kernel == "backward_ds":  # timed with the two products it feeds: the whole workspace backward
         return lambda: infonce_backward_workspace(q, k, params, None, layout, lse, grad_rows, normalize_eps=EPS)[0]
     if kernel == "backward_dq":

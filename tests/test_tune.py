@@ -16,14 +16,15 @@ WIDE = dict(SMALL, BLOCK_N=32)
 BROKEN = dict(SMALL, BLOCK_M=12)  # not a power of two: Triton refuses it
 
 
-def test_measure_picks_a_correct_candidate_and_records_the_ones_that_fail(tmp_path):
+@pytest.mark.parametrize("kernel", ["forward", "one_pass_logits"])
+def test_measure_picks_a_correct_candidate_and_records_the_ones_that_fail(tmp_path, kernel):
     candidates = tmp_path / "candidates.json"
-    candidates.write_text(json.dumps(dict(candidates={"forward": {"half": {"24": [
+    candidates.write_text(json.dumps(dict(candidates={kernel: {"half": {"24": [
         dict(config=SMALL), dict(config=BROKEN), dict(config=WIDE)]}}})))
     table, log = tmp_path / "sm90.json", tmp_path / "log.json"
     tune.main(["measure", "--device", "cpu", "--candidates", str(candidates), "--n", "40", "--dims", "24",
-               "--families", "half", "--kernels", "forward", "--jobs", "1", "--write", str(table), "--log", str(log)])
-    chosen = json.loads(table.read_text())["configs"]["forward"]["half"]["24"]
+               "--families", "half", "--kernels", kernel, "--jobs", "1", "--write", str(table), "--log", str(log)])
+    chosen = json.loads(table.read_text())["configs"][kernel]["half"]["24"]
     assert chosen in (SMALL, WIDE)
     results = {json.dumps(r["config"]): r for r in json.loads(log.read_text())["runs"][0]["results"]}
     assert results[json.dumps(SMALL)]["correct"] and results[json.dumps(WIDE)]["correct"]

@@ -72,9 +72,35 @@ def _compile(fn, signature: dict, constexprs: dict, cfg: KernelConfig, arch: int
 
     # In the kernel's argument order: the compiler reads the signature positionally.
     signature = {name: "constexpr" if name in constexprs else signature[name] for name in fn.arg_names}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=_aligned(signature))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+#: Integer arguments a launch at a usual embedding width (a multiple of 16, as 384, 768,
+#: 1024) passes as multiples of 16; sizes (rows, columns) are left ragged.
+_ALIGNED_INTS = re.compile(r"^(dim|guide_dim|stride\w*)$")
+
+
+def _aligned(signature: dict) -> dict:
+    """The specializations Triton's launcher gives a launch on contiguous tensors of such
+    a width: every pointer (torch allocations are 256-byte aligned) and every width or
+    stride divisible by 16. Without them the compiler cannot vectorize the tile loads,
+    keeps a 64-bit address per element in registers and spills where a real launch does
+    not; with them the report compiles what the GPU runs."""
+    attrs = {}
+
+    def visit(path, name, kind):
+        if isinstance(kind, tuple):
+            for i, (field, sub) in enumerate(zip(kind._fields, kind)):
+                visit(path + (i,), field, sub)
+        elif kind.startswith("*") or (kind == "i32" and _ALIGNED_INTS.match(name)):
+            attrs[path] = [["tt.divisibility", 16]]
+
+    for i, (name, kind) in enumerate(signature.items()):
+        visit((i,), name, kind)
+    return attrs
 
 
 def _resources(cubin: bytes) -> tuple[int, int, int]:
@@ -89,8 +115,19 @@ def _resources(cubin: bytes) -> tuple[int, int, int]:
                                capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-sass", f.name],
                               capture_output=True, text=True, check=True).stdout
+    return parse_resources(usage, sass)
+
+
+def parse_resources(usage: str, sass: str) -> tuple[int, int, int]:
+    """(registers, spill bytes, tensor-core instruction count) from cuobjdump's resource
+    usage and SASS listings of one kernel.
+
+    ptxas puts spilled registers in the thread's stack frame (``STACK:``), not in
+    ``LOCAL:`` (local arrays), so spills are both; a frame with no local-memory store
+    or load in the code (STL / LDL) is not counted: nothing is spilled through it."""
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
-    spills = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    frame = sum(int(m) for m in re.findall(r"\b(?:STACK|LOCAL):(\d+)", usage))
+    spills = frame if re.search(r"\b(?:STL|LDL)\b", sass) else 0
     mma = len(re.findall(r"\b[HD]G?MMA\b|\bHGMMA\.", sass))
     return registers, spills, mma
 
@@ -161,18 +198,21 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
 ONE_PASS_KERNELS = ("one_pass_logits", "one_pass_grads", "one_pass_rows")
 
 
-def _config(kernel: str, dtype: torch.dtype, dim: int) -> KernelConfig:
+def _config(kernel: str, dtype: torch.dtype, dim: int, features: str = "normalized") -> KernelConfig:
+    """The configuration a launch with the option set ``features`` (see compile_one)
+    takes: the loss family's rules ("family") take their own (configs.py)."""
+    rules = features == "family"
     if kernel in ONE_PASS_KERNELS:
         from .infonce_one_pass import one_pass_config
 
-        return one_pass_config(kernel, dtype, dim)
-    return kernel_config(kernel, dtype, dim)
+        return one_pass_config(kernel, dtype, dim, rules)
+    return kernel_config(kernel, dtype, dim, rules=rules)
 
 
 def kernel_reports(dim: int = 768, arch: int = 90) -> list[Report]:
     """Every kernel at its default configuration, for every dtype/precision, with every
     option off and on."""
-    return [compile_one(kernel, dtype, precision, features, _config(kernel, dtype, dim), arch)
+    return [compile_one(kernel, dtype, precision, features, _config(kernel, dtype, dim, features), arch)
             for dtype, precision in _variants()
             for features in FEATURES
             for kernel in ("forward", "backward_dq", "backward_dk", "backward_ds", *ONE_PASS_KERNELS)]

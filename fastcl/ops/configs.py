@@ -6,9 +6,14 @@ Three sources, in order:
 2. a tuned table for the GPU's architecture, ``tuned/sm90.json`` and the like, written by
    ``benchmarks/tune.py`` from measurements on that GPU (the entry for the smallest tuned
    D >= the actual D is used, else the largest);
-3. the defaults below: first choices checked only by compiling for sm_90a (no spills,
-   shared memory within the H100's 227 KB; ``python -m fastcl.ops.compile_report``), not
-   yet timed on an H100.
+3. the defaults below: first choices checked only by compiling for sm_90a with a real
+   launch's alignment (no register spills, shared memory within the H100's 227 KB;
+   ``python -m fastcl.ops.compile_report --check``), not yet timed on a GPU.
+
+Launches that compile the loss family's per-entry rules (K hard-negative blocks, the
+hardness penalty, the false-negative margin, the guide; ``rules=True``) hold more values
+per logit and spill at the default loss's tiles, so they take their own defaults, and no
+tuned entry (the tuner measures the default loss).
 
 Under the Triton interpreter every kernel takes one small configuration: the
 interpreter's cost is per tile, and small blocks make ragged test sizes span several
@@ -28,7 +33,7 @@ import torch
 from .utils import interpreting
 
 #: The kernels that take a configuration.
-KERNELS = ("forward", "backward_dq", "backward_dk", "backward_ds")
+KERNELS = ("forward", "backward_dq", "backward_dk", "backward_ds", "one_pass_logits")
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 
@@ -57,15 +62,30 @@ class KernelConfig:
 
 _INTERPRETER = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_D_OUT=16, num_warps=1, num_stages=1)
 
+def _c(bm: int, bn: int, bd: int, bd_out: int, warps: int, stages: int) -> KernelConfig:
+    return KernelConfig(bm, bn, bd, bd_out, num_warps=warps, num_stages=stages)
+
+
+#: (kernel, dtype family) -> (the default loss's configuration, the one with the loss
+#: family's rules). Each the largest tile that compiles without spills for sm_90a in
+#: every option set it serves (compile_report's "normalized" and "all", or "family"), for
+#: bfloat16 and float16 (and for fp32, in tf32 and in full precision alike). The one
+#: pass's logits kernel keeps the similarity and the logit of each entry live at once
+#: (the temperature's row sums), so it takes smaller tiles than the forward.
 _DEFAULTS = {
-    # (kernel, dtype family) -> config
-    ("forward", "half"): KernelConfig(128, 128, 64, 64, num_warps=8, num_stages=3),
-    ("forward", "fp32"): KernelConfig(128, 64, 32, 64, num_warps=8, num_stages=3),
-    ("forward", "fp64"): KernelConfig(32, 32, 16, 32, num_warps=4, num_stages=2),
-    ("backward", "half"): KernelConfig(64, 64, 64, 256, num_warps=8, num_stages=2),
-    ("backward", "fp32"): KernelConfig(64, 64, 32, 128, num_warps=8, num_stages=2),
-    ("backward", "fp64"): KernelConfig(32, 32, 16, 32, num_warps=4, num_stages=2),
+    ("forward", "half"): (_c(128, 128, 64, 64, 8, 3), _c(128, 64, 32, 64, 8, 3)),
+    ("forward", "fp32"): (_c(64, 64, 32, 64, 8, 3),) * 2,
+    ("backward_ds", "half"): (_c(64, 128, 64, 64, 8, 3),) * 2,
+    ("backward_ds", "fp32"): (_c(64, 64, 32, 64, 8, 3),) * 2,
+    ("backward_dq", "half"): (_c(64, 64, 64, 256, 8, 2), _c(64, 32, 64, 128, 8, 2)),
+    ("backward_dq", "fp32"): (_c(32, 32, 32, 256, 8, 2),) * 2,
+    ("one_pass_logits", "half"): (_c(64, 64, 64, 64, 8, 3), _c(64, 32, 64, 64, 8, 3)),
+    ("one_pass_logits", "fp32"): (_c(64, 32, 32, 64, 8, 3),) * 2,
 }
+_DEFAULTS[("backward_dk", "half")] = _DEFAULTS[("backward_dq", "half")]
+_DEFAULTS[("backward_dk", "fp32")] = _DEFAULTS[("backward_dq", "fp32")]
+#: float64 products run on the FMA / DMMA units at small tiles, in every kernel.
+_FP64 = _c(32, 32, 16, 32, 4, 1)
 
 _override: dict[str, KernelConfig] | None = None
 
@@ -124,21 +144,22 @@ def _tuned(kernel: str, dtype: torch.dtype, dim: int, device: torch.device | Non
     return KernelConfig(**by_dim[str(chosen)])
 
 
-def kernel_config(kernel: str, dtype: torch.dtype, dim: int, device: torch.device | None = None) -> KernelConfig:
-    """The configuration ``kernel`` (one of :data:`KERNELS`) launches with."""
+def kernel_config(kernel: str, dtype: torch.dtype, dim: int, device: torch.device | None = None,
+                  rules: bool = False) -> KernelConfig:
+    """The configuration ``kernel`` (one of :data:`KERNELS`) launches with; ``rules``: the
+    launch compiles the loss family's per-entry rules (launch.entry_rules)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     if _override is not None and kernel in _override:
         return _override[kernel]
     if interpreting():
         return _INTERPRETER
-    config = _tuned(kernel, dtype, dim, device)
+    config = None if rules else _tuned(kernel, dtype, dim, device)
     if config is None:
-        # The workspace kernel (backward_ds) is shaped like the forward: a product with
-        # an epilogue, no slab.
-        family = "forward" if kernel in ("forward", "backward_ds") else "backward"
-        config = _DEFAULTS[(family, dtype_family(dtype))]
-    return config if kernel in ("forward", "backward_ds") else _fit_d_out(config, dim)
+        family = dtype_family(dtype)
+        config = _FP64 if family == "fp64" else _DEFAULTS[(kernel, family)][1 if rules else 0]
+    # Only the slab kernels own a gradient slab.
+    return _fit_d_out(config, dim) if kernel in ("backward_dq", "backward_dk") else config
 
 
 #: Backward strategies of the Triton backend: "slab" (infonce_bwd_slab.py: two kernels, the

@@ -66,7 +66,7 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .infonce_bwd_workspace import DEFAULT_WORKSPACE_BYTES
-from .launch import backward_operand_scales, block_options, tile_inputs
+from .launch import backward_operand_scales, block_options, entry_rules, tile_inputs
 from .layout import ColumnLayout, GuideMask
 from .tiles import (
     GRAD_OPERAND_SCALE, finite_lse, groups_overlap, load_groups, load_projections, load_scales, load_targets,
@@ -303,22 +303,23 @@ def _one_pass_rows_kernel(
 GRADS_SWITCHES = ("HAS_TARGETS", "GROUPED", "NORMALIZED", "ACC_FP64", "EMPTY_ROWS", "UPCAST")
 
 #: Block shapes of the two kernels without tl.dot. The gradient kernel streams W: 16 x 128
-#: tiles on 4 warps take 48 registers on sm_90a with every option off, 157 with all on
-#: (64 x 128 on 8 warps took 128 and 255: one block per SM in a bandwidth-bound pass);
+#: tiles on 8 warps take 32 registers on sm_90a with every option off, 72 with all on, and
+#: never spill (on 4 warps float16's operand split spilled 8 bytes with every option on;
+#: 64 x 128 on 8 warps took 128 and 255: one block per SM in a bandwidth-bound pass);
 #: the row kernel as _project_rows_kernel (8 x 128 on 4 warps).
-GRADS_BLOCKS = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4)
+GRADS_BLOCKS = dict(BLOCK_M=16, BLOCK_N=128, num_warps=8)
 ROWS_BLOCKS = dict(BLOCK_R=8, BLOCK_D=128, num_warps=4)
 _INTERPRETER_GRADS_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)
 _INTERPRETER_ROWS_BLOCKS = dict(BLOCK_R=4, BLOCK_D=16, num_warps=1)
 
 
-def one_pass_config(kernel: str, dtype: torch.dtype, dim: int):
+def one_pass_config(kernel: str, dtype: torch.dtype, dim: int, rules: bool = False):
     """The launch configuration of a one-pass kernel on the GPU, as compile_report
-    reports it (the logits kernel takes the forward's)."""
+    reports it (the logits kernel's from fastcl.ops.configs, the others' fixed here)."""
     from .configs import KernelConfig
 
     if kernel == "one_pass_logits":
-        return kernel_config("forward", dtype, dim)
+        return kernel_config("one_pass_logits", dtype, dim, rules=rules)
     if kernel == "one_pass_grads":
         return KernelConfig(GRADS_BLOCKS["BLOCK_M"], GRADS_BLOCKS["BLOCK_N"], 0, 0, GRADS_BLOCKS["num_warps"], 3)
     if kernel == "one_pass_rows":
@@ -451,7 +452,7 @@ def infonce_forward_grad(
             dk_factors = dk_factors / k_norm[:n_grad].clamp_min(normalize_eps)
     else:
         operand_scales = params4  # read by no kernel
-    cfg = kernel_config("forward", q.dtype, dim, device)
+    cfg = kernel_config("one_pass_logits", q.dtype, dim, device, rules=entry_rules(switches))
     grads_blocks = _INTERPRETER_GRADS_BLOCKS if interpreting() else GRADS_BLOCKS
     row_blocks = triton.cdiv(chunk, cfg.BLOCK_M)
     n_splits = _column_splits(row_blocks, n_cols, cfg.BLOCK_N, device)

@@ -185,6 +185,14 @@ def checked_guide_tensor(x: torch.Tensor, shape: tuple, acc: torch.dtype, device
     return x.detach().to(acc).contiguous()
 
 
+def entry_rules(switches: Switches) -> bool:
+    """Whether a launch compiles the loss family's per-entry rules (K hard-negative
+    blocks, the hardness penalty, the false-negative margin, the guide): the kernels hold
+    more values per logit then, and take the configurations made for that
+    (fastcl.ops.configs, ``rules``)."""
+    return bool(switches.HARD_BLOCKS or switches.HARDNESS or switches.MARGIN or switches.GUIDED)
+
+
 def block_options(cfg: KernelConfig, slab: bool = False) -> dict:
     """Block sizes and launch options of ``cfg``; with ``slab``, the gradient slab's width too."""
     options = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
