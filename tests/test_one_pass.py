@@ -615,7 +615,7 @@ def test_one_pass_kernels_compile_for_sm90_without_spills():
         "for kernel in ONE_PASS_KERNELS:\n"
         "    for dtype, precision in [(torch.bfloat16, 'ieee'), (torch.float32, 'tf32'), (torch.float64, 'ieee')]:\n"
         "        for features in ('plain', 'all'):\n"
-        "            r = compile_one(kernel, dtype, precision, features, _config(kernel, dtype, 768))\n"
+        "            r = compile_one(kernel, dtype, precision, features, _config(kernel, dtype, 768, features))\n"
         "            print(kernel, r.variant, r.registers, r.spill_bytes, len(r.problems()))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -200,8 +200,8 @@ ONE_PASS_KERNELS = ("one_pass_logits", "one_pass_grads", "one_pass_rows")
 
 def _config(kernel: str, dtype: torch.dtype, dim: int, features: str = "normalized") -> KernelConfig:
     """The configuration a launch with the option set ``features`` (see compile_one)
-    takes: the loss family's rules ("family") take their own (configs.py)."""
-    rules = features == "family"
+    takes: rules beyond the default loss ("all", "family") take their own (configs.py)."""
+    rules = features in ("all", "family")
     if kernel in ONE_PASS_KERNELS:
         from .infonce_one_pass import one_pass_config
 

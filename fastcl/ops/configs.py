@@ -10,10 +10,11 @@ Three sources, in order:
    launch's alignment (no register spills, shared memory within the H100's 227 KB;
    ``python -m fastcl.ops.compile_report --check``), not yet timed on a GPU.
 
-Launches that compile the loss family's per-entry rules (K hard-negative blocks, the
-hardness penalty, the false-negative margin, the guide; ``rules=True``) hold more values
-per logit and spill at the default loss's tiles, so they take their own defaults, and no
-tuned entry (the tuner measures the default loss).
+Launches with rules beyond the default loss (weighted hard or Gaussian columns, the own
+column left out, groups, K hard-negative blocks, the hardness penalty, the margin, the
+guide; ``rules=True``, launch.extra_rules) hold more values per logit and spill at the
+default loss's tiles, so they take their own defaults, and no tuned entry (the tuner
+measures the default loss).
 
 Under the Triton interpreter every kernel takes one small configuration: the
 interpreter's cost is per tile, and small blocks make ragged test sizes span several
@@ -66,21 +67,22 @@ def _c(bm: int, bn: int, bd: int, bd_out: int, warps: int, stages: int) -> Kerne
     return KernelConfig(bm, bn, bd, bd_out, num_warps=warps, num_stages=stages)
 
 
-#: (kernel, dtype family) -> (the default loss's configuration, the one with the loss
-#: family's rules). Each the largest tile that compiles without spills for sm_90a in
-#: every option set it serves (compile_report's "normalized" and "all", or "family"), for
-#: bfloat16 and float16 (and for fp32, in tf32 and in full precision alike). The one
-#: pass's logits kernel keeps the similarity and the logit of each entry live at once
-#: (the temperature's row sums), so it takes smaller tiles than the forward.
+#: (kernel, dtype family) -> (the default loss's configuration, the one with more rules).
+#: Each a large tile that compiles for sm_90a without spills in the option sets it serves
+#: (compile_report's "plain" and "normalized"; "all" and "family"), for bfloat16 and
+#: float16, and for fp32 in tf32 and in full precision alike. The one pass's logits kernel
+#: keeps each entry's similarity live beside its logit (the temperature's row sums) and
+#: stores the logits, so it takes smaller tiles than the forward (128 x 128 spilled 392
+#: bytes per thread).
 _DEFAULTS = {
     ("forward", "half"): (_c(128, 128, 64, 64, 8, 3), _c(128, 64, 32, 64, 8, 3)),
-    ("forward", "fp32"): (_c(64, 64, 32, 64, 8, 3),) * 2,
-    ("backward_ds", "half"): (_c(64, 128, 64, 64, 8, 3),) * 2,
-    ("backward_ds", "fp32"): (_c(64, 64, 32, 64, 8, 3),) * 2,
+    ("forward", "fp32"): (_c(128, 64, 32, 64, 8, 3), _c(64, 64, 32, 64, 8, 3)),
+    ("backward_ds", "half"): (_c(128, 128, 64, 64, 8, 3), _c(64, 128, 64, 64, 8, 3)),
+    ("backward_ds", "fp32"): (_c(128, 64, 32, 64, 8, 3), _c(64, 64, 32, 64, 8, 3)),
     ("backward_dq", "half"): (_c(64, 64, 64, 256, 8, 2), _c(64, 32, 64, 128, 8, 2)),
-    ("backward_dq", "fp32"): (_c(32, 32, 32, 256, 8, 2),) * 2,
-    ("one_pass_logits", "half"): (_c(64, 64, 64, 64, 8, 3), _c(64, 32, 64, 64, 8, 3)),
-    ("one_pass_logits", "fp32"): (_c(64, 32, 32, 64, 8, 3),) * 2,
+    ("backward_dq", "fp32"): (_c(32, 64, 32, 128, 8, 2), _c(32, 32, 32, 256, 8, 2)),
+    ("one_pass_logits", "half"): (_c(128, 64, 64, 64, 8, 3), _c(64, 32, 64, 64, 8, 3)),
+    ("one_pass_logits", "fp32"): (_c(64, 64, 32, 64, 8, 3), _c(64, 32, 32, 64, 8, 3)),
 }
 _DEFAULTS[("backward_dk", "half")] = _DEFAULTS[("backward_dq", "half")]
 _DEFAULTS[("backward_dk", "fp32")] = _DEFAULTS[("backward_dq", "fp32")]
@@ -147,7 +149,7 @@ def _tuned(kernel: str, dtype: torch.dtype, dim: int, device: torch.device | Non
 def kernel_config(kernel: str, dtype: torch.dtype, dim: int, device: torch.device | None = None,
                   rules: bool = False) -> KernelConfig:
     """The configuration ``kernel`` (one of :data:`KERNELS`) launches with; ``rules``: the
-    launch compiles the loss family's per-entry rules (launch.entry_rules)."""
+    launch compiles rules beyond the default loss (launch.extra_rules)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     if _override is not None and kernel in _override:

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .group_ranges import column_block_row_ranges, row_block_tile_ranges
-from .launch import backward_operand_scales, block_options, entry_rules, tile_inputs
+from .launch import backward_operand_scales, block_options, extra_rules, tile_inputs
 from .layout import ColumnLayout, GuideMask
 from .tiles import (
     GRAD_OPERAND_SCALE, column_interval, column_tile, groups_overlap, load_family, load_groups, load_params,
@@ -248,7 +248,7 @@ def infonce_backward_slab(
     if need_dq:
         dq = torch.empty_like(q)
         row_dot = torch.empty(n_rows, dtype=acc, device=q.device)
-        cfg = kernel_config("backward_dq", q.dtype, dim, q.device, rules=entry_rules(switches))
+        cfg = kernel_config("backward_dq", q.dtype, dim, q.device, rules=extra_rules(switches))
         grid = (triton.cdiv(n_rows, cfg.BLOCK_M), triton.cdiv(dim, cfg.BLOCK_D_OUT))
         tile_ranges = row_block_tile_ranges(*groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if groups is not None else lse
         _infonce_bwd_dq_kernel[grid](ins, segments, tile_ranges, operand_scales, lse, grad_rows, dq, row_dot,
@@ -256,7 +256,7 @@ def infonce_backward_slab(
     dk = None
     if need_dk and layout.n_grad_cols > 0:
         dk = torch.empty((layout.n_grad_cols, dim), dtype=k.dtype, device=k.device)
-        cfg = kernel_config("backward_dk", q.dtype, dim, q.device, rules=entry_rules(switches))
+        cfg = kernel_config("backward_dk", q.dtype, dim, q.device, rules=extra_rules(switches))
         grid = (triton.cdiv(layout.n_grad_cols, cfg.BLOCK_N), triton.cdiv(dim, cfg.BLOCK_D_OUT))
         row_ranges = column_block_row_ranges(*groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if groups is not None else lse
         _infonce_bwd_dk_kernel[grid](ins, segments, row_ranges, operand_scales, lse, grad_rows, dk, dk.stride(0),

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .configs import kernel_config
-from .launch import backward_operand_scales, block_options, entry_rules, tile_inputs
+from .launch import backward_operand_scales, block_options, extra_rules, tile_inputs
 from .layout import ColumnLayout, GuideMask
 from .tiles import (
     GRAD_OPERAND_SCALE, column_tile, load_family, load_groups, load_params, load_projections, load_row_gradients,
@@ -256,7 +256,7 @@ def infonce_backward_workspace(
     dk = torch.empty((n_grad, dim), dtype=q.dtype, device=q.device) if direct_dk else None
     dk_acc = torch.zeros((n_grad, dim), dtype=acc, device=q.device) if want_dk and not direct_dk else None
 
-    cfg = kernel_config("backward_ds", q.dtype, dim, q.device, rules=entry_rules(switches))
+    cfg = kernel_config("backward_ds", q.dtype, dim, q.device, rules=extra_rules(switches))
     normalized = normalize_eps is not None
     eps_arg, q_norm, k_norm = ins.scalars, ins.q_norm, ins.k_norm
     operand_scales = backward_operand_scales(q_norm, k_norm, grad_rows, normalize_eps, acc)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .group_ranges import row_block_tile_ranges
-from .launch import block_options, entry_rules, tile_inputs
+from .launch import block_options, extra_rules, tile_inputs
 from .layout import ColumnLayout, GuideMask
 from .tiles import (
     column_interval, column_tile, load_scales, row_block,
@@ -101,7 +101,7 @@ def infonce_forward(
     acc = accumulator_dtype(q.dtype)
     lse = torch.empty(n_rows, dtype=acc, device=q.device)
     target_logit = torch.empty(n_rows, dtype=acc, device=q.device)
-    cfg = kernel_config("forward", q.dtype, dim, q.device, rules=entry_rules(switches))
+    cfg = kernel_config("forward", q.dtype, dim, q.device, rules=extra_rules(switches))
     tile_ranges = row_block_tile_ranges(*groups, layout, cfg.BLOCK_M, cfg.BLOCK_N) if groups is not None else lse
     grid = (triton.cdiv(n_rows, cfg.BLOCK_M),)
     _infonce_fwd_kernel[grid](ins, segments, tile_ranges, lse, target_logit, SW=switches, **block_options(cfg))

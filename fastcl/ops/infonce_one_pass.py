@@ -66,7 +66,7 @@ import triton.language as tl
 
 from .configs import kernel_config
 from .infonce_bwd_workspace import DEFAULT_WORKSPACE_BYTES
-from .launch import backward_operand_scales, block_options, entry_rules, tile_inputs
+from .launch import backward_operand_scales, block_options, extra_rules, tile_inputs
 from .layout import ColumnLayout, GuideMask
 from .tiles import (
     GRAD_OPERAND_SCALE, finite_lse, groups_overlap, load_groups, load_projections, load_scales, load_targets,
@@ -452,7 +452,7 @@ def infonce_forward_grad(
             dk_factors = dk_factors / k_norm[:n_grad].clamp_min(normalize_eps)
     else:
         operand_scales = params4  # read by no kernel
-    cfg = kernel_config("one_pass_logits", q.dtype, dim, device, rules=entry_rules(switches))
+    cfg = kernel_config("one_pass_logits", q.dtype, dim, device, rules=extra_rules(switches))
     grads_blocks = _INTERPRETER_GRADS_BLOCKS if interpreting() else GRADS_BLOCKS
     row_blocks = triton.cdiv(chunk, cfg.BLOCK_M)
     n_splits = _column_splits(row_blocks, n_cols, cfg.BLOCK_N, device)

@@ -185,12 +185,14 @@ def checked_guide_tensor(x: torch.Tensor, shape: tuple, acc: torch.dtype, device
     return x.detach().to(acc).contiguous()
 
 
-def entry_rules(switches: Switches) -> bool:
-    """Whether a launch compiles the loss family's per-entry rules (K hard-negative
-    blocks, the hardness penalty, the false-negative margin, the guide): the kernels hold
-    more values per logit then, and take the configurations made for that
-    (fastcl.ops.configs, ``rules``)."""
-    return bool(switches.HARD_BLOCKS or switches.HARDNESS or switches.MARGIN or switches.GUIDED)
+def extra_rules(switches: Switches) -> bool:
+    """Whether a launch compiles rules beyond the default loss (normalization, targets):
+    weighted hard or Gaussian columns, the own column left out, groups, K hard-negative
+    blocks, the hardness penalty, the margin, the guide. The kernels hold more values per
+    logit then, and take the configurations made for that (fastcl.ops.configs,
+    ``rules``)."""
+    return bool(switches.HARD_WEIGHTED or switches.GAUSS_WEIGHTED or switches.EXCLUDE_SELF or switches.GROUPED
+                or switches.HARD_BLOCKS or switches.HARDNESS or switches.MARGIN or switches.GUIDED)
 
 
 def block_options(cfg: KernelConfig, slab: bool = False) -> dict:
