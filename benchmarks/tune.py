@@ -27,6 +27,7 @@ import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -82,7 +83,9 @@ def run_static(args) -> None:
     print(f"compiling {len(jobs)} candidates for sm_{args.arch} with {args.jobs} processes")
     kept: dict = {}
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        for kernel, family, dim, cfg, report, problems in pool.map(_static_check, jobs, chunksize=4):
+        results = pool.map(_static_check, jobs, chunksize=4)
+        for kernel, family, dim, cfg, report, problems in tqdm(results, total=len(jobs), unit="config",
+                                                                file=sys.stderr):
             if report is None or problems:
                 continue
             kept.setdefault(kernel, {}).setdefault(family, {}).setdefault(str(dim), []).append(
