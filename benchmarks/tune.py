@@ -205,8 +205,15 @@ def run_measure(args) -> None:
         for err in sorted(set(errors))[:5]:
             print(f"  {err}", flush=True)
 
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.device} (Triton interpreter)"
+    stamp = dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), date=str(datetime.date.today()),
+                 n=args.n, command=" ".join(sys.argv))
     table, log = {}, []
-    for (kernel, family, dim), group in itertools.groupby(sorted(jobs, key=lambda j: j[:3]), key=lambda j: j[:3]):
+    # In the order the kernels were asked for; the table and the log are written after each
+    # kernel, so that a run cut short keeps what it measured.
+    order = {kernel: i for i, kernel in enumerate(args.kernels)}
+    jobs.sort(key=lambda j: (order[j[0]], j[1], int(j[2])))
+    for (kernel, family, dim), group in itertools.groupby(jobs, key=lambda j: j[:3]):
         problem = _problem(kernel, FAMILIES[family], args.n, int(dim), args.device)
         baseline = _runner(kernel, problem)().float()
         results = [_measure_candidate(kernel, family, job[3], problem, baseline, args.device) for job in group]
@@ -217,25 +224,27 @@ def run_measure(args) -> None:
         if not correct:
             failed = sorted({r.get("error", "disagrees with the default") for r in results})
             print(f"{kernel:<12} {family:<5} D={dim:<5} no candidate ran correctly: {failed[:3]}", flush=True)
-            continue
-        best = min(correct, key=lambda r: r["ms"])
-        print(f"{kernel:<12} {family:<5} D={dim:<5} default {default_ms:8.3f} ms  best {best['ms']:8.3f} ms "
-              f"{best['config']}  ({len(correct)}/{len(results)} correct)", flush=True)
-        table.setdefault(kernel, {}).setdefault(family, {})[str(dim)] = best["config"]
-
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.device} (Triton interpreter)"
-    stamp = dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), date=str(datetime.date.today()),
-                 n=args.n, command=" ".join(sys.argv))
-    if args.log:
-        with open(args.log, "w") as f:
-            json.dump(dict(measured=stamp, runs=log), f, indent=1)
+        else:
+            best = min(correct, key=lambda r: r["ms"])
+            print(f"{kernel:<12} {family:<5} D={dim:<5} default {default_ms:8.3f} ms  best {best['ms']:8.3f} ms "
+                  f"{best['config']}  ({len(correct)}/{len(results)} correct)", flush=True)
+            table.setdefault(kernel, {}).setdefault(family, {})[str(dim)] = best["config"]
+        if args.log:
+            _write_json(args.log, dict(measured=stamp, runs=log))
+        if table:
+            _write_json(args.write, dict(measured=stamp, configs=table))
     if not table:
         print("nothing measured correctly: no table written", flush=True)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(args.write)), exist_ok=True)
-    with open(args.write, "w") as f:
-        json.dump(dict(measured=stamp, configs=table), f, indent=1)
     print(f"wrote {args.write}")
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Write ``path`` whole or not at all (a run killed mid-write leaves the last copy)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> None:

@@ -45,3 +45,17 @@ def test_measure_writes_no_table_when_nothing_runs(tmp_path, capsys):
 def test_the_gpu_measure_refuses_the_interpreter():
     with pytest.raises(SystemExit):
         tune.main(["measure", "--candidates", "unused.json"])
+
+
+def test_measure_follows_the_order_asked_and_keeps_each_kernels_result(tmp_path):
+    # A run cut short keeps the kernels measured first: they are those asked for first.
+    candidates = tmp_path / "candidates.json"
+    candidates.write_text(json.dumps(dict(candidates={k: {"half": {"24": [dict(config=SMALL)]}}
+                                                      for k in ("forward", "one_pass_logits")})))
+    table, log = tmp_path / "sm90.json", tmp_path / "log.json"
+    tune.main(["measure", "--device", "cpu", "--candidates", str(candidates), "--n", "40", "--dims", "24",
+               "--families", "half", "--kernels", "one_pass_logits", "forward", "--jobs", "1",
+               "--write", str(table), "--log", str(log)])
+    assert [run["kernel"] for run in json.loads(log.read_text())["runs"]] == ["one_pass_logits", "forward"]
+    assert set(json.loads(table.read_text())["configs"]) == {"one_pass_logits", "forward"}
+    assert not list(tmp_path.glob("*.tmp"))
