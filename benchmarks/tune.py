@@ -32,7 +32,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastcl.ops.configs import KERNELS, KernelConfig, override_config  # noqa: E402
-from harness import first_line  # noqa: E402
+from harness import first_line, write_json  # noqa: E402
 
 FAMILIES = {"half": torch.bfloat16, "fp32": torch.float32}
 #: The loss's default normalization eps: kernels are tuned as the default loss runs them.
@@ -230,21 +230,14 @@ def run_measure(args) -> None:
                   f"{best['config']}  ({len(correct)}/{len(results)} correct)", flush=True)
             table.setdefault(kernel, {}).setdefault(family, {})[str(dim)] = best["config"]
         if args.log:
-            _write_json(args.log, dict(measured=stamp, runs=log))
+            write_json(args.log, dict(measured=stamp, runs=log))
         if table:
-            _write_json(args.write, dict(measured=stamp, configs=table))
+            os.makedirs(os.path.dirname(os.path.abspath(args.write)), exist_ok=True)
+            write_json(args.write, dict(measured=stamp, configs=table))
     if not table:
         print("nothing measured correctly: no table written", flush=True)
         return
     print(f"wrote {args.write}")
-
-
-def _write_json(path: str, data: dict) -> None:
-    """Write ``path`` whole or not at all (a run killed mid-write leaves the last copy)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .configs import KernelConfig, kernel_config
-from .launch import Segments, Switches, TileInputs
+from .launch import Segments, Switches, TileInputs, extra_rules
 from .layout import HARDNESS_IN_BATCH
 
 #: Shared memory per block on an H100 (227 KB usable of 228 KB).
@@ -136,6 +136,16 @@ def parse_resources(usage: str, sass: str) -> tuple[int, int, int]:
 FEATURES = ("plain", "normalized", "all", "family")
 
 
+def report_switches(dtype: torch.dtype, precision: str, features: str) -> Switches:
+    """The launch switches of the option set ``features`` (see compile_one)."""
+    on = features in ("all", "family")
+    family = features == "family"
+    return Switches(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on,
+                    GROUPED=on and not family, NORMALIZED=features in ("normalized", "all", "family"),
+                    ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False, HARD_BLOCKS=family,
+                    HARDNESS=HARDNESS_IN_BATCH if family else 0, MARGIN=family, GUIDED=family, EMPTY_ROWS=family)
+
+
 def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, cfg: KernelConfig,
                 arch: int = 90) -> Report:
     """Compile one kernel (a name of configs.KERNELS) for one dtype and dot
@@ -151,13 +161,7 @@ def compile_one(kernel: str, dtype: torch.dtype, precision: str, features: str, 
 
     t = _TRITON_TYPES[dtype]
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    on = features in ("all", "family")
-    family = features == "family"
-    switches = Switches(HAS_TARGETS=on, HARD_WEIGHTED=on, GAUSS_WEIGHTED=on, EXCLUDE_SELF=on,
-                        GROUPED=on and not family, NORMALIZED=features in ("normalized", "all", "family"),
-                        ACC_FP64=dtype == torch.float64, PRECISION=precision, UPCAST=False, HARD_BLOCKS=family,
-                        HARDNESS=HARDNESS_IN_BATCH if family else 0, MARGIN=family, GUIDED=family,
-                        EMPTY_ROWS=family)
+    switches = report_switches(dtype, precision, features)
     # Every argument of the kernels below, by name: inputs and outputs in the input dtype,
     # per-row and per-column values in the accumulator dtype, sizes and strides in i32.
     ins = TileInputs(q=f"*{t}", k=f"*{t}", params=f"*{acc}", targets="*i64", row_groups="*i64", key_groups="*i64",
@@ -200,8 +204,8 @@ ONE_PASS_KERNELS = ("one_pass_logits", "one_pass_grads", "one_pass_rows")
 
 def _config(kernel: str, dtype: torch.dtype, dim: int, features: str = "normalized") -> KernelConfig:
     """The configuration a launch with the option set ``features`` (see compile_one)
-    takes: rules beyond the default loss ("all", "family") take their own (configs.py)."""
-    rules = features in ("all", "family")
+    takes: as the launchers choose it, from its switches (launch.extra_rules)."""
+    rules = extra_rules(report_switches(dtype, "ieee", features))
     if kernel in ONE_PASS_KERNELS:
         from .infonce_one_pass import one_pass_config
 
