@@ -63,6 +63,7 @@ class KernelConfig:
 
 _INTERPRETER = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_D_OUT=16, num_warps=1, num_stages=1)
 
+
 def _c(bm: int, bn: int, bd: int, bd_out: int, warps: int, stages: int) -> KernelConfig:
     return KernelConfig(bm, bn, bd, bd_out, num_warps=warps, num_stages=stages)
 
